@@ -111,13 +111,22 @@ def student_init_cmd(
     out: Path = typer.Option(..., "--out", help="Output HF directory for the student."),
     corpus: list[Path] = typer.Option([], "--corpus", help="JSONL text: calibration data and the vocabulary to keep."),
     trim_vocab: bool = typer.Option(True, "--trim-vocab/--no-trim-vocab", help="Keep only tokens the corpus uses."),
+    select: str = typer.Option(
+        "measured", "--select", help="Layers: 'measured' on the corpus, or 'even' (evenly spaced; needs no corpus)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ) -> None:
     """Prune a teacher into a student: keep the most important layers, trim the vocabulary to a corpus."""
     from potstill.student.init import init_student_cli
 
     path = init_student_cli(
-        teacher=teacher, layers=layers, out=out, corpus=corpus, trim_vocab=trim_vocab, overwrite=overwrite
+        teacher=teacher,
+        layers=layers,
+        out=out,
+        corpus=corpus,
+        trim_vocab=trim_vocab,
+        overwrite=overwrite,
+        selection=select,
     )
     typer.echo(f"wrote {path}")
 

@@ -41,6 +41,11 @@ class LossConfig(_Section):
     jsd_scaled: bool = Field(default=False, description="jsd / (beta (1 - beta)): continuous in beta")
     skew: float = Field(default=0.1, ge=0, le=1, description="skl/srkl skew alpha in [0, 1] (DistiLLM uses 0.1)")
     akl_mu: float = Field(default=0.5, ge=0, le=1, description="akl head mass mu in [0, 1]")
+    sparse_tail: Literal["renorm", "bucket"] = Field(
+        default="bucket",
+        description="sparse (top-k) teacher targets: 'bucket' = k ids + one bucket for the rest (matches tail mass),"
+        " 'renorm' = both distributions renormalized over the k ids",
+    )
 
     @field_validator("alpha")
     @classmethod

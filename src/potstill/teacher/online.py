@@ -6,12 +6,72 @@ and computes logits only for the kept ids: `h @ W_head[id_map].T`. A softmax ove
 teacher distribution *renormalized over the student's vocabulary*: the mass the teacher puts on
 tokens the student cannot emit is dropped (documented bias; on the demo corpus it is small because the
 kept vocabulary covers every token the corpus uses). This also skips most of the cost of a 262k head.
+
+`check_tokenizers` is the one check that a teacher's token ids mean what the student's mean; every command
+that pairs a student with a teacher calls it before scoring anything.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from potstill.errors import UserError
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token")
+_HINT = "use the teacher's tokenizer, or a student made from this teacher by `potstill student init`"
+
+
+def check_tokenizers(student_tok, teacher_tok, id_map: torch.Tensor | None = None) -> None:
+    """Refuse a student/teacher pair whose token ids do not denote the same tokens.
+
+    Without an id map both tokenizers must have the same vocabulary (token -> id, added tokens included).
+    With one (a student with a trimmed vocabulary), it needs one entry per student token, each pointing at
+    the teacher token with the same string. In both cases `<bos>`, `<eos>` and `<unk>` must be the same
+    tokens (padding is never scored, so the pad token may differ).
+
+    Args:
+        student_tok: the student's HF tokenizer.
+        teacher_tok: the teacher's HF tokenizer.
+        id_map: optional [V_student] long tensor, student id -> teacher id.
+
+    Raises:
+        UserError: one line naming the first difference found.
+    """
+    if id_map is None:
+        _check_same_vocab(student_tok.get_vocab(), teacher_tok.get_vocab())
+    else:
+        _check_id_map(student_tok, teacher_tok, id_map)
+    for name in _SPECIAL:
+        student, teacher = getattr(student_tok, name), getattr(teacher_tok, name)
+        if student != teacher:
+            raise UserError(f"student and teacher tokenizers differ: {name} {student!r} vs {teacher!r}; {_HINT}")
+
+
+def _check_same_vocab(student: dict[str, int], teacher: dict[str, int]) -> None:
+    if student == teacher:
+        return
+    token = next((t for t, i in student.items() if teacher.get(t) != i), None)
+    token = token if token is not None else next(t for t in teacher if t not in student)
+    raise UserError(
+        f"student and teacher tokenizers differ: {len(student)} vs {len(teacher)} tokens, {token!r} is id "
+        f"{student.get(token)} vs {teacher.get(token)}; {_HINT}"
+    )
+
+
+def _check_id_map(student_tok, teacher_tok, id_map: torch.Tensor) -> None:
+    n_student, n_teacher = len(student_tok), len(teacher_tok)
+    if id_map.ndim != 1 or len(id_map) != n_student:
+        raise UserError(f"the student's id map has {id_map.numel()} entries for {n_student} student tokens; {_HINT}")
+    if n_student and not 0 <= int(id_map.min()) <= int(id_map.max()) < n_teacher:
+        raise UserError(f"the student's id map points outside the teacher's {n_teacher} tokens; {_HINT}")
+    student = student_tok.convert_ids_to_tokens(list(range(n_student)))
+    teacher = teacher_tok.convert_ids_to_tokens(id_map.tolist())
+    bad = next((i for i, (s, t) in enumerate(zip(student, teacher, strict=True)) if s != t), None)
+    if bad is not None:
+        raise UserError(
+            f"student id {bad} {student[bad]!r} maps to teacher id {int(id_map[bad])} {teacher[bad]!r}; {_HINT}"
+        )
 
 
 class OnlineTeacher:

@@ -1,0 +1,142 @@
+"""Read training / evaluation corpora: JSON Lines files of text or prompt/completion records, with domains.
+
+One object per line (blank lines are skipped):
+
+- plain text: `{"text": "...", "domain": "code"}`; the loss covers the whole text;
+- prompt/completion: `{"prompt": "...", "completion": "...", "domain": "qa"}`; the loss covers the completion only.
+
+`domain` is optional (default `"default"`); other keys are ignored. Every mistake (unreadable file, bad
+JSON, a line that is not an object, a missing or non-string field) is a `UserError` naming `file:line`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from potstill.errors import UserError
+
+DEFAULT_DOMAIN = "default"
+_EXPECTED = 'expected {"text": str} or {"prompt": str, "completion": str}, with an optional "domain": str'
+
+
+@dataclass(frozen=True)
+class Record:
+    """One document of a corpus.
+
+    Exactly one of `text` or the pair (`prompt`, `completion`) is set.
+
+    Attributes:
+        text: the document (plain-text records), else None.
+        prompt: the unscored context (prompt/completion records), else None.
+        completion: the scored continuation (prompt/completion records), else None.
+        domain: the domain name ("default" when the line has none).
+        path: the file it came from.
+        line: its 1-based line number in that file.
+    """
+
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    domain: str = DEFAULT_DOMAIN
+    path: str = ""
+    line: int = 0
+
+    @property
+    def context(self) -> str:
+        """The unscored part (the prompt; "" for plain text)."""
+        return self.prompt if self.prompt is not None else ""
+
+    @property
+    def scored(self) -> str:
+        """The part the loss and the metrics cover (the text, or the completion)."""
+        return self.text if self.text is not None else self.completion
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """Read a JSON Lines corpus.
+
+    Args:
+        path: a `.jsonl` file, UTF-8, one JSON object per line.
+
+    Returns:
+        The records in file order.
+
+    Raises:
+        UserError: missing file, invalid UTF-8 or JSON, a line that is not an object, a missing or
+            non-string field (each names `file:line`), or a file without any record.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: data file does not exist")
+    records = []
+    with open(p, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            where = f"{p}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not valid UTF-8") from None
+            if line.strip():
+                records.append(_parse_line(line, where, str(p), number))
+    if not records:
+        raise UserError(f"{p}: no records (expected one JSON object per line)")
+    return records
+
+
+def read_many(paths: list[str | Path]) -> list[Record]:
+    """Read several JSONL files, concatenated in the order given (see `read_jsonl`)."""
+    if not paths:
+        raise UserError("no data files given")
+    return [record for path in paths for record in read_jsonl(path)]
+
+
+def _parse_line(line: str, where: str, path: str, number: int) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {_json_type(obj)}; {_EXPECTED}")
+    domain = _string_field(obj, "domain", where, DEFAULT_DOMAIN)
+    if not domain:
+        raise UserError(f'{where}: field "domain" is empty; give a name or leave the field out')
+    if "text" in obj:
+        if "prompt" in obj or "completion" in obj:
+            raise UserError(f'{where}: has both "text" and "prompt"/"completion"; {_EXPECTED}')
+        return Record(text=_string_field(obj, "text", where), domain=domain, path=path, line=number)
+    if "prompt" in obj or "completion" in obj:
+        prompt = _string_field(obj, "prompt", where)
+        completion = _string_field(obj, "completion", where)
+        return Record(prompt=prompt, completion=completion, domain=domain, path=path, line=number)
+    raise UserError(f'{where}: missing field "text"; {_EXPECTED}')
+
+
+def _string_field(obj: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    """obj[key] as a string; a missing key gives `default`, or an error when there is none."""
+    if key not in obj:
+        if default is None:
+            raise UserError(f'{where}: missing field "{key}"; {_EXPECTED}')
+        return default
+    value = obj[key]
+    if not isinstance(value, str):
+        raise UserError(f'{where}: field "{key}" must be a string, got {_json_type(value)}')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a JSON escape such as "\\ud800" decodes to a lone surrogate
+        raise UserError(f'{where}: field "{key}" contains an unpaired surrogate escape (not valid Unicode)') from None
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
+    return "null" if value is None else names.get(type(value), type(value).__name__)

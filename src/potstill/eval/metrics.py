@@ -1,0 +1,238 @@
+"""Evaluate a causal LM on packed data: perplexity, bits per byte, and agreement / KL with a teacher, per domain.
+
+Every metric is a ratio of sums over the scored tokens (labels != -100), accumulated per domain in
+float64 and pooled for `overall`, so a domain weighs by its token (or byte) count, never a mean of means:
+
+- `ppl` = exp(sum NLL / tokens): per the model's own tokens;
+- `bpb` = sum NLL / (ln 2 * bytes): bits per UTF-8 byte of the scored text, comparable across tokenizers;
+- `top1_agreement` = fraction of scored tokens where argmax q_student == argmax p_teacher;
+- `kl_to_teacher` = sum KL(p_teacher || q_student) / tokens, at T = 1 (`potstill.losses.divergences.fkl`).
+
+`evaluate_cli` is `potstill eval`: load the model (and teacher), pack the JSONL data, write OUT/eval.json
+with `write_eval_json` (also the way a training run writes its eval.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from potstill.data.packing import IGNORE_INDEX, collate, pack
+from potstill.data.sources import read_many
+from potstill.errors import UserError
+from potstill.losses.divergences import fkl
+from potstill.student.init import load_id_map
+from potstill.teacher.load import load_model
+from potstill.teacher.online import OnlineTeacher, check_tokenizers
+
+EVAL_FILE = "eval.json"
+_ROWS = 512  # token rows scored at once: bounds the [rows, V] temporaries (0.5 GiB each for a 262k vocabulary)
+
+
+@dataclass
+class _Sums:
+    """Token-weighted sums of one domain (or all of them)."""
+
+    tokens: int = 0
+    bytes: int = 0
+    nll: float = 0.0
+    agree: float = 0.0
+    kl: float = 0.0
+
+    def add(self, other: _Sums) -> None:
+        self.tokens += other.tokens
+        self.bytes += other.bytes
+        self.nll += other.nll
+        self.agree += other.agree
+        self.kl += other.kl
+
+    def metrics(self, with_teacher: bool) -> dict:
+        """The eval.json entry: tokens, bytes, ppl, bpb (+ top1_agreement, kl_to_teacher); None where undefined."""
+        out = {
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "ppl": math.exp(self.nll / self.tokens) if self.tokens else None,
+            "bpb": self.nll / (math.log(2) * self.bytes) if self.bytes else None,
+        }
+        if with_teacher:
+            out["top1_agreement"] = self.agree / self.tokens if self.tokens else None
+            out["kl_to_teacher"] = self.kl / self.tokens if self.tokens else None
+        return out
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    teacher: OnlineTeacher | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Score a model on packed sequences, per domain and overall.
+
+    Args:
+        model: a causal LM returning `.logits` [B, T, V]; put in eval mode for the call (its mode is restored).
+        dataset: items shaped like `PackedDataset`'s (input_ids, attention_mask, labels, n_bytes, domain).
+        teacher: adds top1_agreement and kl_to_teacher; its logits must be over the model's vocabulary.
+        batch_size: sequences per forward pass.
+        progress: show a tqdm bar over batches.
+
+    Returns:
+        {"overall": {...}, "domains": {name: {...}}}, keys as in `_Sums.metrics` (DESIGN.md §3 eval.json).
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    domains: dict[str, _Sums] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress):
+                for domain, sums in zip(batch["domain"], _batch_sums(model, batch, teacher), strict=True):
+                    domains.setdefault(domain, _Sums()).add(sums)
+    finally:
+        model.train(was_training)
+    overall = _Sums()
+    for sums in domains.values():
+        overall.add(sums)
+    with_teacher = teacher is not None
+    return {
+        "overall": overall.metrics(with_teacher),
+        "domains": {d: s.metrics(with_teacher) for d, s in domains.items()},
+    }
+
+
+def _batch_sums(model: torch.nn.Module, batch: dict, teacher: OnlineTeacher | None) -> list[_Sums]:
+    """Per-sequence sums of one batch (B entries)."""
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    # Position t predicts token t + 1: shift the labels, not the logits (slicing the logits would copy [B, T, V]).
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    teacher_logits = None if teacher is None else teacher.logits(ids, mask)
+    if teacher_logits is not None and teacher_logits.shape != logits.shape:
+        raise UserError(
+            f"teacher logits {tuple(teacher_logits.shape)} do not match the model's {tuple(logits.shape)}: "
+            "the two vocabularies differ"
+        )
+    width = logits.shape[-1]
+    stats = _token_stats(
+        logits.reshape(-1, width),
+        targets.view(-1),
+        None if teacher_logits is None else teacher_logits.reshape(-1, width),
+    )
+    per_seq = stats.view(*targets.shape, 3).sum(1).tolist()  # [B, 3]
+    tokens = (targets != IGNORE_INDEX).sum(1).tolist()
+    return [
+        _Sums(tokens=n, bytes=int(b), nll=nll, agree=agree, kl=kl)
+        for n, b, (nll, agree, kl) in zip(tokens, batch["n_bytes"].tolist(), per_seq, strict=True)
+    ]
+
+
+def _token_stats(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+    """NLL, top-1 agreement and KL(p_teacher || q) of each scored token, in chunks of `_ROWS` rows.
+
+    Args:
+        logits: [N, V] model logits.
+        targets: [N] next-token ids, -100 where not scored.
+        teacher_logits: [N, V] or None.
+
+    Returns:
+        [N, 3] float64 (nll, agree, kl); zero rows where not scored, zero agree/kl columns without a teacher.
+    """
+    out = torch.zeros(len(targets), 3, dtype=torch.float64, device=logits.device)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    for idx in rows.split(_ROWS):
+        student = logits[idx].float()
+        out[idx, 0] = F.cross_entropy(student, targets[idx], reduction="none").double()
+        if teacher_logits is not None:
+            teacher = teacher_logits[idx].float()
+            out[idx, 1] = (student.argmax(-1) == teacher.argmax(-1)).double()
+            out[idx, 2] = fkl(student, teacher).double()
+    return out
+
+
+def evaluate_cli(
+    model: Path,
+    data: list[Path],
+    out: Path,
+    teacher: Path | None = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    overwrite: bool = False,
+) -> Path:
+    """`potstill eval`: evaluate a model directory on JSONL data and write OUT/eval.json atomically.
+
+    Sequences start with `<bos>` when the model's tokenizer has one. A teacher must share the model's
+    tokenizer, or be the teacher a trimmed student was made from (`potstill_vocab.json`).
+
+    Returns:
+        The path of eval.json: {"model", "teacher", "overall", "domains"}.
+
+    Raises:
+        UserError: eval.json exists without `overwrite`, OUT is a file, bad data, unloadable model,
+            or a teacher whose tokenizer does not match (nothing is written then).
+    """
+    target = Path(out) / EVAL_FILE
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target}: already exists; pass --overwrite to replace it")
+    records = read_many(data)
+    with _no_loading_bars():
+        student, tokenizer = load_model(model)
+        online = None
+        if teacher is not None:
+            teacher_model, teacher_tok = load_model(teacher)
+            id_map = load_id_map(model)
+            check_tokenizers(tokenizer, teacher_tok, id_map)
+            online = OnlineTeacher(teacher_model, id_map)
+    dataset = pack(records, tokenizer, seq_len, add_bos=tokenizer.bos_token_id is not None)
+    result = evaluate(student, dataset, online, batch_size=batch_size)
+    return write_eval_json(Path(out), str(model), None if teacher is None else str(teacher), result)
+
+
+def write_eval_json(out: Path, model: str, teacher: str | None, result: dict) -> Path:
+    """Write OUT/eval.json ({"model", "teacher", "overall", "domains"}) via a temp file and a rename.
+
+    Args:
+        out: the run or eval directory (created if missing).
+        model: how to name the evaluated model (its directory).
+        teacher: the teacher's directory, or None.
+        result: what `evaluate` returned.
+
+    Returns:
+        The path of eval.json; a crash leaves either the old file or the new one, never a partial one.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / EVAL_FILE
+    tmp = out / f".{EVAL_FILE}.tmp-{os.getpid()}"
+    report = {"model": model, "teacher": teacher, "overall": result["overall"], "domains": result["domains"]}
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """Silence transformers' "Loading weights" bars: a user mistake found after a load must stay one stderr line."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

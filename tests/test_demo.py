@@ -1,0 +1,114 @@
+"""`potstill demo`: settings, the arms' configs, resume bookkeeping, errors; (integration) --quick end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clitools import assert_one_line_error, run_cli
+from potstill import demo
+from potstill.errors import UserError
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_demo_yaml_loads_and_arms_share_tokens_and_steps(quick: bool, tmp_path: Path):
+    settings = demo.load_demo_settings(quick)
+    kd = demo.arm_config(settings, "kd", tmp_path, Path("/teacher"))
+    ce = demo.arm_config(settings, "ce", tmp_path, Path("/teacher"))
+    assert kd.loss.alpha > 0 and kd.model.teacher == "/teacher"
+    assert ce.loss.alpha == 0 and ce.model.teacher is None
+    for section in ("data", "train"):
+        a, b = getattr(kd, section).model_dump(), getattr(ce, section).model_dump()
+        diff = {k for k in a if a[k] != b[k]}
+        assert diff <= {"lr", "output_dir"}, diff  # same data, steps, batch: only the learning rate may differ
+    assert kd.model.student == ce.model.student == str(tmp_path / "student_init")
+    assert kd.train.output_dir != ce.train.output_dir
+
+
+def test_quick_is_smaller_than_full():
+    quick, full = demo.load_demo_settings(True), demo.load_demo_settings(False)
+    assert quick.distill["train"]["max_steps"] < full.distill["train"]["max_steps"]
+    assert quick.corpus.train_bytes <= full.corpus.train_bytes
+
+
+def _fake_steps(monkeypatch, calls: list[str], fail_at: str | None = None) -> None:
+    def make(name):
+        def step(ctx):
+            calls.append(name)
+            if name == fail_at:
+                raise KeyboardInterrupt
+            (ctx["out"] / f"{name}.txt").write_text(name)
+            return {"name": name}
+
+        return step
+
+    monkeypatch.setattr(demo, "STEPS", {name: make(name) for name in ("a", "b", "c")})
+    monkeypatch.setattr(demo, "check_demo_extra", lambda: None)
+
+
+def test_interrupted_demo_resumes_after_the_last_finished_step(tmp_path: Path, monkeypatch):
+    calls: list[str] = []
+    _fake_steps(monkeypatch, calls, fail_at="b")
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "d", quick=True)
+    state = json.loads((tmp_path / "d" / demo.STATE_FILE).read_text())
+    assert list(state["done"]) == ["a"]
+    _fake_steps(monkeypatch, calls)
+    demo.run_demo(tmp_path / "d", quick=True)
+    assert calls == ["a", "b", "b", "c"]
+    state = json.loads((tmp_path / "d" / demo.STATE_FILE).read_text())
+    assert list(state["done"]) == ["a", "b", "c"] and state["done"]["c"]["result"] == {"name": "c"}
+    demo.run_demo(tmp_path / "d", quick=True, overwrite=True)  # starts over
+    assert calls[4:] == ["a", "b", "c"]
+
+
+def test_other_variant_or_foreign_dir_is_refused(tmp_path: Path, monkeypatch):
+    _fake_steps(monkeypatch, [])
+    demo.run_demo(tmp_path / "d", quick=True)
+    with pytest.raises(UserError, match="quick demo"):
+        demo.run_demo(tmp_path / "d", quick=False)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "mine.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="not a potstill demo"):
+            demo.run_demo(tmp_path / "foreign", quick=True, overwrite=overwrite)
+    assert (tmp_path / "foreign" / "mine.txt").read_text() == "keep me"
+
+
+def test_missing_demo_extra_is_one_line_naming_pip(monkeypatch):
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda m: None if m == "matplotlib" else real(m))
+    with pytest.raises(UserError, match=r'matplotlib: pip install "potstill\[cpu,demo\]"'):
+        demo.check_demo_extra()
+
+
+def test_cli_demo_help():
+    proc = run_cli("demo", "--help")
+    assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+def test_cli_demo_refuses_foreign_dir_in_one_line(tmp_path: Path):
+    (tmp_path / "x.txt").write_text("x")
+    assert_one_line_error(run_cli("demo", "--quick", "--out", tmp_path), "not a potstill demo")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_quick_demo_end_to_end(tmp_path: Path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--quick", "--out", out, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    models = report["models"]
+    for name in ("teacher", "student_kd", "student_ce"):
+        assert {"params", "ppl", "bpb", "latency_ms_per_token"} <= set(models[name])
+    assert {"top1_agreement", "kl_to_teacher"} <= set(models["student_kd"]) & set(models["student_ce"])
+    assert report["ratios"]["param_ratio"] <= 0.2
+    assert report["ratios"]["speedup"] >= 2.0  # 3x in a quiet machine; leave margin for a busy test runner
+    assert models["student_kd"]["bpb"] < models["student_ce"]["bpb"]
+    assert (out / "student_kd" / "student" / "config.json").is_file()
+    assert all((out / p).is_file() for p in report["plots"]) and (out / "report.md").is_file()
+    again = run_cli("demo", "--quick", "--out", out, timeout=600)  # finished: every step is skipped
+    assert again.returncode == 0 and "skipped" in again.stderr

@@ -1,0 +1,47 @@
+"""`potstill distill` under torchrun (2 processes, gloo on CPU) == one process with grad_accum 2.
+
+Each rank takes batch_size sequences per step, so 2 ranks x 1 micro-batch see the same global batch
+as 1 process x 2 micro-batches. Loss, KD/CE parts, gradient norm and the final weights must agree, and
+only rank 0 writes (one log line per step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from potstill.config import load_config
+from potstill.train.trainer import run_distill
+from test_trainer import models_dir, overrides_for, read_log  # noqa: F401 (a fixture)
+
+COMPARED = ("step", "loss", "kd", "ce", "kd_weighted", "ce_weighted", "grad_norm", "learning_rate")
+
+
+@pytest.mark.slow
+def test_world_size_2_equals_grad_accum_2(models_dir, tmp_path):  # noqa: F811
+    opts = ("train.max_steps=3", "train.batch_size=2", "train.save_steps=0")
+    ddp_out, ref_out = tmp_path / "ddp", tmp_path / "ref"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "potstill.cli", "distill", *overrides_for(models_dir, ddp_out, *opts)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run_distill(load_config(None, overrides_for(models_dir, ref_out, *opts, "train.grad_accum=2")))
+
+    ddp_log, ref_log = read_log(ddp_out), read_log(ref_out)
+    assert len(ddp_log) == 3  # rank 0 alone writes
+    for got, want in zip(ddp_log, ref_log, strict=True):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+    a = AutoModelForCausalLM.from_pretrained(ddp_out / "student").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(ref_out / "student").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    assert json.loads((ddp_out / "summary.json").read_text())["global_step"] == 3

@@ -1,0 +1,150 @@
+"""report.json / report.md / plots from plain dicts, and the size/latency bench on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from potstill.eval.bench import latency_ms_per_token, param_count
+from potstill.eval.report import gap_closed, summarize, write_report
+
+
+def _eval(bpb: dict[str, float], agree: float | None = None) -> dict:
+    domains = {d: {"tokens": 100, "bytes": 300, "ppl": 2**b, "bpb": b} for d, b in bpb.items()}
+    overall_bpb = sum(bpb.values()) / len(bpb)  # equal bytes per domain: the byte-weighted mean
+    overall = {"tokens": 100 * len(bpb), "bytes": 300 * len(bpb), "ppl": 2**overall_bpb, "bpb": overall_bpb}
+    if agree is not None:
+        overall.update(top1_agreement=agree, kl_to_teacher=0.5)
+    return {"overall": overall, "domains": domains}
+
+
+def _results(kd_code: float = 1.2) -> dict:
+    def model(params, ms, ev):
+        return {"path": "x", "params": params, "latency_ms_per_token": ms, "eval": ev}
+
+    return {
+        "models": {
+            "teacher": model(1000, 50.0, _eval({"code": 1.0, "docs": 0.8})),
+            "student_kd": model(150, 10.0, _eval({"code": kd_code, "docs": 1.1}, agree=0.6)),
+            "student_ce": model(150, 10.0, _eval({"code": 1.4, "docs": 1.3}, agree=0.5)),
+        },
+        "curves": {
+            "student_kd": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}],
+            "student_ce": [{"step": 1, "loss": 3.5}, {"step": 2, "loss": 2.5}],
+        },
+        "settings": {"mode": "quick"},
+    }
+
+
+def test_gap_closed_formula():
+    assert gap_closed(1.4, 1.2, 1.0) == pytest.approx(0.5)
+    assert gap_closed(1.4, 1.5, 1.0) == pytest.approx(-0.25)  # KD worse than CE: negative
+    assert gap_closed(1.0, 0.9, 1.0) is None  # no gap to close
+
+
+def test_summary_ratios_and_targets():
+    s = summarize(_results())
+    r = s["ratios"]
+    assert r["param_ratio"] == pytest.approx(0.15)
+    assert r["speedup"] == pytest.approx(5.0)
+    assert r["gap_closed_by_domain"] == {"code": pytest.approx(0.5), "docs": pytest.approx(0.4)}
+    assert r["gap_closed"] == pytest.approx((1.35 - 1.15) / (1.35 - 0.9))
+    assert s["models"]["student_kd"]["top1_agreement"] == 0.6
+    assert "top1_agreement" not in s["models"]["teacher"]
+    assert all(s["targets"].values())
+
+
+def test_kd_losing_one_domain_fails_that_target():
+    s = summarize(_results(kd_code=1.5))
+    assert s["kd_better_than_ce"]["by_domain"] == {"code": False, "docs": True}
+    assert not s["targets"]["kd_better_every_domain"]
+
+
+def test_write_report_files(tmp_path: Path):
+    md = write_report(tmp_path, _results())
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["models"]) == {"teacher", "student_kd", "student_ce"}
+    for plot in report["plots"]:
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(report["plots"]) == 3
+    text = md.read_text()
+    assert "5.0x faster" in text and "15%" in text  # speed-up and size ratio in words
+    assert "| code | 1.000 | 1.200 | 1.400 | 50% |" in text
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_param_count_counts_tied_weights_once(tiny_model):
+    emb = tiny_model.get_input_embeddings().weight
+    assert tiny_model.get_output_embeddings().weight is emb
+    naive = sum(p.numel() for _, p in tiny_model.named_parameters(remove_duplicate=False))
+    assert param_count(tiny_model) == naive - emb.numel()
+
+
+class _ByteTokenizer:
+    """Enough of a tokenizer for `generate`: bytes -> ids 3..258, with <bos>."""
+
+    pad_token_id, eos_token_id = 0, 2
+
+    def __call__(self, text: str, return_tensors: str = "pt") -> dict:
+        ids = [1] + [b + 3 for b in text.encode()]
+        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+
+
+def test_latency_generates_exact_token_count(tiny_model, monkeypatch):
+    calls = []
+    real = tiny_model.generate
+
+    def spy(**kw):
+        out = real(**kw)
+        calls.append(out.shape[1] - kw["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(tiny_model, "generate", spy)
+    ms = latency_ms_per_token(tiny_model, _ByteTokenizer(), "def f(x):", new_tokens=6, warmup=2, runs=3)
+    assert ms > 0
+    assert calls == [8, 8, 8]  # warm-up + timed tokens, end-of-sequence never stops it early
+
+
+def test_latency_grows_with_model_cost():
+    torch.manual_seed(0)
+
+    def model(hidden, layers):
+        cfg = LlamaConfig(
+            vocab_size=300,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        return LlamaForCausalLM(cfg).eval()
+
+    tok = _ByteTokenizer()
+    small = latency_ms_per_token(model(32, 1), tok, "x", new_tokens=8, warmup=2, runs=3)
+    big = latency_ms_per_token(model(256, 4), tok, "x", new_tokens=8, warmup=2, runs=3)
+    assert big > small

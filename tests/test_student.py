@@ -1,0 +1,248 @@
+"""Student from a teacher: measured layer pruning, vocabulary trimming with an id map, exact weight copy, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from clitools import assert_one_line_error, run_cli
+from conftest import TINY_CORPUS, build_tokenizer
+
+from potstill.errors import UserError
+from potstill.student.init import (
+    STUDENT_FILE,
+    VOCAB_FILE,
+    build_student,
+    evenly_spaced,
+    init_student,
+    init_student_cli,
+    layer_scores,
+    load_id_map,
+    tokenization_mismatch,
+)
+
+CORPUS = TINY_CORPUS + [
+    "class Teacher:\n    def forward(self, x):\n        return self.head(self.body(x))\n",
+    "The student keeps the layers that matter most for the calibration loss.",
+] * 3
+UNSEEN = ["Völlig neue Wörter: Quokka, zymurgy, 🦜🍣 and 漢字かな交じり文, tabs\tand\r\nnewlines", "x=∑∫√∞ ±1 €5"]
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def gemma_like_tokenizer():
+    """A BPE with byte fallback like Gemma's: spaces -> '▁', no pre-tokenizer, `<0xNN>` byte tokens, <bos> added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.normalizer = normalizers.Replace(" ", "▁")
+    trainer_tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS))
+    trained = json.loads(trainer_tok.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(SPECIALS + [f"<0x{b:02X}>" for b in range(256)])}
+    for token in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens(SPECIALS)
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
+def gemma_like_model(tokenizer, n_layers: int = 4):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        layer_types=["sliding_attention"] * (n_layers - 1) + ["full_attention"],
+        sliding_window=8,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def llama_model(tokenizer, n_layers: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(1)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def gemma_teacher(tmp_path_factory):
+    tok = gemma_like_tokenizer()
+    path = tmp_path_factory.mktemp("teacher") / "gemma"
+    gemma_like_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_teacher(tmp_path_factory):
+    tok = build_tokenizer(vocab_size=350, texts=CORPUS)  # byte-level BPE, untied head
+    path = tmp_path_factory.mktemp("teacher") / "llama"
+    llama_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_pruned_student_loads_generates_and_records_scores(gemma_teacher, tmp_path):
+    out = init_student(gemma_teacher, 2, tmp_path / "student", CORPUS, calib_tokens=256, calib_seq_len=32)
+    teacher, _ = load(gemma_teacher)
+    student, tok = load(out)
+    info = json.loads((out / STUDENT_FILE).read_text())
+    kept, scores = info["kept_layers"], info["layer_scores"]
+    assert len(scores) == 4 and kept == sorted(sorted(range(4), key=lambda i: -scores[i])[:2])
+    assert student.config.num_hidden_layers == 2
+    assert student.config.layer_types == [teacher.config.layer_types[i] for i in kept]
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
+    assert student.get_output_embeddings().weight.data_ptr() == student.get_input_embeddings().weight.data_ptr()
+    enc = tok("def add(a, b):", return_tensors="pt")
+    assert enc["input_ids"][0, 0].item() == tok.bos_token_id
+    gen = student.generate(**enc, max_new_tokens=5, do_sample=False)  # KV cache: needs renumbered layer_idx
+    assert gen.shape[1] == enc["input_ids"].shape[1] + 5
+
+
+def test_layer_scores_equal_loss_of_the_model_without_that_layer(gemma_teacher):
+    """The in-place skip (only_layers) scores layer i exactly as a model rebuilt without layer i would."""
+    teacher, tok = load(gemma_teacher)
+    ids = tok(CORPUS[0] + CORPUS[3], return_tensors="pt")["input_ids"]
+    scores, base = layer_scores(teacher, [ids], keep_ids=None)
+
+    def ce(model) -> float:
+        logits = model(input_ids=ids).logits[:, :-1].double()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[0, 1:]).item()
+
+    with torch.no_grad():
+        assert base == pytest.approx(ce(teacher), abs=1e-5)
+        for skip in range(4):
+            pruned = build_student(teacher, [i for i in range(4) if i != skip], None)
+            assert base + scores[skip] == pytest.approx(ce(pruned), abs=1e-5)
+
+
+@pytest.mark.parametrize("teacher_name", ["gemma_teacher", "llama_teacher"])
+def test_trimmed_tokenizer_matches_teacher_and_round_trips(teacher_name, request, tmp_path):
+    teacher_dir = request.getfixturevalue(teacher_name)
+    out = init_student(teacher_dir, 1, tmp_path / "s", CORPUS[:6], calib_tokens=128, calib_seq_len=16)
+    _, teacher_tok = load(teacher_dir)
+    _, tok = load(out)
+    id_map = load_id_map(out)
+    assert len(id_map) == len(tok) < len(teacher_tok)
+    assert tokenization_mismatch(tok, teacher_tok, id_map, CORPUS[:6]) == (0, 6)
+    for text in CORPUS[:6]:  # with special tokens too (the <bos> the post-processor adds)
+        mapped = id_map[tok(text)["input_ids"]].tolist()
+        assert mapped == teacher_tok(text)["input_ids"]
+    for text in UNSEEN + CORPUS[6:]:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    vocab = json.loads((out / VOCAB_FILE).read_text())
+    assert vocab["teacher_vocab_size"] == len(teacher_tok)
+
+
+@pytest.mark.parametrize("teacher_name", ["gemma_teacher", "llama_teacher"])
+def test_all_layers_kept_gives_teacher_logits_at_kept_ids(teacher_name, request, tmp_path):
+    teacher_dir = request.getfixturevalue(teacher_name)
+    n_layers = load(teacher_dir)[0].config.num_hidden_layers
+    out = init_student(teacher_dir, n_layers, tmp_path / "s", CORPUS, calib_tokens=128, calib_seq_len=16)
+    teacher, _ = load(teacher_dir)
+    student, tok = load(out)
+    id_map = load_id_map(out)
+    ids = tok(CORPUS[4] + UNSEEN[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = teacher(input_ids=id_map[ids]).logits[..., id_map]
+        got = student(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_no_trim_keeps_full_vocabulary(gemma_teacher, tmp_path):
+    out = init_student(gemma_teacher, 3, tmp_path / "s", CORPUS, trim_vocab=False, calib_tokens=128, calib_seq_len=16)
+    student, tok = load(out)
+    assert load_id_map(out) is None and student.config.vocab_size == len(tok) == len(load(gemma_teacher)[1])
+
+
+def test_even_fallback_without_corpus(gemma_teacher, tmp_path):
+    out = init_student_cli(gemma_teacher, 2, tmp_path / "s", [], trim_vocab=False, selection="even")
+    assert json.loads((out / STUDENT_FILE).read_text())["kept_layers"] == [0, 3]
+    assert evenly_spaced(18, 6) == [0, 3, 7, 10, 14, 17]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"layers": 0}, "--layers 0"),
+        ({"layers": 9}, "--layers 9: the teacher has 4"),
+        ({"corpus": []}, "--corpus"),
+        ({"corpus": [], "trim_vocab": False}, "--select even"),
+        ({"selection": "random"}, "--select random"),
+    ],
+)
+def test_bad_requests_are_user_errors(gemma_teacher, tmp_path, write_jsonl, kwargs, needle):
+    corpus = [write_jsonl("c.jsonl", [{"text": t} for t in CORPUS])]
+    args = {"teacher": gemma_teacher, "layers": 2, "out": tmp_path / "s", "corpus": corpus}
+    args.update(kwargs)
+    with pytest.raises(UserError, match=needle.replace("-", r"\-")):
+        init_student_cli(**args)
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_errors_are_one_line_and_keep_existing_output(gemma_teacher, tmp_path, write_jsonl):
+    corpus = write_jsonl("c.jsonl", [{"text": t} for t in CORPUS])
+    out = tmp_path / "s"
+    args = ["student", "init", "--teacher", gemma_teacher, "--corpus", corpus, "--out", out]
+    assert_one_line_error(run_cli(*args, "--layers", "99"), "--layers 99")
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(run_cli(*args, "--layers", "2"), str(out), "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_output(gemma_teacher, tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    init_student(gemma_teacher, 1, out, CORPUS, calib_tokens=64, calib_seq_len=16, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temp dirs left beside it
+
+
+def test_load_id_map_errors(tmp_path):
+    assert load_id_map(tmp_path) is None
+    (tmp_path / VOCAB_FILE).write_text('{"teacher_vocab_size": 10, "teacher_ids": [1, 12]}')
+    with pytest.raises(UserError, match=VOCAB_FILE):
+        load_id_map(tmp_path)
+    (tmp_path / VOCAB_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="malformed"):
+        load_id_map(tmp_path)
