@@ -166,7 +166,7 @@ HEADER = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="512 tokens x 8k vocab, 2 repeats (a smoke run)")
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=2.0)

@@ -142,7 +142,7 @@ def test_float32_bigger_shapes(name):
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(262_144) * 262_144 <= 2**22 < (default_chunk_size(262_144) + 1) * 262_144
+    assert default_chunk_size(262_144) * 262_144 <= 2**24 < (default_chunk_size(262_144) + 1) * 262_144
     assert default_chunk_size(10**9) == 8
 
 

@@ -413,3 +413,16 @@ def test_combine_weights_and_t_squared_scaling() -> None:
         combine(kd_terms(leaf, t, labels, LossConfig(temperature=temperature)), 1.0, temperature).backward()
         norms.append(leaf.grad.norm().item())
     assert norms[1] == pytest.approx(norms[0], rel=0.1)
+
+
+def test_cli_lists_every_loss_with_its_formula() -> None:
+    from typer.testing import CliRunner
+
+    from potstill.cli import app
+
+    result = CliRunner().invoke(app, ["losses"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines] == list(LOSSES)
+    for line, spec in zip(lines, LOSSES.values(), strict=True):
+        assert line.endswith(spec.formula)

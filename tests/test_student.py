@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from clitools import assert_one_line_error, run_cli
-from conftest import TINY_CORPUS, build_tokenizer
 
+from clitools import assert_one_line_error
+from conftest import TINY_CORPUS, build_tokenizer
 from potstill.errors import UserError
 from potstill.student.init import (
     STUDENT_FILE,
@@ -21,11 +21,16 @@ from potstill.student.init import (
     load_id_map,
     tokenization_mismatch,
 )
+from test_eval_cli import run_main
 
-CORPUS = TINY_CORPUS + [
-    "class Teacher:\n    def forward(self, x):\n        return self.head(self.body(x))\n",
-    "The student keeps the layers that matter most for the calibration loss.",
-] * 3
+CORPUS = (
+    TINY_CORPUS
+    + [
+        "class Teacher:\n    def forward(self, x):\n        return self.head(self.body(x))\n",
+        "The student keeps the layers that matter most for the calibration loss.",
+    ]
+    * 3
+)
 UNSEEN = ["Völlig neue Wörter: Quokka, zymurgy, 🦜🍣 and 漢字かな交じり文, tabs\tand\r\nnewlines", "x=∑∫√∞ ±1 €5"]
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
@@ -217,15 +222,15 @@ def test_bad_requests_are_user_errors(gemma_teacher, tmp_path, write_jsonl, kwar
     assert not (tmp_path / "s").exists()
 
 
-def test_cli_errors_are_one_line_and_keep_existing_output(gemma_teacher, tmp_path, write_jsonl):
+def test_cli_errors_are_one_line_and_keep_existing_output(gemma_teacher, tmp_path, write_jsonl, capfd):
     corpus = write_jsonl("c.jsonl", [{"text": t} for t in CORPUS])
     out = tmp_path / "s"
     args = ["student", "init", "--teacher", gemma_teacher, "--corpus", corpus, "--out", out]
-    assert_one_line_error(run_cli(*args, "--layers", "99"), "--layers 99")
+    assert_one_line_error(run_main(capfd, *args, "--layers", "99"), "--layers 99")
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_one_line_error(run_cli(*args, "--layers", "2"), str(out), "--overwrite")
+    assert_one_line_error(run_main(capfd, *args, "--layers", "2"), str(out), "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -246,3 +251,18 @@ def test_load_id_map_errors(tmp_path):
     (tmp_path / VOCAB_FILE).write_text("{not json")
     with pytest.raises(UserError, match="malformed"):
         load_id_map(tmp_path)
+
+
+def test_fill_vocabulary_keeps_corpus_tokenization_and_grows_to_size(gemma_teacher, tmp_path):
+    _, teacher_tok = load(gemma_teacher)
+    kwargs = {"calib_tokens": 64, "calib_seq_len": 8}
+    needed = load_id_map(init_student(gemma_teacher, 1, tmp_path / "a", CORPUS[:6], **kwargs))
+    size = len(needed) + 20
+    out = init_student(gemma_teacher, 1, tmp_path / "b", CORPUS[:6], vocab_size=size, **kwargs)
+    _, tok = load(out)
+    _, needed_tok = load(tmp_path / "a")
+    id_map = load_id_map(out)
+    assert len(id_map) == size < len(teacher_tok) and set(needed.tolist()) < set(id_map.tolist())
+    assert tokenization_mismatch(tok, teacher_tok, id_map, CORPUS[:6]) == (0, 6)
+    unseen = UNSEEN + CORPUS[6:]
+    assert sum(len(tok(t)["input_ids"]) for t in unseen) < sum(len(needed_tok(t)["input_ids"]) for t in unseen)

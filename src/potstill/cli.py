@@ -114,6 +114,9 @@ def student_init_cmd(
     select: str = typer.Option(
         "measured", "--select", help="Layers: 'measured' on the corpus, or 'even' (evenly spaced; needs no corpus)."
     ),
+    vocab_size: Optional[int] = typer.Option(
+        None, "--vocab-size", min=1, help="Fill the trimmed vocabulary up to this size with the teacher's top merges."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ) -> None:
     """Prune a teacher into a student: keep the most important layers, trim the vocabulary to a corpus."""
@@ -127,6 +130,7 @@ def student_init_cmd(
         trim_vocab=trim_vocab,
         overwrite=overwrite,
         selection=select,
+        vocab_size=vocab_size,
     )
     typer.echo(f"wrote {path}")
 

@@ -1,6 +1,6 @@
 """Per-token divergences between a teacher (p) and a student (q) next-token distribution.
 
-Every function takes student and teacher logits `[N, V]` (argument order `(student, teacher)`),
+Every function takes student and teacher logits `[N, V]` (any leading dims; order `(student, teacher)`),
 applies the temperature to both (`softmax(logits / T)`), and returns `[N]`: the divergence of each
 token, summed over the vocabulary. Everything is computed from `log_softmax` in float32 (float64 when
 an input is float64; bf16/fp16 inputs are upcast), and mixtures such as `beta*p + (1-beta)*q` are
@@ -34,6 +34,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # (value [N], dD/dz [N, V] or None): z = student logits / T.
 Parts = tuple[torch.Tensor, torch.Tensor | None]
@@ -70,6 +71,7 @@ class _StudentGrad(torch.autograd.Function):
         return value
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_value: torch.Tensor) -> tuple:
         (grad,) = ctx.saved_tensors
         return (grad * grad_value.unsqueeze(-1)).to(ctx.student_dtype), None, None, None
@@ -86,8 +88,8 @@ def _divergence(
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_v a * b per row without the [N, V] product (a batched GEMV). [N, V] x2 -> [N]."""
-    return torch.bmm(a.unsqueeze(-2), b.unsqueeze(-1)).view(a.shape[:-1])
+    """sum_v a * b per row without the [..., V] product (a batched GEMV). [..., V] x2 -> [...]."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).view(a.shape[:-1])
 
 
 def _softmax_vjp_(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -195,11 +197,12 @@ def akl_head_mask(teacher_probs: torch.Tensor, mu: float) -> torch.Tensor:
     Returns:
         [N, V] bool mask.
     """
-    sorted_p, _ = teacher_probs.sort(dim=-1, descending=True)
-    mass_above = sorted_p.cumsum(-1) - sorted_p
+    sorted_p = teacher_probs.sort(dim=-1, descending=True).values
+    mass_above = sorted_p.cumsum(-1).sub_(sorted_p)
     # Number of head tokens per row, then the probability of the last one as a threshold: comparing
     # values avoids scattering the sorted mask back through the permutation.
     n_head = (mass_above < mu).sum(-1, keepdim=True)
+    del mass_above
     threshold = sorted_p.gather(-1, (n_head - 1).clamp_min(0))
     return (teacher_probs >= threshold) & (n_head > 0)
 
@@ -207,9 +210,9 @@ def akl_head_mask(teacher_probs: torch.Tensor, mu: float) -> torch.Tensor:
 def _akl_parts(log_q: torch.Tensor, log_p: torch.Tensor, with_grad: bool, mu: float) -> Parts:
     p, q = log_p.exp(), log_q.exp()
     with torch.no_grad():
-        gap = (p - q).abs()
-        g_head = _rowdot(gap, akl_head_mask(p, mu).to(gap.dtype))
-        w_head = g_head / gap.sum(-1).clamp_min(torch.finfo(gap.dtype).tiny)
+        gap = (p - q).abs_()
+        g_total = gap.sum(-1).clamp_min(torch.finfo(gap.dtype).tiny)
+        w_head = gap.masked_fill_(akl_head_mask(p, mu).logical_not_(), 0.0).sum(-1).div_(g_total)
         del gap
     log_ratio = log_q.sub_(log_p) if with_grad else log_q - log_p  # log(q/p)
     fkl_value, rkl_value = -_rowdot(p, log_ratio), _rowdot(q, log_ratio)

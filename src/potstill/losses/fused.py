@@ -32,10 +32,12 @@ from potstill.config import LossConfig
 from potstill.losses import IGNORE_INDEX, KDTerms, per_token_divergence
 from potstill.losses.sparse import SparseTargets, check_temperature, sparse_divergence
 
-# Logit elements per chunk: 2^22 float32 = 16 MiB per [chunk, V] buffer. About 8 such buffers are alive at
-# once (logits, teacher logits, log-softmaxes, the divergence's autograd graph, the grad), so a chunk costs
-# ~130 MiB whatever V is. Measured on CPU: bigger chunks are not faster (benchmarks/README.md, "Fused loss").
-CHUNK_ELEMENTS = 2**22
+# Logit elements per chunk: 2^24 float32 = 64 MiB per [chunk, V] buffer (64 tokens at V = 262,144, 512 at
+# 32,768). About 8 such buffers are alive at once (logits, teacher logits, log-probs, CE, the grad), so a
+# chunk costs ~0.5 GiB whatever V is. Smaller chunks save memory but cost time: on CPU the chunk's matmuls
+# stream the whole head once per chunk and need a few hundred rows to run at full speed (measured at
+# V = 262,144: 16 rows = 2.1x the dense time, 64 rows = 1.25x; benchmarks/README.md, "Fused loss").
+CHUNK_ELEMENTS = 2**24
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -182,6 +184,7 @@ class _FusedKD(torch.autograd.Function):
         hidden, weight, grad_h, grad_w = ctx.saved_tensors
         actual = (float(g_kd), float(g_ce))
         lam = None if ctx.planned is None else _proportion(actual, ctx.planned)
+        ctx.planned = None  # the kept grads are handed out (and scaled in place) once; a retained graph recomputes
         if lam is None:
             _, _, grad_h, grad_w = _run(ctx.prob, hidden, weight, actual)
         else:
@@ -232,7 +235,9 @@ def fused_kd_terms(
         chunk_size=chunk_size or default_chunk_size(student_head_weight.shape[0]),
         softcap=softcap,
     )
-    if teacher is None and loss_weights is not None:
+    if not torch.is_grad_enabled():
+        loss_weights = None  # evaluation: no gradient to compute ahead
+    elif teacher is None and loss_weights is not None:
         loss_weights = (0.0, loss_weights[1])  # kd does not exist: its (zero) grad must not break the plan
     kd, ce = _FusedKD.apply(student_hidden, student_head_weight, prob, loss_weights)
     return KDTerms(kd=None if teacher is None else kd, ce=ce, n_tokens=rows.numel())

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from potstill.errors import UserError
-from potstill.teacher.load import enable_progress_log, load_model
+from potstill.teacher.load import convert_gguf, enable_progress_log, load_model
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def init_student(
     out: str | Path,
     corpus_texts: Sequence[str],
     trim_vocab: bool = True,
-    calib_tokens: int = 16384,
+    vocab_size: int | None = None,
+    calib_tokens: int = 4096,
     calib_seq_len: int = 256,
     seed: int = 0,
     selection: str = "measured",
@@ -60,6 +61,8 @@ def init_student(
         out: output directory (written atomically: built beside it, then renamed).
         corpus_texts: calibration texts; also the vocabulary to keep.
         trim_vocab: keep only the corpus's vocabulary (+ bytes, specials, BPE intermediates).
+        vocab_size: fill the trimmed vocabulary up to this many ids with the teacher's highest-priority merges
+            (None: only what the corpus needs). See `fill_vocabulary`.
         calib_tokens: tokens of the corpus used to score layers.
         calib_seq_len: length of each calibration sequence (starts with bos).
         seed: picks which corpus windows form the calibration set.
@@ -73,10 +76,9 @@ def init_student(
     out = Path(out)
     _check_request(layers, out, corpus_texts, trim_vocab, selection, overwrite)
     start = time.perf_counter()
+    teacher_dir = _resolve_teacher(teacher_dir, layers)
     teacher, tokenizer = load_model(teacher_dir)
     n_layers = teacher.config.num_hidden_layers
-    if layers > n_layers:
-        raise UserError(f"--layers {layers}: the teacher has {n_layers} decoder layers (expected 1..{n_layers})")
     info: dict = {"teacher": str(teacher_dir), "selection": selection, "teacher_layers": n_layers}
     keep_ids = None
     if corpus_texts:
@@ -93,13 +95,21 @@ def init_student(
     else:
         kept = evenly_spaced(n_layers, layers)
     log.info("keeping layers %s of %d", kept, n_layers)
-    student_tok, id_map = (trim_tokenizer(tokenizer, keep_ids, corpus_texts) if trim_vocab else (tokenizer, None))
+    student_tok, id_map = tokenizer, None
+    if trim_vocab:
+        student_ids = keep_ids if vocab_size is None else fill_vocabulary(tokenizer, keep_ids, vocab_size)
+        student_tok, id_map = trim_tokenizer(tokenizer, student_ids, corpus_texts)
     student = build_student(teacher, kept, id_map)
     n_params, t_params = _n_params(student), _n_params(teacher)
     info.update(kept_layers=kept, vocab_size=student.config.vocab_size, teacher_vocab_size=teacher.config.vocab_size)
     info.update(params=n_params, teacher_params=t_params, params_ratio=n_params / t_params)
-    log.info("student: %d layers, vocab %d, %.1fM params (%.3f of the teacher)", layers, info["vocab_size"],
-             n_params / 1e6, n_params / t_params)
+    log.info(
+        "student: %d layers, vocab %d, %.1fM params (%.3f of the teacher)",
+        layers,
+        info["vocab_size"],
+        n_params / 1e6,
+        n_params / t_params,
+    )
     _save_atomically(out, overwrite, student, student_tok, id_map, teacher.config.vocab_size, info)
     log.info("wrote %s (%.1f s)", out, time.perf_counter() - start)
     return out
@@ -113,6 +123,7 @@ def init_student_cli(
     trim_vocab: bool = True,
     overwrite: bool = False,
     selection: str = "measured",
+    vocab_size: int | None = None,
 ) -> Path:
     """`potstill student init`: read the corpus JSONL files (text, or prompt + completion) and call `init_student`."""
     from potstill.data.sources import read_many
@@ -120,7 +131,16 @@ def init_student_cli(
     enable_progress_log()
     _check_request(layers, Path(out), list(corpus), trim_vocab, selection, overwrite)
     texts = [rec.context + rec.scored for rec in read_many(list(corpus))] if corpus else []
-    return init_student(teacher, layers, out, texts, trim_vocab=trim_vocab, selection=selection, overwrite=overwrite)
+    return init_student(
+        teacher,
+        layers,
+        out,
+        texts,
+        trim_vocab=trim_vocab,
+        vocab_size=vocab_size,
+        selection=selection,
+        overwrite=overwrite,
+    )
 
 
 def load_id_map(student_dir: str | Path) -> torch.Tensor | None:
@@ -147,20 +167,23 @@ def load_id_map(student_dir: str | Path) -> torch.Tensor | None:
 
 
 def vocabulary_to_keep(tokenizer, corpus_ids: Sequence[Sequence[int]]) -> list[int]:
-    """Teacher ids the student keeps: used ids + their BPE intermediates + byte tokens + special tokens.
+    """Teacher ids the student needs: used ids + their BPE pieces + byte tokens + special tokens.
 
-    A final token's characters and intermediates are found by re-running the BPE merges on its characters alone: merges
-    never cross the boundary of a final token, so the merges applied inside it do not depend on context.
-    Keeping them (and every merge whose parts and result are kept) makes the trimmed BPE apply exactly the
-    teacher's merges on the corpus.
+    A used token's pieces (its characters and the intermediate merge results) are found by re-running the
+    BPE merges on its characters alone: merges never cross the boundary of a final token, so the merges
+    applied inside it do not depend on context. Keeping them (and every merge whose parts and result are
+    kept) makes the trimmed BPE apply exactly the teacher's merges on the corpus.
+
+    Args:
+        tokenizer: the teacher's fast tokenizer (BPE with byte fallback, or byte-level BPE).
+        corpus_ids: the corpus tokenized by the teacher, without special tokens.
 
     Returns:
         Sorted teacher ids (teacher order is kept, so low special ids keep their values).
     """
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec["model"]
-    vocab: dict[str, int] = model["vocab"]
-    ranks = {_merge_pair(m): r for r, m in enumerate(model["merges"])}
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    ranks = {_merge_pair(m): r for r, m in enumerate(spec["model"]["merges"])}
     added = {t["id"] for t in spec["added_tokens"]}
     inverse = {i: t for t, i in vocab.items()}
     used = {i for ids in corpus_ids for i in ids}
@@ -169,6 +192,31 @@ def vocabulary_to_keep(tokenizer, corpus_ids: Sequence[Sequence[int]]) -> list[i
         keep.update(vocab[t] for t in _bpe_pieces(inverse[i], ranks) if t in vocab)
     keep.update(vocab[t] for t in _byte_tokens(spec))
     keep.update(tokenizer.all_special_ids)
+    return sorted(keep)
+
+
+def fill_vocabulary(tokenizer, keep_ids: Sequence[int], size: int) -> list[int]:
+    """Grow `keep_ids` to `size` ids with the results of the teacher's highest-priority merges whose parts are kept.
+
+    Merge order is the teacher BPE's priority (for SentencePiece-derived vocabularies such as Gemma's, the
+    most frequent pieces first), so more unseen text tokenizes as the teacher does. Adding kept-part merges
+    keeps the corpus tokenization exact (any subset of the teacher's merges containing the ones it applies).
+
+    Returns:
+        Sorted teacher ids; `keep_ids` unchanged if it already has `size` or more.
+    """
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    inverse = {i: t for t, i in vocab.items()}
+    keep = set(keep_ids)
+    kept = {inverse[i] for i in keep if i in inverse}
+    for merge in spec["model"]["merges"]:
+        if len(keep) >= size:
+            break
+        a, b = _merge_pair(merge)
+        if a in kept and b in kept and a + b in vocab and a + b not in kept:
+            kept.add(a + b)
+            keep.add(vocab[a + b])
     return sorted(keep)
 
 
@@ -181,7 +229,9 @@ def _byte_tokens(spec: dict) -> list[str]:
         return [f"<0x{b:02X}>" for b in range(256)]
     if model.get("type") == "BPE" and '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer")):
         return ByteLevel.alphabet()
-    raise UserError("vocabulary trimming needs a BPE tokenizer with byte fallback or byte-level BPE; use --no-trim-vocab")
+    raise UserError(
+        "vocabulary trimming needs a BPE tokenizer with byte fallback or byte-level BPE; use --no-trim-vocab"
+    )
 
 
 def _merge_pair(merge: str | list[str]) -> tuple[str, str]:
@@ -194,7 +244,7 @@ def _bpe_pieces(token: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     symbols = list(token)
     made = list(symbols)
     while len(symbols) > 1:
-        pairs = [(ranks[p], i) for i, p in enumerate(zip(symbols, symbols[1:])) if p in ranks]
+        pairs = [(ranks[p], i) for i, p in enumerate(zip(symbols, symbols[1:], strict=False)) if p in ranks]
         if not pairs:
             break
         _, i = min(pairs)
@@ -269,7 +319,7 @@ def tokenization_mismatch(student_tok, teacher_tok, id_map: torch.Tensor, texts:
     ids = id_map.tolist()
     student = student_tok.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
     teacher = teacher_tok.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    bad = sum([ids[i] for i in s.ids] != t.ids for s, t in zip(student, teacher))
+    bad = sum([ids[i] for i in s.ids] != t.ids for s, t in zip(student, teacher, strict=True))
     return bad, len(texts)
 
 
@@ -304,41 +354,63 @@ def calibration_batches(
 def layer_scores(model: nn.Module, batches: Sequence[torch.Tensor], keep_ids: list[int] | None) -> tuple[list, float]:
     """Importance of each decoder layer: calibration CE with the layer skipped minus the full model's CE.
 
-    The head is restricted to `keep_ids` (the student's vocabulary) when given: cheaper, and the loss the
-    student will be trained on.
+    The layers before the skipped one are not rerun: one full pass records each layer's input, and the run
+    without layer i starts at layer i+1 from that input (half the cost of rerunning everything). The head is
+    restricted to `keep_ids` (the student's vocabulary) when given: cheaper, and the loss the student trains on.
 
     Returns:
         (scores [n_layers] floats, the full model's CE in nats/token).
     """
     n_layers = model.config.num_hidden_layers
-    head = model.get_output_embeddings().weight
-    ids = torch.arange(head.shape[0]) if keep_ids is None else torch.tensor(keep_ids)
-    base = _calibration_loss(model, batches, ids)
-    scores = []
-    for skip in range(n_layers):
-        t0 = time.perf_counter()
-        with only_layers(model, [i for i in range(n_layers) if i != skip]):
-            scores.append(_calibration_loss(model, batches, ids) - base)
-        log.info("layer %2d: loss +%.4f when skipped (%.1f s)", skip, scores[-1], time.perf_counter() - t0)
+    head_ids = torch.arange(model.config.vocab_size) if keep_ids is None else torch.tensor(keep_ids)
+    totals, base, count = torch.zeros(n_layers, dtype=torch.float64), 0.0, 0
+    t0 = time.perf_counter()
+    for ids in batches:
+        out = model.base_model(input_ids=ids, use_cache=False, output_hidden_states=True)
+        base += _nll(model, out.last_hidden_state, ids, head_ids)
+        count += ids[:, 1:].numel()
+        for skip in range(n_layers):
+            rest = list(range(skip + 1, n_layers))
+            first = model.base_model.layers[rest[0]] if rest else model.base_model.norm
+            with only_layers(model, rest), _input_replaced(first, out.hidden_states[skip]):
+                totals[skip] += _nll(
+                    model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state, ids, head_ids
+                )
+    base /= count
+    scores = (totals / count - base).tolist()
+    log.info("layer scores (%d tokens, %.1f s): %s", count, time.perf_counter() - t0, [round(x, 3) for x in scores])
     return scores, base
 
 
-def _calibration_loss(model: nn.Module, batches: Sequence[torch.Tensor], head_ids: torch.Tensor) -> float:
-    """Mean next-token CE (nats) over `batches` with the head restricted to `head_ids` (teacher ids)."""
-    head = model.get_output_embeddings().weight[head_ids]  # [V_keep, H]
+def _nll(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, head_ids: torch.Tensor) -> float:
+    """Summed next-token CE (nats) of final hidden states [B, T, H] with the head restricted to `head_ids`.
+
+    Every target must be in `head_ids` (the kept vocabulary contains every id the corpus uses).
+    """
+    logits = hidden[:, :-1] @ model.get_output_embeddings().weight[head_ids].T  # [B, T-1, V_keep]
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     position = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
     position[head_ids] = torch.arange(len(head_ids))
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    total, count = 0.0, 0
-    for ids in batches:
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-        logits = hidden @ head.T
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        targets = position[ids[:, 1:]]
-        total += nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
-        count += int((targets >= 0).sum())
-    return float(total) / max(count, 1)
+    targets = position[ids[:, 1:]]
+    return float(nn.functional.cross_entropy(logits.flatten(0, 1).double(), targets.flatten(), reduction="sum"))
+
+
+@contextmanager
+def _input_replaced(module: nn.Module, hidden: torch.Tensor) -> Iterator[None]:
+    """Make `module` receive `hidden` as its hidden-states input (first positional or `hidden_states=`)."""
+
+    def hook(_module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -452,6 +524,19 @@ def _check_request(layers: int, out: Path, corpus: Sequence, trim_vocab: bool, s
         )
     if corpus and selection == "even":
         log.info("--select even: the corpus is used for the vocabulary only")
+
+
+def _resolve_teacher(teacher_dir: str | Path, layers: int) -> Path:
+    """The teacher's HF directory (a .gguf is converted); checks `layers` against its config before loading weights."""
+    path = Path(teacher_dir)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        path = convert_gguf(path)
+    config = path / "config.json"
+    if config.is_file():  # otherwise load_model reports what is wrong with the directory
+        n_layers = json.loads(config.read_text()).get("num_hidden_layers")
+        if isinstance(n_layers, int) and layers > n_layers:
+            raise UserError(f"--layers {layers}: the teacher has {n_layers} decoder layers (expected 1..{n_layers})")
+    return path
 
 
 def _save_atomically(out: Path, overwrite: bool, model, tokenizer, id_map, teacher_vocab: int, info: dict) -> None:

@@ -164,7 +164,9 @@ def check_generation(model_dir: str | Path, max_new_tokens: int = 12) -> str:
     text = tokenizer.decode(new, skip_special_tokens=True)
     log.info("generated %d tokens in %.1f s", len(new), time.perf_counter() - start)
     if not text.strip() or len(set(new)) < 2:
-        raise UserError(f"{model_dir}: check failed, the model generated degenerate text {text!r} after {CHECK_PROMPT!r}")
+        raise UserError(
+            f"{model_dir}: check failed, the model generated degenerate text {text!r} after {CHECK_PROMPT!r}"
+        )
     return text
 
 
@@ -194,7 +196,9 @@ def _check_gguf(src: Path, digest: str) -> None:
     """Refuse a file that is not a readable GGUF (or the Gemma package's file with a wrong hash)."""
     expected = _expected_sha256(src)
     if expected is not None and digest != expected:
-        raise UserError(f"{src}: sha256 {digest[:16]}... does not match the package's {expected[:16]}... (corrupt file)")
+        raise UserError(
+            f"{src}: sha256 {digest[:16]}... does not match the package's {expected[:16]}... (corrupt file)"
+        )
     try:
         from gguf import GGUFReader
 
@@ -234,7 +238,9 @@ def _convert_into(src: Path, out: Path) -> None:
     tied = set(getattr(plain, "_tied_weights_keys", None) or ())
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"weights do not match the config: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise RuntimeError(
+            f"weights do not match the config: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
     plain.tie_weights()
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -80,10 +80,8 @@ class JsonlLogger(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= state.global_step
-            ]
-            _write_text(self.path, "".join(line + "\n" for line in kept))
+            lines = self.path.read_text().splitlines(keepends=True)
+            _write_text(self.path, "".join(line for line in lines if _logged_step(line) <= state.global_step))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -93,6 +91,14 @@ class JsonlLogger(TrainerCallback):
             fh.write(json.dumps(entry) + "\n")
         shown = " ".join(f"{k} {v:.4g}" for k, v in logs.items() if isinstance(v, float) and k != "epoch")
         print(f"step {state.global_step}/{state.max_steps} {shown}", flush=True)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log.jsonl line; a line cut short by a crash counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 class DistillTrainer(Trainer):
@@ -182,7 +188,8 @@ class DistillTrainer(Trainer):
             self._measure(model, terms)
         loss = combine(terms, self.alpha, self.loss_cfg.temperature)
         if model.training:
-            self._sums += torch.stack([_value(terms.kd), _value(terms.ce)]).cpu()
+            parts = torch.stack([_value(terms.kd, terms.ce), terms.ce.detach().double()])
+            self._sums = self._sums.to(parts.device) + parts  # stays on device: no sync per micro-step
             self._micro += 1
         if self.args.world_size > 1 and num_items_in_batch is not None:
             loss = loss * self.args.world_size
@@ -216,9 +223,11 @@ class DistillTrainer(Trainer):
             logs.update(kd=kd, ce=ce, kd_weighted=(alpha or 0.0) * temp2 * kd, ce_weighted=(1 - (alpha or 0.0)) * ce)
             logs["alpha"] = alpha
             if self._norms is not None and alpha is not None:
-                logs["grad_ratio"] = _ratio(alpha * self._norms[0].item(), (1 - alpha) * self._norms[1].item())
-                self._warn_if_negligible(logs["grad_ratio"])
-            self._sums.zero_()
+                kd_norm, ce_norm = alpha * self._norms[0].item(), (1 - alpha) * self._norms[1].item()
+                if ce_norm > 0:  # alpha = 1 (or nothing scored): no CE gradient to compare with
+                    logs["grad_ratio"] = kd_norm / ce_norm
+                    self._warn_if_negligible(logs["grad_ratio"])
+            self._sums = torch.zeros_like(self._sums)
             self._steps, self._norms = 0, None
         super().log(logs, start_time)
 
@@ -233,12 +242,9 @@ class DistillTrainer(Trainer):
             self._warned = True
 
 
-def _value(term: torch.Tensor | None) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.float64) if term is None else term.detach().double().cpu()
-
-
-def _ratio(num: float, den: float) -> float:
-    return num / den if den > 0 else math.inf
+def _value(term: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A detached float64 copy of `term`, or 0 on `like`'s device when the term is absent (alpha = 0)."""
+    return torch.zeros((), dtype=torch.float64, device=like.device) if term is None else term.detach().double()
 
 
 def _grad_norms(model: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:

