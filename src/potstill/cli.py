@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the commands so `--help` stays
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,8 @@ teacher_app = typer.Typer(help="Prepare teacher models (GGUF -> cached HF direct
 student_app = typer.Typer(help="Create students (pruned from a teacher, trimmed vocabulary).", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(student_app, name="student")
+cache_app = typer.Typer(help="Offline teacher cache: run the teacher once, store sparse targets.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 
 def _version(value: bool) -> None:
@@ -60,7 +63,8 @@ def distill_cmd(
     from potstill.train.trainer import run_distill
 
     out = run_distill(cfg)
-    typer.echo(f"done: {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        typer.echo(f"done: {out}")
 
 
 @app.command("eval")
@@ -133,6 +137,97 @@ def student_init_cmd(
         vocab_size=vocab_size,
     )
     typer.echo(f"wrote {path}")
+
+
+@app.command("generate")
+def generate_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file (see docs/generate.md)."),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides, e.g. mode=rationale inputs=q.jsonl teacher.model=DIR sampling.n=4"
+    ),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the output over instead of resuming it."),
+) -> None:
+    """Teacher-written data: completions (seq-KD), explanations, or rationales -> JSONL (resumable)."""
+    from potstill.config import GenerateConfig, dump_config, load_config
+
+    cfg = load_config(config, overrides or [], model=GenerateConfig)
+    if overwrite:
+        cfg.overwrite = True
+    if print_config:
+        typer.echo(dump_config(cfg), nl=False)
+        return
+    from potstill.teacher.generate import run_generate
+
+    out = run_generate(cfg)
+    typer.echo(f"done: {out} (summary: {out}.summary.json)")
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Path = typer.Argument(..., help="HF directory (or .gguf) of the model to serve."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (no authentication: keep it local)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name clients send (default: the directory name)."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)."""
+    from potstill.serve import serve
+
+    serve(model, host=host, port=port, name=name)
+
+
+@cache_app.command("build")
+def cache_build_cmd(
+    teacher: Path = typer.Option(..., "--teacher", help="Teacher HF directory (or .gguf)."),
+    data: list[Path] = typer.Option(..., "--data", help="JSONL file(s), packed like the training data."),
+    out: Path = typer.Option(..., "--out", help="Cache directory (a rerun resumes an interrupted build)."),
+    k: int = typer.Option(64, "--k", help="Top-k ids kept per token (targets=topk)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature of the stored targets."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per packed sequence (as in training)."),
+    add_bos: bool = typer.Option(True, "--add-bos/--no-add-bos", help="Start every sequence with <bos>."),
+    targets: str = typer.Option("topk", "--targets", help="'topk' or 'sampled' (Sparse Logit Sampling)."),
+    samples: int = typer.Option(32, "--samples", help="Draws per token for --targets sampled (1..255)."),
+    encoding: str = typer.Option("compact", "--encoding", help="'compact' (quantized) or 'lossless'."),
+    student: Optional[Path] = typer.Option(None, "--student", help="Student dir: its tokenizer / trimmed vocab."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per teacher forward."),
+    shard_tokens: int = typer.Option(1 << 18, "--shard-tokens", help="About this many tokens per shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache built with other settings."),
+) -> None:
+    """Run the teacher once over the data; store its top-k (or sampled) targets in compact shards."""
+    from potstill.teacher.cache import build_cache
+
+    path = build_cache(
+        teacher, data, out, k=k, temperature=temperature, seq_len=seq_len, add_bos=add_bos, targets=targets,
+        samples=samples, encoding=encoding, student=student, batch_size=batch_size, shard_tokens=shard_tokens,
+        overwrite=overwrite,
+    )  # fmt: skip
+    typer.echo(f"wrote {path}")
+
+
+@cache_app.command("verify")
+def cache_verify_cmd(cache: Path = typer.Argument(..., help="Cache directory.")) -> None:
+    """Re-check every shard's checksum and decode it; print tokens, bytes/token, k and a fidelity sample."""
+    from potstill.teacher.cache import verify_report
+
+    typer.echo(verify_report(cache))
+
+
+@cache_app.command("info")
+def cache_info_cmd(cache: Path = typer.Argument(..., help="Cache directory.")) -> None:
+    """Print the cache's manifest (settings, fingerprints, shards)."""
+    from potstill.teacher.cache import info_text
+
+    typer.echo(info_text(cache))
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A `potstill distill` run directory trained with data.mixing."),
+) -> None:
+    """Domain weights over training (plot) and per-domain student/teacher gap before/after -> RUN_DIR."""
+    from potstill.eval.report import report_mixing
+
+    typer.echo(f"report: {report_mixing(run_dir)}")
 
 
 @app.command("demo")

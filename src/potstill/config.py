@@ -41,17 +41,62 @@ class LossConfig(_Section):
     jsd_scaled: bool = Field(default=False, description="jsd / (beta (1 - beta)): continuous in beta")
     skew: float = Field(default=0.1, ge=0, le=1, description="skl/srkl skew alpha in [0, 1] (DistiLLM uses 0.1)")
     akl_mu: float = Field(default=0.5, ge=0, le=1, description="akl head mass mu in [0, 1]")
+    rationale_weight: float = Field(
+        default=1.0, ge=0, description="step-by-step recipe: lambda in L_label + lambda * L_rationale"
+    )
     sparse_tail: Literal["renorm", "bucket"] = Field(
         default="bucket",
         description="sparse (top-k) teacher targets: 'bucket' = k ids + one bucket for the rest (matches tail mass),"
         " 'renorm' = both distributions renormalized over the k ids",
     )
+    fused: bool = Field(
+        default=True,
+        description="chunked head + loss (losses/fused.py), never [tokens x V] logits; used when the student has a"
+        " plain linear head (else the dense path runs)",
+    )
+    chunk_size: int | None = Field(default=None, ge=1, description="fused loss: tokens per chunk (null = ~2^24/V)")
 
     @field_validator("alpha")
     @classmethod
     def _alpha_range(cls, v: float | str) -> float | str:
         if isinstance(v, float) and not 0.0 <= v <= 1.0:
             raise ValueError(f"must be in [0, 1] or 'auto' (got {v})")
+        return v
+
+
+class TeacherConfig(_Section):
+    """Where the teacher's distributions come from during training."""
+
+    source: Literal["online", "cache"] = Field(
+        default="online",
+        description="'online' = run model.teacher on every batch; 'cache' = read top-k targets from teacher.cache"
+        " (no teacher model in memory)",
+    )
+    cache: str | None = Field(default=None, description="teacher cache dir (`potstill cache build`), for source=cache")
+
+
+class MixingConfig(_Section):
+    """How training sequences are drawn by domain (`potstill.data.mixing`); DDK re-weights during training."""
+
+    mode: Literal["uniform", "proportional", "fixed", "ddk"] = Field(
+        default="ddk", description="uniform, proportional (to data size), fixed (`weights`), or ddk (adaptive)"
+    )
+    weights: dict[str, float] = Field(default_factory=dict, description="domain -> weight (>= 0) for mode fixed")
+    interval: int = Field(default=100, gt=0, description="ddk: re-weight every K optimizer steps (K > 0)")
+    smoothing: float = Field(default=0.5, ge=0, le=1, description="ddk: Eq. 2 alpha; (1 - alpha) / N is the floor")
+    eval_tokens: int = Field(default=4096, gt=0, description="ddk: held-out tokens scored per domain per update")
+    gap: Literal["ppl", "bpb", "kl"] = Field(
+        default="ppl", description="ddk: student/teacher ppl ratio, bpb ratio, or KL(teacher || student) per token"
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = next((d for d, w in v.items() if not w >= 0 or w == float("inf")), None)
+        if bad is not None:
+            raise ValueError(f"weight of domain {bad!r} must be a finite number >= 0 (got {v[bad]})")
+        if v and sum(v.values()) <= 0:
+            raise ValueError("weights sum to zero; give at least one domain a positive weight")
         return v
 
 
@@ -62,6 +107,9 @@ class DataConfig(_Section):
     eval: list[str] = Field(default_factory=list, description="held-out JSONL files (eval.json after training)")
     seq_len: int = Field(default=256, ge=8, description="tokens per packed sequence")
     add_bos: bool = Field(default=True, description="put the tokenizer's <bos> at the start of every sequence")
+    mixing: MixingConfig | None = Field(
+        default=None, description="draw training sequences by domain weights (None: plain shuffling)"
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -92,8 +140,76 @@ class DistillConfig(_Section):
 
     model: ModelConfig
     loss: LossConfig = Field(default_factory=LossConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class TeacherSourceConfig(_Section):
+    """Who writes the data: a local HF model, or an OpenAI-compatible endpoint (`potstill generate`)."""
+
+    backend: Literal["local", "endpoint"] = Field(default="local", description="'local' HF model or 'endpoint'")
+    model: str = Field(description="local: HF directory (or .gguf); endpoint: the model name the server expects")
+    base_url: str | None = Field(default=None, description="endpoint: base URL, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field(
+        default="OPENAI_API_KEY", description="endpoint: NAME of the env var holding the API key (null: no key)"
+    )
+    chat: bool = Field(default=False, description="send the prompt as a chat message (chat template / chat API)")
+    system: str | None = Field(default=None, description="chat: optional system message")
+    batch_size: int = Field(default=8, ge=1, description="local: prompts per generate() call")
+    concurrency: int = Field(default=4, ge=1, description="endpoint: requests in flight at once")
+    timeout: float = Field(default=60.0, gt=0, description="endpoint: seconds per request before it counts as failed")
+    max_retries: int = Field(default=5, ge=0, description="endpoint: retries on 429/5xx/timeouts/bad responses")
+    backoff: float = Field(default=0.5, ge=0, description="endpoint: first retry delay in s (doubles, with jitter)")
+    cache: bool = Field(default=True, description="endpoint: on-disk request cache (rerun/resume never pays twice)")
+
+
+class SamplingConfig(_Section):
+    """Sampling parameters of the teacher (part of the request cache key)."""
+
+    temperature: float = Field(default=0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=256, ge=1, description="new tokens per sample")
+    n: int = Field(default=1, ge=1, description="samples per input")
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list, description="strings that end a sample (cut off, not kept)")
+
+
+class GenerateConfig(_Section):
+    """Everything `potstill generate` needs: inputs, mode, prompt template, teacher, sampling."""
+
+    mode: Literal["complete", "explain", "rationale"] = "complete"
+    inputs: list[str] = Field(default_factory=list, description="JSONL files of input rows (fields for the template)")
+    output: str = Field(default="generated.jsonl", description="output JSONL (append-only, resumable)")
+    template: str | None = Field(
+        default=None, description="prompt template file ({field} placeholders); null: the built-in one of the mode"
+    )
+    teacher: TeacherSourceConfig
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    label_field: str = Field(default="label", description="rationale: input field holding the gold label, if any")
+    label_regex: str = Field(
+        default=r"(?i)the answer is[:\s]*(.+?)\s*\.?\s*$",
+        description="rationale: regex whose group 1 is the label (its last match in the output)",
+    )
+    overwrite: bool = Field(default=False, description="start the output over instead of resuming")
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("label_regex")
+    @classmethod
+    def _one_group(cls, v: str) -> str:
+        import re
+
+        try:
+            groups = re.compile(v, re.MULTILINE).groups
+        except re.error as err:
+            raise ValueError(f"not a regular expression ({err})") from None
+        if groups < 1:
+            raise ValueError("needs a capturing group for the label")
+        return v
 
 
 def _parse_scalar(text: str) -> Any:

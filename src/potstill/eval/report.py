@@ -203,3 +203,97 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ---- `potstill report RUN_DIR`: the domain mix of a training run (data.mixing) ----
+
+MIXING_FILE = "mixing.jsonl"
+_GAP_NAMES = {"ppl": "student/teacher ppl", "bpb": "student/teacher bpb", "kl": "KL(teacher || student)"}
+
+
+def report_mixing(run_dir: str | Path) -> Path:
+    """Plot the domain weights over training and tabulate each domain's student/teacher gap before and after.
+
+    Reads `RUN_DIR/mixing.jsonl` (written by runs with `data.mixing`) and `RUN_DIR/eval.json` when present;
+    writes `RUN_DIR/plots/mixing_weights.png` and `RUN_DIR/mixing_report.md` (last).
+
+    Returns:
+        The path of mixing_report.md.
+
+    Raises:
+        UserError: no such run directory, or no (readable) mixing.jsonl in it.
+    """
+    from potstill.errors import UserError
+
+    run = Path(run_dir)
+    path = run / MIXING_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not found; `potstill report` needs a run trained with data.mixing set")
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{number}: not valid JSON (a run cut short? rerun it to resume)") from None
+    if not entries:
+        raise UserError(f"{path}: empty; the run has not started mixing yet")
+    plots = run / "plots"
+    plots.mkdir(exist_ok=True)
+    plot_weights(plots, entries)
+    evals = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else None
+    md = run / "mixing_report.md"
+    _write_atomic(md, render_mixing(entries, evals))
+    return md
+
+
+def plot_weights(plots_dir: Path, entries: list[dict]) -> str:
+    """plots/mixing_weights.png: each domain's sampling weight against the step it was set at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [e for e in entries if e["rule"] != "final"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for domain in rows[0]["weights"]:
+        ax.step([e["step"] for e in rows], [e["weights"][domain] for e in rows], where="post", marker="o", label=domain)
+    ax.set(xlabel="step", ylabel="sampling weight", title="Domain weights during training", ylim=(0, None))
+    ax.legend()
+    return _save(fig, plots_dir, "mixing_weights.png")
+
+
+def render_mixing(entries: list[dict], evals: dict | None) -> str:
+    """mixing_report.md: the weights table and, for DDK, the per-domain gap before and after training."""
+    first, last = entries[0], entries[-1]
+    domains = list(first["weights"])
+    lines = ["# Domain mixing", "", f"Mode: `{first['rule'] if 'gap' not in first else 'ddk'}`.", ""]
+    if "gap" in first:
+        name = {"ppl": "student/teacher ppl", "bpb": "student/teacher bpb", "kl": "KL(teacher || student)"}[
+            first["gap"]
+        ]
+        worst = {e: max(x["gaps"].values()) for e, x in (("before", first), ("after", last))}
+        lines += [
+            f"Gap measure: {name} on each domain's held-out data (1.0 = as good as the teacher for the ratios). "
+            f"Worst domain: {_fmt(worst['before'])} before, {_fmt(worst['after'])} after (step {last['step']}).",
+            "",
+            "| domain | gap before | gap after | first weight | last weight |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {d} | {_fmt(first['gaps'][d])} | {_fmt(last['gaps'][d])} | {_fmt(first['weights'][d])} "
+            f"| {_fmt(last['weights'][d])} |"
+            for d in domains
+        ]
+    lines += ["", "## Weights by step", "", "| step | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    lines += [
+        f"| {e['step']} | " + " | ".join(_fmt(e["weights"][d]) for d in domains) + " |"
+        for e in entries
+        if e["rule"] != "final"
+    ]
+    if evals is not None:
+        lines += ["", "## Held-out figures of the trained student (eval.json)", "", "| domain | tokens | ppl | bpb |"]
+        lines.append("|---|---|---|---|")
+        for d, x in {**evals.get("domains", {}), "overall": evals["overall"]}.items():
+            lines.append(f"| {d} | {x['tokens']} | {_fmt(x['ppl'], '.2f')} | {_fmt(x['bpb'])} |")
+    lines += ["", "![domain weights](plots/mixing_weights.png)"]
+    return "\n".join(lines) + "\n"

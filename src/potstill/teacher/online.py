@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from potstill.errors import UserError
+from potstill.losses.fused import TeacherHead
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token")
 _HINT = "use the teacher's tokenizer, or a student made from this teacher by `potstill student init`"
@@ -92,9 +93,33 @@ class OnlineTeacher:
             self._head = head.weight.detach()[self.id_map]  # [V_student, H]
             self._bias = None if getattr(head, "bias", None) is None else head.bias.detach()[self.id_map]
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        self._fusable = _plain_head(model)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def head_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TeacherHead | None:
+        """The teacher as final hidden states + head, for the fused loss (its logits are then computed per chunk).
+
+        Args:
+            input_ids: [B, T] student ids.
+            attention_mask: [B, T] or None.
+
+        Returns:
+            TeacherHead with hidden [B, T, H] (final norm applied) and weight [V_student, H] (rows restricted by
+            the id map), or None when the teacher's head is not a plain linear layer (use `logits` then).
+        """
+        if not self._fusable:
+            return None
+        ids = input_ids if self.id_map is None else self.id_map[input_ids]
+        hidden = self.model.base_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+        if self._head is None:
+            head = self.model.get_output_embeddings()
+            weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+        else:
+            weight, bias = self._head, self._bias
+        return TeacherHead(hidden=hidden, weight=weight, bias=bias, softcap=self._softcap)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,3 +139,10 @@ class OnlineTeacher:
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
+
+
+def _plain_head(model: nn.Module) -> bool:
+    """True when logits = softcap(base_model(...).last_hidden_state @ W.T + b): no logit scale, a linear head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    scaled = any(getattr(model.config, name, None) not in (None, 1.0) for name in ("logit_scale", "logits_scaling"))
+    return isinstance(head, nn.Linear) and not scaled

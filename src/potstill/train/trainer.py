@@ -1,9 +1,18 @@
 """Online knowledge distillation with `transformers.Trainer`: `DistillTrainer` and `run_distill` (`potstill distill`).
 
 The student trains on `alpha * T^2 * D(p_teacher || q_student) + (1 - alpha) * CE(labels)` (see
-`potstill.losses`). The teacher is an `OnlineTeacher`: frozen, same device, run under no-grad on the
-student's batch. Everything else (optimizer, scheduler, grad accumulation, checkpoints, resume,
-DDP/FSDP/DeepSpeed through accelerate) is the stock Trainer.
+`potstill.losses`). The teacher is either an `OnlineTeacher` (frozen, same device, run under no-grad on the
+student's batch; `teacher.source: online`) or a teacher cache (`teacher.source: cache`): top-k targets read
+per packed-sequence index (`IndexedDataset` adds the index to each item), no teacher model in memory, the
+loss on them through `losses/sparse.py` (`loss.sparse_tail`). Everything else (optimizer, scheduler, grad
+accumulation, checkpoints, resume, DDP/FSDP/DeepSpeed through accelerate) is the stock Trainer.
+
+Loss path: by default (`loss.fused: true`) the fused chunked loss (`losses/fused.py`): the student runs with
+`logits_to_keep=1` (no [B, L, V] logits), its final hidden states and head weight go to `fused_kd_terms`
+with the teacher as `TeacherHead` (online) or `SparseTargets` (cache). The dense path (full logits,
+`kd_terms` / `sparse_kd_terms`) runs instead when `loss.fused: false`, when the student's head is not a
+plain linear layer (`head_of` is None), when the online teacher's is not (`head_inputs` is None), or under
+FSDP/DeepSpeed (sharded weights). Both give the same loss and gradients (tests/test_trainer_fused.py).
 
 Normalization: both terms are summed over the scored (shifted, label != -100) positions of the whole
 optimizer step and divided once by their global count, across gradient accumulation and ranks. So
@@ -28,6 +37,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +52,8 @@ from transformers.utils import logging as hf_logging
 from potstill.config import DistillConfig, LossConfig, dump_config
 from potstill.errors import UserError
 from potstill.losses import combine, kd_terms
+from potstill.losses.fused import TeacherHead, fused_kd_terms, head_of
+from potstill.losses.sparse import SparseTargets, sparse_kd_terms
 from potstill.teacher.online import OnlineTeacher
 
 logger = logging.getLogger(__name__)
@@ -51,7 +63,7 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 RATIO_WARN = 0.01
 # Files a potstill run directory may hold; anything else makes the directory "foreign".
-_RUN_FILES = {CONFIG_FILE, LOG_FILE, SUMMARY_FILE, "eval.json", "student"}
+_RUN_FILES = {CONFIG_FILE, LOG_FILE, SUMMARY_FILE, "eval.json", "student", "mixing.jsonl", "mixing_report.md", "plots"}
 
 
 class AlphaState(TrainerCallback, ExportableState):
@@ -101,24 +113,49 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+class IndexedDataset(torch.utils.data.Dataset):
+    """A dataset whose items also carry their position (`index`, 0-dim long), to look up cached teacher targets.
+
+    Args:
+        dataset: e.g. a `PackedDataset` (items are dicts).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], "index": torch.tensor(i)}
+
+
 class DistillTrainer(Trainer):
-    """A `Trainer` whose loss is the KD objective against an online teacher.
+    """A `Trainer` whose loss is the KD objective against an online teacher or a teacher cache.
 
     Args:
         *args: passed to `transformers.Trainer` (model = the student, args, train_dataset, data_collator...).
-        teacher: the frozen teacher, or None for a CE-only run (`loss_cfg.alpha == 0`).
-        loss_cfg: divergence, alpha (float or "auto"), temperature and divergence parameters.
+        teacher: the frozen online teacher, or None (CE only, or a cache).
+        loss_cfg: divergence, alpha (float or "auto"), temperature, divergence parameters, fused/chunk_size.
+        teacher_cache: an object with `.targets(indices [B]) -> SparseTargets [B, L, k]` (a `TeacherCache`)
+            used instead of `teacher`; batches then need `index` [B] (wrap the dataset in `IndexedDataset`).
         **kwargs: passed to `transformers.Trainer`.
     """
 
     # compute_loss divides by the global token count of the optimizer step: the Trainer must not rescale.
     loss_is_scaled_for_ga = True
+    # Set by `potstill.train.ddk.Mixing.attach` (data.mixing): draw training sequences by domain weights.
+    domain_sampler = None
 
-    def __init__(self, *args, teacher: OnlineTeacher | None, loss_cfg: LossConfig, **kwargs):
+    def _get_train_sampler(self, train_dataset=None):
+        return self.domain_sampler if self.domain_sampler is not None else super()._get_train_sampler(train_dataset)
+
+    def __init__(self, *args, teacher: OnlineTeacher | None, loss_cfg: LossConfig, teacher_cache=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if teacher is None and loss_cfg.alpha != 0:
+        if teacher is None and teacher_cache is None and loss_cfg.alpha != 0:
             raise UserError("model.teacher: required unless loss.alpha=0 (CE only)")
         self.teacher = teacher
+        self.teacher_cache = teacher_cache
         if teacher is not None:
             teacher.model.to(self.args.device)
         self.loss_cfg = loss_cfg
@@ -179,11 +216,12 @@ class DistillTrainer(Trainer):
         Returns:
             The scalar loss to backpropagate (times the world size: DDP averages gradients over ranks).
         """
-        input_ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
-        outputs = model(input_ids=input_ids, attention_mask=mask)
-        use_teacher = self.teacher is not None and self.loss_cfg.alpha != 0
-        teacher_logits = self.teacher.logits(input_ids, mask) if use_teacher else None
-        terms = kd_terms(outputs.logits, teacher_logits, labels, self.loss_cfg, num_tokens=num_items_in_batch)
+        head = self._student_head(model)
+        teacher = self._teacher_view(inputs, fused=head is not None)
+        if head is None or isinstance(teacher, torch.Tensor):
+            terms, outputs = self._dense_terms(model, inputs, teacher, num_items_in_batch)
+        else:
+            terms, outputs = self._fused_terms(model, inputs, teacher, head, num_items_in_batch)
         if model.training:
             self._measure(model, terms)
         loss = combine(terms, self.alpha, self.loss_cfg.temperature)
@@ -195,13 +233,86 @@ class DistillTrainer(Trainer):
             loss = loss * self.args.world_size
         return (loss, outputs) if return_outputs else loss
 
-    def _measure(self, model: nn.Module, terms) -> None:
-        """On the first micro-batch of step 1 (auto alpha) or of a logging step: the two gradient norms."""
-        auto = self.alpha is None
+    def _student_head(self, model: nn.Module) -> tuple[torch.Tensor, float | None] | None:
+        """(head weight [V, H], softcap) for the fused loss, or None for the dense path (see the module docstring)."""
+        if not self.loss_cfg.fused or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return None
+        return head_of(self.accelerator.unwrap_model(model))
+
+    def _teacher_view(self, inputs: dict[str, Any], fused: bool) -> TeacherHead | SparseTargets | torch.Tensor | None:
+        """What the loss compares the student with on this batch (None: CE only).
+
+        Returns:
+            SparseTargets [B, L, k] (cache), TeacherHead with hidden [B, L, H] (online, fused), or teacher logits
+            [B, L, V] (online, dense; also when the teacher's head cannot be chunked).
+        """
+        if self.loss_cfg.alpha == 0:
+            return None
+        if self.teacher_cache is not None:
+            if "index" not in inputs:
+                raise ValueError("DistillTrainer with a teacher cache: batches need 'index' (wrap in IndexedDataset)")
+            targets = self.teacher_cache.targets(inputs["index"].cpu())
+            return _to_device(targets, inputs["input_ids"].device)
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        head = self.teacher.head_inputs(ids, mask) if fused else None
+        return self.teacher.logits(ids, mask) if head is None else head
+
+    def _dense_terms(self, model: nn.Module, inputs: dict[str, Any], teacher, num_tokens) -> tuple[Any, Any]:
+        """KD terms from the student's full [B, L, V] logits (teacher: logits, SparseTargets or None)."""
+        labels = inputs["labels"]
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        if isinstance(teacher, SparseTargets):
+            terms = sparse_kd_terms(outputs.logits, teacher, labels, self.loss_cfg, num_tokens=num_tokens)
+        else:
+            terms = kd_terms(outputs.logits, teacher, labels, self.loss_cfg, num_tokens=num_tokens)
+        return terms, outputs
+
+    def _fused_terms(self, model: nn.Module, inputs: dict[str, Any], teacher, head, num_tokens) -> tuple[Any, Any]:
+        """KD terms from the student's final hidden states and head, chunk by chunk (never [B, L, V] logits).
+
+        Goes through the (possibly DDP-wrapped) model's forward, so gradient synchronization works; the
+        last hidden state HF returns is the one after the final norm, the head's input.
+        """
+        weight, softcap = head
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        hidden = outputs.hidden_states[-1][:, :-1]  # position t predicts label t + 1
+        if isinstance(teacher, TeacherHead):
+            teacher = replace(teacher, hidden=teacher.hidden[:, :-1].reshape(-1, teacher.hidden.shape[-1]))
+        elif isinstance(teacher, SparseTargets):
+            teacher = _shifted(teacher).flatten()
+        alpha, temp2 = self.alpha, self.loss_cfg.temperature**2
+        # Planned weights let the fused loss compute its gradient in the forward; a measuring micro-batch takes
+        # separate kd / ce gradients first (retained graph), for which the fused backward recomputes anyway.
+        planned = alpha is not None and not (teacher is not None and self._measuring(model))
+        terms = fused_kd_terms(
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            teacher,
+            inputs["labels"][:, 1:].reshape(-1),
+            self.loss_cfg,
+            num_tokens=num_tokens,
+            chunk_size=self.loss_cfg.chunk_size,
+            softcap=softcap,
+            loss_weights=(alpha * temp2, 1 - alpha) if planned else None,
+        )
+        return terms, outputs
+
+    def _measuring(self, model: nn.Module) -> bool:
+        """Whether this micro-batch measures the gradient norms: the first one of step 1 (auto) or of a logging step."""
         step = self.state.global_step + 1
         logging_step = step % self.args.logging_steps == 0 or step == self.state.max_steps
-        if self._micro != 0 or terms.kd is None or not (auto or logging_step):
+        return model.training and self._micro == 0 and (self.alpha is None or logging_step)
+
+    def _measure(self, model: nn.Module, terms) -> None:
+        """On the first micro-batch of step 1 (auto alpha) or of a logging step: the two gradient norms."""
+        if terms.kd is None or not self._measuring(model):
             return
+        auto = self.alpha is None
         temp2 = self.loss_cfg.temperature**2
         norms = _grad_norms(model, [temp2 * terms.kd, terms.ce])
         if self.args.world_size > 1:
@@ -240,6 +351,17 @@ class DistillTrainer(Trainer):
                 RATIO_WARN,
             )
             self._warned = True
+
+
+def _shifted(targets: SparseTargets) -> SparseTargets:
+    """[B, L, k] targets -> [B, L - 1, k]: the positions that predict a next token."""
+    return replace(targets, ids=targets.ids[:, :-1], logprobs=targets.logprobs[:, :-1], tail=targets.tail[:, :-1])
+
+
+def _to_device(targets: SparseTargets, device: torch.device) -> SparseTargets:
+    return replace(
+        targets, ids=targets.ids.to(device), logprobs=targets.logprobs.to(device), tail=targets.tail.to(device)
+    )
 
 
 def _value(term: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -291,18 +413,28 @@ def _run(cfg: DistillConfig) -> Path:
     resume = _plan_output_dir(out, cfg)
     student, tokenizer, teacher = _load_models(cfg)
     train_ds, eval_ds = _load_data(cfg, tokenizer)
+    mixing = None
+    if cfg.data.mixing is not None:
+        from potstill.train.ddk import setup_mixing
+
+        mixing = setup_mixing(cfg, train_ds, eval_ds, teacher, out)
+        train_ds = mixing.train_ds
+    cache = _open_cache(cfg, tokenizer, train_ds)
     from potstill.data import collate
 
     trainer = DistillTrainer(
         model=student,
         args=_training_args(cfg),
-        train_dataset=train_ds,
+        train_dataset=train_ds if cache is None else IndexedDataset(train_ds),
         data_collator=collate,
         teacher=teacher,
+        teacher_cache=cache,
         loss_cfg=cfg.loss,
         callbacks=[JsonlLogger(out / LOG_FILE)],
     )
     trainer.remove_callback(PrinterCallback)
+    if mixing is not None:
+        mixing.attach(trainer)
     if trainer.is_world_process_zero():
         _start_run_dir(out, cfg, resume)
     trainer.accelerator.wait_for_everyone()
@@ -324,8 +456,10 @@ def _run(cfg: DistillConfig) -> Path:
 
 def _check_config(cfg: DistillConfig) -> None:
     """What the config alone can tell, before any model is loaded."""
-    if cfg.loss.alpha != 0 and cfg.model.teacher is None:
-        raise UserError("config: model.teacher: required unless loss.alpha=0 (CE only)")
+    if cfg.loss.alpha != 0 and cfg.teacher.source == "online" and cfg.model.teacher is None:
+        raise UserError("config: model.teacher: required unless loss.alpha=0 (CE only) or teacher.source=cache")
+    if cfg.loss.alpha != 0 and cfg.teacher.source == "cache" and cfg.teacher.cache is None:
+        raise UserError("config: teacher.cache: required with teacher.source=cache (a `potstill cache build` dir)")
     if not cfg.data.train:
         raise UserError("config: data.train: at least one JSONL file is required")
 
@@ -402,7 +536,7 @@ def _load_models(cfg: DistillConfig):
     from potstill.teacher.load import load_model
 
     student, tokenizer = load_model(cfg.model.student, dtype=cfg.model.dtype)
-    if cfg.loss.alpha == 0:
+    if cfg.loss.alpha == 0 or cfg.teacher.source == "cache":
         return student, tokenizer, None
     id_map = _load_id_map(cfg.model.student)
     from potstill.teacher.online import check_tokenizers
@@ -411,6 +545,29 @@ def _load_models(cfg: DistillConfig):
     check_tokenizers(tokenizer, teacher_tok, id_map=id_map)
     _check_vocab_sizes(student, teacher_model, id_map, cfg)
     return student, tokenizer, OnlineTeacher(teacher_model, id_map=id_map)
+
+
+def _open_cache(cfg: DistillConfig, tokenizer, train_ds):
+    """The teacher cache for `teacher.source: cache` (None otherwise, or when alpha=0), checked against the run.
+
+    `model.teacher` is optional here (it is never loaded); when given, the cache must have been built from it.
+
+    Raises:
+        UserError: no manifest, or a cache built for another tokenizer, other data, temperature or teacher.
+    """
+    if cfg.teacher.source != "cache" or cfg.loss.alpha == 0:
+        return None
+    from potstill.teacher.cache import TeacherCache, dataset_fingerprint
+
+    cache = TeacherCache(cfg.teacher.cache)
+    fingerprint = dataset_fingerprint(train_ds)
+    cache.check(
+        tokenizer=tokenizer,
+        dataset_fingerprint=fingerprint,
+        temperature=cfg.loss.temperature,
+        teacher=cfg.model.teacher,
+    )
+    return cache
 
 
 def _load_id_map(student_dir: str) -> torch.Tensor | None:

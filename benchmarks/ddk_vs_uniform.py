@@ -1,0 +1,212 @@
+"""DDK vs uniform KD vs CE-only at the same token budget, on 4 local domains of different difficulty.
+
+Domains: `code`, `docstrings`, `docs` from `potstill.data.corpus.build_corpus` (the Python standard library) and
+`licenses` (the texts under /usr/share/common-licenses, skipped with a note when absent). Each arm trains the
+same student init for the same steps x batch x seq_len, through `potstill distill` (`run_distill`):
+
+- `ce`: loss.alpha=0, uniform domain mix;
+- `kd_uniform`: fkl, alpha 0.5, uniform domain mix;
+- `kd_ddk`: the same loss, `data.mixing.mode=ddk` (held-out for DDK carved from the *training* data, so the
+  final evaluation set is never used to pick weights).
+
+Then every student and the teacher are scored on the held-out split (`evaluate`): per-domain bpb, the
+student/teacher bpb ratio per domain, the worst domain's ratio; DDK's share of training time spent in its
+updates; and `potstill report` on the DDK run (weight trajectory plot). Results: OUT/results.json, OUT/table.md.
+
+Models: with `--teacher DIR --student DIR` any HF pair sharing a tokenizer (or a trimmed student with its id
+map). Without them (the default, what fits a shared 2-core CPU): a byte-level BPE (vocab 512) trained on the
+corpus, a teacher Llama (hidden 128, 4 layers) trained CE-only on the training split first, and a random
+student Llama (hidden 48, 2 layers).
+
+    python benchmarks/ddk_vs_uniform.py --out runs/ddk_bench --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from potstill.config import load_config
+from potstill.data import load_dataset
+from potstill.data.corpus import build_corpus
+from potstill.eval.metrics import evaluate
+from potstill.eval.report import report_mixing
+from potstill.teacher.load import load_model
+from potstill.train.trainer import run_distill
+
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def add_licenses(data: Path, heldout_frac: float = 0.15, max_bytes: int = 200_000) -> int:
+    """Append license paragraphs as domain `licenses` to train.jsonl / heldout.jsonl; split by a hash per file."""
+    if not LICENSES.is_dir():
+        print(f"note: {LICENSES} not found: running with the 3 stdlib domains only")
+        return 0
+    rows = {"train": [], "heldout": []}
+    for path in sorted(p for p in LICENSES.iterdir() if p.is_file() and not p.is_symlink()):
+        split = (
+            "heldout" if int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % 100 < 100 * heldout_frac else "train"
+        )
+        text = path.read_text(errors="replace")
+        rows[split] += [{"text": text[i : i + 4000], "domain": "licenses"} for i in range(0, len(text), 4000)]
+    for split, cap in (("train", max_bytes), ("heldout", max_bytes // 10)):
+        kept, total = [], 0
+        for row in rows[split]:
+            if total >= cap:
+                break
+            kept.append(row)
+            total += len(row["text"].encode())
+        with (data / f"{split}.jsonl").open("a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in kept)
+    return len(rows["train"])
+
+
+def tiny_pair(data: Path, root: Path, teacher_steps: int, seq_len: int) -> tuple[Path, Path]:
+    """A BPE tokenizer on the corpus, a teacher trained CE-only on it, and a random smaller student."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in (data / "train.jsonl").read_text().splitlines()]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    dirs = {}
+    for name, hidden, layers in (("teacher_init", 128, 4), ("student", 48, 2)):
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq_len,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        dirs[name] = root / name
+        LlamaForCausalLM(config).save_pretrained(dirs[name])
+        tokenizer.save_pretrained(dirs[name])
+    run = root / "teacher_run"
+    if not (run / "summary.json").is_file():
+        run_distill(load_config(None, [
+            f"model.student={dirs['teacher_init']}", "loss.alpha=0", f"data.train=[{data / 'train.jsonl'}]",
+            f"data.seq_len={seq_len}", f"train.output_dir={run}", f"train.max_steps={teacher_steps}",
+            "train.batch_size=16", "train.lr=0.003", "train.warmup_steps=20", "train.logging_steps=50",
+            "train.overwrite=true",
+        ]))  # fmt: skip
+    return run / "student", dirs["student"]
+
+
+def run_arm(name: str, args, data: Path, teacher: Path, student: Path) -> dict:
+    """One `potstill distill` run; returns its run dir and wall time."""
+    out = args.out / name
+    loss = ["loss.alpha=0"] if name == "ce" else ["loss.name=fkl", "loss.alpha=0.5"]
+    mixing = ["data.mixing.mode=uniform"]
+    if name == "kd_ddk":
+        mixing = ["data.mixing.mode=ddk", f"data.mixing.interval={args.interval}",
+                  f"data.mixing.eval_tokens={args.eval_tokens}", f"data.mixing.gap={args.gap}"]  # fmt: skip
+    began = time.perf_counter()
+    run_distill(load_config(None, [
+        f"model.student={student}", f"model.teacher={teacher}", f"data.train=[{data / 'train.jsonl'}]",
+        f"data.seq_len={args.seq_len}", f"train.output_dir={out}", f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.warmup_steps=10",
+        "train.logging_steps=25", "train.overwrite=true", f"train.seed={args.seed}", *loss, *mixing,
+    ]))  # fmt: skip
+    return {"run": str(out), "seconds": time.perf_counter() - began}
+
+
+def score(model_dir: Path, data: Path, seq_len: int) -> dict:
+    model, tokenizer = load_model(str(model_dir))
+    ds = load_dataset([data / "heldout.jsonl"], tokenizer, seq_len, add_bos=True)
+    return evaluate(model, ds, batch_size=8, progress=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/ddk_bench"))
+    parser.add_argument("--teacher", type=Path, help="teacher HF dir (default: a tiny one trained here)")
+    parser.add_argument("--student", type=Path, help="student HF dir (default: a tiny random one)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--interval", type=int, default=50)
+    parser.add_argument("--eval-tokens", type=int, default=2048)
+    parser.add_argument("--gap", default="ppl", choices=["ppl", "bpb", "kl"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-bytes", type=int, default=150_000, help="training text per stdlib domain")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    data = args.out / "data"
+    build_corpus(data, seed=args.seed, train_bytes=args.train_bytes, heldout_bytes=args.train_bytes // 10)
+    add_licenses(data, max_bytes=args.train_bytes)
+    if args.teacher is None:
+        teacher, student = tiny_pair(data, args.out / "models", args.teacher_steps, args.seq_len)
+    else:
+        teacher, student = args.teacher, args.student
+    arms = {name: run_arm(name, args, data, teacher, student) for name in ("ce", "kd_uniform", "kd_ddk")}
+    evals = {"teacher": score(teacher, data, args.seq_len)}
+    evals.update({name: score(Path(arm["run"]) / "student", data, args.seq_len) for name, arm in arms.items()})
+    mixing = [json.loads(line) for line in (Path(arms["kd_ddk"]["run"]) / "mixing.jsonl").read_text().splitlines()]
+    report_mixing(arms["kd_ddk"]["run"])
+    results = summarize(evals, arms, mixing, vars(args))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (args.out / "table.md").write_text(render(results))
+    print(render(results))
+
+
+def summarize(evals: dict, arms: dict, mixing: list[dict], settings: dict) -> dict:
+    """Per-arm overall / per-domain bpb, student/teacher bpb ratios, worst ratio; DDK update overhead."""
+    teacher = evals["teacher"]
+    domains = list(teacher["domains"])
+    out = {"settings": settings, "domains": domains, "teacher": teacher, "arms": {}}
+    for name, ev in evals.items():
+        if name == "teacher":
+            continue
+        ratios = {d: ev["domains"][d]["bpb"] / teacher["domains"][d]["bpb"] for d in domains}
+        worst = max(ratios, key=ratios.get)
+        out["arms"][name] = {
+            "bpb": ev["overall"]["bpb"], "bpb_by_domain": {d: ev["domains"][d]["bpb"] for d in domains},
+            "ratio_by_domain": ratios, "worst_domain": worst, "worst_ratio": ratios[worst],
+            "seconds": arms[name]["seconds"],
+        }  # fmt: skip
+    update_s = sum(e["seconds"] for e in mixing)
+    out["ddk"] = {"updates": len(mixing), "update_seconds": update_s, "share_of_run": update_s / arms["kd_ddk"]["seconds"],
+                  "weights": [{"step": e["step"], **e["weights"]} for e in mixing if e["rule"] != "final"]}  # fmt: skip
+    return out
+
+
+def render(r: dict) -> str:
+    domains = r["domains"]
+    head = "| arm | overall bpb | " + " | ".join(f"{d} bpb (ratio)" for d in domains) + " | worst ratio | time |"
+    lines = [head, "|---" * (len(domains) + 4) + "|"]
+    t = r["teacher"]
+    lines.append(
+        f"| teacher | {t['overall']['bpb']:.3f} | "
+        + " | ".join(f"{t['domains'][d]['bpb']:.3f}" for d in domains)
+        + " | | |"
+    )
+    for name, a in r["arms"].items():
+        cells = " | ".join(f"{a['bpb_by_domain'][d]:.3f} ({a['ratio_by_domain'][d]:.2f})" for d in domains)
+        lines.append(
+            f"| {name} | {a['bpb']:.3f} | {cells} | {a['worst_ratio']:.3f} ({a['worst_domain']}) | {a['seconds']:.0f}s |"
+        )
+    d = r["ddk"]
+    lines += ["", f"DDK: {d['updates']} measurements, {d['update_seconds']:.1f}s = {100 * d['share_of_run']:.1f}% of its run.", "",
+              "| step | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]  # fmt: skip
+    lines += [f"| {w['step']} | " + " | ".join(f"{w[x]:.3f}" for x in domains) + " |" for w in d["weights"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Domain mixing inside `DistillTrainer`: the `DomainSampler` it draws from and the DDK re-weighting callback.
+
+`setup_mixing(cfg, train_ds, eval_ds, teacher, out)` (called by `run_distill` when `data.mixing` is set)
+checks the domains and builds the sampler over the training sequences; `.attach(trainer)` adds the callbacks:
+
+- `MixingState` (ExportableState): the sampler's weight history and DDK's teacher figures, stored in every
+  checkpoint's trainer_state.json; on resume the sampler continues at draw `global_step * batch * accum *
+  world` (the Trainer's own batch skipping is off, `ignore_data_skip`), so a resumed run draws what the
+  uninterrupted one would have.
+- `MixingCallback`: with mode `ddk`, scores the student on each domain's held-out sequences (at most
+  `eval_tokens` scored tokens per domain) before the first step (Eq. 1) and every `interval` steps (Eq. 2);
+  the teacher's per-domain figures are measured once. Weights computed after step S apply from step S + 2 on:
+  the dataloader has already fetched step S + 1's first batch. Each update is appended to `OUT/mixing.jsonl`
+  and the current weights are added to every training log (`weight/<domain>`).
+
+Held-out data: the `data.eval` sequences of each training domain; without `data.eval`, the last sequences of
+each training domain (enough for `eval_tokens`) are held out from training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from potstill.config import DistillConfig, MixingConfig
+from potstill.data.mixing import DomainSampler, check_weights, ddk_initial, ddk_update, static_weights
+from potstill.errors import UserError
+from potstill.eval.metrics import evaluate
+from potstill.teacher.online import OnlineTeacher
+from potstill.train.trainer import _logged_step, _write_text
+
+logger = logging.getLogger(__name__)
+
+MIXING_FILE = "mixing.jsonl"
+_GAP_KEY = {"ppl": "ppl", "bpb": "bpb", "kl": "kl_to_teacher"}
+
+
+class MixingState(TrainerCallback, ExportableState):
+    """The mixing state saved in checkpoints (trainer_state.json), restored on resume.
+
+    Args:
+        sampler: `DomainSampler.state_dict()` (None before training starts).
+        teacher: domain -> the teacher's held-out figure for the gap (ppl or bpb), measured once.
+    """
+
+    def __init__(self, sampler: dict | None = None, teacher: dict | None = None):
+        self.sampler = sampler
+        self.teacher = teacher
+
+    def state(self) -> dict:
+        return {"args": {"sampler": self.sampler, "teacher": self.teacher}, "attributes": {}}
+
+
+class MixingCallback(TrainerCallback):
+    """Keeps the sampler and `MixingState` in step; runs DDK's updates (see the module docstring).
+
+    Args:
+        sampler: the trainer's training sampler.
+        cfg: `data.mixing`.
+        heldout: domain -> held-out packed sequences (mode ddk only).
+        teacher: the online teacher (mode ddk only).
+        out: the run directory (mixing.jsonl).
+        batch_size: sequences per forward pass when scoring held-out data.
+    """
+
+    def __init__(self, sampler: DomainSampler, cfg: MixingConfig, heldout: dict, teacher, out: Path, batch_size: int):
+        self.sampler, self.cfg, self.heldout, self.teacher = sampler, cfg, heldout, teacher
+        self.path, self.batch_size = out / MIXING_FILE, batch_size
+        self.handler = None  # the trainer's callback handler, where the (possibly restored) MixingState lives
+        self._per_step = 0  # global draws per optimizer step
+
+    @property
+    def saved(self) -> MixingState:
+        # Looked up each time: restoring a checkpoint replaces the MixingState object.
+        return next(cb for cb in self.handler.callbacks if isinstance(cb, MixingState))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        if self.saved.sampler is not None:  # resumed
+            self.sampler.load_state_dict(self.saved.sampler)
+            self.sampler.seek(state.global_step * self._per_step)
+            if state.is_world_process_zero and self.path.exists():
+                lines = self.path.read_text().splitlines(keepends=True)
+                _write_text(self.path, "".join(line for line in lines if _logged_step(line) <= state.global_step))
+        elif self.cfg.mode == "ddk":
+            self._update(model, state, first=True)
+        else:
+            self._append(state, {"step": 0, "rule": self.cfg.mode, "weights": self.sampler.weights})
+        self.saved.sampler = self.sampler.state_dict()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        due = state.global_step % self.cfg.interval == 0 and state.global_step < state.max_steps
+        if self.cfg.mode == "ddk" and due:
+            self._update(model, state, first=False)
+        self.saved.sampler = self.sampler.state_dict()
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.cfg.mode == "ddk":  # the "after" figures of `potstill report`; the weights stay
+            gaps, student, seconds = self._measure(model)
+            self._append(state, self._entry(state.global_step, "final", gaps, self.sampler.weights, student, seconds))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            logs.update({f"weight/{d}": w for d, w in self.sampler.weights.items()})
+
+    def _update(self, model: nn.Module, state, first: bool) -> None:
+        """Measure the gaps, apply Eq. 1 (first) or Eq. 2, hand the weights to the sampler, log them."""
+        gaps, student, seconds = self._measure(model)
+        weights = ddk_initial(gaps) if first else ddk_update(self.sampler.weights, gaps, self.cfg.smoothing)
+        weights = _same_on_all_ranks(weights)
+        # Draws up to the end of the next step may already be fetched: new weights apply after them.
+        start = 0 if first else (state.global_step + 1) * self._per_step
+        self.sampler.set_weights(weights, start=start)
+        entry = self._entry(state.global_step, "eq1" if first else "eq2", gaps, weights, student, seconds)
+        entry["apply_from_step"] = 1 if first else state.global_step + 2
+        self._append(state, entry)
+        logger.info("ddk step %d: weights %s (%.1fs)", state.global_step, weights, seconds)
+
+    def _measure(self, model: nn.Module) -> tuple[dict, dict, float]:
+        """(domain -> gap, domain -> the student's figure, seconds) on the held-out data (teacher: once)."""
+        began = time.perf_counter()
+        if self.saved.teacher is None:
+            self.saved.teacher = self._teacher_figures()
+        teacher = self.teacher if self.cfg.gap == "kl" else None
+        student = {d: _figures(model, ds, teacher, self.batch_size) for d, ds in self.heldout.items()}
+        gaps = domain_gaps(student, self.saved.teacher, self.cfg.gap)
+        figures = {d: s[_GAP_KEY[self.cfg.gap]] for d, s in student.items()}
+        return gaps, figures, time.perf_counter() - began
+
+    def _entry(self, step: int, rule: str, gaps: dict, weights: dict, student: dict, seconds: float) -> dict:
+        return {"step": step, "rule": rule, "gap": self.cfg.gap, "gaps": gaps, "weights": weights,
+                "student": student, "teacher": self.saved.teacher, "seconds": seconds}  # fmt: skip
+
+    def _append(self, state, entry: dict) -> None:
+        if state.is_world_process_zero:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    def _teacher_figures(self) -> dict[str, float] | None:
+        """The teacher's per-domain ppl or bpb on the held-out data (None for gap=kl: KL needs no such figure)."""
+        if self.cfg.gap == "kl":
+            return None
+        wrapped = _TeacherModel(self.teacher)
+        return {d: _figures(wrapped, ds, None, self.batch_size)[self.cfg.gap] for d, ds in self.heldout.items()}
+
+
+def domain_gaps(student: dict[str, dict], teacher: dict[str, float] | None, gap: str) -> dict[str, float]:
+    """Per-domain gap g[i]: ppl_S / ppl_T, bpb_S / bpb_T, or KL(p_T || q_S) per token.
+
+    Args:
+        student: domain -> the student's evaluate() figures on that domain.
+        teacher: domain -> the teacher's ppl (or bpb); unused for gap="kl".
+        gap: "ppl", "bpb" or "kl".
+    """
+    if gap == "kl":
+        return {d: s["kl_to_teacher"] for d, s in student.items()}
+    return {d: s[gap] / teacher[d] for d, s in student.items()}
+
+
+def _figures(model: nn.Module, dataset, teacher: OnlineTeacher | None, batch_size: int) -> dict:
+    return evaluate(model, dataset, teacher=teacher, batch_size=batch_size, progress=False)["overall"]
+
+
+class _TeacherModel(nn.Module):
+    """An `OnlineTeacher` seen as a causal LM (`.logits` over the student's vocabulary), for `evaluate`."""
+
+    def __init__(self, teacher: OnlineTeacher):
+        super().__init__()
+        self.teacher = teacher
+        self.inner = teacher.model  # registered so evaluate() finds its device and parameters
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.teacher.logits(input_ids, attention_mask))
+
+
+def _same_on_all_ranks(weights: dict[str, float]) -> dict[str, float]:
+    """Rank 0's weights everywhere (each rank measured the same model; this rules out float drift)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return weights
+    box = [weights]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- setup: run_distill calls this when data.mixing is set ----
+
+
+@dataclass
+class Mixing:
+    """What `setup_mixing` built; `attach(trainer)` plugs it into a `DistillTrainer`."""
+
+    train_ds: object
+    sampler: DomainSampler
+    callback: MixingCallback
+
+    def attach(self, trainer) -> None:
+        """Make the trainer draw from the sampler, checkpoint its state, and not skip batches on resume."""
+        trainer.domain_sampler = self.sampler
+        trainer.args.ignore_data_skip = True  # the sampler seeks to the consumed draws itself
+        self.callback.handler = trainer.callback_handler
+        trainer.add_callback(MixingState())
+        # First in line: its on_log adds the weights before the loggers write the entry.
+        trainer.callback_handler.callbacks.insert(0, self.callback)
+
+
+def setup_mixing(cfg: DistillConfig, train_ds, eval_ds, teacher: OnlineTeacher | None, out: Path) -> Mixing:
+    """Check the domains, split held-out data, build the sampler and the callback.
+
+    Args:
+        cfg: the run config (`data.mixing` set).
+        train_ds: packed training sequences (a `PackedDataset`).
+        eval_ds: packed `data.eval` sequences, or None.
+        teacher: the online teacher (None in a CE-only run).
+        out: the run directory.
+
+    Returns:
+        A `Mixing` whose `train_ds` has the held-out sequences removed when they were carved from it.
+
+    Raises:
+        UserError: unknown / missing domains in `weights`, ddk without a teacher, a training domain without
+            held-out data, or one too small to give up its held-out split.
+    """
+    mix, t = cfg.data.mixing, cfg.train
+    domains = train_ds.domain_names
+    if mix.mode == "fixed":
+        check_weights(mix.weights, domains, "config: data.mixing.weights")
+    elif mix.weights:
+        raise UserError(f"config: data.mixing.weights: only used with mode fixed (mode is {mix.mode})")
+    heldout = {}
+    if mix.mode == "ddk":
+        if teacher is None:
+            raise UserError("config: data.mixing.mode=ddk: needs an online teacher (model.teacher, loss.alpha > 0)")
+        train_ds, heldout = split_heldout(train_ds, eval_ds, mix.eval_tokens, cfg.data.eval)
+    sizes = {d: train_ds.domains.count(d) for d in domains}
+    draws = t.max_steps * t.batch_size * t.grad_accum * _world_size()
+    sampler = DomainSampler(train_ds.domains, static_weights(mix.mode, sizes, mix.weights), draws, seed=t.seed)
+    return Mixing(train_ds, sampler, MixingCallback(sampler, mix, heldout, teacher, out, t.batch_size))
+
+
+def split_heldout(train_ds, eval_ds, eval_tokens: int, eval_files: list[str]):
+    """Each training domain's held-out sequences (at most `eval_tokens` scored tokens, at least one sequence).
+
+    Returns:
+        (training data, domain -> Subset of held-out sequences).
+
+    Raises:
+        UserError: a domain missing from `data.eval`, or (no `data.eval`) a domain with too few sequences.
+    """
+    domains = train_ds.domain_names
+    if eval_ds is not None:
+        missing = [d for d in domains if d not in eval_ds.domains]
+        if missing:
+            raise UserError(
+                f"{eval_files[0]}: data.eval has no held-out data for training domain {missing[0]!r}; "
+                "DDK needs every training domain in data.eval (or leave data.eval empty to hold out training data)"
+            )
+        return train_ds, {d: _first_tokens(eval_ds, d, eval_tokens) for d in domains}
+    heldout, keep = {}, []
+    for d in domains:
+        idx = [i for i, name in enumerate(train_ds.domains) if name == d]
+        n = _sequences_for(train_ds, idx[::-1], eval_tokens)
+        if n >= len(idx):
+            raise UserError(
+                f"data.train: domain {d!r} has {len(idx)} sequences, too few to hold out {n} for DDK's held-out "
+                "split and still train on it; add data (or data.eval), or lower data.mixing.eval_tokens"
+            )
+        heldout[d] = Subset(train_ds, idx[len(idx) - n :])
+        keep += idx[: len(idx) - n]
+    return _subset(train_ds, sorted(keep)), heldout
+
+
+def _scored(ds, i: int) -> int:
+    return int((ds.labels[i, 1:] != -100).sum())
+
+
+def _sequences_for(ds, idx: list[int], tokens: int) -> int:
+    """How many of `idx` (in order) it takes to reach `tokens` scored tokens (all of them if never)."""
+    total = 0
+    for n, i in enumerate(idx, start=1):
+        total += _scored(ds, i)
+        if total >= tokens:
+            return n
+    return len(idx)
+
+
+def _first_tokens(ds, domain: str, tokens: int) -> Subset:
+    idx = [i for i, name in enumerate(ds.domains) if name == domain]
+    return Subset(ds, idx[: _sequences_for(ds, idx, tokens)])
+
+
+def _subset(ds, idx: list[int]):
+    """A PackedDataset of the rows `idx` (keeps `domains` / `domain_names` for the sampler)."""
+    from potstill.data.packing import PackedDataset
+
+    rows = torch.tensor(idx, dtype=torch.long)
+    return PackedDataset(
+        ds.input_ids[rows], ds.attention_mask[rows], ds.labels[rows], ds.n_bytes[rows], [ds.domains[i] for i in idx]
+    )
+
+
+def _world_size() -> int:
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))

@@ -1,0 +1,186 @@
+"""Distilling step-by-step (Hsieh et al. 2023): rationale records as two tasks, `L = L_label + lambda L_rationale`.
+
+Each `{"input", "label", "rationale"}` record (from `potstill generate` mode `rationale`) becomes two
+prompt/completion examples: `[label] INPUT\\n` -> `LABEL` and `[rationale] INPUT\\n` -> `RATIONALE`; the
+loss covers the completion only. `StepByStepDataset` keeps the pair together (one padded sequence per
+task, built by `potstill.data.pack`), and `potstill.data.collate` stacks it into one batch holding both
+tasks: `input_ids/attention_mask/labels` (label task) and `r_input_ids/r_attention_mask/r_labels`.
+
+`StepByStepTrainer` is a `DistillTrainer`: the label task gets the usual objective (soft-label KD when a
+white-box teacher and `loss.alpha > 0` are given, else CE) and the rationale task adds
+`loss.rationale_weight * CE`, each normalized by its own global count of scored tokens. Inference uses
+the label task only (`predict_labels`), so rationales cost nothing at test time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers.trainer_callback import PrinterCallback
+
+from potstill.config import DistillConfig
+from potstill.data import collate, pack
+from potstill.data.sources import Record
+from potstill.losses import kd_terms
+from potstill.train.trainer import (
+    LOG_FILE,
+    SUMMARY_FILE,
+    DistillTrainer,
+    JsonlLogger,
+    _check_config,
+    _load_models,
+    _plan_output_dir,
+    _quiet_progress_bars,
+    _save_student,
+    _start_run_dir,
+    _training_args,
+    _write_text,
+)
+
+LABEL_PREFIX, RATIONALE_PREFIX = "[label]", "[rationale]"
+RATIONALE_FIELDS = ("input", "label", "rationale")
+
+
+def task_prompt(prefix: str, text: str) -> str:
+    """The prompt of one task: `PREFIX INPUT` and a newline."""
+    return f"{prefix} {text}\n"
+
+
+def read_rationales(paths: list[str]) -> list[dict[str, str]]:
+    """`{"input", "label", "rationale"}` rows of JSONL files (a missing field is an error at file:line)."""
+    from potstill.teacher.generate import check_fields, parse_template, read_rows
+
+    rows = read_rows(paths)
+    check_fields(parse_template("", "step-by-step"), rows, required=RATIONALE_FIELDS)
+    return [{key: str(row.data[key]) for key in RATIONALE_FIELDS} for row in rows]
+
+
+class StepByStepDataset(Dataset):
+    """Pairs of task sequences, one per rationale record.
+
+    Item i: `input_ids`, `attention_mask`, `labels` [L] (label task), `r_input_ids`, `r_attention_mask`,
+    `r_labels` [L] (rationale task), `domain` ("label"). Labels are -100 on the prompt and padding.
+    """
+
+    def __init__(self, records: list[dict[str, str]], tokenizer, seq_len: int, add_bos: bool = True):
+        self.label = _one_row_each(records, "label", LABEL_PREFIX, tokenizer, seq_len, add_bos)
+        self.rationale = _one_row_each(records, "rationale", RATIONALE_PREFIX, tokenizer, seq_len, add_bos)
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.rationale[i]
+        item = {key: self.label[i][key] for key in ("input_ids", "attention_mask", "labels")}
+        item.update(r_input_ids=r["input_ids"], r_attention_mask=r["attention_mask"], r_labels=r["labels"])
+        return item | {"domain": "label"}
+
+
+def _one_row_each(records, field: str, prefix: str, tokenizer, seq_len: int, add_bos: bool):
+    """One packed row per record: `pack` never mixes domains, so a distinct domain per record keeps them apart."""
+    docs = [
+        Record(prompt=task_prompt(prefix, r["input"]), completion=r[field], domain=str(i))
+        for i, r in enumerate(records)
+    ]
+    return pack(docs, tokenizer, seq_len, add_bos=add_bos)
+
+
+class StepByStepTrainer(DistillTrainer):
+    """DistillTrainer on the label task plus `rationale_weight * CE` on the rationale task (see module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._r_count: torch.Tensor | None = None
+        self._r_sum = torch.zeros((), dtype=torch.float64)
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """As DistillTrainer (label-task count), and the global count of scored rationale positions."""
+        batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
+        r_count = torch.as_tensor(sum((b["r_labels"][:, 1:] != -100).sum() for b in batches), device=device)
+        if self.args.world_size > 1:
+            r_count = self.accelerator.reduce(r_count, reduction="sum")
+        self._r_count = r_count
+        return batches, count
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None
+    ):
+        """Label-task objective (DistillTrainer) + lambda * rationale CE; each over its own token count."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        weight = self.loss_cfg.rationale_weight
+        if weight and "r_input_ids" in inputs:
+            r_out = model(input_ids=inputs["r_input_ids"], attention_mask=inputs["r_attention_mask"])
+            count = self._r_count if model.training and num_items_in_batch is not None else None
+            ce = kd_terms(r_out.logits, None, inputs["r_labels"], self.loss_cfg, num_tokens=count).ce
+            if model.training:
+                self._r_sum = self._r_sum.to(ce.device) + ce.detach().double()
+            if self.args.world_size > 1 and count is not None:
+                ce = ce * self.args.world_size
+            loss = loss + weight * ce
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add `rationale_ce` (mean per optimizer step since the last log) to training logs."""
+        if "loss" in logs and self._steps > 0:
+            logs["rationale_ce"] = float(self._r_sum) / self._steps
+            self._r_sum = torch.zeros_like(self._r_sum)
+        super().log(logs, start_time)
+
+
+def run_step_by_step(cfg: DistillConfig) -> Path:
+    """Train a student on rationale records (`data.train`) with the two-task objective; like `run_distill`.
+
+    Writes `OUT/config.yaml`, `OUT/log.jsonl`, checkpoints, `OUT/student/` and `OUT/summary.json` (last).
+
+    Returns:
+        The run directory.
+    """
+    _check_config(cfg)
+    with _quiet_progress_bars():
+        out = Path(cfg.train.output_dir)
+        resume = _plan_output_dir(out, cfg)
+        student, tokenizer, teacher = _load_models(cfg)
+        dataset = StepByStepDataset(read_rationales(cfg.data.train), tokenizer, cfg.data.seq_len, cfg.data.add_bos)
+        trainer = StepByStepTrainer(
+            model=student,
+            args=_training_args(cfg),
+            train_dataset=dataset,
+            data_collator=collate,
+            teacher=teacher,
+            loss_cfg=cfg.loss,
+            callbacks=[JsonlLogger(out / LOG_FILE)],
+        )
+        trainer.remove_callback(PrinterCallback)
+        if trainer.is_world_process_zero():
+            _start_run_dir(out, cfg, resume)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        _save_student(trainer, out / "student", tokenizer, cfg.model.student)
+        if trainer.is_world_process_zero():
+            summary = {
+                "recipe": "step_by_step",
+                "global_step": trainer.state.global_step,
+                "train_loss": result.training_loss,
+            }
+            _write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    return out
+
+
+def predict_labels(
+    model, tokenizer, inputs: list[str], max_tokens: int = 8, batch_size: int = 16, add_bos: bool = True
+) -> list[str]:
+    """Greedy label-task answers (`[label] INPUT`), first line of each, stripped."""
+    from potstill.teacher.generate import hf_generate
+
+    bos = tokenizer.bos_token if add_bos and tokenizer.bos_token else ""
+    prompts = [bos + task_prompt(LABEL_PREFIX, x) for x in inputs]
+    params = {"temperature": 0.0, "max_tokens": max_tokens, "n": 1, "seed": 0}
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        texts, _, _ = hf_generate(model, tokenizer, prompts[start : start + batch_size], params)
+        answers += [t[0].strip().split("\n")[0].strip() for t in texts]
+    return answers

@@ -1,0 +1,214 @@
+"""potstill generate: templates, label parsing/filtering, resume, cache, local backend, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from clitools import assert_one_line_error, run_cli
+from fake_openai import FakeServer
+from potstill.config import GenerateConfig, validate_config
+from potstill.data.sources import read_jsonl
+from potstill.errors import UserError
+from potstill.teacher.generate import (
+    check_fields,
+    load_template,
+    parse_label,
+    parse_template,
+    read_rows,
+    run_generate,
+    same_label,
+)
+
+ROWS = [
+    {"input": "What is 2 + 3?", "label": "5"},
+    {"input": "What is 4 * 4?", "label": "16"},
+    {"input": "What is 9 - 7?", "label": "2"},
+    {"input": "What is 1 + 1?", "label": "2"},
+    {"input": "What is 6 / 2?"},
+]
+
+
+def arithmetic_teacher(prompt: str) -> str:
+    """Answers the last question of a few-shot prompt; wrong on 4*4, no final answer on 9-7."""
+    question = re.findall(r"Q: What is (.+)\?", prompt)[-1]
+    if "9 - 7" in question:
+        return " I am not sure."
+    value = 17 if "4 * 4" in question else int(eval(question))  # noqa: S307 - test-only arithmetic
+    return f" We compute {question} = {value}. The answer is {value}."
+
+
+def config(tmp_path, url: str, **kw) -> GenerateConfig:
+    raw = {
+        "mode": "rationale",
+        "inputs": [str(tmp_path / "rows.jsonl")],
+        "output": str(tmp_path / "out.jsonl"),
+        "teacher": {"backend": "endpoint", "model": "fake", "base_url": url, "api_key_env": None, "backoff": 0.01},
+    }
+    for key, value in kw.items():
+        section, _, field = key.rpartition("__")
+        (raw.setdefault(section, {}) if section else raw)[field] = value
+    return validate_config(raw, GenerateConfig)
+
+
+@pytest.fixture
+def rows_file(write_jsonl, tmp_path, monkeypatch):
+    monkeypatch.setenv("POTSTILL_CACHE", str(tmp_path / "cache"))
+    return write_jsonl("rows.jsonl", ROWS)
+
+
+def records(path) -> list[dict]:
+    """Output records without their time stamps."""
+    out = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in out:
+        r["provenance"].pop("time")
+    return out
+
+
+def test_template_fields_lines_and_literal_braces():
+    t = parse_template("Q: {question}\n{{literal}} {answer}\nagain {question}", "t.txt")
+    assert t.fields == {"question": 1, "answer": 2}
+    assert t.render({"question": "why", "answer": 42}, "rows:1") == "Q: why\n{literal} 42\nagain why"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"), [("a\n{x.y}", "t.txt:2: bad placeholder {x.y}"), ("a {b", "t.txt:1: lone '{'"), ("{}", "bad")]
+)
+def test_template_syntax_errors(text, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        parse_template(text, "t.txt")
+
+
+def test_unknown_placeholder_and_missing_field(rows_file):
+    rows = read_rows([str(rows_file)])
+    with pytest.raises(
+        UserError, match=r"t.txt:2: unknown placeholder \{questoin\}; the input rows have: input, label"
+    ):
+        check_fields(parse_template("x\n{questoin}", "t.txt"), rows)
+    with pytest.raises(UserError, match=r'rows.jsonl:5: missing field "label" that t.txt uses'):
+        check_fields(parse_template("{input} {label}", "t.txt"), rows)
+
+
+def test_builtin_templates_parse():
+    assert set(load_template(None, "rationale").fields) == {"input"}
+    assert set(load_template(None, "explain").fields) == {"input", "label"}
+    assert set(load_template(None, "complete").fields) == {"prompt"}
+
+
+def test_parse_label_takes_the_last_answer():
+    pattern = GenerateConfig.model_fields["label_regex"].default
+    text = "First the answer is 3? No.\nRedo: 2 + 2 = 4.\nThe answer is 4."
+    assert parse_label(text, pattern) == ("First the answer is 3? No.\nRedo: 2 + 2 = 4.", "4")
+    assert parse_label("no conclusion here", pattern) is None
+    assert same_label("4.0", "4") and same_label(" Paris. ", "paris") and not same_label("5", "4")
+
+
+def test_rationale_mode_filters_and_counts(rows_file, tmp_path):
+    with FakeServer(arithmetic_teacher) as server:
+        out = run_generate(config(tmp_path, server.base_url))
+    kept = records(out)
+    assert [(r["input"], r["label"]) for r in kept] == [
+        ("What is 2 + 3?", "5"),
+        ("What is 1 + 1?", "2"),
+        ("What is 6 / 2?", "3"),
+    ]
+    assert kept[0]["rationale"] == "We compute 2 + 3 = 5." and kept[0]["source"].endswith("rows.jsonl:1")
+    prov = kept[0]["provenance"]
+    assert prov["teacher"] == f"fake@{server.base_url}" and prov["template"].startswith("builtin:rationale.txt#")
+    assert prov["params"]["temperature"] == 0.0 and prov["mode"] == "rationale"
+    dropped = records(out.with_name("out.jsonl.dropped.jsonl"))
+    assert {(r["source"].rsplit(":", 1)[1], r["reason"]) for r in dropped} == {
+        ("2", "label_mismatch"),
+        ("3", "no_label"),
+    }
+    summary = json.loads(out.with_name("out.jsonl.summary.json").read_text())
+    assert summary["written"] == 3 and summary["dropped"] == {"label_mismatch": 1, "no_label": 1}
+    assert summary["teacher"]["requests"] == 5
+
+
+def test_rerun_hits_the_cache_and_resumes_nothing(rows_file, tmp_path):
+    with FakeServer(arithmetic_teacher) as server:
+        run_generate(config(tmp_path, server.base_url))
+        first = records(tmp_path / "out.jsonl")
+        out = run_generate(config(tmp_path, server.base_url, overwrite=True))
+        assert server.hits == len(ROWS)  # the second run was served from the disk cache
+    summary = json.loads(out.with_name("out.jsonl.summary.json").read_text())
+    assert summary["teacher"]["cache_hits"] == len(ROWS) and summary["teacher"]["requests"] == 0
+    assert records(out) == first
+
+
+def test_resume_after_a_kill_gives_the_same_records(rows_file, tmp_path):
+    with FakeServer(arithmetic_teacher) as server:
+        whole = records(run_generate(config(tmp_path, server.base_url, output=str(tmp_path / "whole.jsonl"))))
+    # The endpoint dies after three answers; what was written stays, plus a torn line from a kill mid-write.
+    with FakeServer(arithmetic_teacher, script=["ok"] * 3 + ["500"] * 50) as server:
+        cfg = config(tmp_path, server.base_url, teacher__max_retries=1, teacher__cache=False, teacher__concurrency=1)
+        with pytest.raises(UserError, match="HTTP 500 after 2 attempts"):
+            run_generate(cfg)
+    out = tmp_path / "out.jsonl"
+    assert len(records(out)) == 1
+    with open(out, "a") as fh:
+        fh.write('{"input": "torn')
+    with FakeServer(arithmetic_teacher) as server:
+        run_generate(config(tmp_path, server.base_url, teacher__cache=False))
+        assert server.hits == 2  # only rows 4 and 5 were asked again
+    strip = lambda recs: [r | {"provenance": {**r["provenance"], "teacher": None}} for r in recs]  # noqa: E731
+    assert strip(records(out)) == strip(whole)  # the servers' ports differ, nothing else
+
+
+def test_complete_mode_with_a_local_model(tiny_model_dir, write_jsonl, tmp_path):
+    rows = write_jsonl("prompts.jsonl", [{"prompt": "def add(a, b):", "domain": "code"}, {"prompt": "The quick"}])
+    cfg = validate_config(
+        {
+            "inputs": [str(rows)],
+            "output": str(tmp_path / "seqkd.jsonl"),
+            "teacher": {"model": str(tiny_model_dir), "batch_size": 2},
+            "sampling": {"max_tokens": 5, "n": 2},
+        },
+        GenerateConfig,
+    )
+    out = run_generate(cfg)
+    recs = read_jsonl(out)  # directly usable as prompt/completion training data
+    assert [r.prompt for r in recs] == ["def add(a, b):"] * 2 + ["The quick"] * 2
+    assert recs[0].domain == "code" and recs[0].completion == recs[1].completion  # greedy: n identical samples
+    assert all(r.completion for r in recs)
+
+
+def test_chat_on_a_model_without_chat_template(tiny_model_dir, rows_file, tmp_path):
+    cfg = validate_config(
+        {
+            "inputs": [str(rows_file)],
+            "template": None,
+            "mode": "rationale",
+            "teacher": {"model": str(tiny_model_dir), "chat": True},
+        },
+        GenerateConfig,
+    )
+    with pytest.raises(UserError, match="no chat template"):
+        run_generate(cfg)
+
+
+def test_cli_bad_template_is_one_line_and_writes_nothing(rows_file, tmp_path):
+    template = tmp_path / "t.txt"
+    template.write_text("Q: {input}\nA: {answr}\n")
+    proc = run_cli(
+        "generate", f"inputs={rows_file}", f"template={template}", f"output={tmp_path / 'o.jsonl'}", "teacher.model=x"
+    )
+    assert_one_line_error(proc, "t.txt:2: unknown placeholder {answr}")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_missing_api_key(rows_file, tmp_path):
+    proc = run_cli(
+        "generate",
+        f"inputs={rows_file}",
+        "mode=rationale",
+        "teacher.backend=endpoint",
+        "teacher.model=m",
+        "teacher.base_url=http://127.0.0.1:9/v1",
+        "teacher.api_key_env=POTSTILL_NO_SUCH_KEY",
+        cwd=tmp_path,
+    )
+    assert_one_line_error(proc, "POTSTILL_NO_SUCH_KEY is not set")

@@ -1,0 +1,112 @@
+"""Step-by-step recipe: two-task dataset/collator masks, the two-task loss, a tiny end-to-end run, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from potstill.config import DistillConfig, validate_config
+from potstill.data import collate
+from potstill.errors import UserError
+from potstill.train.step_by_step import (
+    StepByStepDataset,
+    predict_labels,
+    read_rationales,
+    run_step_by_step,
+)
+
+RECORDS = [
+    {"input": "2 + 3", "label": "5", "rationale": "2 plus 3 is 5."},
+    {"input": "4 * 2", "label": "8", "rationale": "4 times 2 is 8."},
+    {"input": "9 - 7", "label": "2", "rationale": "9 minus 7 is 2."},
+]
+
+
+def decode_scored(tok, ids, labels) -> str:
+    return tok.decode(ids[labels != -100].tolist())
+
+
+def test_collator_builds_both_tasks_with_the_right_masks(tiny_tokenizer):
+    ds = StepByStepDataset(RECORDS, tiny_tokenizer, seq_len=48)
+    batch = collate([ds[0], ds[1]])
+    assert batch["input_ids"].shape == batch["r_input_ids"].shape == (2, 48)
+    eos = tiny_tokenizer.eos_token
+    for i, rec in enumerate(RECORDS[:2]):
+        # only the completion (+ eos) is scored; the prefix prompt, <bos> and padding are not
+        assert decode_scored(tiny_tokenizer, batch["input_ids"][i], batch["labels"][i]) == rec["label"] + eos
+        assert decode_scored(tiny_tokenizer, batch["r_input_ids"][i], batch["r_labels"][i]) == rec["rationale"] + eos
+        prompt = tiny_tokenizer.decode(batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist())
+        assert prompt.startswith("<bos>[label] " + rec["input"] + "\n")
+        r_prompt = tiny_tokenizer.decode(batch["r_input_ids"][i][batch["r_attention_mask"][i].bool()].tolist())
+        assert r_prompt.startswith("<bos>[rationale] " + rec["input"] + "\n")
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def cfg_for(tmp_path, student, train, **loss) -> DistillConfig:
+    return validate_config(
+        {
+            "model": {"student": str(student)},
+            "loss": {"alpha": 0.0, **loss},
+            "data": {"train": [str(train)], "seq_len": 48},
+            "train": {
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 12,
+                "batch_size": 3,
+                "lr": 3e-3,
+                "warmup_steps": 0,
+                "logging_steps": 4,
+                "scheduler": "constant",
+            },
+        }
+    )
+
+
+def test_two_task_loss_is_label_plus_lambda_rationale(tiny_model_dir, write_jsonl, tmp_path):
+    """Loss at step 1 with lambda = 2 equals CE_label + 2 CE_rationale, each from a float64 reference."""
+    from potstill.teacher.load import load_model
+    from potstill.train.step_by_step import StepByStepTrainer
+    from potstill.train.trainer import _training_args
+
+    train = write_jsonl("r.jsonl", RECORDS)
+    cfg = cfg_for(tmp_path, tiny_model_dir, train, rationale_weight=2.0)
+    model, tok = load_model(tiny_model_dir)
+    ds = StepByStepDataset(RECORDS, tok, 48)
+    trainer = StepByStepTrainer(
+        model=model, args=_training_args(cfg), train_dataset=ds, data_collator=collate, teacher=None, loss_cfg=cfg.loss
+    )
+    batch = collate([ds[i] for i in range(3)])
+    with torch.no_grad():
+        loss = trainer.compute_loss(model.eval(), batch)
+
+    def ce(ids, mask, labels):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+        target = labels[:, 1:]
+        keep = target != -100
+        return torch.nn.functional.cross_entropy(logits[keep], target[keep])
+
+    want = ce(batch["input_ids"], batch["attention_mask"], batch["labels"]) + 2 * ce(
+        batch["r_input_ids"], batch["r_attention_mask"], batch["r_labels"]
+    )
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_run_trains_and_predicts_with_the_label_task(tiny_model_dir, write_jsonl, tmp_path):
+    train = write_jsonl("r.jsonl", RECORDS)
+    out = run_step_by_step(cfg_for(tmp_path, tiny_model_dir, train))
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [entry["rationale_ce"] for entry in logs if "rationale_ce" in entry]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 12
+    from potstill.teacher.load import load_model
+
+    model, tok = load_model(out / "student")
+    answers = predict_labels(model, tok, [r["input"] for r in RECORDS], max_tokens=4)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_missing_rationale_field_names_file_and_line(write_jsonl):
+    path = write_jsonl("r.jsonl", [RECORDS[0], {"input": "1 + 1", "label": "2"}])
+    with pytest.raises(UserError, match=r'r.jsonl:2: missing field "rationale"'):
+        read_rationales([str(path)])
