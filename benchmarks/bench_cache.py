@@ -53,13 +53,13 @@ def teacher_targets(model, tokenizer, tokens: int, kmax: int) -> tuple[torch.Ten
     ent, top_ids, top_lp = [], [], []
     for r in range(rows):
         chunk = ids[r * (SEQ_LEN - 1) : (r + 1) * (SEQ_LEN - 1)]
-        with torch.no_grad():
-            logits = model(torch.tensor([[tokenizer.bos_token_id, *chunk]])).logits[0].double()
-        logp = torch.log_softmax(logits, dim=-1)
-        ent.append(-(logp.exp() * logp).sum(-1))
-        top = logp.topk(kmax, dim=-1)
+        with torch.inference_mode():
+            logits = model(torch.tensor([[tokenizer.bos_token_id, *chunk]])).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)  # float32: [256, 262k] in float64 doubles the time
+            ent.append(-(logp.exp() * logp).sum(-1, dtype=torch.float64))
+            top = logp.topk(kmax, dim=-1)
         top_ids.append(top.indices)
-        top_lp.append(top.values)
+        top_lp.append(top.values.double())
     return torch.cat(ent)[:tokens], torch.cat(top_ids)[:tokens], torch.cat(top_lp)[:tokens]
 
 
@@ -93,7 +93,9 @@ def measure(entropy, top_ids, top_lp, vocab: int, k: int, encoding: str) -> dict
     for s in range(0, len(ids), SEQ_LEN):
         n = min(SEQ_LEN, len(ids) - s)
         mask = np.arange(SEQ_LEN) < n
-        frame = codec.encode(mask, ids[s : s + n].numpy(), top_lp[s : s + n, :k].float().numpy(), tail[s : s + n].float().numpy())
+        frame = codec.encode(
+            mask, ids[s : s + n].numpy(), top_lp[s : s + n, :k].float().numpy(), tail[s : s + n].float().numpy()
+        )
         size += len(frame)
         decoded.append(codec.decode(frame)[1:])
     seconds = time.perf_counter() - start
@@ -116,17 +118,24 @@ def sampled_size(entropy, top_ids, top_lp, vocab: int, samples: int, seed: int =
 
 def load(tiny: bool):
     if tiny:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         import sys
+
+        from transformers import LlamaConfig, LlamaForCausalLM
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from conftest import build_tokenizer
 
         tokenizer = build_tokenizer(1024, [stdlib_text(200_000)])
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
         model = LlamaForCausalLM(config)
         with torch.no_grad():  # sharper than a random init, closer to a trained model's peaked distributions
             model.lm_head.weight.mul_(40)
@@ -147,19 +156,25 @@ def main() -> None:
     vocab = model.get_output_embeddings().weight.shape[0]
     start = time.perf_counter()
     entropy, top_ids, top_lp = teacher_targets(model, tokenizer, args.tokens, max(KS))
-    print(f"teacher: {name}, V = {vocab}, {len(entropy)} tokens of stdlib source, forward {time.perf_counter() - start:.0f} s")
-    print("| k | naive int32+f32 B/tok | lossless B/tok | compact B/tok | compact/naive | KL lossless | KL compact "
-          "| top-1 kept (compact) | encode+decode ms/1k tok |")  # fmt: skip
+    seconds = time.perf_counter() - start
+    print(f"teacher: {name}, V = {vocab}, {len(entropy)} tokens of stdlib source, forward {seconds:.0f} s")
+    print(
+        "| k | naive int32+f32 B/tok | lossless B/tok | compact B/tok | compact/naive | KL lossless | KL compact "
+        "| top-1 kept (compact) | encode+decode ms/1k tok |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k in KS:
         lossless = measure(entropy, top_ids, top_lp, vocab, k, "lossless")
         compact = measure(entropy, top_ids, top_lp, vocab, k, "compact")
         naive = 8 * k + 4  # int32 ids + float32 log-probs + a float32 tail
-        print(f"| {k} | {naive} | {lossless['bytes']:.1f} | {compact['bytes']:.1f} | {compact['bytes'] / naive:.3f} "
-              f"| {lossless['kl']:.4f} | {compact['kl']:.4f} | {compact['top1']:.4f} "
-              f"| {compact['ms'] * 1000 / len(entropy):.0f} |")  # fmt: skip
+        print(
+            f"| {k} | {naive} | {lossless['bytes']:.1f} | {compact['bytes']:.1f} | {compact['bytes'] / naive:.3f} "
+            f"| {lossless['kl']:.4f} | {compact['kl']:.4f} | {compact['top1']:.4f} "
+            f"| {compact['ms'] * 1000 / len(entropy):.0f} |"
+        )
     for samples in (16, 32, 64):
-        print(f"sampled targets, {samples} draws/token: {sampled_size(entropy, top_ids, top_lp, vocab, samples):.1f} B/tok")
+        size = sampled_size(entropy, top_ids, top_lp, vocab, samples)
+        print(f"sampled targets, {samples} draws/token: {size:.1f} B/tok")
 
 
 if __name__ == "__main__":

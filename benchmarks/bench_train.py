@@ -12,7 +12,8 @@ beta = 0.5, T = 1, no CE term: alpha = 1, which is what GKD optimizes at lmbda =
 The cached arms serve targets that were computed before the timing starts (the cache build is the
 teacher's one-off cost, paid once for many students); they are held in memory, so the time to read and
 decode shards from disk (`potstill.teacher.cache`, measured in bench_cache.py) is not in these numbers.
-Time: wall time of the optimizer steps after one warm-up step. Tokens = batch x seq_len per step.
+Time: wall time of the optimizer steps between a warm-up step and the last (logging) step.
+Tokens = batch x seq_len per step.
 
     python benchmarks/bench_train.py            # student 256 x 4 layers, teacher 512 x 4, vocab 32,768
     python benchmarks/bench_train.py --quick    # a smaller check (vocab 8,192, seq 64)
@@ -40,7 +41,8 @@ from potstill.train.trainer import DistillTrainer, IndexedDataset, _training_arg
 
 
 class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step after the first (warm-up)."""
+    """Wall time of the optimizer steps between the first (warm-up) and the last (potstill's final log measures
+    the kd/ce gradient norms there: extra backward passes that a long run pays once per logging_steps)."""
 
     def __init__(self):
         self.times: list[float] = []
@@ -50,7 +52,7 @@ class StepTimer(TrainerCallback):
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step > 1:
+        if 1 < state.global_step < state.max_steps:
             self.times.append(time.perf_counter() - self._start)
 
 
@@ -105,7 +107,7 @@ def run_trl(student, teacher_model, data, args, out: str) -> StepTimer:
 
     keys = ("input_ids", "attention_mask", "labels")
     rows = Dataset.from_dict({key: getattr(data, key).tolist() for key in keys})  # SFTTrainer wants a `Dataset`
-    config = GKDConfig(output_dir=out, max_steps=args.steps + 1, per_device_train_batch_size=args.batch,
+    config = GKDConfig(output_dir=out, max_steps=args.steps + 2, per_device_train_batch_size=args.batch,
                        learning_rate=1e-4, lmbda=0.0, beta=0.5, temperature=1.0, seq_kd=False, report_to=[],
                        logging_steps=1000, save_strategy="no", use_cpu=True, disable_tqdm=True,
                        max_length=args.seq_len, dataloader_num_workers=0)  # fmt: skip
@@ -134,17 +136,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (between a warm-up and a final step)")
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="vocab 8,192, seq 64, 2 timed steps")
     args = parser.parse_args()
     if args.quick:
         args.vocab, args.seq_len, args.steps = 8192, 64, 2
-    data = random_data(args.vocab, args.seq_len, args.batch * (args.steps + 1))
+    data = random_data(args.vocab, args.seq_len, args.batch * (args.steps + 2))
     teacher_model = llama(args.vocab, args.teacher_hidden, args.layers, args.seq_len, seed=1)
     teacher = OnlineTeacher(teacher_model)
     cache = MemoryCache(teacher, data, args.k, args.batch)
-    common = [f"train.max_steps={args.steps + 1}", f"train.batch_size={args.batch}", "train.warmup_steps=0",
+    common = [f"train.max_steps={args.steps + 2}", f"train.batch_size={args.batch}", "train.warmup_steps=0",
               "train.logging_steps=1000", "train.lr=1e-4", "loss.name=jsd", "loss.beta=0.5", "loss.alpha=1.0",
               f"data.seq_len={args.seq_len}"]  # fmt: skip
     arms = {

@@ -181,8 +181,10 @@ def summarize(evals: dict, arms: dict, mixing: list[dict], settings: dict) -> di
             "seconds": arms[name]["seconds"],
         }  # fmt: skip
     update_s = sum(e["seconds"] for e in mixing)
-    out["ddk"] = {"updates": len(mixing), "update_seconds": update_s, "share_of_run": update_s / arms["kd_ddk"]["seconds"],
-                  "weights": [{"step": e["step"], **e["weights"]} for e in mixing if e["rule"] != "final"]}  # fmt: skip
+    out["ddk"] = {
+        "updates": len(mixing), "update_seconds": update_s, "share_of_run": update_s / arms["kd_ddk"]["seconds"],
+        "weights": [{"step": e["step"], **e["weights"]} for e in mixing if e["rule"] != "final"],
+    }  # fmt: skip
     return out
 
 
@@ -198,12 +200,11 @@ def render(r: dict) -> str:
     )
     for name, a in r["arms"].items():
         cells = " | ".join(f"{a['bpb_by_domain'][d]:.3f} ({a['ratio_by_domain'][d]:.2f})" for d in domains)
-        lines.append(
-            f"| {name} | {a['bpb']:.3f} | {cells} | {a['worst_ratio']:.3f} ({a['worst_domain']}) | {a['seconds']:.0f}s |"
-        )
+        worst = f"{a['worst_ratio']:.3f} ({a['worst_domain']})"
+        lines.append(f"| {name} | {a['bpb']:.3f} | {cells} | {worst} | {a['seconds']:.0f}s |")
     d = r["ddk"]
-    lines += ["", f"DDK: {d['updates']} measurements, {d['update_seconds']:.1f}s = {100 * d['share_of_run']:.1f}% of its run.", "",
-              "| step | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]  # fmt: skip
+    cost = f"DDK: {d['updates']} measurements, {d['update_seconds']:.1f}s = {100 * d['share_of_run']:.1f}% of its run."
+    lines += ["", cost, "", "| step | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
     lines += [f"| {w['step']} | " + " | ".join(f"{w[x]:.3f}" for x in domains) + " |" for w in d["weights"]]
     return "\n".join(lines) + "\n"
 

@@ -99,7 +99,10 @@ def test_compact_keeps_top1_and_is_close_to_lossless(setup, tiny_tokenizer, tmp_
     assert torch.equal(got.ids[mask][:, 0], p.argmax(-1))  # the top-1 id is always exact
     assert torch.equal(got.ids[mask].sort(-1).values, exact.ids.sort(-1).values)  # same kept set
     # log-prob error within half a quantization step (step <= span / 255, span < 2 nats here)
-    err = (got.logprobs[mask].double().gather(-1, got.ids[mask].argsort(-1)) - exact.logprobs.gather(-1, exact.ids.argsort(-1))).abs()
+    err = (
+        got.logprobs[mask].double().gather(-1, got.ids[mask].argsort(-1))
+        - exact.logprobs.gather(-1, exact.ids.argsort(-1))
+    ).abs()
     assert err.max() < 0.01
     kl = lambda q: (p * (p.log() - q.log())).sum(-1).mean().item()  # noqa: E731
     kl_compact = kl(dense_from_sparse(got.ids[mask], got.logprobs[mask], got.tail[mask], vocab))
@@ -117,7 +120,9 @@ def test_codec_round_trips_with_three_byte_ids_and_sampled_counts():
     top = topk_targets(logits, k)
     codec = Codec("topk", "compact", k, vocab, SEQ_LEN)
     assert codec.id_planes == 3
-    got_mask, ids, logprobs, tail = codec.decode(codec.encode(mask, top.ids.numpy(), top.logprobs.numpy(), top.tail.numpy()))
+    got_mask, ids, logprobs, tail = codec.decode(
+        codec.encode(mask, top.ids.numpy(), top.logprobs.numpy(), top.tail.numpy())
+    )
     assert np.array_equal(got_mask, mask) and np.array_equal(ids[:, 0], top.ids[:, 0].numpy())
     assert np.array_equal(np.sort(ids, 1), np.sort(top.ids.numpy(), 1))
     assert np.allclose(tail, top.tail.numpy(), atol=1e-3)
@@ -172,8 +177,22 @@ def test_resume_after_interruption_writes_the_same_shards(setup, tmp_path, monke
 
 def test_ranks_write_their_own_shards_and_rank0_manifest_equals_one_run(setup, tmp_path):
     reference = TeacherCache(build(setup, tmp_path / "one", targets="sampled", samples=8))
-    plan, scorer = cache_mod._prepare(setup[0], [setup[1]], tmp_path / "two", 64, 1.0, SEQ_LEN, True, "sampled", 8,
-                                      "compact", None, 4 * SEQ_LEN, 0, False)  # fmt: skip
+    plan, scorer = cache_mod._prepare(
+        setup[0],
+        [setup[1]],
+        tmp_path / "two",
+        64,
+        1.0,
+        SEQ_LEN,
+        True,
+        "sampled",
+        8,
+        "compact",
+        None,
+        4 * SEQ_LEN,
+        0,
+        False,
+    )
     for rank in (1, 0):
         write_shards(plan, scorer, BATCH, rank=rank, world=2, progress=False)
     finalize(plan)
@@ -215,9 +234,12 @@ def test_disk_full_leaves_no_manifest_and_resumes(setup, tmp_path, monkeypatch):
 def test_check_names_what_differs(setup, tiny_tokenizer, make_tokenizer, make_model_dir, write_jsonl, tmp_path):
     cache = TeacherCache(build(setup, tmp_path / "c", temperature=2.0))
     dataset = load_dataset([setup[1]], tiny_tokenizer, SEQ_LEN)
-    cache.check(tokenizer=tiny_tokenizer, dataset_fingerprint=dataset_fingerprint(dataset), temperature=2.0,
-                teacher=setup[0])  # fmt: skip
-    other_data = load_dataset([write_jsonl("other.jsonl", [{"text": "something else entirely"}])], tiny_tokenizer, SEQ_LEN)
+    cache.check(
+        tokenizer=tiny_tokenizer, dataset_fingerprint=dataset_fingerprint(dataset), temperature=2.0, teacher=setup[0]
+    )
+    other_data = load_dataset(
+        [write_jsonl("other.jsonl", [{"text": "something else entirely"}])], tiny_tokenizer, SEQ_LEN
+    )
     cases = [
         ({"tokenizer": make_tokenizer(280)}, "another tokenizer"),
         ({"dataset_fingerprint": dataset_fingerprint(other_data)}, "other data"),
@@ -266,8 +288,9 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 def test_cli_build_verify_info_and_one_line_errors(setup, tmp_path, capsys):
     teacher, data = setup
     out = tmp_path / "cache"
-    status, _, err = cli(capsys, "cache", "build", "--teacher", teacher, "--data", data, "--out", out, "--k", "8",
-                         "--seq-len", "32")  # fmt: skip
+    status, _, err = cli(
+        capsys, "cache", "build", "--teacher", teacher, "--data", data, "--out", out, "--k", "8", "--seq-len", "32"
+    )
     assert status == 0, err
     status, text, err = cli(capsys, "cache", "verify", out)
     assert status == 0 and "k=8" in text and "bytes/token" in text, err
@@ -284,3 +307,23 @@ def test_cli_help_subprocess():
     proc = run_cli("cache", "build", "--help")
     assert proc.returncode == 0 and "--encoding" in proc.stdout
     assert_one_line_error(run_cli("cache", "verify", "/nonexistent-cache"), "no such teacher cache")
+
+
+def test_student_with_trimmed_vocabulary_gets_ids_in_its_vocabulary(setup, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from potstill.student.init import init_student, load_id_map
+
+    teacher, data = setup
+    student = init_student(teacher, 1, tmp_path / "student", TINY_CORPUS, calib_tokens=64, calib_seq_len=16)
+    id_map = load_id_map(student)
+    vocab = len(id_map)
+    cache = TeacherCache(build(setup, tmp_path / "c", k=vocab, encoding="lossless", student=student))
+    assert cache.manifest["student"]["id_map_sha256"] and cache.manifest["vocab_size"] == vocab
+    dataset = load_dataset([data], AutoTokenizer.from_pretrained(student), SEQ_LEN)
+    online = OnlineTeacher(AutoModelForCausalLM.from_pretrained(teacher), id_map=id_map)
+    logits = online.logits(dataset.input_ids[:BATCH], dataset.attention_mask[:BATCH])
+    mask = stored_mask(dataset)[:BATCH]
+    got = cache.targets(range(BATCH))
+    full = torch.log_softmax(logits, dim=-1)[mask]
+    assert torch.equal(torch.full_like(full, float("nan")).scatter(-1, got.ids[mask], got.logprobs[mask]), full)

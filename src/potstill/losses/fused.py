@@ -176,14 +176,18 @@ class _FusedKD(torch.autograd.Function):
         eager = loss_weights if needs_grad and loss_weights is not None else None
         kd, ce, grad_h, grad_w = _run(prob, hidden, weight, eager)
         ctx.prob, ctx.planned = prob, eager
-        ctx.save_for_backward(hidden, weight, grad_h, grad_w)
+        # The precomputed grads are plain attributes, not saved tensors: backward scales them in place, and a
+        # saved tensor modified in place would break a second backward through a retained graph.
+        ctx.grads = (grad_h, grad_w)
+        ctx.save_for_backward(hidden, weight)
         return kd, ce
 
     @staticmethod
     def backward(ctx, g_kd, g_ce):
-        hidden, weight, grad_h, grad_w = ctx.saved_tensors
+        hidden, weight = ctx.saved_tensors
         actual = (float(g_kd), float(g_ce))
         lam = None if ctx.planned is None else _proportion(actual, ctx.planned)
+        (grad_h, grad_w), ctx.grads = ctx.grads, (None, None)
         ctx.planned = None  # the kept grads are handed out (and scaled in place) once; a retained graph recomputes
         if lam is None:
             _, _, grad_h, grad_w = _run(ctx.prob, hidden, weight, actual)

@@ -90,8 +90,8 @@ def teacher_fingerprint(model_dir: str | Path) -> str:
         if key not in known:
             known[key], changed = file_sha256(weights), True
         digest.update(f"{weights.name}:{known[key]}".encode())
-    if changed:
-        _try_write_json(known_path, known)
+    if changed:  # also forget files that are gone (tests and temporary teachers would grow the file forever)
+        _try_write_json(known_path, {key: h for key, h in known.items() if Path(key.rsplit(":", 2)[0]).exists()})
     return digest.hexdigest()
 
 
@@ -200,7 +200,10 @@ class Codec:
         return [unique.astype(np.uint8).tobytes(), _planes(deltas, self.id_planes), counts.astype(np.uint8).tobytes()]
 
     def decode(self, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """zstd frame -> (mask [L] bool, ids [n, w] int64, logprobs [n, w] float32, tail [n] float32), most probable first."""
+        """zstd frame -> (mask [L] bool, ids [n, w] int64, logprobs [n, w] float32, tail [n] float32).
+
+        Ids and log-probs come most probable first.
+        """
         data = zstandard.ZstdDecompressor().decompress(data)
         buf = _Buffer(data)
         mask = np.unpackbits(buf.take(np.uint8, (self.seq_len + 7) // 8), count=self.seq_len).astype(bool)
@@ -338,8 +341,22 @@ def build_cache(
             other settings (without overwrite), disk full (the finished shards are kept: rerun to resume).
     """
     _check_options(k, temperature, seq_len, targets, samples, encoding, batch_size, shard_tokens)
-    plan, scorer = _prepare(teacher, data, Path(out), k, temperature, seq_len, add_bos, targets, samples, encoding,
-                            student, shard_tokens, seed, overwrite)  # fmt: skip
+    plan, scorer = _prepare(
+        teacher,
+        data,
+        Path(out),
+        k,
+        temperature,
+        seq_len,
+        add_bos,
+        targets,
+        samples,
+        encoding,
+        student,
+        shard_tokens,
+        seed,
+        overwrite,
+    )
     if plan is None:  # already complete with these settings
         return Path(out)
     rank, world, barrier = _distributed()
@@ -362,13 +379,31 @@ def _check_options(k, temperature, seq_len, targets, samples, encoding, batch_si
         raise UserError(f"cache build: --samples must be in [1, 255] (counts are stored as uint8), got {samples}")
     if temperature <= 0:
         raise UserError(f"cache build: --temperature must be > 0 (got {temperature})")
-    for name, value, least in (("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1), ("--shard-tokens", shard_tokens, 1)):
+    for name, value, least in (
+        ("--seq-len", seq_len, 2),
+        ("--batch-size", batch_size, 1),
+        ("--shard-tokens", shard_tokens, 1),
+    ):
         if value < least:
             raise UserError(f"cache build: {name} must be >= {least} (got {value})")
 
 
-def _prepare(teacher, data, out, k, temperature, seq_len, add_bos, targets, samples, encoding, student,
-             shard_tokens, seed, overwrite):  # fmt: skip
+def _prepare(
+    teacher,
+    data,
+    out,
+    k,
+    temperature,
+    seq_len,
+    add_bos,
+    targets,
+    samples,
+    encoding,
+    student,
+    shard_tokens,
+    seed,
+    overwrite,
+):
     """Load models and data, decide the settings; returns (None, None) when `out` already holds this cache."""
     from potstill.data.packing import load_dataset
     from potstill.teacher.load import load_model
@@ -388,14 +423,17 @@ def _prepare(teacher, data, out, k, temperature, seq_len, add_bos, targets, samp
     vocab = len(id_map) if id_map is not None else model.get_output_embeddings().weight.shape[0]
     width = samples if targets == "sampled" else k
     if width > vocab:
-        raise UserError(f"cache build: {'--samples' if targets == 'sampled' else '--k'} {width} exceeds the "
-                        f"vocabulary size {vocab}")  # fmt: skip
+        raise UserError(
+            f"cache build: {'--samples' if targets == 'sampled' else '--k'} {width} exceeds the vocabulary size {vocab}"
+        )
     dataset = load_dataset([Path(p) for p in data], tokenizer, seq_len, add_bos=add_bos)
     settings = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "teacher": {"path": str(Path(teacher).resolve()), "fingerprint": teacher_fingerprint(model.name_or_path)},
-        "student": None if student is None else {
+        "student": None
+        if student is None
+        else {
             "path": str(Path(student).resolve()),
             "id_map_sha256": None if id_map is None else hashlib.sha256(id_map.numpy().tobytes()).hexdigest(),
         },
@@ -414,7 +452,7 @@ def _prepare(teacher, data, out, k, temperature, seq_len, add_bos, targets, samp
         "sequences": len(dataset),
         "sequences_per_shard": max(1, shard_tokens // seq_len),
         "seed": seed,
-    }  # fmt: skip
+    }
     if not _claim(out, settings, overwrite):
         return None, None
     codec = Codec(targets, encoding, width, vocab, seq_len)
@@ -444,8 +482,11 @@ def _claim(out: Path, settings: dict, overwrite: bool) -> bool:
     previous = _read_json(out / BUILD)
     if previous is not None and previous != settings:
         if not overwrite:
-            raise UserError(f"{out}: holds a cache built with other settings ({_first_difference(previous, settings)}); "
-                            "pass --overwrite to replace it, or choose another --out")  # fmt: skip
+            diff = _first_difference(previous, settings)
+            raise UserError(
+                f"{out}: holds a cache built with other settings ({diff}); pass --overwrite to replace it, "
+                "or choose another --out"
+            )
         for path in [out / MANIFEST, out / BUILD, *out.glob("shard-*.bin")]:
             path.unlink()
         previous = None
@@ -484,8 +525,9 @@ class _Scorer:
             chunk = rows[start : start + _ROW_CHUNK]
             if self.codec.targets == "sampled":
                 probs = torch.softmax(chunk.float() / self.temperature, dim=-1)
-                draws = torch.multinomial(probs, self.codec.k, replacement=True, generator=generator) if len(chunk) else \
-                    torch.zeros(0, self.codec.k, dtype=torch.long)  # fmt: skip
+                draws = torch.zeros(0, self.codec.k, dtype=torch.long)
+                if len(chunk):
+                    draws = torch.multinomial(probs, self.codec.k, replacement=True, generator=generator)
                 parts.append((draws, torch.zeros(0), torch.zeros(0)))
             else:
                 top = topk_targets(chunk, self.codec.k, self.temperature)
@@ -493,8 +535,9 @@ class _Scorer:
         return tuple(torch.cat(col).numpy() for col in zip(*parts, strict=True))
 
 
-def write_shards(plan: _Plan, scorer: _Scorer, batch_size: int, *, rank: int = 0, world: int = 1,
-                 progress: bool = True) -> None:  # fmt: skip
+def write_shards(
+    plan: _Plan, scorer: _Scorer, batch_size: int, *, rank: int = 0, world: int = 1, progress: bool = True
+) -> None:
     """Write this rank's missing shards (shard j belongs to rank j % world); existing shards are complete."""
     from tqdm.auto import tqdm
 
@@ -531,8 +574,16 @@ def finalize(plan: _Plan) -> Path:
             raise UserError(f"{path}: shard missing after the build (a rank failed?); rerun to resume")
         indices = plan.shard_range(j)
         tokens = int(plan.stored(indices).sum())
-        shards.append({"file": path.name, "start": indices.start, "stop": indices.stop, "tokens": tokens,
-                       "bytes": path.stat().st_size, "sha256": file_sha256(path)})  # fmt: skip
+        shards.append(
+            {
+                "file": path.name,
+                "start": indices.start,
+                "stop": indices.stop,
+                "tokens": tokens,
+                "bytes": path.stat().st_size,
+                "sha256": file_sha256(path),
+            }
+        )
     tokens, size = sum(s["tokens"] for s in shards), sum(s["bytes"] for s in shards)
     manifest = {
         **plan.settings,
@@ -613,17 +664,21 @@ class TeacherCache:
             raise UserError(f"{self.path}: no such teacher cache directory")
         manifest = _read_json(self.path / MANIFEST)
         if manifest is None:
-            hint = ("its build was interrupted: rerun the same `potstill cache build` to resume"
-                    if (self.path / BUILD).is_file() else "not a teacher cache (build one with `potstill cache build`)")  # fmt: skip
+            hint = "not a teacher cache (build one with `potstill cache build`)"
+            if (self.path / BUILD).is_file():
+                hint = "its build was interrupted: rerun the same `potstill cache build` to resume"
             raise UserError(f"{self.path}: no {MANIFEST}; {hint}")
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{self.path / MANIFEST}: cache format {manifest.get('format')!r} version "
-                            f"{manifest.get('format_version')!r}, this potstill reads version {FORMAT_VERSION}; "
-                            "rebuild it with `potstill cache build --overwrite`")  # fmt: skip
+            raise UserError(
+                f"{self.path / MANIFEST}: cache format {manifest.get('format')!r} version "
+                f"{manifest.get('format_version')!r}, this potstill reads version {FORMAT_VERSION}; "
+                "rebuild it with `potstill cache build --overwrite`"
+            )
         self.manifest = manifest
         try:
-            self.codec = Codec(manifest["targets"], manifest["encoding"], manifest["k"], manifest["vocab_size"],
-                               manifest["seq_len"])  # fmt: skip
+            self.codec = Codec(
+                manifest["targets"], manifest["encoding"], manifest["k"], manifest["vocab_size"], manifest["seq_len"]
+            )
             self._shards = manifest["shards"]
             self._starts = [s["start"] for s in self._shards]
         except (KeyError, TypeError) as err:
@@ -639,8 +694,14 @@ class TeacherCache:
     def temperature(self) -> float:
         return self.manifest["temperature"]
 
-    def check(self, *, tokenizer=None, dataset_fingerprint: str | None = None, temperature: float | None = None,
-              teacher: str | Path | None = None) -> None:  # fmt: skip
+    def check(
+        self,
+        *,
+        tokenizer=None,
+        dataset_fingerprint: str | None = None,
+        temperature: float | None = None,
+        teacher: str | Path | None = None,
+    ) -> None:
         """Refuse to serve a run that differs from the build.
 
         Args:
@@ -654,18 +715,26 @@ class TeacherCache:
         """
         where = f"{self.path}: teacher cache"
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest["tokenizer_fingerprint"]:
-            raise UserError(f"{where} was built with another tokenizer than this run's; rebuild it with the "
-                            "student's tokenizer (--student)")  # fmt: skip
+            raise UserError(
+                f"{where} was built with another tokenizer than this run's; rebuild it with the "
+                "student's tokenizer (--student)"
+            )
         if dataset_fingerprint is not None and dataset_fingerprint != self.manifest["data"]["fingerprint"]:
-            raise UserError(f"{where} was built on other data or packing ({self.manifest['data']['files']}, "
-                            f"seq_len={self.manifest['seq_len']}, add_bos={self.manifest['add_bos']}); "
-                            "use the same data.train, data.seq_len and data.add_bos, or rebuild the cache")  # fmt: skip
+            raise UserError(
+                f"{where} was built on other data or packing ({self.manifest['data']['files']}, "
+                f"seq_len={self.manifest['seq_len']}, add_bos={self.manifest['add_bos']}); "
+                "use the same data.train, data.seq_len and data.add_bos, or rebuild the cache"
+            )
         if temperature is not None and abs(temperature - self.temperature) > 1e-6:
-            raise UserError(f"{where} stores targets at temperature {self.temperature}, the loss uses {temperature}; "
-                            f"set loss.temperature={self.temperature} or rebuild the cache")  # fmt: skip
+            raise UserError(
+                f"{where} stores targets at temperature {self.temperature}, the loss uses {temperature}; "
+                f"set loss.temperature={self.temperature} or rebuild the cache"
+            )
         if teacher is not None and teacher_fingerprint(teacher) != self.manifest["teacher"]["fingerprint"]:
-            raise UserError(f"{where} was built with another teacher ({self.manifest['teacher']['path']}) "
-                            f"than {teacher}; rebuild the cache for this teacher")  # fmt: skip
+            raise UserError(
+                f"{where} was built with another teacher ({self.manifest['teacher']['path']}) "
+                f"than {teacher}; rebuild the cache for this teacher"
+            )
 
     def targets(self, indices: Sequence[int]) -> SparseTargets:
         """Sparse next-token targets of packed sequences.
@@ -685,8 +754,9 @@ class TeacherCache:
         tail = np.zeros((len(seqs), length), dtype=np.float32)
         for b, (mask, seq_ids, seq_lp, seq_tail) in enumerate(seqs):
             ids[b, mask], logprobs[b, mask], tail[b, mask] = seq_ids, seq_lp, seq_tail
-        return SparseTargets(torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(tail),
-                             temperature=self.temperature)  # fmt: skip
+        return SparseTargets(
+            torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(tail), temperature=self.temperature
+        )
 
     def verify(self, sample: int = 8) -> dict:
         """Re-hash every shard, decode every sequence; summarize (tokens, bytes/token, k) with a fidelity sample.
@@ -703,8 +773,10 @@ class TeacherCache:
         tokens, kept, top1, worst = 0, [], [], 0.0
         for j, shard in enumerate(self._shards):
             if file_sha256(self.path / shard["file"]) != shard["sha256"]:
-                raise UserError(f"{self.path / shard['file']}: checksum mismatch (corrupted or modified shard); "
-                                "rebuild the cache (`potstill cache build --overwrite`)")  # fmt: skip
+                raise UserError(
+                    f"{self.path / shard['file']}: checksum mismatch (corrupted or modified shard); "
+                    "rebuild the cache (`potstill cache build --overwrite`)"
+                )
             for i in range(shard["start"], shard["stop"]):
                 mask, _, logprobs, tail = self._sequence(i)
                 tokens += int(mask.sum())
@@ -740,10 +812,14 @@ class TeacherCache:
     def _check_size(self, shard: dict) -> None:
         path = self.path / shard["file"]
         if not path.is_file():
-            raise UserError(f"{path}: shard missing from the teacher cache; rebuild it (`potstill cache build --overwrite`)")
+            raise UserError(
+                f"{path}: shard missing from the teacher cache; rebuild it (`potstill cache build --overwrite`)"
+            )
         if path.stat().st_size != shard["bytes"]:
-            raise UserError(f"{path}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or "
-                            "modified shard); rebuild the cache (`potstill cache build --overwrite`)")  # fmt: skip
+            raise UserError(
+                f"{path}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or "
+                "modified shard); rebuild the cache (`potstill cache build --overwrite`)"
+            )
 
     def _sequence(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Decoded sequence i: (mask [L] bool, ids [n, k], logprobs [n, k], tail [n])."""
@@ -759,8 +835,11 @@ class TeacherCache:
                 frame = fh.read(int(offsets[row + 1] - offsets[row]))
             return self.codec.decode(frame)
         except (OSError, ValueError, zstandard.ZstdError) as err:
-            raise UserError(f"{path}: cannot decode sequence {i} ({str(err).splitlines()[0] or type(err).__name__}); "
-                            "the shard is corrupted: run `potstill cache verify`, rebuild with --overwrite") from None  # fmt: skip
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(
+                f"{path}: cannot decode sequence {i} ({why}); the shard is corrupted: run `potstill cache verify`, "
+                "rebuild with --overwrite"
+            ) from None
 
     def _shard_offsets(self, j: int, fh) -> np.ndarray:
         if j not in self._offsets:
@@ -779,13 +858,16 @@ def verify_report(path: str | Path) -> str:
     summary = TeacherCache(path).verify()
     fid = summary["fidelity_sample"]
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    return "\n".join([
-        f"ok: {summary['shards']} shards, {summary['sequences']} sequences, {summary['tokens']} tokens, "
-        f"{summary['bytes']} bytes ({summary['bytes_per_token']:.1f} bytes/token)",
-        f"targets: {summary['targets']}, k={summary['k']}, encoding={summary['encoding']}, T={summary['temperature']}",
-        f"fidelity sample ({fid['positions']} positions): mean kept mass {fmt(fid['mean_kept_mass'])}, mean top-1 "
-        f"prob {fmt(fid['mean_top1_prob'])}, max |sum p + tail - 1| {fid['max_normalization_error']:.2e}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"ok: {summary['shards']} shards, {summary['sequences']} sequences, {summary['tokens']} tokens, "
+            f"{summary['bytes']} bytes ({summary['bytes_per_token']:.1f} bytes/token)",
+            f"targets: {summary['targets']}, k={summary['k']}, encoding={summary['encoding']}, "
+            f"T={summary['temperature']}",
+            f"fidelity sample ({fid['positions']} positions): mean kept mass {fmt(fid['mean_kept_mass'])}, mean top-1 "
+            f"prob {fmt(fid['mean_top1_prob'])}, max |sum p + tail - 1| {fid['max_normalization_error']:.2e}",
+        ]
+    )
 
 
 def info_text(path: str | Path) -> str:
