@@ -5,8 +5,24 @@ import pytest
 from clitools import assert_one_line_error, run_cli
 from potstill import __version__
 
-COMMANDS = [[], ["distill"], ["eval"], ["losses"], ["teacher"], ["teacher", "prepare"], ["student"],
-            ["student", "init"], ["demo"]]
+COMMANDS = [
+    [],
+    ["distill"],
+    ["eval"],
+    ["losses"],
+    ["teacher"],
+    ["teacher", "prepare"],
+    ["student"],
+    ["student", "init"],
+    ["demo"],
+    ["cache"],
+    ["cache", "build"],
+    ["cache", "verify"],
+    ["cache", "info"],
+    ["generate"],
+    ["serve"],
+    ["report"],
+]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "root")
@@ -29,8 +45,13 @@ def test_print_config_applies_overrides():
 
 @pytest.mark.parametrize(
     ("override", "needle"),
-    [("loss.name=nope", "loss.name"), ("loss.beta=1.5", "loss.beta"), ("loss.alpha=2", "loss.alpha"),
-     ("loss.temperature=0", "loss.temperature"), ("loss.bogus=1", "unknown key")],
+    [
+        ("loss.name=nope", "loss.name"),
+        ("loss.beta=1.5", "loss.beta"),
+        ("loss.alpha=2", "loss.alpha"),
+        ("loss.temperature=0", "loss.temperature"),
+        ("loss.bogus=1", "unknown key"),
+    ],
 )
 def test_bad_config_is_one_line(override, needle):
     assert_one_line_error(run_cli("distill", "--print-config", "model.student=s", override), needle)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -46,7 +45,7 @@ def _root(
 
 @app.command("distill")
 def distill_cmd(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. loss.alpha=0.9 train.max_steps=50"),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
@@ -72,7 +71,7 @@ def eval_cmd(
     model: Path = typer.Option(..., "--model", help="HF directory of the model to evaluate."),
     data: list[Path] = typer.Option(..., "--data", help="JSONL file(s) with text (and optional domain)."),
     out: Path = typer.Option(..., "--out", help="Output directory; eval.json is written there."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher HF directory: adds agreement and KL."),
+    teacher: Path | None = typer.Option(None, "--teacher", help="Teacher HF directory: adds agreement and KL."),
     seq_len: int = typer.Option(256, "--seq-len", min=8, help="Tokens per packed sequence."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per forward pass."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing eval.json."),
@@ -98,7 +97,7 @@ def losses_cmd() -> None:
 
 @teacher_app.command("prepare")
 def teacher_prepare_cmd(
-    gguf: Optional[Path] = typer.Option(None, "--gguf", help="A GGUF file (default: Gemma 3 270M from PyPI)."),
+    gguf: Path | None = typer.Option(None, "--gguf", help="A GGUF file (default: Gemma 3 270M from PyPI)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Generate a few tokens to check the model."),
 ) -> None:
     """Convert a GGUF teacher once into a cached HF directory (keyed by the file's hash); print its path."""
@@ -118,7 +117,7 @@ def student_init_cmd(
     select: str = typer.Option(
         "measured", "--select", help="Layers: 'measured' on the corpus, or 'even' (evenly spaced; needs no corpus)."
     ),
-    vocab_size: Optional[int] = typer.Option(
+    vocab_size: int | None = typer.Option(
         None, "--vocab-size", min=1, help="Fill the trimmed vocabulary up to this size with the teacher's top merges."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
@@ -141,7 +140,7 @@ def student_init_cmd(
 
 @app.command("generate")
 def generate_cmd(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file (see docs/generate.md)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config file (see docs/generate.md)."),
     overrides: list[str] = typer.Argument(
         None, help="key=value overrides, e.g. mode=rationale inputs=q.jsonl teacher.model=DIR sampling.n=4"
     ),
@@ -168,7 +167,7 @@ def serve_cmd(
     model: Path = typer.Argument(..., help="HF directory (or .gguf) of the model to serve."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (no authentication: keep it local)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Model name clients send (default: the directory name)."),
+    name: str | None = typer.Option(None, "--name", help="Model name clients send (default: the directory name)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)."""
     from potstill.serve import serve
@@ -188,7 +187,7 @@ def cache_build_cmd(
     targets: str = typer.Option("topk", "--targets", help="'topk' or 'sampled' (Sparse Logit Sampling)."),
     samples: int = typer.Option(32, "--samples", help="Draws per token for --targets sampled (1..255)."),
     encoding: str = typer.Option("compact", "--encoding", help="'compact' (quantized) or 'lossless'."),
-    student: Optional[Path] = typer.Option(None, "--student", help="Student dir: its tokenizer / trimmed vocab."),
+    student: Path | None = typer.Option(None, "--student", help="Student dir: its tokenizer / trimmed vocab."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per teacher forward."),
     shard_tokens: int = typer.Option(1 << 18, "--shard-tokens", help="About this many tokens per shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache built with other settings."),

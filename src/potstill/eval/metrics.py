@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from potstill.data.sources import read_many
 from potstill.errors import UserError
 from potstill.losses.divergences import fkl
 from potstill.student.init import load_id_map
-from potstill.teacher.load import load_model
+from potstill.teacher.load import load_model, quiet_hf_progress
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
 EVAL_FILE = "eval.json"
@@ -187,7 +185,7 @@ def evaluate_cli(
     if target.exists() and not overwrite:
         raise UserError(f"{target}: already exists; pass --overwrite to replace it")
     records = read_many(data)
-    with _no_loading_bars():
+    with quiet_hf_progress():
         student, tokenizer = load_model(model)
         online = None
         if teacher is not None:
@@ -222,17 +220,3 @@ def write_eval_json(out: Path, model: str, teacher: str | None, result: dict) ->
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-@contextmanager
-def _no_loading_bars() -> Iterator[None]:
-    """Silence transformers' "Loading weights" bars: a user mistake found after a load must stay one stderr line."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()

@@ -11,6 +11,7 @@ place with `potstill_source.json` inside, so an interrupted conversion never lea
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -18,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,6 +48,21 @@ def enable_progress_log() -> None:
         handler.setFormatter(logging.Formatter("potstill: %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """No transformers tqdm bars (weights loading/saving) on stderr: a user mistake found after a load must stay
+    one stderr line, and logs stay readable. Restores the previous setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(path: str | Path, dtype: str = "float32"):

@@ -30,7 +30,6 @@ over ranks). It is then fixed, saved in checkpoints (resume keeps it) and in `OU
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -47,13 +46,13 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import logging as hf_logging
 
 from potstill.config import DistillConfig, LossConfig, dump_config
 from potstill.errors import UserError
 from potstill.losses import combine, kd_terms
 from potstill.losses.fused import TeacherHead, fused_kd_terms, head_of
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
+from potstill.teacher.load import quiet_hf_progress
 from potstill.teacher.online import OnlineTeacher
 
 logger = logging.getLogger(__name__)
@@ -403,7 +402,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         The run directory.
     """
     _check_config(cfg)
-    with _quiet_progress_bars():
+    with quiet_hf_progress():
         return _run(cfg)
 
 
@@ -462,18 +461,6 @@ def _check_config(cfg: DistillConfig) -> None:
         raise UserError("config: teacher.cache: required with teacher.source=cache (a `potstill cache build` dir)")
     if not cfg.data.train:
         raise UserError("config: data.train: at least one JSONL file is required")
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """No transformers tqdm bars (weights loading/saving) on stderr: errors stay one line, logs stay readable."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _plan_output_dir(out: Path, cfg: DistillConfig) -> Path | None:
