@@ -66,6 +66,20 @@ def distill_cmd(
         typer.echo(f"done: {out}")
 
 
+@app.command("plan")
+def plan_cmd(
+    config: Path | None = typer.Option(None, "--config", "-c", help="The distill YAML config."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, as for `potstill distill`."),
+    memory_gb: float | None = typer.Option(None, "--memory-gb", min=0.01, help="Memory budget (default: RAM)."),
+    students: int = typer.Option(1, "--students", min=1, help="Students that will reuse this teacher and data."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Pre-flight estimate (no model loaded): memory, cache size, time per step; online vs cache, k, chunk."""
+    from potstill.plan import plan_cli
+
+    typer.echo(plan_cli(config, overrides or [], memory_gb=memory_gb, students=students, as_json=as_json))
+
+
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Option(..., "--model", help="HF directory of the model to evaluate."),

@@ -1,0 +1,161 @@
+"""`potstill plan`: shapes from config.json, the memory model against a measured run, recommendations, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from clitools import assert_one_line_error, run_cli
+from potstill.config import load_config
+from potstill.errors import UserError
+from potstill.plan import (
+    CACHE_BYTES,
+    GIB,
+    cache_bytes_per_token,
+    format_plan,
+    measure_run,
+    plan_config,
+    read_shape,
+)
+
+WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
+
+
+def save_llama(path: Path, tokenizer, hidden: int, vocab: int, seed: int = 0, tied: bool = False) -> Path:
+    """A random 2-layer Llama (HF dir with `tokenizer`); `vocab` may exceed the tokenizer (unused rows)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_tokenizer) -> Path:
+    """Student (hidden 32) and teacher (hidden 64) over the tiny tokenizer, and a training file."""
+    root = tmp_path_factory.mktemp("plan")
+    save_llama(root / "student", tiny_tokenizer, 32, len(tiny_tokenizer))
+    save_llama(root / "teacher", tiny_tokenizer, 64, len(tiny_tokenizer), seed=1)
+    rng = random.Random(0)
+    rows = [json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(40))}) for _ in range(200)]
+    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def config(root: Path, *overrides: str, student: str = "student", teacher: str = "teacher"):
+    return load_config(
+        None,
+        [f"model.student={root / student}", f"model.teacher={root / teacher}", f"data.train=[{root / 'train.jsonl'}]",
+         f"train.output_dir={root / 'run'}", "train.overwrite=true", *overrides],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_param_count_matches_the_model(tmp_path, tiny_tokenizer, tied):
+    path = save_llama(tmp_path / "m", tiny_tokenizer, 48, 1000, tied=tied)
+    real = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(path).parameters())
+    # the plan counts 4 norms per layer (Gemma's layout); Llama has 2: a few hundred of ~100k params
+    assert abs(read_shape(path, "student").params - real) / real < 0.005
+
+
+def test_bigger_batch_and_dense_loss_cost_more(root):
+    small = plan_config(config(root, "train.batch_size=2"), probe=False)
+    big = plan_config(config(root, "train.batch_size=8"), probe=False)
+    dense = plan_config(config(root, "train.batch_size=8", "loss.fused=false"), probe=False)
+    assert big.memory["activations"] > small.memory["activations"]
+    assert dense.memory["loss"] > big.memory["loss"] - 64 * 300 * 4  # minus the fused head-gradient buffer
+    assert big.online_total - big.cache_total == big.memory["teacher_online"] > 0
+
+
+def test_alpha_zero_needs_no_teacher(root):
+    plan = plan_config(config(root, "loss.alpha=0", teacher="missing"), probe=False)
+    assert plan.online_total is None and "teacher_online" not in plan.memory
+    assert plan.recommend["teacher"].startswith("none")
+
+
+def test_recommends_cache_when_teacher_does_not_fit(root):
+    fits = plan_config(config(root), memory_bytes=64 * GIB, probe=False)
+    assert fits.recommend["teacher"].startswith("online")
+    # a budget between the cached and the online totals (over the 0.9 headroom)
+    between = (fits.cache_total + fits.online_total) / 2 / 0.9
+    assert plan_config(config(root), memory_bytes=int(between), probe=False).recommend["teacher"].startswith("cache")
+    shared = plan_config(config(root), memory_bytes=64 * GIB, students=3, probe=False)
+    assert "3 students" in shared.recommend["teacher"]
+
+
+def test_chunk_shrinks_when_memory_is_short(tmp_path, tiny_tokenizer):
+    save_llama(tmp_path / "student", tiny_tokenizer, 32, 65536)
+    save_llama(tmp_path / "teacher", tiny_tokenizer, 32, 65536, seed=1)
+    (tmp_path / "train.jsonl").write_text('{"text": "hi"}\n')
+    cfg = config(tmp_path, "train.batch_size=8", "data.seq_len=256")
+    roomy = plan_config(cfg, memory_bytes=64 * GIB, probe=False)
+    assert roomy.recommend["chunk_size"] == 256  # 2^24 / 65536
+    tight = plan_config(cfg, memory_bytes=int((roomy.online_total - 200 * 2**20) / 0.9), probe=False)
+    assert 16 <= tight.recommend["chunk_size"] < 256
+
+
+def test_cache_bytes_interpolate_the_measured_table():
+    for enc, table in CACHE_BYTES.items():
+        for k, measured in table.items():
+            assert cache_bytes_per_token(k, enc) == pytest.approx(measured)
+    values = [cache_bytes_per_token(k) for k in (1, 8, 20, 64, 100, 128, 256)]
+    assert values == sorted(values)
+
+
+def test_table_and_probe(root):
+    plan = plan_config(config(root, "train.grad_accum=2"))
+    assert plan.gflops > 0 and plan.step_seconds["online"] > plan.step_seconds["cache"] > 0
+    assert plan.tokens_per_step == 2 * 8 * 256
+    text = format_plan(plan)
+    assert "total, online teacher" in text and "chunk_size" in text
+
+
+def test_plan_is_within_25_percent_of_measured_peak(root):
+    cfg = config(root, "train.max_steps=2", "train.batch_size=4", "data.seq_len=64")
+    plan = plan_config(cfg, probe=False)
+    peak = measure_run(cfg)[0]
+    assert 0.75 < plan.online_total / peak < 1.25, (plan.memory, peak)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True])
+def test_plan_tracks_a_loss_dominated_run(tmp_path, tiny_tokenizer, fused):
+    """V = 32,768: the [tokens, V] loss buffers (dense: 512 MiB) are half the peak, not the runtime."""
+    save_llama(tmp_path / "student", tiny_tokenizer, 64, 32768)
+    save_llama(tmp_path / "teacher", tiny_tokenizer, 128, 32768, seed=1)
+    rows = [json.dumps({"text": " ".join(WORDS * 3)})] * 100
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = config(tmp_path, "train.max_steps=2", "train.batch_size=4", "data.seq_len=128", f"loss.fused={fused}")
+    plan = plan_config(cfg, probe=False)
+    peak = measure_run(cfg)[0]
+    assert 0.75 < plan.online_total / peak < 1.25, (plan.memory, peak)
+
+
+def test_missing_model_dir_is_a_user_error(root, tmp_path):
+    with pytest.raises(UserError, match="missing.*model.teacher"):
+        plan_config(config(root, teacher="missing"), probe=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty/config.json: model.student"):
+        plan_config(config(root, student=str(tmp_path / "empty")), probe=False)
+
+
+def test_cli_json_and_one_line_errors(root, tmp_path):
+    args = ["plan", f"model.student={root / 'student'}", f"model.teacher={root / 'teacher'}",
+            f"data.train=[{root / 'train.jsonl'}]", "--memory-gb", "4"]  # fmt: skip
+    proc = run_cli(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["budget"] == 4 * GIB and plan["recommend"]["k"] == 64
+    bad = run_cli(*args[:1], f"model.student={tmp_path / 'nope'}", *args[2:])
+    assert_one_line_error(bad, "nope", "model.student")
+    missing = run_cli(*args[:3], f"data.train=[{tmp_path / 'none.jsonl'}]")
+    assert_one_line_error(missing, "none.jsonl")
