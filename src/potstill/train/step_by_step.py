@@ -27,6 +27,7 @@ from potstill.config import DistillConfig
 from potstill.data import collate, pack
 from potstill.data.sources import Record
 from potstill.losses import kd_terms
+from potstill.teacher.load import quiet_hf_progress
 from potstill.train.trainer import (
     LOG_FILE,
     SUMMARY_FILE,
@@ -35,7 +36,6 @@ from potstill.train.trainer import (
     _check_config,
     _load_models,
     _plan_output_dir,
-    _quiet_progress_bars,
     _save_student,
     _start_run_dir,
     _training_args,
@@ -141,7 +141,7 @@ def run_step_by_step(cfg: DistillConfig) -> Path:
         The run directory.
     """
     _check_config(cfg)
-    with _quiet_progress_bars():
+    with quiet_hf_progress():
         out = Path(cfg.train.output_dir)
         resume = _plan_output_dir(out, cfg)
         student, tokenizer, teacher = _load_models(cfg)
