@@ -22,6 +22,7 @@ COMMANDS = [
     ["generate"],
     ["serve"],
     ["report"],
+    ["plan"],
 ]
 
 

@@ -197,10 +197,9 @@ def _step_corpus(ctx: dict) -> dict:
 
 
 def _step_student(ctx: dict) -> dict:
+    """Prune and trim the teacher; the result is the student's record (kept layers, vocabulary, parameters)."""
     from potstill.data import read_jsonl
-    from potstill.eval.bench import param_count
-    from potstill.student.init import init_student
-    from potstill.teacher.load import load_model
+    from potstill.student.init import STUDENT_FILE, init_student
 
     s = ctx["settings"].student
     texts = [r.text for r in read_jsonl(ctx["out"] / "corpus" / "train.jsonl")]
@@ -214,8 +213,9 @@ def _step_student(ctx: dict) -> dict:
         seed=ctx["settings"].corpus.seed,
         overwrite=True,
     )
-    model, _ = load_model(path)
-    return {"path": str(path), "params": param_count(model)}
+    info = json.loads((path / STUDENT_FILE).read_text())
+    keys = ("kept_layers", "vocab_size", "params", "params_ratio", "calib_tokens")
+    return {"path": str(path), **{k: info[k] for k in keys if k in info}}
 
 
 def _train(ctx: dict, arm: str) -> dict:

@@ -17,9 +17,9 @@ Memory model (float32 training with AdamW, what `run_distill` does; peak residen
 
 Disk: cache bytes/token per encoding and k from the measured table in benchmarks/README.md ("Teacher cache").
 Time: FLOPs per optimizer step = 6 x student matmul params x tokens (+ attention) + 2 x teacher matmul params
-x tokens (online), divided by the GFLOP/s a 0.3 s GEMM probe reaches on this machine now. It ignores
-elementwise work and data loading, and the probe follows the machine's current load, so read it as the
-order of magnitude (benchmarks/README.md, "Plan vs measured", compares it with a real run).
+x tokens (online), divided by the GFLOP/s a short GEMM probe reaches on this machine now, plus the loss's
+elementwise work, `LOSS_PASSES x tokens x V` at the speed of a probed log_softmax. The probes follow the
+machine's current load: read it as the order of magnitude (benchmarks/README.md, "Plan vs measured").
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ CACHE_BYTES = {
     "compact": {8: 28.0, 32: 82.3, 64: 149.9, 128: 279.7},
     "lossless": {8: 48.0, 32: 184.2, 64: 357.6, 128: 726.6},
 }
+# Elementwise passes over [tokens, V] per optimizer step (softmaxes, divergence, its gradient, CE, fresh-page
+# faults), in units of one log_softmax: calibrated on a V = 32,768 run (benchmarks/README.md, "Plan vs measured").
+# (dense, fused): the fused loss writes no fresh [tokens, V] tensors (measured 0.74 vs 3.62 s/step there).
+LOSS_PASSES_KD = {False: 20, True: 4}
+LOSS_PASSES_CE = {False: 8, True: 2}
 BYTES_PER_TOKEN_TEXT = 4.0  # UTF-8 bytes of JSONL per token, for the data estimate (code/English, BPE ~32k-262k)
 HEADROOM = 0.9  # plan to use at most this share of the memory budget
 DEFAULT_K = 64
@@ -158,17 +163,27 @@ def cache_bytes_per_token(k: int, encoding: str = "compact") -> float:
     return max(b0 + (b1 - b0) * (k - k0) / (k1 - k0), 1.0)
 
 
-def probe_gflops(hidden: int, intermediate: int, seconds: float = 0.3) -> float:
-    """GFLOP/s of float32 GEMMs shaped like one MLP projection of the student (256 tokens), on this machine."""
+def _rate(fn, work: float, seconds: float) -> float:
+    """Work units per second of `fn()`, after one warm-up call (allocation, kernel choice)."""
+    fn()
+    start, runs = time.perf_counter(), 0
+    while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
+        fn()
+        runs += 1
+    return work * runs / elapsed
+
+
+def probe_speed(hidden: int, intermediate: int, vocab: int, seconds: float = 0.2) -> tuple[float, float]:
+    """This machine's speed now: (GFLOP/s of a float32 GEMM shaped like one student MLP projection on 256
+    tokens (at least 512 x 2048: tiny shapes measure call overhead), million elements/s of a log_softmax over
+    [256, min(V, 32768)] logits)."""
     import torch
 
+    hidden, intermediate = max(hidden, 512), max(intermediate, 2048)
     a, b = torch.randn(256, hidden), torch.randn(hidden, intermediate)
-    a @ b  # warm-up: first call allocates and picks kernels
-    flops, start, runs = 2 * 256 * hidden * intermediate, time.perf_counter(), 0
-    while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
-        a @ b
-        runs += 1
-    return flops * runs / elapsed / 1e9
+    logits = torch.randn(256, min(vocab, 32768))
+    gflops = _rate(lambda: a @ b, 2 * 256 * hidden * intermediate / 1e9, seconds)
+    return gflops, _rate(lambda: torch.log_softmax(logits, -1), logits.numel() / 1e6, seconds)
 
 
 def memory_budget() -> int:
@@ -228,6 +243,7 @@ class Plan:
     cache_disk: dict[str, float]
     disk_free: int
     gflops: float
+    loss_melems_per_s: float
     step_seconds: dict[str, float]
     recommend: dict[str, object]
 
@@ -264,12 +280,13 @@ def plan_config(cfg: DistillConfig, memory_bytes: int | None = None, students: i
     cache_disk = {f"{enc} k={k}": cache_bytes_per_token(k, enc) * n_tokens for enc in CACHE_BYTES for k in (8, 32, 64)}
     out_dir = Path(cfg.train.output_dir).resolve()
     disk_free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
-    gflops = probe_gflops(s.hidden, s.intermediate) if probe else 0.0
+    gflops, melems = probe_speed(s.hidden, s.intermediate, s.vocab) if probe else (0.0, 0.0)
     f_student, f_teacher = _step_flops(s, t, cfg)
-    rate = gflops * 1e9 or math.inf
-    step = {"cache": f_student / rate}
+    passes = (LOSS_PASSES_KD if kd else LOSS_PASSES_CE)[cfg.loss.fused]
+    loss_s = passes * cfg.train.grad_accum * micro_tokens * s.vocab / (melems * 1e6 or math.inf)
+    step = {"cache": f_student / (gflops * 1e9 or math.inf) + loss_s}
     if t is not None:
-        step["online"] = (f_student + f_teacher) / rate
+        step["online"] = step["cache"] + f_teacher / (gflops * 1e9 or math.inf)
     plan = Plan(
         student_params=s.params,
         teacher_params=None if t is None else t.params,
@@ -284,6 +301,7 @@ def plan_config(cfg: DistillConfig, memory_bytes: int | None = None, students: i
         cache_disk=cache_disk,
         disk_free=disk_free,
         gflops=gflops,
+        loss_melems_per_s=melems,
         step_seconds=step,
         recommend={},
     )
@@ -348,7 +366,11 @@ def format_plan(plan: Plan) -> str:
     rows += ["", f"data {plan.data_bytes / MIB:.1f} MiB JSONL ~ {plan.data_tokens:,} tokens; cache on disk:"]
     rows += [f"  {name:<22}{_gib(size)}" for name, size in plan.cache_disk.items()]
     rows.append(f"  {'disk free':<22}{_gib(plan.disk_free)}")
-    rows += ["", f"time ({plan.tokens_per_step:,} tokens/step, probe {plan.gflops:.1f} GFLOP/s; matmul FLOPs only)"]
+    rows += [
+        "",
+        f"time ({plan.tokens_per_step:,} tokens/step; probes: {plan.gflops:.1f} GFLOP/s,"
+        f" {plan.loss_melems_per_s:.0f}M softmax elements/s)",
+    ]
     rows += [f"  {name:<22}{sec:8.2f} s/step" for name, sec in plan.step_seconds.items()]
     rows += ["", "recommend"] + [f"  {key:<22}{value}" for key, value in plan.recommend.items()]
     return "\n".join(rows)
