@@ -114,7 +114,7 @@ def render_markdown(summary: dict) -> str:
         f"{teacher['params'] / 1e6:.1f}M, and writes text **{_fmt(r['speedup'], '.1f')}x faster** "
         f"({_fmt(kd['latency_ms_per_token'], '.1f')} vs {_fmt(teacher['latency_ms_per_token'], '.1f')} ms per "
         "token, greedy, batch 1). Two copies of the same student were trained on the same text for the same "
-        "number of steps: one learned from the teacher's full next-token distributions (**distillation**), the "
+        "number of steps: one learned from the teacher's next-token distributions (**distillation**), the "
         "other only from the text itself (**CE only**). On held-out text neither saw, the distilled student "
         f"needs **{_fmt(kd['bpb'])}** bits per byte, the CE-only student {_fmt(ce['bpb'])}, the teacher "
         f"{_fmt(teacher['bpb'])} (lower is better). Distillation closed **{_pct(r['gap_closed'])}** of the gap "
