@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import statistics
 import time
@@ -33,6 +32,7 @@ from pydantic import Field
 
 from potstill.config import DistillConfig, _Section, apply_overrides, load_config, validate_config
 from potstill.errors import UserError
+from potstill.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,7 @@ def _open_state(out: Path, mode: str, settings: DemoSettings, overwrite: bool) -
 
 
 def _save_state(out: Path, state: dict) -> None:
-    tmp = out / f".{STATE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, out / STATE_FILE)
+    write_json_atomic(out / STATE_FILE, state)
 
 
 def _result(ctx: dict, step: str) -> Any:

@@ -22,12 +22,13 @@ import ast
 import hashlib
 import inspect
 import json
-import os
 import sysconfig
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from potstill.fileio import write_text_atomic
 
 DOMAINS = ("code", "docstrings", "docs")
 # Directories of the standard library that are not representative source: tests, third-party code,
@@ -200,15 +201,9 @@ def build_corpus(
             entry = stats["domains"].setdefault(d.domain, {}).setdefault(split, {"docs": 0, "bytes": 0})
             entry["docs"] += 1
             entry["bytes"] += len(d.text.encode())
-    _write_atomic(out / "corpus.json", json.dumps(stats, indent=2) + "\n")
+    write_text_atomic(out / "corpus.json", json.dumps(stats, indent=2) + "\n")
     return stats
 
 
 def _write_jsonl(path: Path, rows: Iterator[dict]) -> None:
-    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -14,9 +14,7 @@ with `write_eval_json` (also the way a training run writes its eval.json).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 from potstill.data.packing import IGNORE_INDEX, collate, pack
 from potstill.data.sources import read_many
 from potstill.errors import UserError
+from potstill.fileio import write_json_atomic
 from potstill.losses.divergences import fkl
 from potstill.student.init import load_id_map
 from potstill.teacher.load import load_model, quiet_hf_progress
@@ -212,11 +211,5 @@ def write_eval_json(out: Path, model: str, teacher: str | None, result: dict) ->
     """
     out.mkdir(parents=True, exist_ok=True)
     path = out / EVAL_FILE
-    tmp = out / f".{EVAL_FILE}.tmp-{os.getpid()}"
     report = {"model": model, "teacher": teacher, "overall": result["overall"], "domains": result["domains"]}
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_json_atomic(path, report)

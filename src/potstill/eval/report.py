@@ -23,6 +23,8 @@ import json
 import os
 from pathlib import Path
 
+from potstill.fileio import write_text_atomic
+
 STUDENTS = ("student_kd", "student_ce")
 MODELS = ("teacher", *STUDENTS)
 _METRICS = ("ppl", "bpb", "top1_agreement", "kl_to_teacher")
@@ -86,8 +88,8 @@ def write_report(out_dir: str | Path, results: dict) -> Path:
     names = plot_all(plots, summary, results.get("curves", {}))
     summary["plots"] = [f"plots/{n}" for n in names]
     md = out / "report.md"
-    _write_atomic(md, render_markdown(summary))
-    _write_atomic(out / "report.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(md, render_markdown(summary))
+    write_text_atomic(out / "report.json", json.dumps(summary, indent=2) + "\n")
     return md
 
 
@@ -199,12 +201,6 @@ def _save(fig, plots_dir: Path, name: str) -> str:
     return name
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---- `potstill report RUN_DIR`: the domain mix of a training run (data.mixing) ----
 
 MIXING_FILE = "mixing.jsonl"
@@ -242,7 +238,7 @@ def report_mixing(run_dir: str | Path) -> Path:
     plot_weights(plots, entries)
     evals = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else None
     md = run / "mixing_report.md"
-    _write_atomic(md, render_mixing(entries, evals))
+    write_text_atomic(md, render_mixing(entries, evals))
     return md
 
 

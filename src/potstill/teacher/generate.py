@@ -34,6 +34,7 @@ from typing import Any
 
 from potstill.config import GenerateConfig, SamplingConfig, TeacherSourceConfig
 from potstill.errors import UserError
+from potstill.fileio import write_json_atomic
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -380,7 +381,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
         "dropped": dict(counts),
         "teacher": backend.stats,
     }
-    _write_json(out.with_name(out.name + ".summary.json"), summary)
+    write_json_atomic(out.with_name(out.name + ".summary.json"), summary)
     return out
 
 
@@ -444,9 +445,3 @@ class _Appender:
     def __exit__(self, *exc) -> None:
         if self.fh is not None:
             self.fh.close()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from potstill.errors import UserError
+from potstill.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def convert_gguf(path: str | Path, cache: str | Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _convert_into(src, tmp)
-        _write_json(tmp / SOURCE_FILE, _source_record(src, digest))
+        write_json_atomic(tmp / SOURCE_FILE, _source_record(src, digest))
         if entry.exists():  # another process finished the same conversion first
             shutil.rmtree(tmp)
         else:
@@ -289,12 +289,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _first_line(err: BaseException) -> str:

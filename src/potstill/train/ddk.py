@@ -37,8 +37,9 @@ from potstill.config import DistillConfig, MixingConfig
 from potstill.data.mixing import DomainSampler, check_weights, ddk_initial, ddk_update, static_weights
 from potstill.errors import UserError
 from potstill.eval.metrics import evaluate
+from potstill.fileio import write_text_atomic
 from potstill.teacher.online import OnlineTeacher
-from potstill.train.trainer import _logged_step, _write_text
+from potstill.train.trainer import _logged_step
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class MixingCallback(TrainerCallback):
             self.sampler.seek(state.global_step * self._per_step)
             if state.is_world_process_zero and self.path.exists():
                 lines = self.path.read_text().splitlines(keepends=True)
-                _write_text(self.path, "".join(line for line in lines if _logged_step(line) <= state.global_step))
+                write_text_atomic(self.path, "".join(line for line in lines if _logged_step(line) <= state.global_step))
         elif self.cfg.mode == "ddk":
             self._update(model, state, first=True)
         else:

@@ -26,6 +26,7 @@ from transformers.trainer_callback import PrinterCallback
 from potstill.config import DistillConfig
 from potstill.data import collate, pack
 from potstill.data.sources import Record
+from potstill.fileio import write_text_atomic
 from potstill.losses import kd_terms
 from potstill.teacher.load import quiet_hf_progress
 from potstill.train.trainer import (
@@ -39,7 +40,6 @@ from potstill.train.trainer import (
     _save_student,
     _start_run_dir,
     _training_args,
-    _write_text,
 )
 
 LABEL_PREFIX, RATIONALE_PREFIX = "[label]", "[rationale]"
@@ -166,7 +166,7 @@ def run_step_by_step(cfg: DistillConfig) -> Path:
                 "global_step": trainer.state.global_step,
                 "train_loss": result.training_loss,
             }
-            _write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return out
 
 

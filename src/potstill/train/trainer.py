@@ -49,6 +49,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from potstill.config import DistillConfig, LossConfig, dump_config
 from potstill.errors import UserError
+from potstill.fileio import write_text_atomic
 from potstill.losses import combine, kd_terms
 from potstill.losses.fused import TeacherHead, fused_kd_terms, head_of
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
@@ -92,7 +93,7 @@ class JsonlLogger(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.path.exists():
             lines = self.path.read_text().splitlines(keepends=True)
-            _write_text(self.path, "".join(line for line in lines if _logged_step(line) <= state.global_step))
+            write_text_atomic(self.path, "".join(line for line in lines if _logged_step(line) <= state.global_step))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -448,7 +449,7 @@ def _run(cfg: DistillConfig) -> Path:
             "global_step": trainer.state.global_step,
             "train_loss": result.training_loss,
         }
-        _write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()
     return out
 
@@ -511,7 +512,7 @@ def _start_run_dir(out: Path, cfg: DistillConfig, resume: Path | None) -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    _write_text(out / CONFIG_FILE, dump_config(cfg))
+    write_text_atomic(out / CONFIG_FILE, dump_config(cfg))
 
 
 def _load_models(cfg: DistillConfig):
@@ -647,17 +648,8 @@ def _save_student(trainer: DistillTrainer, dest: Path, tokenizer, student_dir: s
 
 
 def _write_eval(trainer: DistillTrainer, eval_ds, teacher: OnlineTeacher | None, cfg: DistillConfig, out: Path):
-    from potstill.eval.metrics import evaluate
+    from potstill.eval.metrics import evaluate, write_eval_json
 
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     result = evaluate(model, eval_ds, teacher=teacher, batch_size=cfg.train.batch_size, progress=False)
-    report = {"model": str(out / "student"), "teacher": cfg.model.teacher}
-    report.update((key, value) for key, value in result.items() if key not in report)
-    _write_text(out / "eval.json", json.dumps(report, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic write: temp name in the same directory, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_eval_json(out, str(out / "student"), cfg.model.teacher, result)
