@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from potstill.config import LossConfig
+from potstill.data.packing import IGNORE_INDEX  # one definition: labels that carry no loss
 from potstill.losses import divergences
-
-IGNORE_INDEX = -100
 
 # LossConfig field -> keyword argument of the divergence functions.
 _KWARGS = {"beta": "beta", "jsd_scaled": "scaled", "skew": "skew", "akl_mu": "mu"}
