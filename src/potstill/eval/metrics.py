@@ -15,7 +15,8 @@ with `write_eval_json` (also the way a training run writes its eval.json).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from potstill.data.sources import read_many
 from potstill.errors import UserError
 from potstill.fileio import write_json_atomic
 from potstill.losses.divergences import fkl
+from potstill.losses.fused import TeacherHead, head_of
 from potstill.student.init import load_id_map
 from potstill.teacher.load import load_model, quiet_hf_progress
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
@@ -113,19 +115,9 @@ def _batch_sums(model: torch.nn.Module, batch: dict, teacher: OnlineTeacher | No
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     # Position t predicts token t + 1: shift the labels, not the logits (slicing the logits would copy [B, T, V]).
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    teacher_logits = None if teacher is None else teacher.logits(ids, mask)
-    if teacher_logits is not None and teacher_logits.shape != logits.shape:
-        raise UserError(
-            f"teacher logits {tuple(teacher_logits.shape)} do not match the model's {tuple(logits.shape)}: "
-            "the two vocabularies differ"
-        )
-    width = logits.shape[-1]
-    stats = _token_stats(
-        logits.reshape(-1, width),
-        targets.view(-1),
-        None if teacher_logits is None else teacher_logits.reshape(-1, width),
-    )
+    student = _row_logits(model, ids, mask)
+    teacher_rows = None if teacher is None else _teacher_row_logits(teacher, ids, mask)
+    stats = _token_stats(student, targets.view(-1), teacher_rows)
     per_seq = stats.view(*targets.shape, 3).sum(1).tolist()  # [B, 3]
     tokens = (targets != IGNORE_INDEX).sum(1).tolist()
     return [
@@ -134,26 +126,67 @@ def _batch_sums(model: torch.nn.Module, batch: dict, teacher: OnlineTeacher | No
     ]
 
 
-def _token_stats(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None) -> torch.Tensor:
-    """NLL, top-1 agreement and KL(p_teacher || q) of each scored token, in chunks of `_ROWS` rows.
+RowLogits = Callable[[torch.Tensor], torch.Tensor]
+"""Given [n] flat token positions of a batch, their [n, V] float32 logits."""
+
+
+def _row_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> RowLogits:
+    """The model's logits, computed per group of rows from its final hidden states when its head allows.
+
+    A 262k-vocabulary head makes [B, T, V] logits (and the softcap's copies of them) the bulk of an eval
+    pass; from [B, T, H] hidden states only [rows, V] exist at a time. Models whose head `head_of` cannot
+    reproduce fall back to their full logits.
+    """
+    head = head_of(model)
+    if head is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        flat = logits.reshape(-1, logits.shape[-1])
+        return lambda idx: flat[idx].float()
+    weight, softcap = head
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1].reshape(-1, weight.shape[1])  # after the final norm: the head's input
+    return lambda idx: TeacherHead(hidden=hidden[idx], weight=weight, softcap=softcap).logits()
+
+
+def _teacher_row_logits(teacher: OnlineTeacher, ids: torch.Tensor, mask: torch.Tensor) -> RowLogits:
+    """Like `_row_logits`, for the teacher over the student's vocabulary."""
+    head = teacher.head_inputs(ids, mask)
+    if head is None:
+        logits = teacher.logits(ids, mask)
+        flat = logits.reshape(-1, logits.shape[-1])
+        return lambda idx: flat[idx]
+    flat_head = replace(head, hidden=head.hidden.reshape(-1, head.hidden.shape[-1]))
+    return lambda idx: flat_head.rows(idx).logits()
+
+
+def _token_stats(student: RowLogits, targets: torch.Tensor, teacher: RowLogits | None) -> torch.Tensor:
+    """NLL, top-1 agreement and KL(p_teacher || q) of each scored token, in groups of `_ROWS` rows.
 
     Args:
-        logits: [N, V] model logits.
+        student: the model's logits by row ([n] positions -> [n, V]).
         targets: [N] next-token ids, -100 where not scored.
-        teacher_logits: [N, V] or None.
+        teacher: the teacher's logits by row, over the same vocabulary, or None.
 
     Returns:
         [N, 3] float64 (nll, agree, kl); zero rows where not scored, zero agree/kl columns without a teacher.
+
+    Raises:
+        UserError: the teacher's logits do not cover the model's vocabulary.
     """
-    out = torch.zeros(len(targets), 3, dtype=torch.float64, device=logits.device)
+    out = torch.zeros(len(targets), 3, dtype=torch.float64, device=targets.device)
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     for idx in rows.split(_ROWS):
-        student = logits[idx].float()
-        out[idx, 0] = F.cross_entropy(student, targets[idx], reduction="none").double()
-        if teacher_logits is not None:
-            teacher = teacher_logits[idx].float()
-            out[idx, 1] = (student.argmax(-1) == teacher.argmax(-1)).double()
-            out[idx, 2] = fkl(student, teacher).double()
+        logits = student(idx)
+        out[idx, 0] = F.cross_entropy(logits, targets[idx], reduction="none").double()
+        if teacher is not None:
+            t_logits = teacher(idx)
+            if t_logits.shape != logits.shape:
+                raise UserError(
+                    f"teacher logits have {t_logits.shape[-1]} entries per token, the model's {logits.shape[-1]}: "
+                    "the two vocabularies differ"
+                )
+            out[idx, 1] = (logits.argmax(-1) == t_logits.argmax(-1)).double()
+            out[idx, 2] = fkl(logits, t_logits).double()
     return out
 
 

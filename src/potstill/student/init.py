@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from potstill.errors import UserError
-from potstill.teacher.load import convert_gguf, enable_progress_log, load_model
+from potstill.teacher.load import DTYPES, convert_gguf, enable_progress_log, load_model
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def init_student(
     calib_seq_len: int = 256,
     seed: int = 0,
     selection: str = "measured",
+    calib_dtype: str = "float32",
     overwrite: bool = False,
 ) -> Path:
     """Prune `teacher_dir` into an HF student directory `out`.
@@ -68,13 +69,16 @@ def init_student(
         seed: picks which corpus windows form the calibration set.
         selection: "measured" (calibration loss when a layer is skipped) or "even" (evenly spaced, first
             and last kept; only meaningful without a corpus).
+        calib_dtype: dtype of the copy of the teacher that scores the layers ("bfloat16": ~2x faster on CPUs with
+            AVX512-BF16 and GPUs; the demo's layer ranking is the same). The student is built from the teacher's
+            weights as loaded, whatever this is.
         overwrite: replace an existing `out`.
 
     Returns:
         The student directory.
     """
     out = Path(out)
-    _check_request(layers, out, corpus_texts, trim_vocab, selection, overwrite)
+    _check_request(layers, out, corpus_texts, trim_vocab, selection, overwrite, calib_dtype)
     start = time.perf_counter()
     teacher_dir = _resolve_teacher(teacher_dir, layers)
     teacher, tokenizer = load_model(teacher_dir)
@@ -89,9 +93,12 @@ def init_student(
         info["corpus_distinct_ids"] = len({i for ids in corpus_ids for i in ids})
     if selection == "measured":
         batches = calibration_batches(corpus_ids, tokenizer, calib_tokens, calib_seq_len, seed)
-        scores, base = layer_scores(teacher, batches, keep_ids)
+        scorer = teacher if calib_dtype == "float32" else copy.deepcopy(teacher).to(DTYPES[calib_dtype])
+        scores, base = layer_scores(scorer, batches, keep_ids)
+        del scorer
         kept = sorted(sorted(range(n_layers), key=lambda i: -scores[i])[:layers])
-        info.update(calib_tokens=sum(b.numel() for b in batches), calib_loss=base, layer_scores=scores)
+        info.update(calib_tokens=sum(b.numel() for b in batches), calib_dtype=calib_dtype)
+        info.update(calib_loss=base, layer_scores=scores)
     else:
         kept = evenly_spaced(n_layers, layers)
     log.info("keeping layers %s of %d", kept, n_layers)
@@ -124,12 +131,13 @@ def init_student_cli(
     overwrite: bool = False,
     selection: str = "measured",
     vocab_size: int | None = None,
+    calib_dtype: str = "float32",
 ) -> Path:
     """`potstill student init`: read the corpus JSONL files (text, or prompt + completion) and call `init_student`."""
     from potstill.data.sources import read_many
 
     enable_progress_log()
-    _check_request(layers, Path(out), list(corpus), trim_vocab, selection, overwrite)
+    _check_request(layers, Path(out), list(corpus), trim_vocab, selection, overwrite, calib_dtype)
     texts = [rec.context + rec.scored for rec in read_many(list(corpus))] if corpus else []
     return init_student(
         teacher,
@@ -139,6 +147,7 @@ def init_student_cli(
         trim_vocab=trim_vocab,
         vocab_size=vocab_size,
         selection=selection,
+        calib_dtype=calib_dtype,
         overwrite=overwrite,
     )
 
@@ -357,44 +366,41 @@ def layer_scores(model: nn.Module, batches: Sequence[torch.Tensor], keep_ids: li
     The layers before the skipped one are not rerun: one full pass records each layer's input, and the run
     without layer i starts at layer i+1 from that input (half the cost of rerunning everything). The head is
     restricted to `keep_ids` (the student's vocabulary) when given: cheaper, and the loss the student trains on.
+    The model may be a low-precision copy (see `init_student`'s `calib_dtype`); the CE is summed in float64.
 
     Returns:
         (scores [n_layers] floats, the full model's CE in nats/token).
     """
     n_layers = model.config.num_hidden_layers
     head_ids = torch.arange(model.config.vocab_size) if keep_ids is None else torch.tensor(keep_ids)
+    head = model.get_output_embeddings().weight[head_ids]  # [V_keep, H], gathered once
+    position = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
+    position[head_ids] = torch.arange(len(head_ids))
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def nll(hidden: torch.Tensor, ids: torch.Tensor) -> float:
+        """Summed next-token CE (nats) of final hidden states [B, T, H]; every target is in `head_ids`."""
+        logits = (hidden[:, :-1] @ head.T).float()  # [B, T-1, V_keep]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        ce = nn.functional.cross_entropy(logits.flatten(0, 1), position[ids[:, 1:]].flatten(), reduction="none")
+        return float(ce.double().sum())
+
     totals, base, count = torch.zeros(n_layers, dtype=torch.float64), 0.0, 0
     t0 = time.perf_counter()
     for ids in batches:
         out = model.base_model(input_ids=ids, use_cache=False, output_hidden_states=True)
-        base += _nll(model, out.last_hidden_state, ids, head_ids)
+        base += nll(out.last_hidden_state, ids)
         count += ids[:, 1:].numel()
         for skip in range(n_layers):
             rest = list(range(skip + 1, n_layers))
             first = model.base_model.layers[rest[0]] if rest else model.base_model.norm
             with only_layers(model, rest), _input_replaced(first, out.hidden_states[skip]):
-                totals[skip] += _nll(
-                    model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state, ids, head_ids
-                )
+                totals[skip] += nll(model.base_model(input_ids=ids, use_cache=False).last_hidden_state, ids)
     base /= count
     scores = (totals / count - base).tolist()
     log.info("layer scores (%d tokens, %.1f s): %s", count, time.perf_counter() - t0, [round(x, 3) for x in scores])
     return scores, base
-
-
-def _nll(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, head_ids: torch.Tensor) -> float:
-    """Summed next-token CE (nats) of final hidden states [B, T, H] with the head restricted to `head_ids`.
-
-    Every target must be in `head_ids` (the kept vocabulary contains every id the corpus uses).
-    """
-    logits = hidden[:, :-1] @ model.get_output_embeddings().weight[head_ids].T  # [B, T-1, V_keep]
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    position = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
-    position[head_ids] = torch.arange(len(head_ids))
-    targets = position[ids[:, 1:]]
-    return float(nn.functional.cross_entropy(logits.flatten(0, 1).double(), targets.flatten(), reduction="sum"))
 
 
 @contextmanager
@@ -510,9 +516,13 @@ def _n_params(model: nn.Module) -> int:
 # ----- checks and output -----------------------------------------------------------------------------------------
 
 
-def _check_request(layers: int, out: Path, corpus: Sequence, trim_vocab: bool, selection: str, overwrite: bool) -> None:
+def _check_request(
+    layers: int, out: Path, corpus: Sequence, trim_vocab: bool, selection: str, overwrite: bool, calib_dtype: str
+) -> None:
     if selection not in SELECTIONS:
         raise UserError(f"--select {selection}: expected one of {', '.join(SELECTIONS)}")
+    if calib_dtype not in DTYPES:
+        raise UserError(f"--calib-dtype {calib_dtype}: expected one of {', '.join(DTYPES)}")
     if layers < 1:
         raise UserError(f"--layers {layers}: a student needs at least 1 decoder layer")
     if out.exists() and not overwrite:

@@ -224,6 +224,8 @@ def hf_generate(model, tokenizer, prompts: list[str], params: dict[str, Any]) ->
     kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": params["temperature"]}
     if not greedy:
         kwargs.update(top_p=params.get("top_p", 1.0), num_return_sequences=n)
+    if params.get("stop"):  # end early once every sequence has a stop string (cut off exactly by `_cut` below)
+        kwargs.update(stop_strings=list(params["stop"]), tokenizer=tokenizer)
     with torch.no_grad():
         out = model.generate(
             **enc.to(model.device), max_new_tokens=params.get("max_tokens", 16), pad_token_id=pad, top_k=None, **kwargs

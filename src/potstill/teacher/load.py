@@ -29,7 +29,7 @@ from potstill.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SOURCE_FILE = "potstill_source.json"
 _TMP_PREFIX = ".tmp-"
 CHECK_PROMPT = "def fibonacci(n):"
@@ -89,7 +89,7 @@ def load_model(path: str | Path, dtype: str = "float32"):
         raise UserError(f"{p}: not a model directory (expected config.json and weights from save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{p}: cannot load model or tokenizer ({_first_line(err)})") from None
     return model.eval(), tokenizer

@@ -5,6 +5,7 @@ prompt/completion examples: `[label] INPUT\\n` -> `LABEL` and `[rationale] INPUT
 loss covers the completion only. `StepByStepDataset` keeps the pair together (one padded sequence per
 task, built by `potstill.data.pack`), and `potstill.data.collate` stacks it into one batch holding both
 tasks: `input_ids/attention_mask/labels` (label task) and `r_input_ids/r_attention_mask/r_labels`.
+`potstill distill` runs this recipe with `train.recipe: step_by_step` (`run_distill` dispatches here).
 
 `StepByStepTrainer` is a `DistillTrainer`: the label task gets the usual objective (soft-label KD when a
 white-box teacher and `loss.alpha > 0` are given, else CE) and the rationale task adds
@@ -26,6 +27,8 @@ from transformers.trainer_callback import PrinterCallback
 from potstill.config import DistillConfig
 from potstill.data import collate, pack
 from potstill.data.sources import Record
+from potstill.errors import UserError
+from potstill.eval.metrics import write_eval_json
 from potstill.fileio import write_text_atomic
 from potstill.losses import kd_terms
 from potstill.teacher.load import quiet_hf_progress
@@ -51,13 +54,17 @@ def task_prompt(prefix: str, text: str) -> str:
     return f"{prefix} {text}\n"
 
 
-def read_rationales(paths: list[str]) -> list[dict[str, str]]:
-    """`{"input", "label", "rationale"}` rows of JSONL files (a missing field is an error at file:line)."""
+def read_rationales(paths: list[str], fields: tuple[str, ...] = RATIONALE_FIELDS) -> list[dict[str, str]]:
+    """The `fields` of every row of JSONL files (default: a training record `{"input", "label", "rationale"}`).
+
+    Raises:
+        UserError: a missing file, a bad line, or a row without one of `fields` (`file:line: missing field "x"`).
+    """
     from potstill.teacher.generate import check_fields, parse_template, read_rows
 
     rows = read_rows(paths)
-    check_fields(parse_template("", "step-by-step"), rows, required=RATIONALE_FIELDS)
-    return [{key: str(row.data[key]) for key in RATIONALE_FIELDS} for row in rows]
+    check_fields(parse_template("", "train.recipe=step_by_step"), rows, required=fields)
+    return [{key: str(row.data[key]) for key in fields} for row in rows]
 
 
 class StepByStepDataset(Dataset):
@@ -135,17 +142,27 @@ class StepByStepTrainer(DistillTrainer):
 def run_step_by_step(cfg: DistillConfig) -> Path:
     """Train a student on rationale records (`data.train`) with the two-task objective; like `run_distill`.
 
-    Writes `OUT/config.yaml`, `OUT/log.jsonl`, checkpoints, `OUT/student/` and `OUT/summary.json` (last).
+    `potstill distill` runs it for `train.recipe: step_by_step`. Writes `OUT/config.yaml`, `OUT/log.jsonl`,
+    checkpoints, `OUT/student/`, with `data.eval` (rows with `input` and gold `label`) `OUT/eval.json` holding
+    the label accuracy of the label task (`label_accuracy`), and `OUT/summary.json` (last, with the accuracy).
+
+    Raises:
+        UserError: as `run_distill`; a train row without input/label/rationale or an eval row without
+            input/label (`file:line`); `data.mixing` or `teacher.source: cache` (not supported by this recipe).
 
     Returns:
         The run directory.
     """
     _check_config(cfg)
+    if cfg.data.mixing is not None or (cfg.teacher.source == "cache" and cfg.loss.alpha != 0):
+        raise UserError("config: train.recipe=step_by_step supports neither data.mixing nor teacher.source=cache")
+    train_rows = read_rationales(cfg.data.train)
+    eval_rows = read_rationales(cfg.data.eval, fields=("input", "label")) if cfg.data.eval else None
     with quiet_hf_progress():
         out = Path(cfg.train.output_dir)
         resume = _plan_output_dir(out, cfg)
         student, tokenizer, teacher = _load_models(cfg)
-        dataset = StepByStepDataset(read_rationales(cfg.data.train), tokenizer, cfg.data.seq_len, cfg.data.add_bos)
+        dataset = StepByStepDataset(train_rows, tokenizer, cfg.data.seq_len, cfg.data.add_bos)
         trainer = StepByStepTrainer(
             model=student,
             args=_training_args(cfg),
@@ -166,8 +183,40 @@ def run_step_by_step(cfg: DistillConfig) -> Path:
                 "global_step": trainer.state.global_step,
                 "train_loss": result.training_loss,
             }
+            if eval_rows is not None:
+                summary["label_accuracy"] = _write_eval(trainer, tokenizer, eval_rows, cfg, out)
             write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return out
+
+
+def _write_eval(
+    trainer: StepByStepTrainer, tokenizer, rows: list[dict[str, str]], cfg: DistillConfig, out: Path
+) -> float:
+    """Label accuracy of the trained student on `data.eval` -> `OUT/eval.json` (`overall`) and stdout; returns it."""
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    scores = label_accuracy(model, tokenizer, rows, cfg.data.add_bos, cfg.train.batch_size)
+    write_eval_json(out, str(out / "student"), cfg.model.teacher, {"overall": scores, "domains": {}})
+    print(f"label accuracy on data.eval: {scores['label_accuracy']:.4f} ({scores['correct']}/{len(rows)})", flush=True)
+    return scores["label_accuracy"]
+
+
+def label_accuracy(
+    model, tokenizer, rows: list[dict[str, str]], add_bos: bool = True, batch_size: int = 16
+) -> dict[str, float | int]:
+    """Accuracy of the label task's greedy answers (`predict_labels`) against the gold labels.
+
+    Answers compare as in the rationale filter (`same_label`: case, spaces, a final period, numbers as numbers).
+    Generation stops one token after the longest gold label, so a right answer is never cut off.
+
+    Returns:
+        `{"examples", "correct", "label_accuracy"}`.
+    """
+    from potstill.teacher.generate import same_label
+
+    max_tokens = 1 + max(len(tokenizer(r["label"], add_special_tokens=False)["input_ids"]) for r in rows)
+    answers = predict_labels(model, tokenizer, [r["input"] for r in rows], max_tokens, batch_size, add_bos)
+    correct = sum(same_label(a, r["label"]) for a, r in zip(answers, rows, strict=True))
+    return {"examples": len(rows), "correct": correct, "label_accuracy": correct / len(rows)}
 
 
 def predict_labels(

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, PrinterCallback
@@ -392,6 +393,8 @@ def _grad_norms(model: nn.Module, parts: list[torch.Tensor]) -> torch.Tensor:
 def run_distill(cfg: DistillConfig) -> Path:
     """Train a student per `cfg` and write the run directory; resume it if it holds a checkpoint.
 
+    `train.recipe: step_by_step` runs `potstill.train.step_by_step.run_step_by_step` instead (rationale records).
+
     Writes `OUT/config.yaml` (resolved), `OUT/log.jsonl`, `OUT/checkpoint-*`, `OUT/student/` (HF dir with
     tokenizer and id map), `OUT/eval.json` when `data.eval` is set, and `OUT/summary.json` last.
 
@@ -402,6 +405,10 @@ def run_distill(cfg: DistillConfig) -> Path:
     Returns:
         The run directory.
     """
+    if cfg.train.recipe == "step_by_step":
+        from potstill.train.step_by_step import run_step_by_step  # imports this module: import here
+
+        return run_step_by_step(cfg)
     _check_config(cfg)
     with quiet_hf_progress():
         return _run(cfg)
@@ -495,6 +502,10 @@ def _check_same_config(path: Path, cfg: DistillConfig) -> None:
     if not path.is_file():
         return
     old = yaml.safe_load(path.read_text()) or {}
+    try:  # fields added to potstill since the run started take their defaults, as they did then
+        old = DistillConfig.model_validate(old).model_dump(mode="json")
+    except ValidationError:
+        pass  # compared raw: the first differing field is named below
     new = cfg.model_dump(mode="json")
     for section, fields in new.items():
         for key, value in fields.items():
@@ -529,7 +540,7 @@ def _load_models(cfg: DistillConfig):
     id_map = _load_id_map(cfg.model.student)
     from potstill.teacher.online import check_tokenizers
 
-    teacher_model, teacher_tok = load_model(cfg.model.teacher, dtype=cfg.model.dtype)
+    teacher_model, teacher_tok = load_model(cfg.model.teacher, dtype=cfg.model.teacher_dtype or cfg.model.dtype)
     check_tokenizers(tokenizer, teacher_tok, id_map=id_map)
     _check_vocab_sizes(student, teacher_model, id_map, cfg)
     return student, tokenizer, OnlineTeacher(teacher_model, id_map=id_map)
@@ -620,7 +631,8 @@ def _training_args(cfg: DistillConfig) -> TrainingArguments:
         dataloader_num_workers=0,
         ddp_backend="gloo" if _distributed() and not torch.cuda.is_available() else None,
         use_cpu=not torch.cuda.is_available(),
-        bf16=cfg.model.dtype == "bfloat16",
+        bf16=t.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16",
+        fp16=t.mixed_precision == "fp16",
         restore_callback_states_from_checkpoint=True,
         ddp_find_unused_parameters=False,
     )
