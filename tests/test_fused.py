@@ -141,6 +141,30 @@ def test_float32_bigger_shapes(name):
     torch.testing.assert_close(fused.ce.double(), dense.ce, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("plan", [None, (0.5, 0.5)], ids=["recompute", "planned"])
+def test_bf16_autocast_matches_float64_to_bf16_precision(plan):
+    """Under CPU autocast the head's matmuls run in bfloat16 (forward and the backward's recompute alike);
+    values and float32 grads stay within bf16 precision of the float64 reference, and far from exact."""
+    g = torch.Generator().manual_seed(5)
+    n, h, v = 200, 32, 2000
+    hidden = torch.randn(2, n // 2, h, generator=g).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.3).requires_grad_()
+    t_hidden, t_weight = torch.randn(2, n // 2, h, generator=g), torch.randn(v, h, generator=g) * 0.3
+    labels = torch.randint(0, v, (2, n // 2), generator=g)
+    cfg = _cfg("fkl", temperature=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _fused(hidden, weight, _teacher_head(t_hidden, t_weight), labels, cfg, chunk_size=48, loss_weights=plan)
+    params64 = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    dense = _dense(*params64, t_hidden.double(), t_weight.double(), labels, cfg)
+    grads = _grads(fused, 0.5, 0.5, (hidden, weight))
+    assert [x.dtype for x in grads] == [torch.float32, torch.float32]
+    for got, want in zip(grads, _grads(dense, 0.5, 0.5, params64), strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=0.05, atol=2e-4)
+        assert not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-8)  # bf16 really was used
+    torch.testing.assert_close(fused.ce.double(), dense.ce, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(fused.kd.double(), dense.kd, rtol=5e-2, atol=1e-3)
+
+
 def test_default_chunk_size():
     assert default_chunk_size(262_144) * 262_144 <= 2**24 < (default_chunk_size(262_144) + 1) * 262_144
     assert default_chunk_size(10**9) == 8

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from potstill.eval.bench import latency_ms_per_token, param_count
-from potstill.eval.report import gap_closed, summarize, write_report
+from potstill.eval.report import gap_closed, render_markdown, summarize, write_report
 
 
 def _eval(bpb: dict[str, float], agree: float | None = None) -> dict:
@@ -76,6 +76,14 @@ def test_write_report_files(tmp_path: Path):
     assert "| code | 1.000 | 1.200 | 1.400 | 50% |" in text
     assert not list(tmp_path.glob(".*tmp*"))
 
+
+
+def test_report_says_when_the_teacher_ran_in_bfloat16():
+    plain = render_markdown(summarize(_results()))
+    results = _results()
+    results["settings"]["distill"] = {"model": {"teacher_dtype": "bfloat16"}}
+    low = render_markdown(summarize(results))
+    assert "bfloat16" not in plain and "The teacher ran in bfloat16" in low
 
 @pytest.fixture(scope="module")
 def tiny_model():

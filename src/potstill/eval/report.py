@@ -93,6 +93,18 @@ def write_report(out_dir: str | Path, results: dict) -> Path:
     return md
 
 
+def _precision_note(settings: dict) -> str:
+    """One sentence on the teacher's dtype when it is not the default float32 (it changes its bpb slightly)."""
+    model = settings.get("distill", {}).get("model", {})
+    dtype = model.get("teacher_dtype") or model.get("dtype")
+    if dtype in (None, "float32"):
+        return ""
+    return (
+        f" The teacher ran in {dtype} while teaching and when scored here; latency is measured in float32 "
+        "for all three models."
+    )
+
+
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -124,7 +136,7 @@ def render_markdown(summary: dict) -> str:
         "",
         "Bits per byte (bpb) measure how well a model predicts text, per UTF-8 byte, so models with different "
         "tokenizers compare fairly. Agreement is how often the student's most likely next token is the "
-        "teacher's.",
+        "teacher's." + _precision_note(summary.get("settings", {})),
         "",
         "## Models",
         "",

@@ -126,10 +126,23 @@ class _Problem:
             yield self.rows[part], self.labels[part], teacher
 
 
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The head matmuls' dtype: autocast's when it is on (mixed precision), else the weight's."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
 def _run(
-    prob: _Problem, hidden: torch.Tensor, weight: torch.Tensor, weights: tuple[float, float] | None
+    prob: _Problem,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    weights: tuple[float, float] | None,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One pass over the chunks: the two sums and, if `weights`, grads of w_kd * kd + w_ce * ce.
+
+    The head's matmuls run in `dtype` (bfloat16 under mixed precision); logits are upcast before the loss and
+    the gradients accumulate in the inputs' dtypes.
 
     Returns:
         (kd_sum, ce_sum, grad_hidden [N, H] | None, grad_weight [V, H] | None); sums already scaled.
@@ -139,10 +152,11 @@ def _run(
     kd_sum, ce_sum = acc.clone(), acc.clone()
     grad_h = torch.zeros_like(hidden) if weights else None
     grad_w = torch.zeros_like(weight) if weights else None
+    w = weight.to(dtype)
     for rows, labels, teacher in prob.chunks():
-        h = hidden[rows].to(weight.dtype)
+        h = hidden[rows].to(dtype)
         with torch.enable_grad():
-            z = F.linear(h, weight).requires_grad_(weights is not None)
+            z = F.linear(h, w).requires_grad_(weights is not None)
             kd, ce = _chunk_sums(_softcap(_upcast(z), prob.softcap), teacher, labels, prob.cfg)
             if weights:
                 total = ce * (weights[1] * prob.scale) + (0.0 if kd is None else kd * (weights[0] * prob.scale))
@@ -151,8 +165,12 @@ def _run(
             kd_sum += kd.detach()
         ce_sum += ce.detach()
         if weights:
-            grad_h.index_copy_(0, rows, (g @ weight).to(hidden.dtype))
-            grad_w.addmm_(g.t(), h)
+            g = g.to(dtype)
+            grad_h.index_copy_(0, rows, (g @ w).to(hidden.dtype))
+            if dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), h)
+            else:  # low-precision matmul, accumulated in the weight's dtype (one [V, H] temporary per chunk)
+                grad_w.add_(g.t() @ h)
     return kd_sum * prob.scale, ce_sum * prob.scale, grad_h, grad_w
 
 
@@ -174,7 +192,8 @@ class _FusedKD(torch.autograd.Function):
     def forward(ctx, hidden, weight, prob: _Problem, loss_weights):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         eager = loss_weights if needs_grad and loss_weights is not None else None
-        kd, ce, grad_h, grad_w = _run(prob, hidden, weight, eager)
+        ctx.dtype = _compute_dtype(hidden, weight)  # backward runs outside autocast: keep the forward's dtype
+        kd, ce, grad_h, grad_w = _run(prob, hidden, weight, eager, ctx.dtype)
         ctx.prob, ctx.planned = prob, eager
         # The precomputed grads are plain attributes, not saved tensors: backward scales them in place, and a
         # saved tensor modified in place would break a second backward through a retained graph.
@@ -190,7 +209,7 @@ class _FusedKD(torch.autograd.Function):
         (grad_h, grad_w), ctx.grads = ctx.grads, (None, None)
         ctx.planned = None  # the kept grads are handed out (and scaled in place) once; a retained graph recomputes
         if lam is None:
-            _, _, grad_h, grad_w = _run(ctx.prob, hidden, weight, actual)
+            _, _, grad_h, grad_w = _run(ctx.prob, hidden, weight, actual, ctx.dtype)
         else:
             grad_h, grad_w = grad_h.mul_(lam), grad_w.mul_(lam)  # in place: no second [V, H] buffer
         return grad_h, grad_w.to(weight.dtype), None, None

@@ -167,6 +167,14 @@ class DistillTrainer(Trainer):
         self._norms: torch.Tensor | None = None  # unweighted [||grad kd T^2||, ||grad ce||] of this log interval
         self._warned = False
 
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        """Autocast all of `compute_loss` under `train.mixed_precision`, not only the model's forward.
+
+        accelerate wraps just `model.forward`; the fused loss computes the student's head outside it, and that
+        head (the [tokens, V] matmuls) is most of the step's precision-sensitive time.
+        """
+        return self.accelerator.autocast()
+
     @property
     def alpha(self) -> float | None:
         """The KD weight in use (None until `alpha: auto` has chosen it on the first step)."""
