@@ -77,13 +77,13 @@ def test_write_report_files(tmp_path: Path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-
 def test_report_says_when_the_teacher_ran_in_bfloat16():
     plain = render_markdown(summarize(_results()))
     results = _results()
     results["settings"]["distill"] = {"model": {"teacher_dtype": "bfloat16"}}
     low = render_markdown(summarize(results))
     assert "bfloat16" not in plain and "The teacher ran in bfloat16" in low
+
 
 @pytest.fixture(scope="module")
 def tiny_model():
