@@ -30,6 +30,16 @@ def _problem(dtype=torch.float64, seed=0, masked=(0, 3, 4, 10)):
     return hidden, weight, t_hidden, t_weight, labels
 
 
+def _float32_problem(seed: int, n: int, v: int, h: int = 32):
+    """float32 student hidden/head (leaves), teacher hidden/head and labels: 2 sequences of n // 2 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, n // 2, h, generator=g).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.3).requires_grad_()
+    t_hidden, t_weight = torch.randn(2, n // 2, h, generator=g), torch.randn(v, h, generator=g) * 0.3
+    labels = torch.randint(0, v, (2, n // 2), generator=g)
+    return hidden, weight, t_hidden, t_weight, labels
+
+
 def _cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
@@ -123,12 +133,7 @@ def test_sparse_targets_at_full_k_equal_dense(tail):
 @pytest.mark.parametrize("name", ["fkl", "jsd"])
 def test_float32_bigger_shapes(name):
     """float32, 2 x 150 tokens, V = 3000, default chunk: within float32 tolerance of the float64 dense path."""
-    g = torch.Generator().manual_seed(4)
-    n, h, v = 300, 32, 3000
-    hidden = torch.randn(2, n // 2, h, generator=g).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) * 0.3).requires_grad_()
-    t_hidden, t_weight = torch.randn(2, n // 2, h, generator=g), torch.randn(v, h, generator=g) * 0.3
-    labels = torch.randint(0, v, (2, n // 2), generator=g)
+    hidden, weight, t_hidden, t_weight, labels = _float32_problem(seed=4, n=300, v=3000)
     labels[:, :7] = -100
     cfg = _cfg(name, temperature=1.0)
     fused = _fused(hidden, weight, _teacher_head(t_hidden, t_weight), labels, cfg, chunk_size=64)
@@ -145,12 +150,7 @@ def test_float32_bigger_shapes(name):
 def test_bf16_autocast_matches_float64_to_bf16_precision(plan):
     """Under CPU autocast the head's matmuls run in bfloat16 (forward and the backward's recompute alike);
     values and float32 grads stay within bf16 precision of the float64 reference, and far from exact."""
-    g = torch.Generator().manual_seed(5)
-    n, h, v = 200, 32, 2000
-    hidden = torch.randn(2, n // 2, h, generator=g).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) * 0.3).requires_grad_()
-    t_hidden, t_weight = torch.randn(2, n // 2, h, generator=g), torch.randn(v, h, generator=g) * 0.3
-    labels = torch.randint(0, v, (2, n // 2), generator=g)
+    hidden, weight, t_hidden, t_weight, labels = _float32_problem(seed=5, n=200, v=2000)
     cfg = _cfg("fkl", temperature=1.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = _fused(hidden, weight, _teacher_head(t_hidden, t_weight), labels, cfg, chunk_size=48, loss_weights=plan)

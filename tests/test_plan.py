@@ -76,6 +76,14 @@ def test_bigger_batch_and_dense_loss_cost_more(root):
     assert big.online_total - big.cache_total == big.memory["teacher_online"] > 0
 
 
+def test_bf16_teacher_halves_the_teacher_weights_not_the_student(root):
+    full = plan_config(config(root), probe=False).memory
+    low = plan_config(config(root, "model.teacher_dtype=bfloat16"), probe=False).memory
+    # weights, head copy and activations halve; the float32 attention scores do not
+    assert full["teacher_online"] / 2 < low["teacher_online"] < full["teacher_online"]
+    assert low["student_weights"] == full["student_weights"]
+
+
 def test_alpha_zero_needs_no_teacher(root):
     plan = plan_config(config(root, "loss.alpha=0", teacher="missing"), probe=False)
     assert plan.online_total is None and "teacher_online" not in plan.memory

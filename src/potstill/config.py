@@ -19,6 +19,10 @@ from potstill.errors import UserError
 LOSS_NAMES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl")
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]
+"""Weight dtypes a model can be loaded in (`potstill.teacher.load.DTYPES`)."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -28,14 +32,17 @@ class ModelConfig(_Section):
 
     student: str = Field(description="HF directory of the student (AutoModelForCausalLM + tokenizer)")
     teacher: str | None = Field(default=None, description="HF directory of the teacher; not needed when loss.alpha=0")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="dtype the student's weights are loaded and trained in"
-    )
-    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+    dtype: Dtype = Field(default="float32", description="dtype the student's weights are loaded and trained in")
+    teacher_dtype: Dtype | None = Field(
         default=None,
         description="dtype of the frozen teacher (null: same as dtype); bfloat16 runs it several times faster on"
         " GPUs and on CPUs with AVX512-BF16/AMX, for ~0.005 nats of KL to its float32 outputs",
     )
+
+    @property
+    def teacher_load_dtype(self) -> str:
+        """The dtype the teacher is loaded in: `teacher_dtype`, or `dtype` when that is null."""
+        return self.teacher_dtype or self.dtype
 
 
 class LossConfig(_Section):

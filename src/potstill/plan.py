@@ -209,7 +209,7 @@ def _student_memory(s: ModelShape, cfg: DistillConfig, chunk: int) -> dict[str, 
 
 def _teacher_memory(t: ModelShape, s: ModelShape, cfg: DistillConfig, has_map: bool) -> int:
     """Bytes of an online teacher: weights, a head copy for an id map, one layer's no-grad activations."""
-    elem = DTYPE_BYTES[cfg.model.dtype]
+    elem = DTYPE_BYTES[cfg.model.teacher_load_dtype]
     tokens = cfg.train.batch_size * cfg.data.seq_len
     head_copy = s.vocab * t.hidden * elem if has_map else 0
     scores = cfg.train.batch_size * t.heads * cfg.data.seq_len**2 * 4

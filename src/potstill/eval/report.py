@@ -23,7 +23,7 @@ import json
 import os
 from pathlib import Path
 
-from potstill.fileio import write_text_atomic
+from potstill.fileio import write_json_atomic, write_text_atomic
 
 STUDENTS = ("student_kd", "student_ce")
 MODELS = ("teacher", *STUDENTS)
@@ -89,7 +89,7 @@ def write_report(out_dir: str | Path, results: dict) -> Path:
     summary["plots"] = [f"plots/{n}" for n in names]
     md = out / "report.md"
     write_text_atomic(md, render_markdown(summary))
-    write_text_atomic(out / "report.json", json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out / "report.json", summary)
     return md
 
 

@@ -15,7 +15,6 @@ the label task only (`predict_labels`), so rationales cost nothing at test time.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from potstill.data import collate, pack
 from potstill.data.sources import Record
 from potstill.errors import UserError
 from potstill.eval.metrics import write_eval_json
-from potstill.fileio import write_text_atomic
+from potstill.fileio import write_json_atomic
 from potstill.losses import kd_terms
 from potstill.teacher.load import quiet_hf_progress
 from potstill.train.trainer import (
@@ -185,7 +184,7 @@ def run_step_by_step(cfg: DistillConfig) -> Path:
             }
             if eval_rows is not None:
                 summary["label_accuracy"] = _write_eval(trainer, tokenizer, eval_rows, cfg, out)
-            write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+            write_json_atomic(out / SUMMARY_FILE, summary)
     return out
 
 

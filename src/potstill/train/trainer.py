@@ -50,7 +50,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from potstill.config import DistillConfig, LossConfig, dump_config
 from potstill.errors import UserError
-from potstill.fileio import write_text_atomic
+from potstill.fileio import write_json_atomic, write_text_atomic
 from potstill.losses import combine, kd_terms
 from potstill.losses.fused import TeacherHead, fused_kd_terms, head_of
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
@@ -464,7 +464,7 @@ def _run(cfg: DistillConfig) -> Path:
             "global_step": trainer.state.global_step,
             "train_loss": result.training_loss,
         }
-        write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(out / SUMMARY_FILE, summary)
     trainer.accelerator.wait_for_everyone()
     return out
 
@@ -548,7 +548,7 @@ def _load_models(cfg: DistillConfig):
     id_map = _load_id_map(cfg.model.student)
     from potstill.teacher.online import check_tokenizers
 
-    teacher_model, teacher_tok = load_model(cfg.model.teacher, dtype=cfg.model.teacher_dtype or cfg.model.dtype)
+    teacher_model, teacher_tok = load_model(cfg.model.teacher, dtype=cfg.model.teacher_load_dtype)
     check_tokenizers(tokenizer, teacher_tok, id_map=id_map)
     _check_vocab_sizes(student, teacher_model, id_map, cfg)
     return student, tokenizer, OnlineTeacher(teacher_model, id_map=id_map)
