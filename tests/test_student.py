@@ -211,6 +211,7 @@ def test_even_fallback_without_corpus(gemma_teacher, tmp_path):
         ({"corpus": []}, "--corpus"),
         ({"corpus": [], "trim_vocab": False}, "--select even"),
         ({"selection": "random"}, "--select random"),
+        ({"calib_dtype": "int8"}, "--calib-dtype int8: expected one of float32"),
     ],
 )
 def test_bad_requests_are_user_errors(gemma_teacher, tmp_path, write_jsonl, kwargs, needle):
