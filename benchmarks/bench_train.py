@@ -12,8 +12,10 @@ beta = 0.5, T = 1, no CE term: alpha = 1, which is what GKD optimizes at lmbda =
 The cached arms serve targets that were computed before the timing starts (the cache build is the
 teacher's one-off cost, paid once for many students); they are held in memory, so the time to read and
 decode shards from disk (`potstill.teacher.cache`, measured in bench_cache.py) is not in these numbers.
-Time: wall time of the optimizer steps between a warm-up step and the last (logging) step.
-Tokens = batch x seq_len per step.
+Time: wall time of the optimizer steps between a warm-up step and the last (logging) step; each arm runs
+`--rounds` times, in the listed order and then reversed, alternately (so drifting load or a warm-up effect
+does not favour the arms that run late); the rate is from the median step over all rounds, and the spread of
+the per-round means is printed next to it. Tokens = batch x seq_len per step.
 
     python benchmarks/bench_train.py            # student 256 x 4 layers, teacher 512 x 4, vocab 32,768
     python benchmarks/bench_train.py --quick    # a smaller check (vocab 8,192, seq 64)
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -138,6 +141,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (between a warm-up and a final step)")
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every arm, order alternating")
     parser.add_argument("--quick", action="store_true", help="vocab 8,192, seq 64, 2 timed steps")
     args = parser.parse_args()
     if args.quick:
@@ -160,16 +164,22 @@ def main() -> None:
     print(f"student {args.student_hidden}x{args.layers}, teacher {args.teacher_hidden}x{args.layers}, "
           f"vocab {args.vocab}, batch {args.batch} x seq {args.seq_len} = {tokens} tokens/step, k = {args.k}, "
           f"{args.steps} timed steps, torch threads {torch.get_num_threads()}")  # fmt: skip
-    rates = {}
+    steps: dict[str, list[float]] = {name: [] for name in arms}
+    means: dict[str, list[float]] = {name: [] for name in arms}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, arm in arms.items():
-            student = llama(args.vocab, args.student_hidden, args.layers, args.seq_len, seed=0)
-            timer = arm(student, os.path.join(tmp, name.replace(" ", "_")))
-            rates[name] = tokens * len(timer.times) / sum(timer.times)
-            print(f"{name:13s} {rates[name]:9.0f} tokens/s  ({sum(timer.times) / len(timer.times):.2f} s/step)")
-    print("\n| arm | tokens/s | vs online dense | vs TRL GKD |\n|---|---:|---:|---:|")
+        for r in range(args.rounds):
+            for name in list(arms) if r % 2 == 0 else list(reversed(arms)):
+                student = llama(args.vocab, args.student_hidden, args.layers, args.seq_len, seed=0)
+                timer = arms[name](student, os.path.join(tmp, f"{name.replace(' ', '_')}_{r}"))
+                steps[name] += timer.times
+                means[name].append(statistics.mean(timer.times))
+                print(f"round {r + 1}: {name:13s} {means[name][-1]:.2f} s/step")
+    rates = {name: tokens / statistics.median(times) for name, times in steps.items()}
+    print("\n| arm | tokens/s | s/step (per-round means) | vs online dense | vs TRL GKD |\n|---|---:|---|---:|---:|")
     for name, rate in rates.items():
-        print(f"| {name} | {rate:.0f} | {rate / rates['online dense']:.2f} | {rate / rates['TRL GKD']:.2f} |")
+        spread = ", ".join(f"{m:.2f}" for m in means[name])
+        vs = f"{rate / rates['online dense']:.2f} | {rate / rates['TRL GKD']:.2f}"
+        print(f"| {name} | {rate:.0f} | {spread} | {vs} |")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from potstill.teacher.load import load_model
 from potstill.train.trainer import run_distill
 
 LICENSES = Path("/usr/share/common-licenses")
+ARMS = ("ce", "kd_uniform", "kd_ddk")
 
 
 def add_licenses(data: Path, heldout_frac: float = 0.15, max_bytes: int = 200_000) -> int:
@@ -121,7 +122,8 @@ def run_arm(name: str, args, data: Path, teacher: Path, student: Path) -> dict:
     mixing = ["data.mixing.mode=uniform"]
     if name == "kd_ddk":
         mixing = ["data.mixing.mode=ddk", f"data.mixing.interval={args.interval}",
-                  f"data.mixing.eval_tokens={args.eval_tokens}", f"data.mixing.gap={args.gap}"]  # fmt: skip
+                  f"data.mixing.eval_tokens={args.eval_tokens}", f"data.mixing.gap={args.gap}",
+                  f"data.mixing.warmup={args.warmup}"]  # fmt: skip
     began = time.perf_counter()
     run_distill(load_config(None, [
         f"model.student={student}", f"model.teacher={teacher}", f"data.train=[{data / 'train.jsonl'}]",
@@ -151,7 +153,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--interval", type=int, default=50)
     parser.add_argument("--eval-tokens", type=int, default=2048)
-    parser.add_argument("--gap", default="ppl", choices=["ppl", "bpb", "kl"])
+    parser.add_argument("--gap", default="ppl", choices=["ppl", "logppl", "bpb", "kl"])
+    parser.add_argument("--warmup", type=int, default=0, help="DDK: steps on a uniform mix before Eq. 1")
+    parser.add_argument(
+        "--rerun", nargs="+", choices=ARMS, default=list(ARMS),
+        help="arms to train; the others are reused from OUT/results.json (their runs and times)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-bytes", type=int, default=150_000, help="training text per stdlib domain")
     parser.add_argument("--bf16", action="store_true", help="teacher in bfloat16, student autocast (as the demo)")
@@ -167,7 +174,16 @@ def main() -> None:
         teacher, student = tiny_pair(data, args.out / "models", args.teacher_steps, args.seq_len)
     else:
         teacher, student = args.teacher, args.student
-    arms = {name: run_arm(name, args, data, teacher, student) for name in ("ce", "kd_uniform", "kd_ddk")}
+    previous = args.out / "results.json"
+    if set(args.rerun) != set(ARMS) and not previous.is_file():
+        parser.error(f"--rerun {' '.join(args.rerun)}: {previous} not found; run all arms first")
+    reused = json.loads(previous.read_text())["arms"] if set(args.rerun) != set(ARMS) else {}
+    arms = {
+        name: run_arm(name, args, data, teacher, student)
+        if name in args.rerun
+        else {"run": str(args.out / name), "seconds": reused[name]["seconds"]}
+        for name in ARMS
+    }
     evals = {"teacher": score(teacher, data, args.seq_len)}
     evals.update({name: score(Path(arm["run"]) / "student", data, args.seq_len) for name, arm in arms.items()})
     mixing = [json.loads(line) for line in (Path(arms["kd_ddk"]["run"]) / "mixing.jsonl").read_text().splitlines()]

@@ -6,6 +6,7 @@ Tiny random Llama models (student hidden 32, teacher 64, 2 layers) over conftest
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -93,6 +94,24 @@ def test_ddk_run_follows_eq1_then_eq2_and_logs(ddk_dir, tmp_path):
     assert f"{worst_after:.3f} after" in md and "| code |" in md
 
 
+def test_ddk_warmup_keeps_uniform_then_eq1_then_eq2_with_logppl(ddk_dir, tmp_path):
+    """warmup W: uniform for W steps (step-0 gaps logged), Eq. 1 after step W, Eq. 2 every K after that."""
+    extra = ("data.mixing.warmup=2", "data.mixing.gap=logppl", "train.max_steps=7")
+    run = run_distill(load_config(None, opts(ddk_dir, tmp_path / "run", *extra)))
+    entries = read_mixing(run)
+    rules = [(0, "warmup"), (2, "eq1"), (4, "eq2"), (6, "eq2"), (7, "final")]
+    assert [(e["step"], e["rule"]) for e in entries] == rules
+    for e in entries:  # logppl: the log of the student/teacher perplexity ratio
+        assert e["gaps"] == pytest.approx({d: math.log(e["student"][d] / e["teacher"][d]) for d in e["gaps"]})
+    warm, eq1, eq2 = entries[:3]
+    assert warm["weights"] == pytest.approx({d: 1 / 3 for d in warm["weights"]})
+    assert eq1["weights"] == pytest.approx(ddk_initial(eq1["gaps"])) and eq1["apply_from_step"] == 4
+    assert eq2["weights"] == pytest.approx(ddk_update(eq1["weights"], eq2["gaps"], 0.5))
+    logs = read_log(run)
+    assert logs[0]["weight/code"] == pytest.approx(1 / 3)  # step 1
+    assert logs[1]["weight/code"] == pytest.approx(eq1["weights"]["code"])  # step 2: set after the step
+
+
 def _cli_status(argv: list[str]) -> int:
     try:
         main(argv)
@@ -155,6 +174,7 @@ def test_heldout_carved_from_training_data_without_data_eval(ddk_dir, tmp_path):
         (("data.mixing.mode=fixed", "data.mixing.weights={prose: -1, digits: 1, code: 1}"), ">= 0"),
         (("data.mixing.mode=fixed", "data.mixing.weights={prose: 0, digits: 0, code: 0}"), "sum to zero"),
         (("data.mixing.interval=0",), "data.mixing.interval"),
+        (("data.mixing.warmup=-1",), "data.mixing.warmup"),
         (("loss.alpha=0",), "needs an online teacher"),
     ],
 )

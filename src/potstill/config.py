@@ -99,8 +99,12 @@ class MixingConfig(_Section):
     interval: int = Field(default=100, gt=0, description="ddk: re-weight every K optimizer steps (K > 0)")
     smoothing: float = Field(default=0.5, ge=0, le=1, description="ddk: Eq. 2 alpha; (1 - alpha) / N is the floor")
     eval_tokens: int = Field(default=4096, gt=0, description="ddk: held-out tokens scored per domain per update")
-    gap: Literal["ppl", "bpb", "kl"] = Field(
-        default="ppl", description="ddk: student/teacher ppl ratio, bpb ratio, or KL(teacher || student) per token"
+    gap: Literal["ppl", "logppl", "bpb", "kl"] = Field(
+        default="ppl",
+        description="ddk: student/teacher ppl ratio, its log (CE difference), bpb ratio, or KL(teacher || student)",
+    )
+    warmup: int = Field(
+        default=0, ge=0, description="ddk: steps on a uniform mix before Eq. 1 (0: Eq. 1 before the first step)"
     )
 
     @field_validator("weights")

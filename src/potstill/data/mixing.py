@@ -11,7 +11,7 @@ Under DDP every rank's sampler yields the same global stream and accelerate (whi
 each rank every world_size-th batch of it: disjoint streams from the same weights.
 
 DDK (Liu et al. 2024, `reference/methods.md` §1), with a per-domain gap g[i] (by default the perplexity ratio
-ppl_student[i] / ppl_teacher[i]; or the bpb ratio, or KL(p_teacher || q_student) per token):
+ppl_student[i] / ppl_teacher[i]; or its log, the bpb ratio, or KL(p_teacher || q_student) per token):
 - Eq. 1 (start): r_0 = softmax(g);
 - Eq. 2 (every K steps): psi[i] = r_t[i] exp(g[i]),  r_{t+1}[i] = a psi[i] / sum_j psi[j] + (1 - a) / N,
   with a = `smoothing` (0.5 in the paper); (1 - a) / N is a floor so no domain starves.

@@ -60,7 +60,7 @@ def summarize(results: dict) -> dict:
         "kd_better_every_domain": bool(kd_wins) and all(kd_wins.values()),
         "gap_closed_ge_0.3": ratios["gap_closed"] is not None and ratios["gap_closed"] >= TARGETS["min_gap_closed"],
     }
-    for key in ("settings", "timings_s"):
+    for key in ("settings", "timings_s", "teacher_source"):
         if key in results:
             summary[key] = results[key]
     return summary
@@ -105,6 +105,23 @@ def _precision_note(settings: dict) -> str:
     )
 
 
+def _teacher_source_line(source: dict | None) -> list[str]:
+    """One line (+ blank) on where the KD arm's teacher targets came from: `{"kd_arm": "online" | "cache", "cache":
+    {"k", "encoding", "tokens", "bytes_per_token", "teacher_dtype", ...}}`; nothing when the results do not say."""
+    if not source:
+        return []
+    cache = source.get("cache")
+    if source["kd_arm"] != "cache" or not cache:
+        return ["Teacher source of the distilled student: **online** (the teacher ran on every training batch).", ""]
+    dtype = f", the teacher in {cache['teacher_dtype']} for that pass" if cache.get("teacher_dtype") else ""
+    return [
+        f"Teacher source of the distilled student: **a teacher cache** built before training (top-{cache['k']}, "
+        f"{cache['encoding']}, {cache['bytes_per_token']:.1f} bytes per token over {cache['tokens']:,} tokens{dtype}); "
+        "no teacher in memory while it trained.",
+        "",
+    ]
+
+
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -138,6 +155,7 @@ def render_markdown(summary: dict) -> str:
         "tokenizers compare fairly. Agreement is how often the student's most likely next token is the "
         "teacher's." + _precision_note(summary.get("settings", {})),
         "",
+        *_teacher_source_line(summary.get("teacher_source")),
         "## Models",
         "",
         "| model | params | ms/token | ppl | bpb | top-1 agreement | KL to teacher |",
@@ -276,9 +294,12 @@ def render_mixing(entries: list[dict], evals: dict | None) -> str:
     domains = list(first["weights"])
     lines = ["# Domain mixing", "", f"Mode: `{first['rule'] if 'gap' not in first else 'ddk'}`.", ""]
     if "gap" in first:
-        name = {"ppl": "student/teacher ppl", "bpb": "student/teacher bpb", "kl": "KL(teacher || student)"}[
-            first["gap"]
-        ]
+        name = {
+            "ppl": "student/teacher ppl",
+            "logppl": "ln(student/teacher ppl) (0.0 = as good as the teacher)",
+            "bpb": "student/teacher bpb",
+            "kl": "KL(teacher || student)",
+        }[first["gap"]]
         worst = {e: max(x["gaps"].values()) for e, x in (("before", first), ("after", last))}
         lines += [
             f"Gap measure: {name} on each domain's held-out data (1.0 = as good as the teacher for the ratios). "

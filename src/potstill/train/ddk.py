@@ -9,7 +9,11 @@ checks the domains and builds the sampler over the training sequences; `.attach(
   uninterrupted one would have.
 - `MixingCallback`: with mode `ddk`, scores the student on each domain's held-out sequences (at most
   `eval_tokens` scored tokens per domain) before the first step (Eq. 1) and every `interval` steps (Eq. 2);
-  the teacher's per-domain figures are measured once. Weights computed after step S apply from step S + 2 on:
+  the teacher's per-domain figures are measured once. With `warmup` W > 0 the mix stays uniform for the
+  first W steps (the step-0 gaps are still measured and logged, rule `warmup`), Eq. 1 runs after step W and
+  Eq. 2 every `interval` steps after that: a freshly pruned student's gaps say nothing yet about where it
+  will lag (on Gemma its ppl ratios were ~1e9 to 1e10 and Eq. 1 put all weight on one domain).
+  Weights computed after step S apply from step S + 2 on:
   the dataloader has already fetched step S + 1's first batch. Each update is appended to `OUT/mixing.jsonl`
   and the current weights are added to every training log (`weight/<domain>`).
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -44,7 +49,7 @@ from potstill.train.trainer import _logged_step
 logger = logging.getLogger(__name__)
 
 MIXING_FILE = "mixing.jsonl"
-_GAP_KEY = {"ppl": "ppl", "bpb": "bpb", "kl": "kl_to_teacher"}
+_GAP_KEY = {"ppl": "ppl", "logppl": "ppl", "bpb": "bpb", "kl": "kl_to_teacher"}
 
 
 class MixingState(TrainerCallback, ExportableState):
@@ -95,15 +100,18 @@ class MixingCallback(TrainerCallback):
                 lines = self.path.read_text().splitlines(keepends=True)
                 write_text_atomic(self.path, "".join(line for line in lines if _logged_step(line) <= state.global_step))
         elif self.cfg.mode == "ddk":
-            self._update(model, state, first=True)
+            self._update(model, state, "warmup" if self.cfg.warmup else "eq1")
         else:
             self._append(state, {"step": 0, "rule": self.cfg.mode, "weights": self.sampler.weights})
         self.saved.sampler = self.sampler.state_dict()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        due = state.global_step % self.cfg.interval == 0 and state.global_step < state.max_steps
-        if self.cfg.mode == "ddk" and due:
-            self._update(model, state, first=False)
+        step, warmup = state.global_step, self.cfg.warmup
+        if self.cfg.mode == "ddk" and step < state.max_steps:
+            if warmup and step == warmup:
+                self._update(model, state, "eq1")
+            elif step > warmup and (step - warmup) % self.cfg.interval == 0:
+                self._update(model, state, "eq2")
         self.saved.sampler = self.sampler.state_dict()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -115,16 +123,22 @@ class MixingCallback(TrainerCallback):
         if logs is not None and "loss" in logs:
             logs.update({f"weight/{d}": w for d, w in self.sampler.weights.items()})
 
-    def _update(self, model: nn.Module, state, first: bool) -> None:
-        """Measure the gaps, apply Eq. 1 (first) or Eq. 2, hand the weights to the sampler, log them."""
+    def _update(self, model: nn.Module, state, rule: str) -> None:
+        """Measure the gaps, apply `rule` (eq1, eq2, or warmup: keep the uniform mix), hand the weights to the
+        sampler, log them."""
         gaps, student, seconds = self._measure(model)
-        weights = ddk_initial(gaps) if first else ddk_update(self.sampler.weights, gaps, self.cfg.smoothing)
+        if rule == "eq1":
+            weights = ddk_initial(gaps)
+        elif rule == "eq2":
+            weights = ddk_update(self.sampler.weights, gaps, self.cfg.smoothing)
+        else:
+            weights = self.sampler.weights
         weights = _same_on_all_ranks(weights)
         # Draws up to the end of the next step may already be fetched: new weights apply after them.
-        start = 0 if first else (state.global_step + 1) * self._per_step
-        self.sampler.set_weights(weights, start=start)
-        entry = self._entry(state.global_step, "eq1" if first else "eq2", gaps, weights, student, seconds)
-        entry["apply_from_step"] = 1 if first else state.global_step + 2
+        step = state.global_step
+        self.sampler.set_weights(weights, start=(step + 1) * self._per_step if step else 0)
+        entry = self._entry(step, rule, gaps, weights, student, seconds)
+        entry["apply_from_step"] = step + 2 if step else 1
         self._append(state, entry)
         logger.info("ddk step %d: weights %s (%.1fs)", state.global_step, weights, seconds)
 
@@ -153,19 +167,25 @@ class MixingCallback(TrainerCallback):
         if self.cfg.gap == "kl":
             return None
         wrapped = _TeacherModel(self.teacher)
-        return {d: _figures(wrapped, ds, None, self.batch_size)[self.cfg.gap] for d, ds in self.heldout.items()}
+        key = _GAP_KEY[self.cfg.gap]
+        return {d: _figures(wrapped, ds, None, self.batch_size)[key] for d, ds in self.heldout.items()}
 
 
 def domain_gaps(student: dict[str, dict], teacher: dict[str, float] | None, gap: str) -> dict[str, float]:
-    """Per-domain gap g[i]: ppl_S / ppl_T, bpb_S / bpb_T, or KL(p_T || q_S) per token.
+    """Per-domain gap g[i]: ppl_S / ppl_T, ln(ppl_S / ppl_T), bpb_S / bpb_T, or KL(p_T || q_S) per token.
+
+    `logppl` = CE_S - CE_T in nats per token: Eq. 1's softmax of it is proportional to the ppl ratio, which keeps
+    the paper's behaviour where ratios are 1-2 and does not collapse onto one domain where they are 10 or more.
 
     Args:
         student: domain -> the student's evaluate() figures on that domain.
         teacher: domain -> the teacher's ppl (or bpb); unused for gap="kl".
-        gap: "ppl", "bpb" or "kl".
+        gap: "ppl", "logppl", "bpb" or "kl".
     """
     if gap == "kl":
         return {d: s["kl_to_teacher"] for d, s in student.items()}
+    if gap == "logppl":
+        return {d: math.log(s["ppl"] / teacher[d]) for d, s in student.items()}
     return {d: s[gap] / teacher[d] for d, s in student.items()}
 
 
