@@ -191,6 +191,7 @@ def test_ranks_write_their_own_shards_and_rank0_manifest_equals_one_run(setup, t
         None,
         4 * SEQ_LEN,
         0,
+        "float32",
         False,
     )
     for rank in (1, 0):
@@ -268,6 +269,26 @@ def test_corrupted_truncated_and_foreign_caches_are_refused(setup, tmp_path):
         TeacherCache(out)
     with pytest.raises(UserError, match="other settings"):
         build(setup, out, k=8)
+
+
+def test_bfloat16_teacher_build_is_recorded_and_close_to_float32(setup, tiny_tokenizer, tmp_path):
+    vocab = len(tiny_tokenizer)
+    fp32 = TeacherCache(build(setup, tmp_path / "fp32", k=vocab, encoding="lossless"))
+    bf16 = TeacherCache(build(setup, tmp_path / "bf16", k=vocab, encoding="lossless", dtype="bfloat16"))
+    assert (fp32.manifest["teacher"]["dtype"], bf16.manifest["teacher"]["dtype"]) == ("float32", "bfloat16")
+    _, dataset = teacher_logits(setup, tiny_tokenizer)
+    mask = stored_mask(dataset)
+    a, b = fp32.targets(range(len(dataset))), bf16.targets(range(len(dataset)))
+    dense = [torch.full((int(mask.sum()), vocab), 0.0).scatter(-1, t.ids[mask], t.logprobs[mask]) for t in (a, b)]
+    assert not torch.equal(dense[0], dense[1])  # the teacher did run in bfloat16
+    p = dense[0].double().exp()
+    kl = (p * (dense[0].double() - dense[1].double())).sum(-1).mean().item()
+    assert kl < 1e-2  # bf16 weights: a small, not a lossless, change of the targets
+    with pytest.raises(UserError, match="other settings"):  # the dtype is part of the cache's settings
+        build(setup, tmp_path / "bf16", k=vocab, encoding="lossless")
+    with pytest.raises(UserError, match="--dtype must be one of"):
+        build(setup, tmp_path / "c", dtype="int8")
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_k_is_refused_before_writing(setup, tiny_tokenizer, tmp_path):

@@ -1,9 +1,13 @@
-"""`potstill plan`: shapes from config.json, the memory model against a measured run, recommendations, bad input."""
+"""`potstill plan`: shapes from config.json, the memory model against a measured run, the step-time probe,
+recommendations, bad input."""
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,10 +20,13 @@ from potstill.errors import UserError
 from potstill.plan import (
     CACHE_BYTES,
     GIB,
+    _random_models,
+    _step_seconds,
     cache_bytes_per_token,
     format_plan,
     measure_run,
     plan_config,
+    probe_step,
     read_shape,
 )
 
@@ -51,12 +58,15 @@ def root(tmp_path_factory, tiny_tokenizer) -> Path:
     return root
 
 
+def config_overrides(root: Path, *overrides: str, student: str = "student", teacher: str = "teacher") -> list[str]:
+    return [
+        f"model.student={root / student}", f"model.teacher={root / teacher}", f"data.train=[{root / 'train.jsonl'}]",
+        f"train.output_dir={root / 'run'}", "train.overwrite=true", *overrides,
+    ]  # fmt: skip
+
+
 def config(root: Path, *overrides: str, student: str = "student", teacher: str = "teacher"):
-    return load_config(
-        None,
-        [f"model.student={root / student}", f"model.teacher={root / teacher}", f"data.train=[{root / 'train.jsonl'}]",
-         f"train.output_dir={root / 'run'}", "train.overwrite=true", *overrides],
-    )  # fmt: skip
+    return load_config(None, config_overrides(root, *overrides, student=student, teacher=teacher))
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -120,17 +130,70 @@ def test_cache_bytes_interpolate_the_measured_table():
 
 
 def test_table_and_probe(root):
-    plan = plan_config(config(root, "train.grad_accum=2"))
-    assert plan.gflops > 0 and plan.step_seconds["online"] > plan.step_seconds["cache"] > 0
-    assert plan.tokens_per_step == 2 * 8 * 256
+    cfg = config(root, "train.grad_accum=2", "train.batch_size=2", "data.seq_len=64", "train.max_steps=25")
+    plan = plan_config(cfg)
+    step = plan.step_seconds
+    assert plan.probe["seconds"] > 0 and step["online"] > step["cache"] > 0 and step["logging_extra"] > 0
+    # 25 steps, 3 of them logging (10, 20 and the last)
+    assert plan.run_seconds["online"] == pytest.approx(25 * step["online"] + 3 * step["logging_extra"])
+    assert plan.tokens_per_step == 2 * 2 * 64
     text = format_plan(plan)
-    assert "total, online teacher" in text and "chunk_size" in text
+    assert "total, online teacher" in text and "chunk_size" in text and "s/layer" in text
 
 
-def test_plan_is_within_25_percent_of_measured_peak(root):
+def test_plan_without_probe_imports_no_torch(root):
+    code = (
+        "import sys; from potstill.plan import plan_config; from potstill.config import load_config\n"
+        f"plan = plan_config(load_config(None, {config_overrides(root)!r}), probe=False)\n"
+        "assert 'torch' not in sys.modules and plan.probe is None and plan.step_seconds == {}, plan"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A student wide enough (hidden 128) that one decoder layer costs clearly more than timer noise."""
+    root = tmp_path_factory.mktemp("wide")
+    save_llama(root / "student", tiny_tokenizer, 128, len(tiny_tokenizer))
+    save_llama(root / "teacher", tiny_tokenizer, 64, len(tiny_tokenizer), seed=1)
+    (root / "train.jsonl").write_text('{"text": "hi"}\n')
+    return root
+
+
+def test_probe_splits_fixed_and_per_layer_costs(wide, tiny_tokenizer):
+    cfg = config(wide, "train.batch_size=4", "data.seq_len=64")
+    probe = probe_step(cfg, len(tiny_tokenizer), teacher=True, seconds=0.3)
+    parts = (probe.teacher, probe.forward, probe.loss, probe.backward, probe.optimizer)
+    assert all(fixed >= 0 and per_layer >= 0 for fixed, per_layer in parts)
+    assert sum(fixed for fixed, _ in parts) > 0  # embedding, head and loss, AdamW on them
+    assert probe.forward[1] + probe.backward[1] > 0  # a decoder layer costs time
+    assert probe.compute_dtype == "float32"
+    shape = read_shape(wide / "student", "student")
+    teacher = read_shape(wide / "teacher", "teacher")
+    base = _step_seconds(probe, shape, teacher, cfg)
+    deeper = _step_seconds(probe, replace(shape, layers=12), teacher, cfg)
+    assert deeper["cache"] > base["cache"] > 0 and deeper["online"] > base["online"] > base["cache"]
+    accum = _step_seconds(probe, shape, teacher, config(wide, "train.grad_accum=3"))
+    assert accum["online"] > base["online"]  # three micro-steps, one optimizer step
+
+
+def test_probe_runs_in_the_runs_dtypes(wide, tiny_tokenizer):
+    cfg = config(wide, "train.batch_size=2", "data.seq_len=32", "train.mixed_precision=bf16")
+    assert probe_step(cfg, len(tiny_tokenizer), teacher=False, seconds=0.0).compute_dtype == "bfloat16"
+    # a bf16 teacher is built in bf16 at 1 and 2 layers, with the student's vocabulary rows shared by both depths
+    teachers = _random_models(str(wide / "teacher"), "bfloat16", vocab=100)
+    for layers, model in teachers.items():
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert model.config.num_hidden_layers == layers and model.get_output_embeddings().weight.shape[0] == 100
+    assert teachers[1].get_input_embeddings() is teachers[2].get_input_embeddings()
+
+
+def test_plan_is_within_25_percent_of_measured_peak(root, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as this process (tests/conftest.py): 2 threads crawl on busy cores
     cfg = config(root, "train.max_steps=2", "train.batch_size=4", "data.seq_len=64")
     plan = plan_config(cfg, probe=False)
-    peak = measure_run(cfg)[0]
+    peak = measure_run(cfg).peak
     assert 0.75 < plan.online_total / peak < 1.25, (plan.memory, peak)
 
 
@@ -144,8 +207,24 @@ def test_plan_tracks_a_loss_dominated_run(tmp_path, tiny_tokenizer, fused):
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
     cfg = config(tmp_path, "train.max_steps=2", "train.batch_size=4", "data.seq_len=128", f"loss.fused={fused}")
     plan = plan_config(cfg, probe=False)
-    peak = measure_run(cfg)[0]
+    peak = measure_run(cfg).peak
     assert 0.75 < plan.online_total / peak < 1.25, (plan.memory, peak)
+
+
+@pytest.mark.slow
+def test_planned_step_time_tracks_a_measured_run(tmp_path, tiny_tokenizer, monkeypatch):
+    """V = 32,768, fused KD: the probe's s/step against the median plain step of a real 10-step run.
+
+    The bound is looser than the ~30% seen in benchmarks/README.md: other jobs' load moves between probe and run.
+    """
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the run's threads = this test process's (tests/conftest.py)
+    save_llama(tmp_path / "student", tiny_tokenizer, 64, 32768)
+    save_llama(tmp_path / "teacher", tiny_tokenizer, 128, 32768, seed=1)
+    (tmp_path / "train.jsonl").write_text("\n".join([json.dumps({"text": " ".join(WORDS * 3)})] * 100) + "\n")
+    cfg = config(tmp_path, "train.max_steps=10", "train.batch_size=4", "data.seq_len=128")
+    planned = plan_config(cfg).step_seconds["online"]
+    measured, _ = measure_run(cfg).step_seconds(cfg)
+    assert 0.6 < planned / measured < 1.6, (planned, measured)
 
 
 def test_missing_model_dir_is_a_user_error(root, tmp_path):
@@ -159,10 +238,10 @@ def test_missing_model_dir_is_a_user_error(root, tmp_path):
 def test_cli_json_and_one_line_errors(root, tmp_path):
     args = ["plan", f"model.student={root / 'student'}", f"model.teacher={root / 'teacher'}",
             f"data.train=[{root / 'train.jsonl'}]", "--memory-gb", "4"]  # fmt: skip
-    proc = run_cli(*args, "--json")
+    proc = run_cli(*args, "--json", "--no-probe")  # the probe itself: test_table_and_probe
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
-    assert plan["budget"] == 4 * GIB and plan["recommend"]["k"] == 64
+    assert plan["budget"] == 4 * GIB and plan["recommend"]["k"] == 64 and plan["probe"] is None
     bad = run_cli(*args[:1], f"model.student={tmp_path / 'nope'}", *args[2:])
     assert_one_line_error(bad, "nope", "model.student")
     missing = run_cli(*args[:3], f"data.train=[{tmp_path / 'none.jsonl'}]")

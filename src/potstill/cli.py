@@ -73,11 +73,12 @@ def plan_cmd(
     memory_gb: float | None = typer.Option(None, "--memory-gb", min=0.01, help="Memory budget (default: RAM)."),
     students: int = typer.Option(1, "--students", min=1, help="Students that will reuse this teacher and data."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="Time shrunk training steps (--no-probe: no time)."),
 ) -> None:
     """Pre-flight estimate (no model loaded): memory, cache size, time per step; online vs cache, k, chunk."""
     from potstill.plan import plan_cli
 
-    typer.echo(plan_cli(config, overrides or [], memory_gb=memory_gb, students=students, as_json=as_json))
+    typer.echo(plan_cli(config, overrides or [], memory_gb=memory_gb, students=students, as_json=as_json, probe=probe))
 
 
 @app.command("eval")
@@ -208,6 +209,7 @@ def cache_build_cmd(
     student: Path | None = typer.Option(None, "--student", help="Student dir: its tokenizer / trimmed vocab."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per teacher forward."),
     shard_tokens: int = typer.Option(1 << 18, "--shard-tokens", help="About this many tokens per shard."),
+    dtype: str = typer.Option("float32", "--dtype", help="Teacher weights dtype: float32, bfloat16 or float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache built with other settings."),
 ) -> None:
     """Run the teacher once over the data; store its top-k (or sampled) targets in compact shards."""
@@ -216,7 +218,7 @@ def cache_build_cmd(
     path = build_cache(
         teacher, data, out, k=k, temperature=temperature, seq_len=seq_len, add_bos=add_bos, targets=targets,
         samples=samples, encoding=encoding, student=student, batch_size=batch_size, shard_tokens=shard_tokens,
-        overwrite=overwrite,
+        dtype=dtype, overwrite=overwrite,
     )  # fmt: skip
     typer.echo(f"wrote {path}")
 
@@ -252,11 +254,14 @@ def demo_cmd(
     out: Path = typer.Option(Path("potstill-demo"), "--out", help="Directory for the report and the students."),
     quick: bool = typer.Option(False, "--quick", help="A few-minute version (fewer steps and tokens)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over instead of resuming."),
+    teacher_cache: bool = typer.Option(
+        False, "--teacher-cache", help="Build a top-k teacher cache first and train the KD arm from it (not online)."
+    ),
 ) -> None:
     """Distill the real Gemma 3 270M into a 5x smaller student on this CPU and write a report."""
     from potstill.demo import run_demo
 
-    report = run_demo(out=out, quick=quick, overwrite=overwrite)
+    report = run_demo(out=out, quick=quick, overwrite=overwrite, teacher_cache=teacher_cache)
     typer.echo(f"report: {report}")
 
 

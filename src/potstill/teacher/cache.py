@@ -310,6 +310,7 @@ def build_cache(
     batch_size: int = 8,
     shard_tokens: int = 1 << 18,
     seed: int = 0,
+    dtype: str = "float32",
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -330,6 +331,8 @@ def build_cache(
         batch_size: sequences per teacher forward (bounds memory: batch x seq_len x V float32 logits).
         shard_tokens: about this many positions per shard (whole sequences).
         seed: seed of the sampled targets (each shard draws from its own seeded generator).
+        dtype: the teacher's weights dtype (`potstill.teacher.load.DTYPES`); bfloat16 is 3-4x faster on CPUs
+            with native bf16 matmuls; the log-probs are computed in float32 either way.
         overwrite: replace an existing cache built with other settings.
         progress: show a progress bar (tokens/s, ETA) on rank 0.
 
@@ -355,6 +358,7 @@ def build_cache(
         student,
         shard_tokens,
         seed,
+        dtype,
         overwrite,
     )
     if plan is None:  # already complete with these settings
@@ -402,16 +406,19 @@ def _prepare(
     student,
     shard_tokens,
     seed,
+    dtype,
     overwrite,
 ):
     """Load models and data, decide the settings; returns (None, None) when `out` already holds this cache."""
     from potstill.data.packing import load_dataset
-    from potstill.teacher.load import load_model
+    from potstill.teacher.load import DTYPES, load_model
     from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
     if not data:
         raise UserError("cache build: give at least one --data file")
-    model, tokenizer = load_model(teacher)
+    if dtype not in DTYPES:
+        raise UserError(f"cache build: --dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    model, tokenizer = load_model(teacher, dtype=dtype)
     id_map = None
     if student is not None:
         from potstill.student.init import load_id_map
@@ -430,7 +437,11 @@ def _prepare(
     settings = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "teacher": {"path": str(Path(teacher).resolve()), "fingerprint": teacher_fingerprint(model.name_or_path)},
+        "teacher": {
+            "path": str(Path(teacher).resolve()),
+            "fingerprint": teacher_fingerprint(model.name_or_path),
+            "dtype": dtype,
+        },
         "student": None
         if student is None
         else {
