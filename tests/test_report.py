@@ -44,6 +44,8 @@ def test_gap_closed_formula():
     assert gap_closed(1.4, 1.2, 1.0) == pytest.approx(0.5)
     assert gap_closed(1.4, 1.5, 1.0) == pytest.approx(-0.25)  # KD worse than CE: negative
     assert gap_closed(1.0, 0.9, 1.0) is None  # no gap to close
+    assert gap_closed(1.005, 0.9, 1.0) is None  # a gap below MIN_GAP_BPB: the ratio would divide by noise
+    assert gap_closed(1.01, 1.0, 1.0) == pytest.approx(1.0)
 
 
 def test_summary_ratios_and_targets():
@@ -56,6 +58,16 @@ def test_summary_ratios_and_targets():
     assert s["models"]["student_kd"]["top1_agreement"] == 0.6
     assert "top1_agreement" not in s["models"]["teacher"]
     assert all(s["targets"].values())
+
+
+def test_a_domain_where_ce_reaches_the_teacher_has_no_gap_closed():
+    results = _results()
+    results["models"]["student_ce"]["eval"] = _eval({"code": 1.4, "docs": 0.803}, agree=0.5)  # CE at the teacher
+    s = summarize(results)
+    assert s["ratios"]["gap_closed_by_domain"] == {"code": pytest.approx(0.5), "docs": None}
+    md = render_markdown(s)
+    assert "| docs | 0.800 | 1.100 | 0.803 | n/a |" in md and "no gap to close" in md
+    assert "no gap to close" not in render_markdown(summarize(_results()))
 
 
 def test_kd_losing_one_domain_fails_that_target():
