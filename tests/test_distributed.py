@@ -1,4 +1,4 @@
-"""`potstill distill` under torchrun (2 processes, gloo on CPU) == one process with grad_accum 2.
+"""`potstill distill` under torchrun (2 processes, gloo on CPU) == one process with grad_accum 2 (plain and DDK).
 
 Each rank takes batch_size sequences per step, so 2 ranks x 1 micro-batch see the same global batch
 as 1 process x 2 micro-batches. Loss, KD/CE parts, gradient norm and the final weights must agree, and
@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from potstill.config import load_config
 from potstill.train.trainer import run_distill
+from test_ddk import ddk_dir, read_mixing  # noqa: F401 (a fixture)
+from test_ddk import opts as ddk_opts
 from test_trainer import models_dir, overrides_for, read_log  # noqa: F401 (a fixture)
 
 COMPARED = ("step", "loss", "kd", "ce", "kd_weighted", "ce_weighted", "grad_norm", "learning_rate")
@@ -45,3 +47,27 @@ def test_world_size_2_equals_grad_accum_2(models_dir, tmp_path):  # noqa: F811
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
     assert json.loads((ddp_out / "summary.json").read_text())["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_ddk_under_torchrun_draws_disjoint_streams_with_the_same_weights(ddk_dir, tmp_path):  # noqa: F811
+    """DDK with 2 ranks == 1 process with grad_accum 2: each step sees the same global draws (the ranks' streams
+    are disjoint halves of one stream), every update gives the same weights, and the final weights agree."""
+    extra = ("train.max_steps=6", "train.batch_size=1", "train.save_steps=0", "data.mixing.gap=logppl")
+    ddp_out, ref_out = tmp_path / "ddp", tmp_path / "ref"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "potstill.cli", "distill", *ddk_opts(ddk_dir, ddp_out, *extra)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run_distill(load_config(None, ddk_opts(ddk_dir, ref_out, *extra, "train.grad_accum=2")))
+
+    ddp_mix, ref_mix = read_mixing(ddp_out), read_mixing(ref_out)
+    assert [(e["step"], e["rule"]) for e in ddp_mix] == [(e["step"], e["rule"]) for e in ref_mix]
+    assert len({tuple(e["weights"].values()) for e in ref_mix}) > 1  # the weights did move
+    for got, want in zip(ddp_mix, ref_mix, strict=True):
+        assert got["weights"] == pytest.approx(want["weights"], rel=1e-6)
+    for got, want in zip(read_log(ddp_out), read_log(ref_out), strict=True):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
