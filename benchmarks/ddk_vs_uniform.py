@@ -11,7 +11,15 @@ same student init for the same steps x batch x seq_len, through `potstill distil
 
 Then every student and the teacher are scored on the held-out split (`evaluate`): per-domain bpb, the
 student/teacher bpb ratio per domain, the worst domain's ratio; DDK's share of training time spent in its
-updates; and `potstill report` on the DDK run (weight trajectory plot). Results: OUT/results.json, OUT/table.md.
+updates; and `potstill report` on each DDK run (weight trajectory plot). Results: OUT/results.json, OUT/table.md.
+
+`--seeds S...` runs each KD arm once per data-order seed (`train.seed`; runs in OUT/<arm>/seed<s>), `ce` with the
+first only, so a DDK effect can be set against the spread one seed makes. Runs already in OUT/results.json are
+reused (with their times) unless their arm is named in `--rerun`. `--init-steps N` first trains the student N
+uniform KD steps (OUT/init, seed 0) and starts every arm from that student, as the DDK paper starts from a
+pretrained student rather than a freshly pruned one; `--init-domains D...` limits those steps to some domains
+(`data.mixing.mode: fixed`), so the arms start from a student that lags on the others. Seed 0 is then refused
+for the arms: a uniform arm with the init's seed draws the very sequences of the init, in the same order.
 
 Models: with `--teacher DIR --student DIR` any HF pair sharing a tokenizer (or a trimmed student with its id
 map). Without them (the default, what fits a shared 2-core CPU): a byte-level BPE (vocab 512) trained on the
@@ -20,13 +28,15 @@ student Llama (hidden 48, 2 layers).
 
     python benchmarks/ddk_vs_uniform.py --out runs/ddk_bench --steps 300
 
-With Gemma 3 270M and a 6-layer student made on the benchmark's own training text:
+With Gemma 3 270M and a 6-layer student made on the benchmark's own training text (800 kB per domain; the
+results in benchmarks/README.md):
 
-    python benchmarks/ddk_vs_uniform.py --out runs/ddk_gemma --data-only
+    python benchmarks/ddk_vs_uniform.py --out runs/ddk_gemma --data-only --train-bytes 800000
     potstill student init --teacher "$(potstill teacher prepare)" --layers 6 --out runs/ddk_gemma/student \
         --corpus runs/ddk_gemma/data/train.jsonl --calib-dtype bfloat16
     python benchmarks/ddk_vs_uniform.py --out runs/ddk_gemma --teacher "$(potstill teacher prepare)" \
-        --student runs/ddk_gemma/student --lr 3e-4 --bf16 --steps 200
+        --student runs/ddk_gemma/student --lr 3e-4 --bf16 --steps 200 --init-steps 200 --seeds 0 1 --gap logppl \
+        --train-bytes 800000
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from potstill.train.trainer import run_distill
 
 LICENSES = Path("/usr/share/common-licenses")
 ARMS = ("ce", "kd_uniform", "kd_ddk")
+INIT_SEED = 0  # the --init-steps run's data order; arms must use other seeds, or they replay its draws exactly
 
 
 def add_licenses(data: Path, heldout_frac: float = 0.15, max_bytes: int = 200_000) -> int:
@@ -115,24 +126,41 @@ def tiny_pair(data: Path, root: Path, teacher_steps: int, seq_len: int) -> tuple
     return run / "student", dirs["student"]
 
 
-def run_arm(name: str, args, data: Path, teacher: Path, student: Path) -> dict:
-    """One `potstill distill` run; returns its run dir and wall time."""
-    out = args.out / name
+def run_arm(name: str, seed: int, args, data: Path, teacher: Path, student: Path) -> dict:
+    """One `potstill distill` run (OUT/<name>/seed<seed>); returns its run dir and wall time."""
+    out = args.out / name / f"seed{seed}"
     loss = ["loss.alpha=0"] if name == "ce" else ["loss.name=fkl", "loss.alpha=0.5"]
     mixing = ["data.mixing.mode=uniform"]
     if name == "kd_ddk":
         mixing = ["data.mixing.mode=ddk", f"data.mixing.interval={args.interval}",
                   f"data.mixing.eval_tokens={args.eval_tokens}", f"data.mixing.gap={args.gap}",
-                  f"data.mixing.warmup={args.warmup}"]  # fmt: skip
+                  f"data.mixing.warmup={args.warmup}", f"data.mixing.smoothing={args.smoothing}"]  # fmt: skip
     began = time.perf_counter()
+    train(out, student, teacher, data, args, args.steps, seed, [*loss, *mixing])
+    return {"run": str(out), "seconds": time.perf_counter() - began}
+
+
+def train(out: Path, student: Path, teacher: Path, data: Path, args, steps: int, seed: int, extra: list[str]) -> None:
     run_distill(load_config(None, [
         f"model.student={student}", f"model.teacher={teacher}", f"data.train=[{data / 'train.jsonl'}]",
-        f"data.seq_len={args.seq_len}", f"train.output_dir={out}", f"train.max_steps={args.steps}",
+        f"data.seq_len={args.seq_len}", f"train.output_dir={out}", f"train.max_steps={steps}",
         f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.warmup_steps=10",
-        "train.logging_steps=25", "train.overwrite=true", f"train.seed={args.seed}", *loss, *mixing,
+        "train.logging_steps=25", "train.overwrite=true", f"train.seed={seed}", *extra,
         *(["model.teacher_dtype=bfloat16", "train.mixed_precision=bf16"] if args.bf16 else []),
     ]))  # fmt: skip
-    return {"run": str(out), "seconds": time.perf_counter() - began}
+
+
+def pretrain(args, data: Path, teacher: Path, student: Path) -> Path:
+    """`--init-steps` of uniform KD on `--init-domains` (all by default): the common start of every arm."""
+    out = args.out / "init"
+    if not (out / "summary.json").is_file():
+        domains = sorted({json.loads(line)["domain"] for line in (data / "train.jsonl").read_text().splitlines()})
+        keep = args.init_domains or domains
+        weights = ", ".join(f"{d}: {1 if d in keep else 0}" for d in domains)
+        mixing = ["data.mixing.mode=fixed", f"data.mixing.weights={{{weights}}}"]
+        extra = ["loss.name=fkl", "loss.alpha=0.5", *mixing]
+        train(out, student, teacher, data, args, args.init_steps, INIT_SEED, extra)
+    return out / "student"
 
 
 def score(model_dir: Path, data: Path, seq_len: int) -> dict:
@@ -155,18 +183,27 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--gap", default="ppl", choices=["ppl", "logppl", "bpb", "kl"])
     parser.add_argument("--warmup", type=int, default=0, help="DDK: steps on a uniform mix before Eq. 1")
+    parser.add_argument("--smoothing", type=float, default=0.5, help="DDK: Eq. 2's alpha")
     parser.add_argument(
-        "--rerun", nargs="+", choices=ARMS, default=list(ARMS),
-        help="arms to train; the others are reused from OUT/results.json (their runs and times)",
+        "--rerun", nargs="+", choices=ARMS, default=[],
+        help="arms to train again; other runs (arm, seed) already in OUT/results.json are reused, with their times",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[1], help="data-order seeds; each KD arm runs once per seed"
+    )
+    parser.add_argument(
+        "--init-steps", type=int, default=0, help="uniform KD steps before the arms (their common start)"
+    )
+    parser.add_argument("--init-domains", nargs="+", help="domains the --init-steps draw from (default: all)")
     parser.add_argument("--train-bytes", type=int, default=150_000, help="training text per stdlib domain")
     parser.add_argument("--bf16", action="store_true", help="teacher in bfloat16, student autocast (as the demo)")
     parser.add_argument("--data-only", action="store_true", help="build OUT/data and stop (to make a student on it)")
     args = parser.parse_args()
+    if args.init_steps and INIT_SEED in args.seeds:
+        parser.error(f"--seeds: {INIT_SEED} is the --init-steps run's seed; an arm with it would replay those draws")
     torch.set_num_threads(2)
     data = args.out / "data"
-    build_corpus(data, seed=args.seed, train_bytes=args.train_bytes, heldout_bytes=args.train_bytes // 10)
+    build_corpus(data, seed=0, train_bytes=args.train_bytes, heldout_bytes=args.train_bytes // 10)
     add_licenses(data, max_bytes=args.train_bytes)
     if args.data_only:
         return
@@ -174,31 +211,37 @@ def main() -> None:
         teacher, student = tiny_pair(data, args.out / "models", args.teacher_steps, args.seq_len)
     else:
         teacher, student = args.teacher, args.student
+    if args.init_steps:
+        student = pretrain(args, data, teacher, student)
     previous = args.out / "results.json"
-    if set(args.rerun) != set(ARMS) and not previous.is_file():
-        parser.error(f"--rerun {' '.join(args.rerun)}: {previous} not found; run all arms first")
-    reused = json.loads(previous.read_text())["arms"] if set(args.rerun) != set(ARMS) else {}
+    reused = json.loads(previous.read_text())["arms"] if previous.is_file() else {}
+    runs = [(name, seed) for name in ARMS for seed in (args.seeds[:1] if name == "ce" else args.seeds)]
     arms = {
-        name: run_arm(name, args, data, teacher, student)
-        if name in args.rerun
-        else {"run": str(args.out / name), "seconds": reused[name]["seconds"]}
-        for name in ARMS
+        f"{name} seed {seed}": run_arm(name, seed, args, data, teacher, student)
+        if name in args.rerun or f"{name} seed {seed}" not in reused
+        else reused[f"{name} seed {seed}"]
+        for name, seed in runs
     }
     evals = {"teacher": score(teacher, data, args.seq_len)}
     evals.update({name: score(Path(arm["run"]) / "student", data, args.seq_len) for name, arm in arms.items()})
-    mixing = [json.loads(line) for line in (Path(arms["kd_ddk"]["run"]) / "mixing.jsonl").read_text().splitlines()]
-    report_mixing(arms["kd_ddk"]["run"])
+    ddk = [name for name in arms if name.startswith("kd_ddk")]
+    mixing = {
+        name: [json.loads(x) for x in (Path(arms[name]["run"]) / "mixing.jsonl").read_text().splitlines()]
+        for name in ddk
+    }
+    for name in ddk:
+        report_mixing(arms[name]["run"])
     results = summarize(evals, arms, mixing, vars(args))
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (args.out / "table.md").write_text(render(results))
     print(render(results))
 
 
-def summarize(evals: dict, arms: dict, mixing: list[dict], settings: dict) -> dict:
-    """Per-arm overall / per-domain bpb, student/teacher bpb ratios, worst ratio; DDK update overhead."""
+def summarize(evals: dict, arms: dict, mixing: dict[str, list[dict]], settings: dict) -> dict:
+    """Per-run overall / per-domain bpb, student/teacher bpb ratios, worst ratio; each DDK run's update overhead."""
     teacher = evals["teacher"]
     domains = list(teacher["domains"])
-    out = {"settings": settings, "domains": domains, "teacher": teacher, "arms": {}}
+    out = {"settings": settings, "domains": domains, "teacher": teacher, "arms": {}, "ddk": {}}
     for name, ev in evals.items():
         if name == "teacher":
             continue
@@ -206,20 +249,20 @@ def summarize(evals: dict, arms: dict, mixing: list[dict], settings: dict) -> di
         worst = max(ratios, key=ratios.get)
         out["arms"][name] = {
             "bpb": ev["overall"]["bpb"], "bpb_by_domain": {d: ev["domains"][d]["bpb"] for d in domains},
-            "ratio_by_domain": ratios, "worst_domain": worst, "worst_ratio": ratios[worst],
-            "seconds": arms[name]["seconds"],
+            "ratio_by_domain": ratios, "worst_domain": worst, "worst_ratio": ratios[worst], **arms[name],
         }  # fmt: skip
-    update_s = sum(e["seconds"] for e in mixing)
-    out["ddk"] = {
-        "updates": len(mixing), "update_seconds": update_s, "share_of_run": update_s / arms["kd_ddk"]["seconds"],
-        "weights": [{"step": e["step"], **e["weights"]} for e in mixing if e["rule"] != "final"],
-    }  # fmt: skip
+    for name, log in mixing.items():
+        update_s = sum(e["seconds"] for e in log)
+        out["ddk"][name] = {
+            "updates": len(log), "update_seconds": update_s, "share_of_run": update_s / arms[name]["seconds"],
+            "weights": [{"step": e["step"], **e["weights"]} for e in log if e["rule"] != "final"],
+        }  # fmt: skip
     return out
 
 
 def render(r: dict) -> str:
     domains = r["domains"]
-    head = "| arm | overall bpb | " + " | ".join(f"{d} bpb (ratio)" for d in domains) + " | worst ratio | time |"
+    head = "| run | overall bpb | " + " | ".join(f"{d} bpb (ratio)" for d in domains) + " | worst ratio | time |"
     lines = [head, "|---" * (len(domains) + 4) + "|"]
     t = r["teacher"]
     lines.append(
@@ -228,13 +271,14 @@ def render(r: dict) -> str:
         + " | | |"
     )
     for name, a in r["arms"].items():
-        cells = " | ".join(f"{a['bpb_by_domain'][d]:.3f} ({a['ratio_by_domain'][d]:.2f})" for d in domains)
+        cells = " | ".join(f"{a['bpb_by_domain'][d]:.3f} ({a['ratio_by_domain'][d]:.3f})" for d in domains)
         worst = f"{a['worst_ratio']:.3f} ({a['worst_domain']})"
         lines.append(f"| {name} | {a['bpb']:.3f} | {cells} | {worst} | {a['seconds']:.0f}s |")
-    d = r["ddk"]
-    cost = f"DDK: {d['updates']} measurements, {d['update_seconds']:.1f}s = {100 * d['share_of_run']:.1f}% of its run."
-    lines += ["", cost, "", "| step | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
-    lines += [f"| {w['step']} | " + " | ".join(f"{w[x]:.3f}" for x in domains) + " |" for w in d["weights"]]
+    for name, d in r["ddk"].items():
+        share = f"{d['update_seconds']:.1f}s = {100 * d['share_of_run']:.1f}% of its run"
+        cost = f"{name}: {d['updates']} measurements, {share}."
+        lines += ["", cost, "", "| step | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+        lines += [f"| {w['step']} | " + " | ".join(f"{w[x]:.3f}" for x in domains) + " |" for w in d["weights"]]
     return "\n".join(lines) + "\n"
 
 
