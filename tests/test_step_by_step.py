@@ -39,10 +39,22 @@ def test_collator_builds_both_tasks_with_the_right_masks(tiny_tokenizer):
         assert decode_scored(tiny_tokenizer, batch["input_ids"][i], batch["labels"][i]) == rec["label"] + eos
         assert decode_scored(tiny_tokenizer, batch["r_input_ids"][i], batch["r_labels"][i]) == rec["rationale"] + eos
         prompt = tiny_tokenizer.decode(batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist())
-        assert prompt.startswith("<bos>[label] " + rec["input"] + "\n")
+        assert prompt.startswith("<bos>" + rec["input"] + "\n[label]\n" + rec["label"])
         r_prompt = tiny_tokenizer.decode(batch["r_input_ids"][i][batch["r_attention_mask"][i].bool()].tolist())
-        assert r_prompt.startswith("<bos>[rationale] " + rec["input"] + "\n")
+        assert r_prompt.startswith("<bos>" + rec["input"] + "\n[rationale]\n" + rec["rationale"])
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_an_input_too_long_for_seq_len_loses_its_start_not_the_task_marker(tiny_tokenizer):
+    long_input = " ".join(f"w{i}" for i in range(200))
+    ds = StepByStepDataset([{"input": long_input, "label": "yes", "rationale": "because"}], tiny_tokenizer, 48)
+    for ids, mask, marker, answer in (
+        ("input_ids", "attention_mask", "[label]", "yes"),
+        ("r_input_ids", "r_attention_mask", "[rationale]", "because"),
+    ):
+        kept = tiny_tokenizer.decode(ds[0][ids][ds[0][mask].bool()].tolist())
+        assert len(ds[0][ids]) == 48 and ds[0][mask].all()  # it did not fit: cut to seq_len
+        assert "w0 " not in kept and kept.endswith(f"w199\n{marker}\n{answer}{tiny_tokenizer.eos_token}")
 
 
 def cfg_for(tmp_path, student, train, **loss) -> DistillConfig:

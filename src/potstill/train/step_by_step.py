@@ -1,8 +1,10 @@
 """Distilling step-by-step (Hsieh et al. 2023): rationale records as two tasks, `L = L_label + lambda L_rationale`.
 
 Each `{"input", "label", "rationale"}` record (from `potstill generate` mode `rationale`) becomes two
-prompt/completion examples: `[label] INPUT\\n` -> `LABEL` and `[rationale] INPUT\\n` -> `RATIONALE`; the
-loss covers the completion only. `StepByStepDataset` keeps the pair together (one padded sequence per
+prompt/completion examples: `INPUT\\n[label]\\n` -> `LABEL` and `INPUT\\n[rationale]\\n` -> `RATIONALE`;
+the loss covers the completion only. The task marker closes the prompt (the paper prefixes it) because a
+too-long example is cut from the prompt's start (`potstill.data.pack`): the marker survives, the input's
+start goes. `StepByStepDataset` keeps the pair together (one padded sequence per
 task, built by `potstill.data.pack`), and `potstill.data.collate` stacks it into one batch holding both
 tasks: `input_ids/attention_mask/labels` (label task) and `r_input_ids/r_attention_mask/r_labels`.
 `potstill distill` runs this recipe with `train.recipe: step_by_step` (`run_distill` dispatches here).
@@ -49,8 +51,8 @@ RATIONALE_FIELDS = ("input", "label", "rationale")
 
 
 def task_prompt(prefix: str, text: str) -> str:
-    """The prompt of one task: `PREFIX INPUT` and a newline."""
-    return f"{prefix} {text}\n"
+    """The prompt of one task: `INPUT`, a newline, the task marker `PREFIX`, a newline."""
+    return f"{text}\n{prefix}\n"
 
 
 def read_rationales(paths: list[str], fields: tuple[str, ...] = RATIONALE_FIELDS) -> list[dict[str, str]]:
@@ -221,7 +223,7 @@ def label_accuracy(
 def predict_labels(
     model, tokenizer, inputs: list[str], max_tokens: int = 8, batch_size: int = 16, add_bos: bool = True
 ) -> list[str]:
-    """Greedy label-task answers (`[label] INPUT`), first line of each, stripped."""
+    """Greedy label-task answers (`INPUT\\n[label]\\n`), first line of each, stripped."""
     from potstill.teacher.generate import hf_generate
 
     bos = tokenizer.bos_token if add_bos and tokenizer.bos_token else ""
