@@ -6,8 +6,9 @@ same student init for the same steps x batch x seq_len, through `potstill distil
 
 - `ce`: loss.alpha=0, uniform domain mix;
 - `kd_uniform`: fkl, alpha 0.5, uniform domain mix;
-- `kd_ddk`: the same loss, `data.mixing.mode=ddk` (held-out for DDK carved from the *training* data, so the
-  final evaluation set is never used to pick weights).
+- `kd_ddk`: the same loss, `data.mixing.mode=ddk`; DDK's held-out split (`data.eval`) is the last records of each
+  domain's *training* text (OUT/data/ddk_eval.jsonl), so the final evaluation set never picks the weights, and
+  every run trains on the rest (OUT/data/fit.jsonl) only, so none has seen what DDK measures.
 
 Then every student and the teacher are scored on the held-out split (`evaluate`): per-domain bpb, the
 student/teacher bpb ratio per domain, the worst domain's ratio; DDK's share of training time spent in its
@@ -33,7 +34,7 @@ results in benchmarks/README.md):
 
     python benchmarks/ddk_vs_uniform.py --out runs/ddk_gemma --data-only --train-bytes 800000
     potstill student init --teacher "$(potstill teacher prepare)" --layers 6 --out runs/ddk_gemma/student \
-        --corpus runs/ddk_gemma/data/train.jsonl --calib-dtype bfloat16
+        --corpus runs/ddk_gemma/data/fit.jsonl --calib-dtype bfloat16
     python benchmarks/ddk_vs_uniform.py --out runs/ddk_gemma --teacher "$(potstill teacher prepare)" \
         --student runs/ddk_gemma/student --lr 3e-4 --bf16 --steps 200 --init-steps 200 --seeds 0 1 --gap logppl \
         --train-bytes 800000
@@ -86,6 +87,21 @@ def add_licenses(data: Path, heldout_frac: float = 0.15, max_bytes: int = 200_00
     return len(rows["train"])
 
 
+def split_ddk_eval(data: Path, eval_tokens: int) -> None:
+    """train.jsonl -> fit.jsonl (what every run trains on) + ddk_eval.jsonl (each domain's last records, >= 6 bytes
+    per DDK eval token: DDK's held-out split, given as `data.eval`, so no run, the --init-steps one included,
+    ever trains on the text DDK measures the student on)."""
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    need: dict[str, int] = {r["domain"]: 6 * eval_tokens for r in rows}
+    held = set()
+    for i in reversed(range(len(rows))):
+        if need[rows[i]["domain"]] > 0:
+            need[rows[i]["domain"]] -= len(rows[i]["text"].encode())
+            held.add(i)
+    for name, keep in (("fit", lambda i: i not in held), ("ddk_eval", lambda i: i in held)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for i, r in enumerate(rows) if keep(i)))
+
+
 def tiny_pair(data: Path, root: Path, teacher_steps: int, seq_len: int) -> tuple[Path, Path]:
     """A BPE tokenizer on the corpus, a teacher trained CE-only on it, and a random smaller student."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -118,7 +134,7 @@ def tiny_pair(data: Path, root: Path, teacher_steps: int, seq_len: int) -> tuple
     run = root / "teacher_run"
     if not (run / "summary.json").is_file():
         run_distill(load_config(None, [
-            f"model.student={dirs['teacher_init']}", "loss.alpha=0", f"data.train=[{data / 'train.jsonl'}]",
+            f"model.student={dirs['teacher_init']}", "loss.alpha=0", f"data.train=[{data / 'fit.jsonl'}]",
             f"data.seq_len={seq_len}", f"train.output_dir={run}", f"train.max_steps={teacher_steps}",
             "train.batch_size=16", "train.lr=0.003", "train.warmup_steps=20", "train.logging_steps=50",
             "train.overwrite=true",
@@ -132,8 +148,9 @@ def run_arm(name: str, seed: int, args, data: Path, teacher: Path, student: Path
     loss = ["loss.alpha=0"] if name == "ce" else ["loss.name=fkl", "loss.alpha=0.5"]
     mixing = ["data.mixing.mode=uniform"]
     if name == "kd_ddk":
-        mixing = ["data.mixing.mode=ddk", f"data.mixing.interval={args.interval}",
-                  f"data.mixing.eval_tokens={args.eval_tokens}", f"data.mixing.gap={args.gap}",
+        mixing = ["data.mixing.mode=ddk", f"data.eval=[{data / 'ddk_eval.jsonl'}]",
+                  f"data.mixing.interval={args.interval}", f"data.mixing.eval_tokens={args.eval_tokens}",
+                  f"data.mixing.gap={args.gap}",
                   f"data.mixing.warmup={args.warmup}", f"data.mixing.smoothing={args.smoothing}"]  # fmt: skip
     began = time.perf_counter()
     train(out, student, teacher, data, args, args.steps, seed, [*loss, *mixing])
@@ -142,7 +159,7 @@ def run_arm(name: str, seed: int, args, data: Path, teacher: Path, student: Path
 
 def train(out: Path, student: Path, teacher: Path, data: Path, args, steps: int, seed: int, extra: list[str]) -> None:
     run_distill(load_config(None, [
-        f"model.student={student}", f"model.teacher={teacher}", f"data.train=[{data / 'train.jsonl'}]",
+        f"model.student={student}", f"model.teacher={teacher}", f"data.train=[{data / 'fit.jsonl'}]",
         f"data.seq_len={args.seq_len}", f"train.output_dir={out}", f"train.max_steps={steps}",
         f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.warmup_steps=10",
         "train.logging_steps=25", "train.overwrite=true", f"train.seed={seed}", *extra,
@@ -154,7 +171,7 @@ def pretrain(args, data: Path, teacher: Path, student: Path) -> Path:
     """`--init-steps` of uniform KD on `--init-domains` (all by default): the common start of every arm."""
     out = args.out / "init"
     if not (out / "summary.json").is_file():
-        domains = sorted({json.loads(line)["domain"] for line in (data / "train.jsonl").read_text().splitlines()})
+        domains = sorted({json.loads(line)["domain"] for line in (data / "fit.jsonl").read_text().splitlines()})
         keep = args.init_domains or domains
         weights = ", ".join(f"{d}: {1 if d in keep else 0}" for d in domains)
         mixing = ["data.mixing.mode=fixed", f"data.mixing.weights={{{weights}}}"]
@@ -205,6 +222,7 @@ def main() -> None:
     data = args.out / "data"
     build_corpus(data, seed=0, train_bytes=args.train_bytes, heldout_bytes=args.train_bytes // 10)
     add_licenses(data, max_bytes=args.train_bytes)
+    split_ddk_eval(data, args.eval_tokens)
     if args.data_only:
         return
     if args.teacher is None:
