@@ -36,7 +36,7 @@ results in benchmarks/README.md):
     potstill student init --teacher "$(potstill teacher prepare)" --layers 6 --out runs/ddk_gemma/student \
         --corpus runs/ddk_gemma/data/fit.jsonl --calib-dtype bfloat16
     python benchmarks/ddk_vs_uniform.py --out runs/ddk_gemma --teacher "$(potstill teacher prepare)" \
-        --student runs/ddk_gemma/student --lr 3e-4 --bf16 --steps 200 --init-steps 200 --seeds 0 1 --gap logppl \
+        --student runs/ddk_gemma/student --lr 3e-4 --bf16 --steps 200 --init-steps 200 --seeds 1 2 --gap logppl \
         --train-bytes 800000
 """
 
@@ -55,6 +55,7 @@ from potstill.data import load_dataset
 from potstill.data.corpus import build_corpus
 from potstill.eval.metrics import evaluate
 from potstill.eval.report import report_mixing
+from potstill.fileio import write_text_atomic
 from potstill.teacher.load import load_model
 from potstill.train.trainer import run_distill
 
@@ -87,10 +88,10 @@ def add_licenses(data: Path, heldout_frac: float = 0.15, max_bytes: int = 200_00
     return len(rows["train"])
 
 
-def split_ddk_eval(data: Path, eval_tokens: int) -> None:
+def split_ddk_eval(data: Path, eval_tokens: int) -> list[str]:
     """train.jsonl -> fit.jsonl (what every run trains on) + ddk_eval.jsonl (each domain's last records, >= 6 bytes
     per DDK eval token: DDK's held-out split, given as `data.eval`, so no run, the --init-steps one included,
-    ever trains on the text DDK measures the student on)."""
+    ever trains on the text DDK measures the student on). Returns the domains, sorted."""
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     need: dict[str, int] = {r["domain"]: 6 * eval_tokens for r in rows}
     held = set()
@@ -99,7 +100,8 @@ def split_ddk_eval(data: Path, eval_tokens: int) -> None:
             need[rows[i]["domain"]] -= len(rows[i]["text"].encode())
             held.add(i)
     for name, keep in (("fit", lambda i: i not in held), ("ddk_eval", lambda i: i in held)):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for i, r in enumerate(rows) if keep(i)))
+        write_text_atomic(data / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for i, r in enumerate(rows) if keep(i)))
+    return sorted(need)
 
 
 def tiny_pair(data: Path, root: Path, teacher_steps: int, seq_len: int) -> tuple[Path, Path]:
@@ -150,8 +152,8 @@ def run_arm(name: str, seed: int, args, data: Path, teacher: Path, student: Path
     if name == "kd_ddk":
         mixing = ["data.mixing.mode=ddk", f"data.eval=[{data / 'ddk_eval.jsonl'}]",
                   f"data.mixing.interval={args.interval}", f"data.mixing.eval_tokens={args.eval_tokens}",
-                  f"data.mixing.gap={args.gap}",
-                  f"data.mixing.warmup={args.warmup}", f"data.mixing.smoothing={args.smoothing}"]  # fmt: skip
+                  f"data.mixing.gap={args.gap}", f"data.mixing.warmup={args.warmup}",
+                  f"data.mixing.smoothing={args.smoothing}"]  # fmt: skip
     began = time.perf_counter()
     train(out, student, teacher, data, args, args.steps, seed, [*loss, *mixing])
     return {"run": str(out), "seconds": time.perf_counter() - began}
@@ -167,11 +169,10 @@ def train(out: Path, student: Path, teacher: Path, data: Path, args, steps: int,
     ]))  # fmt: skip
 
 
-def pretrain(args, data: Path, teacher: Path, student: Path) -> Path:
+def pretrain(args, data: Path, domains: list[str], teacher: Path, student: Path) -> Path:
     """`--init-steps` of uniform KD on `--init-domains` (all by default): the common start of every arm."""
     out = args.out / "init"
     if not (out / "summary.json").is_file():
-        domains = sorted({json.loads(line)["domain"] for line in (data / "fit.jsonl").read_text().splitlines()})
         keep = args.init_domains or domains
         weights = ", ".join(f"{d}: {1 if d in keep else 0}" for d in domains)
         mixing = ["data.mixing.mode=fixed", f"data.mixing.weights={{{weights}}}"]
@@ -222,7 +223,10 @@ def main() -> None:
     data = args.out / "data"
     build_corpus(data, seed=0, train_bytes=args.train_bytes, heldout_bytes=args.train_bytes // 10)
     add_licenses(data, max_bytes=args.train_bytes)
-    split_ddk_eval(data, args.eval_tokens)
+    domains = split_ddk_eval(data, args.eval_tokens)
+    unknown = sorted(set(args.init_domains or []) - set(domains))
+    if unknown:
+        parser.error(f"--init-domains: {unknown[0]!r} is not a domain of the data (domains: {', '.join(domains)})")
     if args.data_only:
         return
     if args.teacher is None:
@@ -230,7 +234,7 @@ def main() -> None:
     else:
         teacher, student = args.teacher, args.student
     if args.init_steps:
-        student = pretrain(args, data, teacher, student)
+        student = pretrain(args, data, domains, teacher, student)
     previous = args.out / "results.json"
     reused = json.loads(previous.read_text())["arms"] if previous.is_file() else {}
     runs = [(name, seed) for name in ARMS for seed in (args.seeds[:1] if name == "ce" else args.seeds)]
@@ -242,16 +246,13 @@ def main() -> None:
     }
     evals = {"teacher": score(teacher, data, args.seq_len)}
     evals.update({name: score(Path(arm["run"]) / "student", data, args.seq_len) for name, arm in arms.items()})
-    ddk = [name for name in arms if name.startswith("kd_ddk")]
-    mixing = {
-        name: [json.loads(x) for x in (Path(arms[name]["run"]) / "mixing.jsonl").read_text().splitlines()]
-        for name in ddk
-    }
-    for name in ddk:
+    mixing = {}
+    for name in (name for name in arms if name.startswith("kd_ddk")):
+        mixing[name] = [json.loads(x) for x in (Path(arms[name]["run"]) / "mixing.jsonl").read_text().splitlines()]
         report_mixing(arms[name]["run"])
     results = summarize(evals, arms, mixing, vars(args))
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (args.out / "table.md").write_text(render(results))
+    write_text_atomic(args.out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    write_text_atomic(args.out / "table.md", render(results))
     print(render(results))
 
 
