@@ -140,7 +140,7 @@ def load(tiny: bool):
         with torch.no_grad():  # sharper than a random init, closer to a trained model's peaked distributions
             model.lm_head.weight.mul_(40)
         return model.eval(), tokenizer, "random Llama, 2 layers, hidden 64"
-    from potstill.teacher.load import load_model, prepare_teacher
+    from potstill.models.load import load_model, prepare_teacher
 
     model, tokenizer = load_model(prepare_teacher(check=False))
     return model, tokenizer, "Gemma 3 270M (Q4_K_M GGUF, dequantized float32)"

@@ -56,7 +56,7 @@ from potstill.data.corpus import build_corpus
 from potstill.eval.metrics import evaluate
 from potstill.eval.report import report_mixing
 from potstill.fileio import write_text_atomic
-from potstill.teacher.load import load_model
+from potstill.models.load import load_model
 from potstill.train.trainer import run_distill
 
 LICENSES = Path("/usr/share/common-licenses")

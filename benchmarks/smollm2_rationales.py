@@ -33,7 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from step_by_step import student_dir, tokenizer  # noqa: E402 - the tiny student of the synthetic experiment
 
-from potstill.teacher.load import convert_gguf  # noqa: E402
+from potstill.models.load import convert_gguf  # noqa: E402
 
 TEMPLATE = """Q: What is 14 + 23?
 A: 14 + 23 = 37. The answer is 37.

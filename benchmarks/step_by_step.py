@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from potstill.config import DistillConfig, validate_config
-from potstill.teacher.load import load_model
+from potstill.models.load import load_model
 from potstill.train.step_by_step import predict_labels, run_step_by_step
 
 

@@ -8,7 +8,8 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 
 from potstill.config import LOSS_NAMES, LossConfig
 from potstill.losses import kd_terms
-from potstill.losses.fused import TeacherHead, default_chunk_size, fused_kd_terms, head_of
+from potstill.losses.fused import TeacherHead, default_chunk_size, fused_kd_terms
+from potstill.models.heads import head_of
 from potstill.losses.sparse import topk_targets
 
 B, T, H, HT, V = 2, 9, 6, 5, 23

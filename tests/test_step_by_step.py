@@ -78,7 +78,7 @@ def cfg_for(tmp_path, student, train, **loss) -> DistillConfig:
 
 def test_two_task_loss_is_label_plus_lambda_rationale(tiny_model_dir, write_jsonl, tmp_path):
     """Loss at step 1 with lambda = 2 equals CE_label + 2 CE_rationale, each from a float64 reference."""
-    from potstill.teacher.load import load_model
+    from potstill.models.load import load_model
     from potstill.train.step_by_step import StepByStepTrainer
     from potstill.train.trainer import _training_args
 
@@ -112,7 +112,7 @@ def test_run_trains_and_predicts_with_the_label_task(tiny_model_dir, write_jsonl
     losses = [entry["rationale_ce"] for entry in logs if "rationale_ce" in entry]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert json.loads((out / "summary.json").read_text())["global_step"] == 12
-    from potstill.teacher.load import load_model
+    from potstill.models.load import load_model
 
     model, tok = load_model(out / "student")
     answers = predict_labels(model, tok, [r["input"] for r in RECORDS], max_tokens=4)
@@ -161,7 +161,7 @@ def test_cli_step_by_step_trains_and_reports_label_accuracy(tiny_model_dir, writ
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recipe"] == "step_by_step" and summary["global_step"] == 25 and summary["label_accuracy"] == 0.75
     assert any("rationale_ce" in json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
-    from potstill.teacher.load import load_model
+    from potstill.models.load import load_model
 
     model, tok = load_model(out / "student")
     assert predict_labels(model, tok, ["7 + 7", "1 + 1"], max_tokens=3) == ["yes", "yes"]

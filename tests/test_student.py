@@ -10,15 +10,14 @@ import torch
 from clitools import assert_one_line_error
 from conftest import TINY_CORPUS, build_tokenizer
 from potstill.errors import UserError
+from potstill.models.vocab import ID_MAP_FILE, load_id_map
 from potstill.student.init import (
     STUDENT_FILE,
-    VOCAB_FILE,
     build_student,
     evenly_spaced,
     init_student,
     init_student_cli,
     layer_scores,
-    load_id_map,
     tokenization_mismatch,
 )
 from test_eval_cli import run_main
@@ -172,7 +171,7 @@ def test_trimmed_tokenizer_matches_teacher_and_round_trips(teacher_name, request
         assert mapped == teacher_tok(text)["input_ids"]
     for text in UNSEEN + CORPUS[6:]:
         assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
-    vocab = json.loads((out / VOCAB_FILE).read_text())
+    vocab = json.loads((out / ID_MAP_FILE).read_text())
     assert vocab["teacher_vocab_size"] == len(teacher_tok)
 
 
@@ -246,10 +245,10 @@ def test_overwrite_replaces_output(gemma_teacher, tmp_path):
 
 def test_load_id_map_errors(tmp_path):
     assert load_id_map(tmp_path) is None
-    (tmp_path / VOCAB_FILE).write_text('{"teacher_vocab_size": 10, "teacher_ids": [1, 12]}')
-    with pytest.raises(UserError, match=VOCAB_FILE):
+    (tmp_path / ID_MAP_FILE).write_text('{"teacher_vocab_size": 10, "teacher_ids": [1, 12]}')
+    with pytest.raises(UserError, match=ID_MAP_FILE):
         load_id_map(tmp_path)
-    (tmp_path / VOCAB_FILE).write_text("{not json")
+    (tmp_path / ID_MAP_FILE).write_text("{not json")
     with pytest.raises(UserError, match="malformed"):
         load_id_map(tmp_path)
 

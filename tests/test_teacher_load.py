@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import potstill.teacher.load as load
+import potstill.models.load as load
 from clitools import assert_one_line_error
 from potstill.errors import UserError
 from test_eval_cli import run_main

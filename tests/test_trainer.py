@@ -212,7 +212,8 @@ def test_smoke_run_loss_goes_down_and_writes_run_dir(models_dir, tmp_path):
 
 
 def test_trimmed_vocab_student_trains_against_its_teacher(models_dir, tmp_path):
-    from potstill.student.init import init_student, load_id_map
+    from potstill.student.init import init_student
+    from potstill.models.vocab import load_id_map
 
     texts = [json.loads(line)["text"] for line in (models_dir / "train.jsonl").read_text().splitlines()]
     student = init_student(models_dir / "teacher", 1, tmp_path / "trimmed", texts, calib_tokens=64, calib_seq_len=16)

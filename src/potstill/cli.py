@@ -116,7 +116,7 @@ def teacher_prepare_cmd(
     check: bool = typer.Option(True, "--check/--no-check", help="Generate a few tokens to check the model."),
 ) -> None:
     """Convert a GGUF teacher once into a cached HF directory (keyed by the file's hash); print its path."""
-    from potstill.teacher.load import prepare_teacher
+    from potstill.models.load import prepare_teacher
 
     path = prepare_teacher(gguf, check=check)
     typer.echo(str(path))

@@ -20,7 +20,7 @@ LOSS_NAMES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl")
 
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-"""Weight dtypes a model can be loaded in (`potstill.teacher.load.DTYPES`)."""
+"""Weight dtypes a model can be loaded in (`potstill.models.load.DTYPES`)."""
 
 
 class _Section(BaseModel):

@@ -162,7 +162,7 @@ def run_demo(
     if teacher_cache:
         settings = settings.model_copy(update={"teacher_source": "cache"})
     state = _open_state(out, "quick" if quick else "full", settings, overwrite)
-    from potstill.teacher.load import enable_progress_log  # imports torch: after the quick checks
+    from potstill.models.load import enable_progress_log  # imports torch: after the quick checks
 
     enable_progress_log()
     ctx = {"out": out, "settings": settings, "state": state}
@@ -256,7 +256,7 @@ def _result(ctx: dict, step: str) -> Any:
 
 
 def _step_teacher(ctx: dict) -> str:
-    from potstill.teacher.load import prepare_teacher
+    from potstill.models.load import prepare_teacher
 
     return str(prepare_teacher(check=True))
 
@@ -332,8 +332,8 @@ def _step_eval(ctx: dict) -> dict:
     """Held-out metrics of the teacher (its own tokenizer, full head) and both students (with the teacher)."""
     from potstill.data import load_dataset
     from potstill.eval.metrics import evaluate
-    from potstill.student.init import load_id_map
-    from potstill.teacher.load import load_model
+    from potstill.models.vocab import load_id_map
+    from potstill.models.load import load_model
     from potstill.teacher.online import OnlineTeacher
 
     heldout = [ctx["out"] / "corpus" / "heldout.jsonl"]
@@ -358,7 +358,7 @@ def _step_bench(ctx: dict) -> dict:
     from tqdm import tqdm
 
     from potstill.eval.bench import latency_ms_per_token, param_count
-    from potstill.teacher.load import load_model
+    from potstill.models.load import load_model
 
     b = ctx["settings"].bench
     paths = {"teacher": _result(ctx, "teacher")}

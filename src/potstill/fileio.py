@@ -1,30 +1,115 @@
-"""Atomic file writes: every file potstill writes appears whole or not at all.
+"""Atomic file writes: every file or directory potstill writes appears whole or not at all.
 
-The text goes to a temporary name in the same directory (same filesystem), then `os.replace` renames it
-over the target; a crash or a full disk leaves either the old file or none, never a partial one.
+The content goes to a temporary name in the same directory (same filesystem), then `os.replace` renames it
+over the target; a crash or a full disk leaves either the old file or none, never a partial one. There is one
+temporary-name pattern, `.NAME.tmp-PID-TID` (`temp_path`), so a directory check can tell a leftover of ours
+(`is_temp`) from a user's file, and `remove_stale_temps` can delete the leftovers of processes that are gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from potstill.errors import UserError
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<tid>\d+)$")
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temporary name of `path` for this process and thread: `DIR/.NAME.tmp-PID-TID`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file or directory name is one of `temp_path`'s."""
+    return _TEMP.match(name) is not None
+
+
+def remove_stale_temps(folder: str | Path) -> None:
+    """Delete the temporary files and directories in `folder` whose writing process is gone (crashed or killed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        match = _TEMP.match(entry.name)
+        if match is not None and not _alive(int(match["pid"])):
+            _remove(entry)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write `path`'s content to (a file, or a directory to fill); rename it on success.
+
+    A directory replaces an existing `path` whole (the old one is moved aside first, then deleted). On an
+    exception the temporary path is removed and `path` is untouched.
+
+    Raises:
+        UserError: the disk filled up (nothing is left behind; rerunning the command resumes or redoes it).
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            old = temp_path(path.with_name(path.name + ".old"))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise UserError(f"{path}: out of disk space; free some and rerun the same command") from None
+        raise
+    finally:
+        _remove(tmp)
+
+
+def write_bytes_atomic(path: str | Path, chunks: Iterable[bytes]) -> Path:
+    """Write `chunks` one after the other to `path` atomically (fsync'ed before the rename); return the path."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically; return the path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Write `obj` as indented JSON (plus a final newline) to `path` atomically; return the path."""
     return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

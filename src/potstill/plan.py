@@ -373,7 +373,7 @@ def _clock(like) -> float:
 
 def _fused_head(cfg: DistillConfig, student):
     """(head weight, softcap) when the run takes the fused path (as `DistillTrainer._student_head`), else None."""
-    from potstill.losses.fused import head_of
+    from potstill.models.heads import head_of
 
     return head_of(student) if cfg.loss.fused else None
 

@@ -27,7 +27,7 @@ def create_app(model_dir: str | Path, name: str | None = None):
     from pydantic import BaseModel, Field
 
     from potstill.teacher.generate import hf_generate
-    from potstill.teacher.load import load_model
+    from potstill.models.load import load_model
 
     model, tokenizer = load_model(model_dir)
     model_name = name or Path(model_dir).name

@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from potstill.config import LossConfig
 from potstill.losses import IGNORE_INDEX, KDTerms, per_token_divergence
@@ -264,17 +263,3 @@ def fused_kd_terms(
         loss_weights = (0.0, loss_weights[1])  # kd does not exist: its (zero) grad must not break the plan
     kd, ce = _FusedKD.apply(student_hidden, student_head_weight, prob, loss_weights)
     return KDTerms(kd=None if teacher is None else kd, ce=ce, n_tokens=rows.numel())
-
-
-def head_of(model: nn.Module) -> tuple[torch.Tensor, float | None] | None:
-    """The output head of an HF causal LM as (weight [V, H], final logit softcap or None), or None.
-
-    None means the fused loss cannot reproduce the model's logits or their gradients (no plain linear
-    head, a head bias, or a logit scale the fused path does not apply): use the dense path then.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = getattr(model, "config", None)
-    scaled = any(getattr(config, name, None) not in (None, 1.0) for name in ("logit_scale", "logits_scaling"))
-    if not isinstance(head, nn.Linear) or head.bias is not None or scaled:
-        return None
-    return head.weight, getattr(config, "final_logit_softcapping", None)

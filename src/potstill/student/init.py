@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from potstill.errors import UserError
-from potstill.teacher.load import DTYPES, convert_gguf, enable_progress_log, load_model
+from potstill.models.vocab import ID_MAP_FILE
+from potstill.models.load import DTYPES, convert_gguf, enable_progress_log, load_model
 
 log = logging.getLogger(__name__)
 
-VOCAB_FILE = "potstill_vocab.json"
 STUDENT_FILE = "potstill_student.json"
 SELECTIONS = ("measured", "even")
 # Config fields holding one entry per decoder layer: subset them with the layers.
@@ -150,26 +150,6 @@ def init_student_cli(
         calib_dtype=calib_dtype,
         overwrite=overwrite,
     )
-
-
-def load_id_map(student_dir: str | Path) -> torch.Tensor | None:
-    """Student id -> teacher id as a [V_student] LongTensor, or None if the student keeps the teacher's vocabulary.
-
-    Raises:
-        UserError: `potstill_vocab.json` exists but is malformed.
-    """
-    path = Path(student_dir) / VOCAB_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        ids, size = data["teacher_ids"], data["teacher_vocab_size"]
-        ok = isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < size for i in ids)
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"{path}: malformed id map ({err}); expected {{'teacher_vocab_size', 'teacher_ids'}}") from None
-    if not ok or not ids:
-        raise UserError(f"{path}: teacher_ids must be a non-empty list of ids in [0, {size})")
-    return torch.tensor(ids, dtype=torch.long)
 
 
 # ----- vocabulary -----------------------------------------------------------------------------------------------
@@ -560,7 +540,7 @@ def _save_atomically(out: Path, overwrite: bool, model, tokenizer, id_map, teach
         tokenizer.save_pretrained(tmp)
         if id_map is not None:
             vocab = {"teacher_vocab_size": teacher_vocab, "teacher_ids": id_map.tolist()}
-            (tmp / VOCAB_FILE).write_text(json.dumps(vocab) + "\n")
+            (tmp / ID_MAP_FILE).write_text(json.dumps(vocab) + "\n")
         (tmp / STUDENT_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if out.exists() and overwrite:
             os.replace(out, old)

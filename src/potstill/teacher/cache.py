@@ -77,7 +77,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def teacher_fingerprint(model_dir: str | Path) -> str:
     """sha256 of the teacher's config.json and the sha256 of each weights file (hashes cached by size + mtime)."""
-    from potstill.teacher.load import cache_dir, file_sha256
+    from potstill.models.load import cache_dir, file_sha256
 
     root = Path(model_dir)
     digest = hashlib.sha256((root / "config.json").read_bytes())
@@ -331,7 +331,7 @@ def build_cache(
         batch_size: sequences per teacher forward (bounds memory: batch x seq_len x V float32 logits).
         shard_tokens: about this many positions per shard (whole sequences).
         seed: seed of the sampled targets (each shard draws from its own seeded generator).
-        dtype: the teacher's weights dtype (`potstill.teacher.load.DTYPES`); bfloat16 is 3-4x faster on CPUs
+        dtype: the teacher's weights dtype (`potstill.models.load.DTYPES`); bfloat16 is 3-4x faster on CPUs
             with native bf16 matmuls; the log-probs are computed in float32 either way.
         overwrite: replace an existing cache built with other settings.
         progress: show a progress bar (tokens/s, ETA) on rank 0.
@@ -411,7 +411,7 @@ def _prepare(
 ):
     """Load models and data, decide the settings; returns (None, None) when `out` already holds this cache."""
     from potstill.data.packing import load_dataset
-    from potstill.teacher.load import DTYPES, load_model
+    from potstill.models.load import DTYPES, load_model
     from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
     if not data:
@@ -421,7 +421,7 @@ def _prepare(
     model, tokenizer = load_model(teacher, dtype=dtype)
     id_map = None
     if student is not None:
-        from potstill.student.init import load_id_map
+        from potstill.models.vocab import load_id_map
 
         student_tok = _load_tokenizer(student)
         id_map = load_id_map(student)
@@ -576,7 +576,7 @@ def _write_shard(plan: _Plan, scorer: _Scorer, j: int, batch_size: int, bar) -> 
 
 def finalize(plan: _Plan) -> Path:
     """Write manifest.json (last): build settings + per-shard sha256, sizes and token counts."""
-    from potstill.teacher.load import file_sha256
+    from potstill.models.load import file_sha256
 
     shards = []
     for j in range(plan.n_shards):
@@ -779,7 +779,7 @@ class TeacherCache:
         Raises:
             UserError: naming the first shard whose checksum or content is wrong.
         """
-        from potstill.teacher.load import file_sha256
+        from potstill.models.load import file_sha256
 
         tokens, kept, top1, worst = 0, [], [], 0.0
         for j, shard in enumerate(self._shards):

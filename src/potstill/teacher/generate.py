@@ -267,7 +267,7 @@ class LocalBackend:
     """A local HF model (or GGUF) generating in batches of `teacher.batch_size`."""
 
     def __init__(self, cfg: TeacherSourceConfig, sampling: SamplingConfig):
-        from potstill.teacher.load import load_model
+        from potstill.models.load import load_model
 
         self.model, self.tokenizer = load_model(cfg.model)
         if cfg.chat:
@@ -294,7 +294,7 @@ class EndpointBackend:
 
     def __init__(self, cfg: TeacherSourceConfig, sampling: SamplingConfig):
         from potstill.teacher.endpoint import EndpointClient, api_key
-        from potstill.teacher.load import cache_dir
+        from potstill.models.load import cache_dir
 
         if not cfg.base_url:
             raise UserError("config: teacher.base_url: required for teacher.backend=endpoint")

@@ -18,6 +18,7 @@ from torch import nn
 
 from potstill.errors import UserError
 from potstill.losses.fused import TeacherHead
+from potstill.models.heads import linear_head, softcap_of
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token")
 _HINT = "use the teacher's tokenizer, or a student made from this teacher by `potstill student init`"
@@ -92,8 +93,8 @@ class OnlineTeacher:
             head = model.get_output_embeddings()
             self._head = head.weight.detach()[self.id_map]  # [V_student, H]
             self._bias = None if getattr(head, "bias", None) is None else head.bias.detach()[self.id_map]
-        self._softcap = getattr(model.config, "final_logit_softcapping", None)
-        self._fusable = _plain_head(model)
+        self._softcap = softcap_of(model)
+        self._fusable = linear_head(model) is not None
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -139,10 +140,3 @@ class OnlineTeacher:
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
-
-
-def _plain_head(model: nn.Module) -> bool:
-    """True when logits = softcap(base_model(...).last_hidden_state @ W.T + b): no logit scale, a linear head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    scaled = any(getattr(model.config, name, None) not in (None, 1.0) for name in ("logit_scale", "logits_scaling"))
-    return isinstance(head, nn.Linear) and not scaled

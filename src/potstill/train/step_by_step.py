@@ -32,7 +32,7 @@ from potstill.errors import UserError
 from potstill.eval.metrics import write_eval_json
 from potstill.fileio import write_json_atomic
 from potstill.losses import kd_terms
-from potstill.teacher.load import quiet_hf_progress
+from potstill.models.load import quiet_hf_progress
 from potstill.train.trainer import (
     LOG_FILE,
     SUMMARY_FILE,

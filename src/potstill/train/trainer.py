@@ -52,9 +52,10 @@ from potstill.config import DistillConfig, LossConfig, dump_config
 from potstill.errors import UserError
 from potstill.fileio import write_json_atomic, write_text_atomic
 from potstill.losses import combine, kd_terms
-from potstill.losses.fused import TeacherHead, fused_kd_terms, head_of
+from potstill.losses.fused import TeacherHead, fused_kd_terms
+from potstill.models.heads import head_of
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
-from potstill.teacher.load import quiet_hf_progress
+from potstill.models.load import quiet_hf_progress
 from potstill.teacher.online import OnlineTeacher
 
 logger = logging.getLogger(__name__)
@@ -540,7 +541,7 @@ def _load_models(cfg: DistillConfig):
     Returns:
         (student, tokenizer, OnlineTeacher | None); the teacher reads the student's id map if it has one.
     """
-    from potstill.teacher.load import load_model
+    from potstill.models.load import load_model
 
     student, tokenizer = load_model(cfg.model.student, dtype=cfg.model.dtype)
     if cfg.loss.alpha == 0 or cfg.teacher.source == "cache":
@@ -579,7 +580,7 @@ def _open_cache(cfg: DistillConfig, tokenizer, train_ds):
 
 def _load_id_map(student_dir: str) -> torch.Tensor | None:
     try:
-        from potstill.student.init import load_id_map
+        from potstill.models.vocab import load_id_map
     except ImportError:  # students with a trimmed vocabulary need potstill.student.init
         return None
     return load_id_map(student_dir)
