@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from potstill.config import LOSS_NAMES, LossConfig
-from potstill.losses import kd_terms
+from potstill.config import LOSS_NAMES
+from potstill.losses import Divergence, kd_terms
 from potstill.losses.fused import TeacherHead, default_chunk_size, fused_kd_terms
-from potstill.models.heads import head_of
 from potstill.losses.sparse import topk_targets
+from potstill.models.heads import head_of
 
 B, T, H, HT, V = 2, 9, 6, 5, 23
 
 
-def _cfg(name: str, temperature: float = 2.0) -> LossConfig:
-    return LossConfig(name=name, temperature=temperature, beta=0.3, skew=0.2, akl_mu=0.4)
+def _cfg(name: str, temperature: float = 2.0) -> Divergence:
+    return Divergence(name=name, temperature=temperature, beta=0.3, skew=0.2, akl_mu=0.4)
 
 
 def _problem(dtype=torch.float64, seed=0, masked=(0, 3, 4, 10)):
@@ -124,7 +126,7 @@ def test_all_masked_is_zero_with_finite_grads():
 def test_sparse_targets_at_full_k_equal_dense(tail):
     """Sparse teacher targets with k = V through the fused path equal the dense teacher-logits path."""
     hidden, weight, t_hidden, t_weight, labels = _problem(seed=3)
-    cfg = _cfg("srkl").model_copy(update={"sparse_tail": tail})
+    cfg = replace(_cfg("srkl"), sparse_tail=tail)
     targets = topk_targets(t_hidden[:, :-1].reshape(-1, HT) @ t_weight.T, k=V, temperature=cfg.temperature)
     fused = _fused(hidden, weight, targets, labels, cfg, chunk_size=6)
     dense = _dense(hidden, weight, t_hidden, t_weight, labels, cfg)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from potstill.config import LOSS_NAMES, LossConfig
-from potstill.losses import LOSSES, KDTerms, combine, kd_terms, per_token_divergence
+from potstill.losses import LOSSES, Divergence, KDTerms, combine, kd_terms, per_token_divergence
 from potstill.losses import divergences as D
 
 TEMPERATURES = (0.5, 1.0, 2.0)
@@ -144,7 +144,7 @@ def test_hand_values_two_token_vocabulary() -> None:
         "akl": 0.5 * fkl + 0.5 * rkl,
     }
     for name, value in expected.items():
-        got = per_token_divergence(s, t, LossConfig(name=name))
+        got = per_token_divergence(s, t, Divergence(name=name))
         assert got.item() == pytest.approx(value, rel=1e-12), name
 
 
@@ -271,11 +271,11 @@ def test_registry_matches_config_and_uses_its_parameters() -> None:
     for spec in LOSSES.values():
         assert set(spec.params) <= fields and spec.formula and "\n" not in spec.formula
     s, t = _logits(4, 20, seed=20), _logits(4, 20, seed=21)
-    cfg = LossConfig(name="jsd", beta=0.9, jsd_scaled=True, temperature=2.0)
+    cfg = Divergence(name="jsd", beta=0.9, jsd_scaled=True, temperature=2.0)
     torch.testing.assert_close(per_token_divergence(s, t, cfg), naive("jsd", s, t, 2.0, beta=0.9, scaled=True))
-    cfg = LossConfig(name="srkl", skew=0.3, temperature=0.7)
+    cfg = Divergence(name="srkl", skew=0.3, temperature=0.7)
     torch.testing.assert_close(per_token_divergence(s, t, cfg), naive("srkl", s, t, 0.7, skew=0.3))
-    cfg = LossConfig(name="akl", akl_mu=0.8)
+    cfg = Divergence(name="akl", akl_mu=0.8)
     torch.testing.assert_close(per_token_divergence(s, t, cfg), naive("akl", s, t, 1.0, mu=0.8))
 
 
@@ -306,7 +306,7 @@ def test_jsd_parity_with_trl(trl_jsd, beta: float) -> None:
 
 def _check_trl_parity(trl_jsd, beta: float, temperature: float) -> None:
     s, t, labels = _batch()
-    cfg = LossConfig(name="jsd", beta=beta, temperature=temperature)
+    cfg = Divergence(name="jsd", beta=beta, temperature=temperature)
     # With labels, TRL's "batchmean" is a mean over unmasked tokens of pre-shifted logits/labels:
     # exactly kd_terms' kd (which shifts itself).
     ref = trl_jsd(s[:, :-1], t[:, :-1], labels[:, 1:], beta=beta, temperature=temperature)
@@ -322,7 +322,7 @@ def _check_trl_parity(trl_jsd, beta: float, temperature: float) -> None:
 # ---- kd_terms and combine ---------------------------------------------------------------------------
 
 
-def _naive_terms(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg: LossConfig) -> tuple:
+def _naive_terms(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg: Divergence) -> tuple:
     kd, ce, n = 0.0, 0.0, 0
     for b in range(labels.shape[0]):
         for i in range(labels.shape[1] - 1):
@@ -338,7 +338,7 @@ def _naive_terms(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, cfg: Lo
 @pytest.mark.parametrize("name", ["fkl", "rkl", "tvd"])
 def test_kd_terms_masks_and_shifts(name: str) -> None:
     s, t, labels = _batch()
-    cfg = LossConfig(name=name, temperature=1.7)
+    cfg = Divergence(name=name, temperature=1.7)
     terms = kd_terms(s, t, labels, cfg)
     kd, ce, n = _naive_terms(s, t, labels, cfg)
     assert terms.n_tokens == n == int((labels[:, 1:] != -100).sum())
@@ -356,7 +356,7 @@ def test_kd_terms_masks_and_shifts(name: str) -> None:
 
 def test_kd_terms_global_normalization_splits_exactly() -> None:
     s, t, labels = _batch(b=4, seed=30)
-    cfg = LossConfig(name="jsd", beta=0.3, temperature=2.0)
+    cfg = Divergence(name="jsd", beta=0.3, temperature=2.0)
     full_s = s.clone().requires_grad_(True)
     full = kd_terms(full_s, t, labels, cfg)
     combine(full, 0.7, 2.0).backward()
@@ -375,7 +375,7 @@ def test_kd_terms_global_normalization_splits_exactly() -> None:
 def test_kd_terms_all_masked_is_zero_with_finite_grad() -> None:
     s, t, labels = _batch()
     s.requires_grad_(True)
-    terms = kd_terms(s, t, torch.full_like(labels, -100), LossConfig(name="akl"))
+    terms = kd_terms(s, t, torch.full_like(labels, -100), Divergence(name="akl"))
     assert terms.n_tokens == 0 and terms.kd.item() == 0 and terms.ce.item() == 0
     combine(terms, 0.5, 2.0).backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().max() == 0
@@ -383,7 +383,7 @@ def test_kd_terms_all_masked_is_zero_with_finite_grad() -> None:
 
 def test_kd_terms_bf16_student_is_upcast() -> None:
     s, t, labels = _batch()
-    cfg = LossConfig(name="fkl")
+    cfg = Divergence(name="fkl")
     terms = kd_terms(s.bfloat16(), t.float(), labels, cfg)
     assert terms.kd.dtype == torch.float32 and terms.ce.dtype == torch.float32
     ref = kd_terms(s.bfloat16().double(), t, labels, cfg)
@@ -393,10 +393,10 @@ def test_kd_terms_bf16_student_is_upcast() -> None:
 
 def test_alpha_zero_is_exactly_ce_without_teacher() -> None:
     s, t, labels = _batch()
-    no_teacher = kd_terms(s, None, labels, LossConfig())
+    no_teacher = kd_terms(s, None, labels, Divergence())
     assert no_teacher.kd is None
     assert combine(no_teacher, 0.0, 2.0) is no_teacher.ce
-    with_teacher = kd_terms(s, t, labels, LossConfig())
+    with_teacher = kd_terms(s, t, labels, Divergence())
     assert torch.equal(combine(with_teacher, 0.0, 2.0), no_teacher.ce)
     with pytest.raises(ValueError, match="needs a KD term"):
         combine(no_teacher, 0.5, 1.0)
@@ -410,7 +410,7 @@ def test_combine_weights_and_t_squared_scaling() -> None:
     norms = []
     for temperature in (8.0, 16.0):
         leaf = s.clone().requires_grad_(True)
-        combine(kd_terms(leaf, t, labels, LossConfig(temperature=temperature)), 1.0, temperature).backward()
+        combine(kd_terms(leaf, t, labels, Divergence(temperature=temperature)), 1.0, temperature).backward()
         norms.append(leaf.grad.norm().item())
     assert norms[1] == pytest.approx(norms[0], rel=0.1)
 

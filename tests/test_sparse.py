@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from potstill.config import LOSS_NAMES, LossConfig
+from potstill.config import LOSS_NAMES
 from potstill.errors import UserError
-from potstill.losses import kd_terms, per_token_divergence
+from potstill.losses import Divergence, kd_terms, per_token_divergence
 from potstill.losses.sparse import sparse_divergence, sparse_kd_terms, topk_targets
 
 B, T, V = 2, 6, 17
 F_DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")  # f-divergences: coarse-graining lowers them
 
 
-def _cfg(name: str, tail: str = "bucket", temperature: float = 1.5) -> LossConfig:
-    return LossConfig(name=name, temperature=temperature, beta=0.3, skew=0.2, akl_mu=0.4, sparse_tail=tail)
+def _cfg(name: str, tail: str = "bucket", temperature: float = 1.5) -> Divergence:
+    return Divergence(name=name, temperature=temperature, beta=0.3, skew=0.2, akl_mu=0.4, sparse_tail=tail)
 
 
 def _logits(seed: int, shape=(B, T, V)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

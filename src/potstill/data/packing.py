@@ -27,10 +27,10 @@ from torch.utils.data import Dataset
 
 from potstill.data.sources import Record, read_many
 from potstill.errors import UserError
+from potstill.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _TOKENIZE_BATCH = 512  # records per tokenizer call: fast tokenizers work in parallel within a batch
 
 

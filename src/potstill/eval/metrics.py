@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from potstill.data.packing import IGNORE_INDEX, collate, pack
+from potstill.data.packing import collate, pack
+from potstill.losses import IGNORE_INDEX
 from potstill.data.sources import read_many
 from potstill.errors import UserError
 from potstill.fileio import write_json_atomic

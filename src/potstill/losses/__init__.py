@@ -1,10 +1,15 @@
 """The loss zoo: one explicit registry of divergences, and the KD objective built from it.
 
 `LOSSES` maps a config name (`loss.name`) to a `LossSpec` (the per-token function, a one-line formula
-for `potstill losses`, and the `LossConfig` fields it reads). `kd_terms` turns a batch of student and
-teacher logits plus labels into the two normalized terms of the objective, and `combine` weights them:
+for `potstill losses`, and the `Divergence` fields it reads). A `Divergence` is the divergence with its
+parameters and temperature (plain values; `LossConfig.divergence` builds it from a config). `kd_terms` turns a
+batch of student and teacher logits plus labels into the two normalized terms of the objective, and `combine`
+weights them with `kd_weights`, the one place T^2 is applied:
 
     loss = alpha * T^2 * D(p_teacher || q_student) + (1 - alpha) * CE(labels)
+
+`losses/` is pure math: it imports nothing of potstill outside itself (and `potstill.errors`). Labels follow the
+HF convention (unshifted, `IGNORE_INDEX` = -100 carries no loss); `scored_mask` says which positions count.
 
 Normalization (DESIGN.md section 3): each term is a sum over unmasked tokens divided once by
 `num_tokens`, the global count of unmasked tokens across gradient accumulation and ranks, so
@@ -19,11 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from potstill.config import LossConfig
-from potstill.data.packing import IGNORE_INDEX  # one definition: labels that carry no loss
 from potstill.losses import divergences
 
-# LossConfig field -> keyword argument of the divergence functions.
+IGNORE_INDEX = -100  # labels that carry no loss (the HF / PyTorch convention)
+
+# Divergence field -> keyword argument of the divergence functions.
 _KWARGS = {"beta": "beta", "jsd_scaled": "scaled", "skew": "skew", "akl_mu": "mu"}
 
 
@@ -34,7 +39,7 @@ class LossSpec:
     Attributes:
         fn: per-token divergence `fn(student_logits [N, V], teacher_logits [N, V], temperature, **params) -> [N]`.
         formula: one line for `potstill losses` and the docs.
-        params: names of the `LossConfig` fields it uses (besides `temperature`).
+        params: names of the `Divergence` fields it uses (besides `temperature`).
     """
 
     fn: Callable[..., torch.Tensor]
@@ -63,6 +68,49 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """A divergence of the zoo with its parameters, at temperature T (both distributions are softmax(logits / T)).
+
+    Attributes:
+        name: a key of `LOSSES`.
+        temperature: T > 0.
+        beta: jsd interpolation in [0, 1].
+        jsd_scaled: jsd / (beta (1 - beta)).
+        skew: skl / srkl skew in [0, 1].
+        akl_mu: akl head mass in [0, 1].
+        sparse_tail: top-k teacher targets: "bucket" (k ids + one bucket for the rest) or "renorm" (k ids only).
+    """
+
+    name: str = "fkl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    jsd_scaled: bool = False
+    skew: float = 0.1
+    akl_mu: float = 0.5
+    sparse_tail: str = "bucket"
+
+
+def scored_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Which positions are scored: position t predicts label t + 1, so `labels[:, 1:] != IGNORE_INDEX`.
+
+    Args:
+        labels: [B, T] unshifted labels.
+
+    Returns:
+        [B, T - 1] bool; its sum is the token count the objective divides by.
+    """
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def kd_weights(alpha: float, temperature: float) -> tuple[float, float]:
+    """The weights (alpha * T^2, 1 - alpha) of the KD and CE terms.
+
+    T^2 keeps the soft term's gradient scale independent of T (it shrinks as 1/T^2; Hinton et al. 2015).
+    """
+    return alpha * temperature**2, 1.0 - alpha
+
+
 @dataclass
 class KDTerms:
     """The two terms of the KD objective for one (micro-)batch, each already divided by `num_tokens`.
@@ -78,20 +126,20 @@ class KDTerms:
     n_tokens: int
 
 
-def per_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """The divergence `cfg.name` with its parameters and temperature from the config.
+def per_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, div: Divergence) -> torch.Tensor:
+    """The divergence `div.name` with its parameters and temperature.
 
     Args:
         student_logits: [N, V] logits.
         teacher_logits: [N, V] logits.
-        cfg: loss config.
+        div: the divergence.
 
     Returns:
         [N] divergence per token (float32; float64 for float64 input).
     """
-    spec = LOSSES[cfg.name]
-    kwargs = {_KWARGS[field]: getattr(cfg, field) for field in spec.params}
-    return spec.fn(student_logits, teacher_logits, temperature=cfg.temperature, **kwargs)
+    spec = LOSSES[div.name]
+    kwargs = {_KWARGS[field]: getattr(div, field) for field in spec.params}
+    return spec.fn(student_logits, teacher_logits, temperature=div.temperature, **kwargs)
 
 
 def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +165,7 @@ def kd_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
-    loss_cfg: LossConfig,
+    div: Divergence,
     num_tokens: int | torch.Tensor | None = None,
 ) -> KDTerms:
     """Distillation and cross-entropy terms, summed over scored tokens and divided once by `num_tokens`.
@@ -128,7 +176,7 @@ def kd_terms(
         student_logits: [B, T, V] logits (bf16 is upcast inside).
         teacher_logits: [B, T, V] logits, or None for CE only.
         labels: [B, T] unshifted labels, -100 = no loss; shifted here.
-        loss_cfg: divergence name, its parameters and temperature.
+        div: the divergence (name, parameters, temperature).
         num_tokens: the normalizer, e.g. the global unmasked count over grad accumulation and ranks;
             defaults to this batch's unmasked count. Counts below 1 are treated as 1 (all-masked -> 0).
 
@@ -145,14 +193,13 @@ def kd_terms(
     kd = None
     if teacher_logits is not None:
         teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])[rows]
-        kd = per_token_divergence(student, teacher, loss_cfg).sum() / denom
+        kd = per_token_divergence(student, teacher, div).sum() / denom
     return KDTerms(kd=kd, ce=ce, n_tokens=rows.numel())
 
 
 def combine(terms: KDTerms, alpha: float, temperature: float) -> torch.Tensor:
-    """The KD objective alpha * T^2 * kd + (1 - alpha) * ce.
+    """The KD objective alpha * T^2 * kd + (1 - alpha) * ce (weights from `kd_weights`).
 
-    T^2 keeps the soft term's gradient scale independent of T (it shrinks as 1/T^2; Hinton et al. 2015).
     alpha = 0 returns exactly `terms.ce` (no teacher needed).
 
     Args:
@@ -167,4 +214,5 @@ def combine(terms: KDTerms, alpha: float, temperature: float) -> torch.Tensor:
         return terms.ce
     if terms.kd is None:
         raise ValueError(f"combine: alpha={alpha} needs a KD term, but kd_terms got no teacher logits")
-    return alpha * temperature**2 * terms.kd + (1.0 - alpha) * terms.ce
+    w_kd, w_ce = kd_weights(alpha, temperature)
+    return w_kd * terms.kd + w_ce * terms.ce

@@ -27,8 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from potstill.config import LossConfig
-from potstill.losses import IGNORE_INDEX, KDTerms, per_token_divergence
+from potstill.losses import IGNORE_INDEX, Divergence, KDTerms, per_token_divergence
 from potstill.losses.sparse import SparseTargets, check_temperature, sparse_divergence
 
 # Logit elements per chunk: 2^24 float32 = 64 MiB per [chunk, V] buffer (64 tokens at V = 262,144, 512 at
@@ -87,7 +86,7 @@ def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def _chunk_sums(
-    logits: torch.Tensor, teacher: Teacher, labels: torch.Tensor, cfg: LossConfig
+    logits: torch.Tensor, teacher: Teacher, labels: torch.Tensor, div: Divergence
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Sums over the chunk's tokens of the divergence and of the CE (not yet normalized).
 
@@ -95,14 +94,14 @@ def _chunk_sums(
         logits: [n, V] student logits (upcast, softcapped).
         teacher: the chunk's rows of the teacher, or None.
         labels: [n] target ids (all masked-in).
-        cfg: loss config.
+        div: the divergence.
     """
     ce = F.cross_entropy(logits, labels, reduction="sum")
     if teacher is None:
         return None, ce
     if isinstance(teacher, SparseTargets):
-        return sparse_divergence(logits, teacher, cfg).sum(), ce
-    return per_token_divergence(logits, teacher.logits(), cfg).sum(), ce
+        return sparse_divergence(logits, teacher, div).sum(), ce
+    return per_token_divergence(logits, teacher.logits(), div).sum(), ce
 
 
 @dataclass
@@ -112,7 +111,7 @@ class _Problem:
     teacher: Teacher
     labels: torch.Tensor  # [n] masked-in labels
     rows: torch.Tensor  # [n] their row index in hidden
-    cfg: LossConfig
+    div: Divergence
     scale: float  # 1 / num_tokens
     chunk_size: int
     softcap: float | None
@@ -156,7 +155,7 @@ def _run(
         h = hidden[rows].to(dtype)
         with torch.enable_grad():
             z = F.linear(h, w).requires_grad_(weights is not None)
-            kd, ce = _chunk_sums(_softcap(_upcast(z), prob.softcap), teacher, labels, prob.cfg)
+            kd, ce = _chunk_sums(_softcap(_upcast(z), prob.softcap), teacher, labels, prob.div)
             if weights:
                 total = ce * (weights[1] * prob.scale) + (0.0 if kd is None else kd * (weights[0] * prob.scale))
                 (g,) = torch.autograd.grad(total, z)
@@ -219,7 +218,7 @@ def fused_kd_terms(
     student_head_weight: torch.Tensor,
     teacher: Teacher,
     labels: torch.Tensor,
-    loss_cfg: LossConfig,
+    div: Divergence,
     num_tokens: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
     softcap: float | None = None,
@@ -234,7 +233,7 @@ def fused_kd_terms(
         student_head_weight: [V, H] output head (`model.get_output_embeddings().weight`).
         teacher: `TeacherHead` ([N, Ht] hidden + [V, Ht] head), `SparseTargets` ([N, k]), or None (CE only).
         labels: [N] next-token ids, -100 = no loss (only masked-in rows are computed).
-        loss_cfg: divergence name, parameters and temperature.
+        div: the divergence (name, parameters, temperature, sparse_tail).
         num_tokens: normalizer (the global unmasked count across accumulation/ranks); default: this batch's.
         chunk_size: tokens per chunk; default `default_chunk_size(V)`.
         softcap: student final logit softcapping (Gemma 2), or None.
@@ -245,14 +244,14 @@ def fused_kd_terms(
         KDTerms(kd, ce, n_tokens): kd is None without a teacher; both 0 (finite grads) when all masked.
     """
     if isinstance(teacher, SparseTargets):
-        check_temperature(teacher, loss_cfg)
+        check_temperature(teacher, div)
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
     denom = rows.numel() if num_tokens is None else num_tokens
     prob = _Problem(
         teacher=None if teacher is None else teacher.rows(rows),
         labels=labels[rows],
         rows=rows,
-        cfg=loss_cfg,
+        div=div,
         scale=1.0 / max(float(denom), 1.0),
         chunk_size=chunk_size or default_chunk_size(student_head_weight.shape[0]),
         softcap=softcap,

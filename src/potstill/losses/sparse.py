@@ -26,14 +26,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from potstill.config import LossConfig
 from potstill.errors import UserError
-from potstill.losses import KDTerms, per_token_divergence, shifted_targets
+from potstill.losses import Divergence, KDTerms, per_token_divergence, shifted_targets
 
 TailMode = Literal["renorm", "bucket"]
 # Log-mass given to an empty category (a bucket with nothing in it). Finite, so neither log(0) nor
 # 0 * inf appears, and exp(-1e4) is exactly 0 in float32/64, so an empty bucket adds exactly nothing.
-_EMPTY_LOG_MASS = -1.0e4
+EMPTY_LOG_MASS = -1.0e4
 
 
 @dataclass(frozen=True)
@@ -101,12 +100,12 @@ def topk_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0)
     return SparseTargets(ids=ids, logprobs=logprobs, tail=tail, temperature=temperature)
 
 
-def check_temperature(targets: SparseTargets, cfg: LossConfig) -> None:
+def check_temperature(targets: SparseTargets, div: Divergence) -> None:
     """Sparse log-probs are tempered once, when cached: the loss must use the same temperature."""
-    if abs(targets.temperature - cfg.temperature) > 1e-6:
+    if abs(targets.temperature - div.temperature) > 1e-6:
         raise UserError(
             f"config: loss.temperature: the sparse teacher targets were built at temperature {targets.temperature}, "
-            f"the loss uses {cfg.temperature}; set loss.temperature={targets.temperature} or rebuild the cache"
+            f"the loss uses {div.temperature}; set loss.temperature={targets.temperature} or rebuild the cache"
         )
 
 
@@ -135,39 +134,39 @@ def sparse_views(
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
     # Student mass outside the kept ids: a logsumexp over the other logits. Kept ids are filled with a
     # finite very negative logit (not -inf), so k = V gives an empty bucket without NaN gradients.
-    fill = (scaled.detach().amin(dim=-1, keepdim=True) + _EMPTY_LOG_MASS).expand_as(targets.ids)
+    fill = (scaled.detach().amin(dim=-1, keepdim=True) + EMPTY_LOG_MASS).expand_as(targets.ids)
     outside = scaled.scatter(-1, targets.ids, fill)
     student_rest = torch.logsumexp(outside, dim=-1, keepdim=True)
-    teacher_rest = torch.log(targets.tail.to(scaled.dtype)).clamp_min(_EMPTY_LOG_MASS).unsqueeze(-1)
+    teacher_rest = torch.log(targets.tail.to(scaled.dtype)).clamp_min(EMPTY_LOG_MASS).unsqueeze(-1)
     student = torch.cat([kept, student_rest], dim=-1) - lse
     return student, torch.cat([teacher, teacher_rest], dim=-1)
 
 
 def sparse_divergence(
-    student_logits: torch.Tensor, targets: SparseTargets, cfg: LossConfig, tail: TailMode | None = None
+    student_logits: torch.Tensor, targets: SparseTargets, div: Divergence, tail: TailMode | None = None
 ) -> torch.Tensor:
-    """Per-token divergence D(p_teacher || q_student) of `cfg.name` on the sparse view.
+    """Per-token divergence D(p_teacher || q_student) of `div.name` on the sparse view.
 
     Args:
         student_logits: [N, V] logits.
-        targets: [N, k] sparse targets at temperature `cfg.temperature`.
-        cfg: loss config (name, its parameters, temperature, sparse_tail).
-        tail: overrides `cfg.sparse_tail`.
+        targets: [N, k] sparse targets at temperature `div.temperature`.
+        div: the divergence (name, parameters, temperature, sparse_tail).
+        tail: overrides `div.sparse_tail`.
 
     Returns:
         [N] divergence per token (float32, float64 for float64 input).
     """
-    check_temperature(targets, cfg)
-    student, teacher = sparse_views(student_logits, targets, cfg.temperature, tail or cfg.sparse_tail)
+    check_temperature(targets, div)
+    student, teacher = sparse_views(student_logits, targets, div.temperature, tail or div.sparse_tail)
     # The views are already tempered log-probs: apply the registry's divergence at T = 1.
-    return per_token_divergence(student, teacher, cfg.model_copy(update={"temperature": 1.0}))
+    return per_token_divergence(student, teacher, replace(div, temperature=1.0))
 
 
 def sparse_kd_terms(
     student_logits: torch.Tensor,
     targets: SparseTargets,
     labels: torch.Tensor,
-    cfg: LossConfig,
+    div: Divergence,
     num_tokens: int | torch.Tensor | None = None,
     tail: TailMode | None = None,
 ) -> KDTerms:
@@ -177,9 +176,9 @@ def sparse_kd_terms(
         student_logits: [B, T, V] logits; position t predicts token t + 1.
         targets: [B, T, k] sparse targets aligned with the student logits (position t = next-token targets).
         labels: [B, T] unshifted labels, -100 = no loss (shifted here, like `kd_terms`).
-        cfg: loss config.
+        div: the divergence.
         num_tokens: normalizer (global unmasked count); defaults to this batch's unmasked count.
-        tail: overrides `cfg.sparse_tail`.
+        tail: overrides `div.sparse_tail`.
 
     Returns:
         KDTerms(kd, ce, n_tokens): sums over unmasked tokens divided once by num_tokens; zeros when all masked.
@@ -187,6 +186,6 @@ def sparse_kd_terms(
     rows, next_ids = shifted_targets(labels)
     logits = student_logits.reshape(-1, student_logits.shape[-1])[rows]
     denom = torch.as_tensor(rows.numel() if num_tokens is None else num_tokens, device=logits.device).clamp_min(1)
-    kd = sparse_divergence(logits, targets.flatten().rows(rows), cfg, tail).sum() / denom
+    kd = sparse_divergence(logits, targets.flatten().rows(rows), div, tail).sum() / denom
     ce = F.cross_entropy(_upcast(logits), next_ids, reduction="sum") / denom
     return KDTerms(kd=kd, ce=ce, n_tokens=rows.numel())
