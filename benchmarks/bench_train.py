@@ -40,7 +40,8 @@ from potstill.data import collate
 from potstill.data.packing import PackedDataset
 from potstill.losses.sparse import topk_targets
 from potstill.teacher.online import OnlineTeacher
-from potstill.train.trainer import DistillTrainer, IndexedDataset, _training_args
+from potstill.train.setup import training_args
+from potstill.train.trainer import DistillTrainer, IndexedDataset
 
 
 class StepTimer(TrainerCallback):
@@ -96,7 +97,7 @@ def random_data(vocab: int, seq_len: int, n: int) -> PackedDataset:
 def run_potstill(student, teacher, cache, data, opts: list[str], out: str) -> StepTimer:
     cfg = load_config(None, ["model.student=unused", f"train.output_dir={out}", *opts])
     timer = StepTimer()
-    trainer = DistillTrainer(model=student, args=_training_args(cfg), data_collator=collate, callbacks=[timer],
+    trainer = DistillTrainer(model=student, args=training_args(cfg), data_collator=collate, callbacks=[timer],
                              train_dataset=IndexedDataset(data) if cache else data, teacher=teacher,
                              teacher_cache=cache, loss_cfg=cfg.loss)  # fmt: skip
     trainer.remove_callback(PrinterCallback)

@@ -57,7 +57,7 @@ from potstill.eval.metrics import evaluate
 from potstill.eval.report import report_mixing
 from potstill.fileio import write_text_atomic
 from potstill.models.load import load_model
-from potstill.train.trainer import run_distill
+from potstill.train.recipes import run_distill
 
 LICENSES = Path("/usr/share/common-licenses")
 ARMS = ("ce", "kd_uniform", "kd_ddk")

@@ -22,7 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from potstill.config import DistillConfig, validate_config
 from potstill.models.load import load_model
-from potstill.train.step_by_step import predict_labels, run_step_by_step
+from potstill.train.recipes import run_distill
+from potstill.train.step_by_step import predict_labels
 
 
 def example(rng: random.Random) -> dict[str, str]:
@@ -80,7 +81,7 @@ def run(root: Path, student: Path, train: list[dict], weight: float, steps: int,
             "seed": 0,
         },
     }
-    return run_step_by_step(validate_config(raw, DistillConfig)) / "student"
+    return run_distill(validate_config(raw, DistillConfig)) / "student"
 
 
 def main() -> None:

@@ -19,7 +19,8 @@ from potstill.cli import main
 from potstill.config import load_config
 from potstill.data.mixing import ddk_initial, ddk_update
 from potstill.errors import UserError
-from potstill.train.trainer import DistillTrainer, run_distill
+from potstill.train.recipes import run_distill
+from potstill.train.trainer import DistillTrainer
 from test_trainer import _cli_error, _interrupted_run, read_log, tiny_model
 
 WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()

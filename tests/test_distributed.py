@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from potstill.config import load_config
-from potstill.train.trainer import run_distill
+from potstill.train.recipes import run_distill
 from test_ddk import ddk_dir, read_mixing  # noqa: F401 (a fixture)
 from test_ddk import opts as ddk_opts
 from test_trainer import models_dir, overrides_for, read_log  # noqa: F401 (a fixture)

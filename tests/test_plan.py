@@ -20,14 +20,14 @@ from potstill.errors import UserError
 from potstill.plan import (
     CACHE_BYTES,
     GIB,
-    _random_models,
-    _step_seconds,
     cache_bytes_per_token,
     format_plan,
     measure_run,
     plan_config,
     probe_step,
+    random_models,
     read_shape,
+    step_seconds,
 )
 
 WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
@@ -171,10 +171,10 @@ def test_probe_splits_fixed_and_per_layer_costs(wide, tiny_tokenizer):
     assert probe.compute_dtype == "float32"
     shape = read_shape(wide / "student", "student")
     teacher = read_shape(wide / "teacher", "teacher")
-    base = _step_seconds(probe, shape, teacher, cfg)
-    deeper = _step_seconds(probe, replace(shape, layers=12), teacher, cfg)
+    base = step_seconds(probe, shape, teacher, cfg)
+    deeper = step_seconds(probe, replace(shape, layers=12), teacher, cfg)
     assert deeper["cache"] > base["cache"] > 0 and deeper["online"] > base["online"] > base["cache"]
-    accum = _step_seconds(probe, shape, teacher, config(wide, "train.grad_accum=3"))
+    accum = step_seconds(probe, shape, teacher, config(wide, "train.grad_accum=3"))
     assert accum["online"] > base["online"]  # three micro-steps, one optimizer step
 
 
@@ -182,7 +182,7 @@ def test_probe_runs_in_the_runs_dtypes(wide, tiny_tokenizer):
     cfg = config(wide, "train.batch_size=2", "data.seq_len=32", "train.mixed_precision=bf16")
     assert probe_step(cfg, len(tiny_tokenizer), teacher=False, seconds=0.0).compute_dtype == "bfloat16"
     # a bf16 teacher is built in bf16 at 1 and 2 layers, with the student's vocabulary rows shared by both depths
-    teachers = _random_models(str(wide / "teacher"), "bfloat16", vocab=100)
+    teachers = random_models(str(wide / "teacher"), "bfloat16", vocab=100)
     for layers, model in teachers.items():
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         assert model.config.num_hidden_layers == layers and model.get_output_embeddings().weight.shape[0] == 100

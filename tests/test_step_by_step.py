@@ -11,11 +11,11 @@ from clitools import run_cli
 from potstill.config import DistillConfig, validate_config
 from potstill.data import collate
 from potstill.errors import UserError
+from potstill.train.recipes import run_distill
 from potstill.train.step_by_step import (
     StepByStepDataset,
     predict_labels,
     read_rationales,
-    run_step_by_step,
 )
 
 RECORDS = [
@@ -64,6 +64,7 @@ def cfg_for(tmp_path, student, train, **loss) -> DistillConfig:
             "loss": {"alpha": 0.0, **loss},
             "data": {"train": [str(train)], "seq_len": 48},
             "train": {
+                "recipe": "step_by_step",
                 "output_dir": str(tmp_path / "run"),
                 "max_steps": 12,
                 "batch_size": 3,
@@ -79,15 +80,15 @@ def cfg_for(tmp_path, student, train, **loss) -> DistillConfig:
 def test_two_task_loss_is_label_plus_lambda_rationale(tiny_model_dir, write_jsonl, tmp_path):
     """Loss at step 1 with lambda = 2 equals CE_label + 2 CE_rationale, each from a float64 reference."""
     from potstill.models.load import load_model
+    from potstill.train.setup import training_args
     from potstill.train.step_by_step import StepByStepTrainer
-    from potstill.train.trainer import _training_args
 
     train = write_jsonl("r.jsonl", RECORDS)
     cfg = cfg_for(tmp_path, tiny_model_dir, train, rationale_weight=2.0)
     model, tok = load_model(tiny_model_dir)
     ds = StepByStepDataset(RECORDS, tok, 48)
     trainer = StepByStepTrainer(
-        model=model, args=_training_args(cfg), train_dataset=ds, data_collator=collate, teacher=None, loss_cfg=cfg.loss
+        model=model, args=training_args(cfg), train_dataset=ds, data_collator=collate, teacher=None, loss_cfg=cfg.loss
     )
     batch = collate([ds[i] for i in range(3)])
     with torch.no_grad():
@@ -107,7 +108,7 @@ def test_two_task_loss_is_label_plus_lambda_rationale(tiny_model_dir, write_json
 
 def test_run_trains_and_predicts_with_the_label_task(tiny_model_dir, write_jsonl, tmp_path):
     train = write_jsonl("r.jsonl", RECORDS)
-    out = run_step_by_step(cfg_for(tmp_path, tiny_model_dir, train))
+    out = run_distill(cfg_for(tmp_path, tiny_model_dir, train))
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [entry["rationale_ce"] for entry in logs if "rationale_ce" in entry]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -188,4 +189,4 @@ def test_mixing_is_refused_before_anything_is_loaded(write_jsonl, tmp_path):
     cfg = cfg_for(tmp_path, tmp_path / "no-such-student", train)
     cfg.data.mixing = {"mode": "uniform"}
     with pytest.raises(UserError, match="step_by_step supports neither data.mixing"):
-        run_step_by_step(cfg)
+        run_distill(cfg)

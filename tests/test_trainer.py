@@ -21,7 +21,9 @@ from potstill.config import DistillConfig, LossConfig, load_config
 from potstill.errors import UserError
 from potstill.losses import combine, kd_terms
 from potstill.teacher.online import OnlineTeacher
-from potstill.train.trainer import DistillTrainer, _training_args, run_distill
+from potstill.train.recipes import run_distill
+from potstill.train.setup import training_args
+from potstill.train.trainer import DistillTrainer
 
 VOCAB = 300  # len(tiny_tokenizer) from conftest
 WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
@@ -100,7 +102,7 @@ def _batch(n: int, seq: int = 12, vocab: int = VOCAB, seed: int = 0) -> dict:
 def _trainer(models_dir: Path, tmp_path: Path, loss: LossConfig, teacher: OnlineTeacher | None, *overrides: str):
     cfg = make_cfg(models_dir, tmp_path / "run", *overrides)
     student = AutoModelForCausalLM.from_pretrained(models_dir / "student")
-    return DistillTrainer(model=student, args=_training_args(cfg), teacher=teacher, loss_cfg=loss)
+    return DistillTrainer(model=student, args=training_args(cfg), teacher=teacher, loss_cfg=loss)
 
 
 def _teacher(models_dir: Path, cls=OnlineTeacher) -> OnlineTeacher:
@@ -212,8 +214,8 @@ def test_smoke_run_loss_goes_down_and_writes_run_dir(models_dir, tmp_path):
 
 
 def test_trimmed_vocab_student_trains_against_its_teacher(models_dir, tmp_path):
-    from potstill.student.init import init_student
     from potstill.models.vocab import load_id_map
+    from potstill.student.init import init_student
 
     texts = [json.loads(line)["text"] for line in (models_dir / "train.jsonl").read_text().splitlines()]
     student = init_student(models_dir / "teacher", 1, tmp_path / "trimmed", texts, calib_tokens=64, calib_seq_len=16)

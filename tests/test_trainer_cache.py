@@ -15,7 +15,9 @@ from potstill.config import LossConfig
 from potstill.data import collate, load_dataset
 from potstill.losses.sparse import SparseTargets, topk_targets
 from potstill.teacher.online import OnlineTeacher
-from potstill.train.trainer import DistillTrainer, IndexedDataset, _training_args, run_distill
+from potstill.train.recipes import run_distill
+from potstill.train.setup import training_args
+from potstill.train.trainer import DistillTrainer, IndexedDataset
 from test_trainer import VOCAB, _batch, _step_grads, _teacher, _trainer, make_cfg, models_dir  # noqa: F401
 
 
@@ -56,7 +58,7 @@ def test_cache_without_index_is_refused(models_dir, tmp_path):  # noqa: F811
     batch = _batch(2)
     cache = TopkCache(_teacher(models_dir), batch["input_ids"], batch["attention_mask"], k=8, temperature=1.0)
     trainer = DistillTrainer(model=AutoModelForCausalLM.from_pretrained(models_dir / "student"),
-                             args=_training_args(make_cfg(models_dir, tmp_path / "run")), teacher=None,
+                             args=training_args(make_cfg(models_dir, tmp_path / "run")), teacher=None,
                              teacher_cache=cache, loss_cfg=LossConfig(alpha=0.5))  # fmt: skip
     with pytest.raises(ValueError, match="IndexedDataset"):
         trainer.compute_loss(trainer.model, batch)
@@ -68,7 +70,7 @@ def _train(models_dir, tmp_path, teacher, cache, steps: int) -> tuple[list[float
     data = IndexedDataset(load_dataset([models_dir / "train.jsonl"], tokenizer, 16))
     cfg = make_cfg(models_dir, tmp_path, f"train.max_steps={steps}", "train.logging_steps=1", "loss.alpha=0.9")
     student = AutoModelForCausalLM.from_pretrained(models_dir / "student")
-    trainer = DistillTrainer(model=student, args=_training_args(cfg), train_dataset=data, data_collator=collate,
+    trainer = DistillTrainer(model=student, args=training_args(cfg), train_dataset=data, data_collator=collate,
                              teacher=teacher, teacher_cache=cache, loss_cfg=cfg.loss)  # fmt: skip
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]

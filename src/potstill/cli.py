@@ -59,7 +59,7 @@ def distill_cmd(
     if print_config:
         typer.echo(dump_config(cfg), nl=False)
         return
-    from potstill.train.trainer import run_distill
+    from potstill.train.recipes import run_distill
 
     out = run_distill(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports

@@ -319,7 +319,8 @@ def _step_cache(ctx: dict) -> dict:
 
 
 def _train(ctx: dict, arm: str) -> dict:
-    from potstill.train.trainer import SUMMARY_FILE, run_distill
+    from potstill.train.recipes import run_distill
+    from potstill.train.rundir import SUMMARY_FILE
 
     cfg = arm_config(ctx["settings"], arm, ctx["out"], Path(_result(ctx, "teacher")))
     run = Path(cfg.train.output_dir)
@@ -332,8 +333,8 @@ def _step_eval(ctx: dict) -> dict:
     """Held-out metrics of the teacher (its own tokenizer, full head) and both students (with the teacher)."""
     from potstill.data import load_dataset
     from potstill.eval.metrics import evaluate
-    from potstill.models.vocab import load_id_map
     from potstill.models.load import load_model
+    from potstill.models.vocab import load_id_map
     from potstill.teacher.online import OnlineTeacher
 
     heldout = [ctx["out"] / "corpus" / "heldout.jsonl"]

@@ -23,9 +23,12 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+import torch
+from torch.utils.data import Sampler, Subset
 
+from potstill.data.packing import PackedDataset
 from potstill.errors import UserError
+from potstill.losses import scored_mask
 
 _CHUNK = 1024  # uniforms generated at once per segment
 _PERM_SALT = 7919  # keeps the permutation streams apart from the domain-choice streams
@@ -231,3 +234,83 @@ class DomainSampler(Sampler[int]):
             self._perms = {k: v for k, v in self._perms.items() if k[0] != code}  # one pass per domain kept
             self._perms[key] = np.random.default_rng([self.seed, _PERM_SALT, *key]).permutation(size)
         return int(self.items[code][self._perms[key][count % size]])
+
+
+# ---- DDK's gaps and held-out data ----
+
+
+def domain_gaps(student: dict[str, dict], teacher: dict[str, float] | None, gap: str) -> dict[str, float]:
+    """Per-domain gap g[i]: ppl_S / ppl_T, ln(ppl_S / ppl_T), bpb_S / bpb_T, or KL(p_T || q_S) per token.
+
+    `logppl` = CE_S - CE_T in nats per token: Eq. 1's softmax of it is proportional to the ppl ratio, which keeps
+    the paper's behaviour where ratios are 1-2 and does not collapse onto one domain where they are 10 or more.
+
+    Args:
+        student: domain -> the student's evaluate() figures on that domain.
+        teacher: domain -> the teacher's ppl (or bpb); unused for gap="kl".
+        gap: "ppl", "logppl", "bpb" or "kl".
+    """
+    if gap == "kl":
+        return {d: s["kl_to_teacher"] for d, s in student.items()}
+    if gap == "logppl":
+        return {d: math.log(s["ppl"] / teacher[d]) for d, s in student.items()}
+    return {d: s[gap] / teacher[d] for d, s in student.items()}
+
+
+def split_heldout(train_ds, eval_ds, eval_tokens: int, eval_files: list[str]):
+    """Each training domain's held-out sequences (at most `eval_tokens` scored tokens, at least one sequence).
+
+    Returns:
+        (training data, domain -> Subset of held-out sequences).
+
+    Raises:
+        UserError: a domain missing from `data.eval`, or (no `data.eval`) a domain with too few sequences.
+    """
+    domains = train_ds.domain_names
+    if eval_ds is not None:
+        missing = [d for d in domains if d not in eval_ds.domains]
+        if missing:
+            raise UserError(
+                f"{eval_files[0]}: data.eval has no held-out data for training domain {missing[0]!r}; "
+                "DDK needs every training domain in data.eval (or leave data.eval empty to hold out training data)"
+            )
+        return train_ds, {d: _first_tokens(eval_ds, d, eval_tokens) for d in domains}
+    heldout, keep = {}, []
+    for d in domains:
+        idx = [i for i, name in enumerate(train_ds.domains) if name == d]
+        n = _sequences_for(train_ds, idx[::-1], eval_tokens)
+        if n >= len(idx):
+            raise UserError(
+                f"data.train: domain {d!r} has {len(idx)} sequences, too few to hold out {n} for DDK's held-out "
+                "split and still train on it; add data (or data.eval), or lower data.mixing.eval_tokens"
+            )
+        heldout[d] = Subset(train_ds, idx[len(idx) - n :])
+        keep += idx[: len(idx) - n]
+    return _subset(train_ds, sorted(keep)), heldout
+
+
+def _scored(ds, i: int) -> int:
+    return int(scored_mask(ds.labels[i : i + 1]).sum())
+
+
+def _sequences_for(ds, idx: list[int], tokens: int) -> int:
+    """How many of `idx` (in order) it takes to reach `tokens` scored tokens (all of them if never)."""
+    total = 0
+    for n, i in enumerate(idx, start=1):
+        total += _scored(ds, i)
+        if total >= tokens:
+            return n
+    return len(idx)
+
+
+def _first_tokens(ds, domain: str, tokens: int) -> Subset:
+    idx = [i for i, name in enumerate(ds.domains) if name == domain]
+    return Subset(ds, idx[: _sequences_for(ds, idx, tokens)])
+
+
+def _subset(ds, idx: list[int]):
+    """A PackedDataset of the rows `idx` (keeps `domains` / `domain_names` for the sampler)."""
+    rows = torch.tensor(idx, dtype=torch.long)
+    return PackedDataset(
+        ds.input_ids[rows], ds.attention_mask[rows], ds.labels[rows], ds.n_bytes[rows], [ds.domains[i] for i in idx]
+    )

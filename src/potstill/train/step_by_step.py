@@ -7,7 +7,7 @@ too-long example is cut from the prompt's start (`potstill.data.pack`): the mark
 start goes. `StepByStepDataset` keeps the pair together (one padded sequence per
 task, built by `potstill.data.pack`), and `potstill.data.collate` stacks it into one batch holding both
 tasks: `input_ids/attention_mask/labels` (label task) and `r_input_ids/r_attention_mask/r_labels`.
-`potstill distill` runs this recipe with `train.recipe: step_by_step` (`run_distill` dispatches here).
+`potstill distill` runs this recipe with `train.recipe: step_by_step` (`StepByStepRecipe`, in `train.recipes`).
 
 `StepByStepTrainer` is a `DistillTrainer`: the label task gets the usual objective (soft-label KD when a
 white-box teacher and `loss.alpha > 0` are given, else CE) and the rationale task adds
@@ -17,34 +17,24 @@ the label task only (`predict_labels`), so rationales cost nothing at test time.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers.trainer_callback import PrinterCallback
 
 from potstill.config import DistillConfig
 from potstill.data import collate, pack
 from potstill.data.sources import Record
 from potstill.errors import UserError
 from potstill.eval.metrics import write_eval_json
-from potstill.fileio import write_json_atomic
-from potstill.losses import kd_terms
-from potstill.models.load import quiet_hf_progress
-from potstill.train.trainer import (
-    LOG_FILE,
-    SUMMARY_FILE,
-    DistillTrainer,
-    JsonlLogger,
-    _check_config,
-    _load_models,
-    _plan_output_dir,
-    _save_student,
-    _start_run_dir,
-    _training_args,
-)
+from potstill.losses import kd_terms, scored_mask
+from potstill.train.rundir import STUDENT_DIR
+from potstill.train.setup import Models, teacher_kind, training_args
+from potstill.train.step import divergence
+from potstill.train.trainer import DistillTrainer
 
 LABEL_PREFIX, RATIONALE_PREFIX = "[label]", "[rationale]"
 RATIONALE_FIELDS = ("input", "label", "rationale")
@@ -109,7 +99,7 @@ class StepByStepTrainer(DistillTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """As DistillTrainer (label-task count), and the global count of scored rationale positions."""
         batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
-        r_count = torch.as_tensor(sum((b["r_labels"][:, 1:] != -100).sum() for b in batches), device=device)
+        r_count = torch.as_tensor(sum(scored_mask(b["r_labels"]).sum() for b in batches), device=device)
         if self.args.world_size > 1:
             r_count = self.accelerator.reduce(r_count, reduction="sum")
         self._r_count = r_count
@@ -124,7 +114,7 @@ class StepByStepTrainer(DistillTrainer):
         if weight and "r_input_ids" in inputs:
             r_out = model(input_ids=inputs["r_input_ids"], attention_mask=inputs["r_attention_mask"])
             count = self._r_count if model.training and num_items_in_batch is not None else None
-            ce = kd_terms(r_out.logits, None, inputs["r_labels"], self.loss_cfg, num_tokens=count).ce
+            ce = kd_terms(r_out.logits, None, inputs["r_labels"], divergence(self.loss_cfg), num_tokens=count).ce
             if model.training:
                 self._r_sum = self._r_sum.to(ce.device) + ce.detach().double()
             if self.args.world_size > 1 and count is not None:
@@ -140,65 +130,49 @@ class StepByStepTrainer(DistillTrainer):
         super().log(logs, start_time)
 
 
-def run_step_by_step(cfg: DistillConfig) -> Path:
-    """Train a student on rationale records (`data.train`) with the two-task objective; like `run_distill`.
+@dataclass
+class _Rows:
+    """The recipe's records: training rows, and held-out rows with gold labels (or None)."""
 
-    `potstill distill` runs it for `train.recipe: step_by_step`. Writes `OUT/config.yaml`, `OUT/log.jsonl`,
-    checkpoints, `OUT/student/`, with `data.eval` (rows with `input` and gold `label`) `OUT/eval.json` holding
-    the label accuracy of the label task (`label_accuracy`), and `OUT/summary.json` (last, with the accuracy).
+    train: list[dict[str, str]]
+    eval: list[dict[str, str]] | None
 
-    Raises:
-        UserError: as `run_distill`; a train row without input/label/rationale or an eval row without
-            input/label (`file:line`); `data.mixing` or `teacher.source: cache` (not supported by this recipe).
 
-    Returns:
-        The run directory.
+class StepByStepRecipe:
+    """`train.recipe: step_by_step`: the two-task objective on rationale records (`data.train`).
+
+    With `data.eval` (rows with `input` and gold `label`), `OUT/eval.json` holds the label accuracy of the label
+    task (`label_accuracy`, also in `OUT/summary.json`).
+
+    Raises (in `read`):
+        UserError: a train row without input/label/rationale or an eval row without input/label (`file:line`);
+            `data.mixing` or `teacher.source: cache` (not supported by this recipe).
     """
-    _check_config(cfg)
-    if cfg.data.mixing is not None or (cfg.teacher.source == "cache" and cfg.loss.alpha != 0):
-        raise UserError("config: train.recipe=step_by_step supports neither data.mixing nor teacher.source=cache")
-    train_rows = read_rationales(cfg.data.train)
-    eval_rows = read_rationales(cfg.data.eval, fields=("input", "label")) if cfg.data.eval else None
-    with quiet_hf_progress():
-        out = Path(cfg.train.output_dir)
-        resume = _plan_output_dir(out, cfg)
-        student, tokenizer, teacher = _load_models(cfg)
-        dataset = StepByStepDataset(train_rows, tokenizer, cfg.data.seq_len, cfg.data.add_bos)
-        trainer = StepByStepTrainer(
-            model=student,
-            args=_training_args(cfg),
-            train_dataset=dataset,
+
+    def read(self, cfg: DistillConfig) -> _Rows:
+        if cfg.data.mixing is not None or teacher_kind(cfg) == "cache":
+            raise UserError("config: train.recipe=step_by_step supports neither data.mixing nor teacher.source=cache")
+        evals = read_rationales(cfg.data.eval, fields=("input", "label")) if cfg.data.eval else None
+        return _Rows(read_rationales(cfg.data.train), evals)
+
+    def trainer(self, cfg: DistillConfig, models: Models, out: Path, data: _Rows) -> StepByStepTrainer:
+        return StepByStepTrainer(
+            model=models.student,
+            args=training_args(cfg),
+            train_dataset=StepByStepDataset(data.train, models.tokenizer, cfg.data.seq_len, cfg.data.add_bos),
             data_collator=collate,
-            teacher=teacher,
+            teacher=models.teacher,
             loss_cfg=cfg.loss,
-            callbacks=[JsonlLogger(out / LOG_FILE)],
         )
-        trainer.remove_callback(PrinterCallback)
-        if trainer.is_world_process_zero():
-            _start_run_dir(out, cfg, resume)
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        _save_student(trainer, out / "student", tokenizer, cfg.model.student)
-        if trainer.is_world_process_zero():
-            summary = {
-                "recipe": "step_by_step",
-                "global_step": trainer.state.global_step,
-                "train_loss": result.training_loss,
-            }
-            if eval_rows is not None:
-                summary["label_accuracy"] = _write_eval(trainer, tokenizer, eval_rows, cfg, out)
-            write_json_atomic(out / SUMMARY_FILE, summary)
-    return out
 
-
-def _write_eval(
-    trainer: StepByStepTrainer, tokenizer, rows: list[dict[str, str]], cfg: DistillConfig, out: Path
-) -> float:
-    """Label accuracy of the trained student on `data.eval` -> `OUT/eval.json` (`overall`) and stdout; returns it."""
-    model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    scores = label_accuracy(model, tokenizer, rows, cfg.data.add_bos, cfg.train.batch_size)
-    write_eval_json(out, str(out / "student"), cfg.model.teacher, {"overall": scores, "domains": {}})
-    print(f"label accuracy on data.eval: {scores['label_accuracy']:.4f} ({scores['correct']}/{len(rows)})", flush=True)
-    return scores["label_accuracy"]
+    def finish(self, trainer: StepByStepTrainer, cfg: DistillConfig, models: Models, out: Path, data: _Rows) -> dict:
+        if data.eval is None:
+            return {}
+        model = trainer.accelerator.unwrap_model(trainer.model).eval()
+        scores = label_accuracy(model, models.tokenizer, data.eval, cfg.data.add_bos, cfg.train.batch_size)
+        write_eval_json(out, str(out / STUDENT_DIR), cfg.model.teacher, {"overall": scores, "domains": {}})
+        print(f"label accuracy on data.eval: {scores['label_accuracy']:.4f} ({scores['correct']}/{len(data.eval)})")
+        return {"label_accuracy": scores["label_accuracy"]}
 
 
 def label_accuracy(

@@ -1,6 +1,8 @@
 """Domain mixing inside `DistillTrainer`: the `DomainSampler` it draws from and the DDK re-weighting callback.
 
-`setup_mixing(cfg, train_ds, eval_ds, teacher, out)` (called by `run_distill` when `data.mixing` is set)
+The math (Eq. 1 / Eq. 2, the gaps, the held-out split) lives in `potstill.data.mixing`; this module runs it
+during training. `setup_mixing(cfg, train_ds, eval_ds, teacher, out)` (the `distill` recipe calls it when
+`data.mixing` is set)
 checks the domains and builds the sampler over the training sequences; `.attach(trainer)` adds the callbacks:
 
 - `MixingState` (ExportableState): the sampler's weight history and DDK's teacher figures, stored in every
@@ -25,8 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,21 +34,27 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from potstill.config import DistillConfig, MixingConfig
-from potstill.data.mixing import DomainSampler, check_weights, ddk_initial, ddk_update, static_weights
+from potstill.data.mixing import (
+    DomainSampler,
+    check_weights,
+    ddk_initial,
+    ddk_update,
+    domain_gaps,
+    split_heldout,
+    static_weights,
+)
 from potstill.errors import UserError
 from potstill.eval.metrics import evaluate
-from potstill.fileio import write_text_atomic
+from potstill.launch import world_size
 from potstill.teacher.online import OnlineTeacher
-from potstill.train.trainer import _logged_step
+from potstill.train.rundir import MIXING_FILE, truncate_log
 
 logger = logging.getLogger(__name__)
 
-MIXING_FILE = "mixing.jsonl"
 _GAP_KEY = {"ppl": "ppl", "logppl": "ppl", "bpb": "bpb", "kl": "kl_to_teacher"}
 
 
@@ -96,9 +102,8 @@ class MixingCallback(TrainerCallback):
         if self.saved.sampler is not None:  # resumed
             self.sampler.load_state_dict(self.saved.sampler)
             self.sampler.seek(state.global_step * self._per_step)
-            if state.is_world_process_zero and self.path.exists():
-                lines = self.path.read_text().splitlines(keepends=True)
-                write_text_atomic(self.path, "".join(line for line in lines if _logged_step(line) <= state.global_step))
+            if state.is_world_process_zero:
+                truncate_log(self.path, state.global_step)
         elif self.cfg.mode == "ddk":
             self._update(model, state, "warmup" if self.cfg.warmup else "eq1")
         else:
@@ -169,24 +174,6 @@ class MixingCallback(TrainerCallback):
         wrapped = _TeacherModel(self.teacher)
         key = _GAP_KEY[self.cfg.gap]
         return {d: _figures(wrapped, ds, None, self.batch_size)[key] for d, ds in self.heldout.items()}
-
-
-def domain_gaps(student: dict[str, dict], teacher: dict[str, float] | None, gap: str) -> dict[str, float]:
-    """Per-domain gap g[i]: ppl_S / ppl_T, ln(ppl_S / ppl_T), bpb_S / bpb_T, or KL(p_T || q_S) per token.
-
-    `logppl` = CE_S - CE_T in nats per token: Eq. 1's softmax of it is proportional to the ppl ratio, which keeps
-    the paper's behaviour where ratios are 1-2 and does not collapse onto one domain where they are 10 or more.
-
-    Args:
-        student: domain -> the student's evaluate() figures on that domain.
-        teacher: domain -> the teacher's ppl (or bpb); unused for gap="kl".
-        gap: "ppl", "logppl", "bpb" or "kl".
-    """
-    if gap == "kl":
-        return {d: s["kl_to_teacher"] for d, s in student.items()}
-    if gap == "logppl":
-        return {d: math.log(s["ppl"] / teacher[d]) for d, s in student.items()}
-    return {d: s[gap] / teacher[d] for d, s in student.items()}
 
 
 def _figures(model: nn.Module, dataset, teacher: OnlineTeacher | None, batch_size: int) -> dict:
@@ -264,71 +251,6 @@ def setup_mixing(cfg: DistillConfig, train_ds, eval_ds, teacher: OnlineTeacher |
             raise UserError("config: data.mixing.mode=ddk: needs an online teacher (model.teacher, loss.alpha > 0)")
         train_ds, heldout = split_heldout(train_ds, eval_ds, mix.eval_tokens, cfg.data.eval)
     sizes = {d: train_ds.domains.count(d) for d in domains}
-    draws = t.max_steps * t.batch_size * t.grad_accum * _world_size()
+    draws = t.max_steps * t.batch_size * t.grad_accum * world_size()
     sampler = DomainSampler(train_ds.domains, static_weights(mix.mode, sizes, mix.weights), draws, seed=t.seed)
     return Mixing(train_ds, sampler, MixingCallback(sampler, mix, heldout, teacher, out, t.batch_size))
-
-
-def split_heldout(train_ds, eval_ds, eval_tokens: int, eval_files: list[str]):
-    """Each training domain's held-out sequences (at most `eval_tokens` scored tokens, at least one sequence).
-
-    Returns:
-        (training data, domain -> Subset of held-out sequences).
-
-    Raises:
-        UserError: a domain missing from `data.eval`, or (no `data.eval`) a domain with too few sequences.
-    """
-    domains = train_ds.domain_names
-    if eval_ds is not None:
-        missing = [d for d in domains if d not in eval_ds.domains]
-        if missing:
-            raise UserError(
-                f"{eval_files[0]}: data.eval has no held-out data for training domain {missing[0]!r}; "
-                "DDK needs every training domain in data.eval (or leave data.eval empty to hold out training data)"
-            )
-        return train_ds, {d: _first_tokens(eval_ds, d, eval_tokens) for d in domains}
-    heldout, keep = {}, []
-    for d in domains:
-        idx = [i for i, name in enumerate(train_ds.domains) if name == d]
-        n = _sequences_for(train_ds, idx[::-1], eval_tokens)
-        if n >= len(idx):
-            raise UserError(
-                f"data.train: domain {d!r} has {len(idx)} sequences, too few to hold out {n} for DDK's held-out "
-                "split and still train on it; add data (or data.eval), or lower data.mixing.eval_tokens"
-            )
-        heldout[d] = Subset(train_ds, idx[len(idx) - n :])
-        keep += idx[: len(idx) - n]
-    return _subset(train_ds, sorted(keep)), heldout
-
-
-def _scored(ds, i: int) -> int:
-    return int((ds.labels[i, 1:] != -100).sum())
-
-
-def _sequences_for(ds, idx: list[int], tokens: int) -> int:
-    """How many of `idx` (in order) it takes to reach `tokens` scored tokens (all of them if never)."""
-    total = 0
-    for n, i in enumerate(idx, start=1):
-        total += _scored(ds, i)
-        if total >= tokens:
-            return n
-    return len(idx)
-
-
-def _first_tokens(ds, domain: str, tokens: int) -> Subset:
-    idx = [i for i, name in enumerate(ds.domains) if name == domain]
-    return Subset(ds, idx[: _sequences_for(ds, idx, tokens)])
-
-
-def _subset(ds, idx: list[int]):
-    """A PackedDataset of the rows `idx` (keeps `domains` / `domain_names` for the sampler)."""
-    from potstill.data.packing import PackedDataset
-
-    rows = torch.tensor(idx, dtype=torch.long)
-    return PackedDataset(
-        ds.input_ids[rows], ds.attention_mask[rows], ds.labels[rows], ds.n_bytes[rows], [ds.domains[i] for i in idx]
-    )
-
-
-def _world_size() -> int:
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")))

@@ -1,0 +1,136 @@
+"""What `potstill distill` runs: the recipe table and the one run lifecycle every recipe goes through.
+
+`RECIPES` maps `train.recipe` to a `Recipe`. `run_distill(cfg)` checks the run directory, loads the models,
+asks the recipe for its trainer, starts (or resumes) the run directory, trains, saves the student, lets the
+recipe evaluate, and writes `summary.json` last, with barriers so that under torchrun every rank sees the run
+directory ready before training and finished before it returns. A recipe only says what is its own:
+
+- `read(cfg)`: checks and reads of its data files that need no model (before anything is loaded);
+- `trainer(cfg, models, out, data)`: its datasets and its `DistillTrainer` (or subclass);
+- `finish(trainer, cfg, models, out, data)`: rank 0 after training: evaluation files, and summary fields.
+
+Recipes: `distill` (KD on text / prompt-completion rows, optional domain mixing and a teacher cache) and
+`step_by_step` (`potstill.train.step_by_step`). On-policy distillation lands here as one more entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from potstill.config import DistillConfig
+from potstill.fileio import write_json_atomic
+from potstill.models.load import quiet_hf_progress
+from potstill.train.rundir import LOG_FILE, STUDENT_DIR, SUMMARY_FILE, resume_point, save_student, start_run_dir
+from potstill.train.setup import Models, load_data, load_models, open_cache, training_args
+from potstill.train.step_by_step import StepByStepRecipe
+from potstill.train.trainer import DistillTrainer, IndexedDataset, JsonlLogger
+
+
+class Recipe(Protocol):
+    """One way of training a student (see the module docstring)."""
+
+    def read(self, cfg: DistillConfig) -> Any: ...
+
+    def trainer(self, cfg: DistillConfig, models: Models, out: Path, data: Any) -> DistillTrainer: ...
+
+    def finish(self, trainer: DistillTrainer, cfg: DistillConfig, models: Models, out: Path, data: Any) -> dict: ...
+
+
+@dataclass
+class _KDData:
+    """What the `distill` recipe built besides its trainer: the held-out data."""
+
+    eval_ds: Any = None
+
+
+class KDRecipe:
+    """`train.recipe: distill`: soft-label KD (or CE only) on packed text / prompt-completion rows."""
+
+    def read(self, cfg: DistillConfig) -> _KDData:
+        return _KDData()
+
+    def trainer(self, cfg: DistillConfig, models: Models, out: Path, data: _KDData) -> DistillTrainer:
+        from potstill.data import collate
+
+        train_ds, data.eval_ds = load_data(cfg, models.tokenizer)
+        mixing = None
+        if cfg.data.mixing is not None:
+            from potstill.train.mixing import setup_mixing
+
+            mixing = setup_mixing(cfg, train_ds, data.eval_ds, models.teacher, out)
+            train_ds = mixing.train_ds
+        cache = open_cache(cfg, models.tokenizer, train_ds)
+        trainer = DistillTrainer(
+            model=models.student,
+            args=training_args(cfg),
+            train_dataset=train_ds if cache is None else IndexedDataset(train_ds),
+            data_collator=collate,
+            teacher=models.teacher,
+            teacher_cache=cache,
+            loss_cfg=cfg.loss,
+        )
+        if mixing is not None:
+            mixing.attach(trainer)
+        return trainer
+
+    def finish(self, trainer: DistillTrainer, cfg: DistillConfig, models: Models, out: Path, data: _KDData) -> dict:
+        if data.eval_ds is not None:
+            from potstill.eval.metrics import evaluate, write_eval_json
+
+            model = trainer.accelerator.unwrap_model(trainer.model).eval()
+            result = evaluate(
+                model, data.eval_ds, teacher=models.teacher, batch_size=cfg.train.batch_size, progress=False
+            )
+            write_eval_json(out, str(out / STUDENT_DIR), cfg.model.teacher, result)
+        return {"alpha": trainer.alpha, "alpha_rule": "auto" if cfg.loss.alpha == "auto" else "fixed"}
+
+
+RECIPES: dict[str, Recipe] = {"distill": KDRecipe(), "step_by_step": StepByStepRecipe()}
+
+
+def run_distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    """Train a student per `cfg` (the recipe `train.recipe`) into its run directory; resume it if it holds a checkpoint.
+
+    Writes `OUT/config.yaml` (resolved), `OUT/log.jsonl`, `OUT/checkpoint-*`, `OUT/student/` (HF dir with
+    tokenizer and id map), the recipe's evaluation (`OUT/eval.json` when `data.eval` is set), and
+    `OUT/summary.json` last.
+
+    Args:
+        cfg: the validated config.
+        callbacks: extra Trainer callbacks (e.g. a clock for `potstill.plan.measure_run`).
+
+    Raises:
+        UserError: bad model/data paths, mismatched vocabularies, an output dir that holds a finished or
+            foreign run (without `train.overwrite`), or a resume with a different config.
+
+    Returns:
+        The run directory.
+    """
+    recipe = RECIPES[cfg.train.recipe]
+    data = recipe.read(cfg)
+    out = Path(cfg.train.output_dir)
+    with quiet_hf_progress():
+        resume = resume_point(out, cfg)
+        models = load_models(cfg)
+        trainer = recipe.trainer(cfg, models, out, data)
+        trainer.remove_callback(PrinterCallback)
+        for callback in (JsonlLogger(out / LOG_FILE), *callbacks):
+            trainer.add_callback(callback)
+        if trainer.is_world_process_zero():
+            start_run_dir(out, cfg, resume)
+        trainer.accelerator.wait_for_everyone()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        save_student(trainer, out / STUDENT_DIR, models.tokenizer, cfg.model.student)
+        if trainer.is_world_process_zero():
+            summary = {"recipe": cfg.train.recipe, "global_step": trainer.state.global_step}
+            summary |= {"train_loss": result.training_loss}
+            summary |= recipe.finish(trainer, cfg, models, out, data)
+            write_json_atomic(out / SUMMARY_FILE, summary)
+        trainer.accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,144 @@
+"""Setting up a training run: what it needs of a teacher, the models, the data, and the Trainer's arguments.
+
+`teacher_kind(cfg)` answers once "does this run need a teacher, and which?"; `load_models` opens the student and
+(for an online teacher) the teacher and checks that their vocabularies agree; `open_cache` opens a teacher cache
+and checks it was built for this run; `load_data` packs the training and held-out files; `training_args` maps
+the `train` section onto `transformers.TrainingArguments`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import TrainingArguments
+
+from potstill.config import DistillConfig
+from potstill.errors import UserError
+from potstill.launch import world_size
+from potstill.models.load import load_model
+from potstill.models.vocab import ID_MAP_FILE, load_id_map
+from potstill.teacher.online import OnlineTeacher, check_tokenizers
+
+TeacherKind = Literal["online", "cache"]
+
+
+def teacher_kind(cfg: DistillConfig) -> TeacherKind | None:
+    """Where the run's teacher distributions come from: "online", "cache", or None (CE only, loss.alpha = 0)."""
+    return None if cfg.loss.alpha == 0 else cfg.teacher.source
+
+
+@dataclass
+class Models:
+    """The models of a run.
+
+    Attributes:
+        student: the student (trainable, in `model.dtype`).
+        tokenizer: the student's tokenizer.
+        teacher: the frozen online teacher over the student's vocabulary (None for a cache or CE only).
+    """
+
+    student: nn.Module
+    tokenizer: Any
+    teacher: OnlineTeacher | None
+
+
+def load_models(cfg: DistillConfig) -> Models:
+    """The student (+ tokenizer) and, for an online teacher, the teacher; checks their vocabularies agree.
+
+    The teacher reads the student's id map (a student with a trimmed vocabulary) when it has one.
+
+    Raises:
+        UserError: unloadable models, tokenizers that differ, or vocabulary sizes that do not fit.
+    """
+    student, tokenizer = load_model(cfg.model.student, dtype=cfg.model.dtype)
+    if teacher_kind(cfg) != "online":
+        return Models(student, tokenizer, None)
+    id_map = load_id_map(cfg.model.student)
+    teacher_model, teacher_tok = load_model(cfg.model.teacher, dtype=cfg.model.teacher_load_dtype)
+    check_tokenizers(tokenizer, teacher_tok, id_map=id_map)
+    check_vocab_sizes(student, teacher_model, id_map, cfg)
+    return Models(student, tokenizer, OnlineTeacher(teacher_model, id_map=id_map))
+
+
+def check_vocab_sizes(student: nn.Module, teacher: nn.Module, id_map: torch.Tensor | None, cfg: DistillConfig):
+    """The teacher's logits must cover exactly the student's output rows."""
+    s_rows = student.get_output_embeddings().weight.shape[0]
+    t_rows = teacher.get_output_embeddings().weight.shape[0]
+    if id_map is not None:
+        if len(id_map) != s_rows or int(id_map.max()) >= t_rows:
+            raise UserError(f"{cfg.model.student}: {ID_MAP_FILE} maps {len(id_map)} ids, the student has {s_rows}")
+    elif s_rows != t_rows:
+        raise UserError(
+            f"{cfg.model.teacher}: teacher vocabulary has {t_rows} ids, student {cfg.model.student} has {s_rows} "
+            f"(they must share a tokenizer, or the student must carry {ID_MAP_FILE})"
+        )
+
+
+def open_cache(cfg: DistillConfig, tokenizer, train_ds):
+    """The teacher cache of a `teacher.source: cache` run (None for other runs), checked against the run.
+
+    `model.teacher` is optional here (it is never loaded); when given, the cache must have been built from it.
+
+    Raises:
+        UserError: no manifest, or a cache built for another tokenizer, other data, temperature or teacher.
+    """
+    if teacher_kind(cfg) != "cache":
+        return None
+    from potstill.teacher.cache import TeacherCache, dataset_fingerprint
+
+    cache = TeacherCache(cfg.teacher.cache)
+    cache.check(
+        tokenizer=tokenizer,
+        dataset_fingerprint=dataset_fingerprint(train_ds),
+        temperature=cfg.loss.temperature,
+        teacher=cfg.model.teacher,
+    )
+    return cache
+
+
+def load_data(cfg: DistillConfig, tokenizer):
+    """Packed train dataset (required) and eval dataset (None when `data.eval` is empty)."""
+    from potstill.data import load_dataset
+
+    d = cfg.data
+    train = load_dataset(d.train, tokenizer, d.seq_len, d.add_bos, False)
+    if len(train) == 0:
+        raise UserError(f"{d.train[0]}: no training text (after packing to {d.seq_len} tokens)")
+    evals = load_dataset(d.eval, tokenizer, d.seq_len, d.add_bos, False) if d.eval else None
+    return train, evals
+
+
+def training_args(cfg: DistillConfig) -> TrainingArguments:
+    """Map the `train` section onto TrainingArguments (quiet, CPU-friendly, seeded, gloo on CPU)."""
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=2,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=t.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16",
+        fp16=t.mixed_precision == "fp16",
+        restore_callback_states_from_checkpoint=True,
+        ddp_find_unused_parameters=False,
+    )

@@ -1,0 +1,170 @@
+"""The KD step, written once: student forward -> teacher targets -> loss terms -> weights.
+
+`DistillTrainer.compute_loss` runs it on every micro-batch and `potstill plan`'s probe times its parts, so the
+plan measures exactly what training does. One micro-batch:
+
+1. `student_head(model, loss)`: the student's (head weight [V, H], softcap) when the fused loss applies (a plain
+   linear head, `loss.fused`), else None (dense path: full [B, L, V] logits).
+2. `teacher_targets(teacher, inputs, fused)`: what the student is compared with: `SparseTargets` [B, L, k] from a
+   teacher cache, a `TeacherHead` (hidden states [B, L, H] + head) from an online teacher on the fused path, or
+   teacher logits [B, L, V] (dense, or an online teacher whose head cannot be chunked); None for CE only.
+3. `student_outputs(model, inputs, fused)`: the student's forward: final hidden states (`logits_to_keep=1`, no
+   [B, L, V] logits) on the fused path, logits on the dense one. Goes through the (possibly DDP-wrapped) model.
+4. `loss_terms(...)`: the two terms (KD, CE), each summed over the scored positions and divided by `num_tokens`
+   (`losses.fused_kd_terms`, `kd_terms` or `sparse_kd_terms`); `losses.combine` then weights them with
+   `kd_weights(alpha, T)`. Fused and dense give the same loss and gradients (tests/test_trainer_fused.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from potstill.config import LossConfig
+from potstill.losses import Divergence, KDTerms, kd_terms, kd_weights
+from potstill.losses.fused import TeacherHead, fused_kd_terms
+from potstill.losses.sparse import SparseTargets, sparse_kd_terms
+from potstill.models.heads import head_of
+
+Targets = TeacherHead | SparseTargets | torch.Tensor | None
+Head = tuple[torch.Tensor, float | None]
+
+
+def divergence(loss: LossConfig) -> Divergence:
+    """The `Divergence` (name, parameters, temperature, sparse tail) of a `loss` config section."""
+    return Divergence(**{f.name: getattr(loss, f.name) for f in fields(Divergence)})
+
+
+def student_head(model: nn.Module, loss: LossConfig) -> Head | None:
+    """(head weight [V, H], softcap) of the unwrapped student for the fused loss, or None for the dense path."""
+    return head_of(model) if loss.fused else None
+
+
+def teacher_targets(teacher, inputs: dict[str, Any], fused: bool) -> Targets:
+    """The teacher's side of the loss on this batch.
+
+    Args:
+        teacher: an `OnlineTeacher`, a teacher cache (`.targets(indices [B]) -> SparseTargets [B, L, k]`; batches
+            then carry `index` [B]), or None (CE only).
+        inputs: the batch: `input_ids` [B, L], `attention_mask` [B, L], for a cache `index` [B].
+        fused: the student takes the fused path (an online teacher then returns its hidden states and head).
+
+    Returns:
+        SparseTargets [B, L, k] (cache), TeacherHead with hidden [B, L, H] (online, fused), teacher logits
+        [B, L, V] (online, dense; also when the teacher's head cannot be chunked), or None.
+    """
+    if teacher is None:
+        return None
+    ids = inputs["input_ids"]
+    if hasattr(teacher, "targets"):
+        if "index" not in inputs:
+            raise ValueError("a teacher cache needs batches with 'index' (wrap the dataset in IndexedDataset)")
+        return _to_device(teacher.targets(inputs["index"].cpu()), ids.device)
+    mask = inputs.get("attention_mask")
+    head = teacher.head_inputs(ids, mask) if fused else None
+    return teacher.logits(ids, mask) if head is None else head
+
+
+def takes_fused_path(head: Head | None, targets: Targets) -> bool:
+    """Whether this micro-batch runs the fused loss: a student head to chunk and no dense teacher logits."""
+    return head is not None and not isinstance(targets, torch.Tensor)
+
+
+def student_outputs(model: nn.Module, inputs: dict[str, Any], fused: bool):
+    """The student's forward: final hidden states only (fused; the last one is the head's input) or full logits."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    if fused:
+        return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+    return model(input_ids=ids, attention_mask=mask)
+
+
+def loss_terms(
+    outputs,
+    labels: torch.Tensor,
+    targets: Targets,
+    head: Head | None,
+    loss: LossConfig,
+    num_tokens: torch.Tensor | int | None,
+    weights: tuple[float, float] | None = None,
+) -> KDTerms:
+    """The KD and CE terms of one micro-batch, each summed over scored positions and divided by `num_tokens`.
+
+    Args:
+        outputs: `student_outputs` (hidden states when `head` is given, else logits [B, L, V]).
+        labels: [B, L] unshifted labels (-100 = not scored).
+        targets: `teacher_targets` of the batch.
+        head: the student's head on the fused path, else None.
+        loss: the `loss` config section.
+        num_tokens: the step's global count of scored positions (None: this batch's own).
+        weights: (w_kd, w_ce) the caller will weight the terms with (fused path: gradients computed in the forward).
+    """
+    div = divergence(loss)
+    if head is None:
+        if isinstance(targets, SparseTargets):
+            return sparse_kd_terms(outputs.logits, targets, labels, div, num_tokens=num_tokens)
+        return kd_terms(outputs.logits, targets, labels, div, num_tokens=num_tokens)
+    hidden = outputs.hidden_states[-1][:, :-1]  # position t predicts label t + 1
+    if isinstance(targets, TeacherHead):
+        targets = replace(targets, hidden=targets.hidden[:, :-1].reshape(-1, targets.hidden.shape[-1]))
+    elif isinstance(targets, SparseTargets):
+        targets = _shifted(targets).flatten()
+    weight, softcap = head
+    return fused_kd_terms(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        targets,
+        labels[:, 1:].reshape(-1),
+        div,
+        num_tokens=num_tokens,
+        chunk_size=loss.chunk_size,
+        softcap=softcap,
+        loss_weights=weights,
+    )
+
+
+def kd_micro_step(
+    model: nn.Module,
+    unwrapped: nn.Module,
+    inputs: dict[str, Any],
+    teacher,
+    loss: LossConfig,
+    alpha: float | None,
+    num_tokens: torch.Tensor | int | None,
+    plan_weights: bool = True,
+    dense: bool = False,
+) -> tuple[KDTerms, Any]:
+    """Steps 1-4 on one micro-batch: the two normalized terms and the student's outputs.
+
+    Args:
+        model: the student as the Trainer runs it (possibly DDP-wrapped).
+        unwrapped: the bare student (its head).
+        inputs: the batch (`input_ids`, `attention_mask`, `labels` [B, L]; `index` [B] with a cache).
+        teacher: an `OnlineTeacher`, a teacher cache, or None (CE only).
+        loss: the `loss` config section.
+        alpha: the KD weight in use (None while `alpha: auto` has not chosen it).
+        num_tokens: the step's global count of scored positions.
+        plan_weights: let the fused loss compute its gradient in the forward for `kd_weights(alpha, T)` (off when
+            the caller takes other gradients of the terms first).
+        dense: force the dense path (sharded weights under FSDP / DeepSpeed cannot be chunked).
+    """
+    head = None if dense else student_head(unwrapped, loss)
+    targets = teacher_targets(teacher, inputs, fused=head is not None)
+    fused = takes_fused_path(head, targets)
+    outputs = student_outputs(model, inputs, fused)
+    weights = kd_weights(alpha, loss.temperature) if alpha is not None and plan_weights else None
+    terms = loss_terms(outputs, inputs["labels"], targets, head if fused else None, loss, num_tokens, weights)
+    return terms, outputs
+
+
+def _shifted(targets: SparseTargets) -> SparseTargets:
+    """[B, L, k] targets -> [B, L - 1, k]: the positions that predict a next token."""
+    return replace(targets, ids=targets.ids[:, :-1], logprobs=targets.logprobs[:, :-1], tail=targets.tail[:, :-1])
+
+
+def _to_device(targets: SparseTargets, device: torch.device) -> SparseTargets:
+    return replace(
+        targets, ids=targets.ids.to(device), logprobs=targets.logprobs.to(device), tail=targets.tail.to(device)
+    )
