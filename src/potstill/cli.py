@@ -30,6 +30,29 @@ cache_app = typer.Typer(help="Offline teacher cache: run the teacher once, store
 app.add_typer(cache_app, name="cache")
 
 
+def _config_option(what: str):
+    return typer.Option(None, "--config", "-c", help=f"YAML config: {what} (docs/config-reference.md).")
+
+
+def _overrides_argument(example: str):
+    return typer.Argument(None, help=f"key=value overrides of config fields, e.g. {example}", show_default=False)
+
+
+def _print_config_option():
+    return typer.Option(False, "--print-config", help="Print the resolved config and exit.")
+
+
+def _given(**options) -> dict:
+    """The options on the command line (None / empty list: not given) as config keys -> values, paths as text."""
+
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return {key: plain(value) for key, value in options.items() if value is not None and value != []}
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"potstill {__version__}")
@@ -53,9 +76,8 @@ def distill_cmd(
     """Train a student against a teacher (online) with the KD objective alpha*T^2*D + (1-alpha)*CE."""
     from potstill.config import dump_config, load_config
 
-    cfg = load_config(config, overrides or [])
-    if overwrite:
-        cfg.train.overwrite = True
+    flags = _given(**{"train.overwrite": overwrite or None})
+    cfg = load_config(config, overrides or [], flags=flags, run=not print_config)
     if print_config:
         typer.echo(dump_config(cfg), nl=False)
         return
@@ -83,21 +105,29 @@ def plan_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: Path = typer.Option(..., "--model", help="HF directory of the model to evaluate."),
-    data: list[Path] = typer.Option(..., "--data", help="JSONL file(s) with text (and optional domain)."),
-    out: Path = typer.Option(..., "--out", help="Output directory; eval.json is written there."),
+    config: Path | None = _config_option("an EvalConfig YAML file"),
+    overrides: list[str] = _overrides_argument("seq_len=512 batch_size=4"),
+    print_config: bool = _print_config_option(),
+    model: Path | None = typer.Option(None, "--model", help="HF directory of the model to evaluate."),
+    data: list[Path] = typer.Option(None, "--data", help="JSONL file(s) with text (and optional domain)."),
+    out: Path | None = typer.Option(None, "--out", help="Output directory; eval.json is written there."),
     teacher: Path | None = typer.Option(None, "--teacher", help="Teacher HF directory: adds agreement and KL."),
-    seq_len: int = typer.Option(256, "--seq-len", min=8, help="Tokens per packed sequence."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per forward pass."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per packed sequence (default 256)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass (default 8)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing eval.json."),
 ) -> None:
     """Perplexity, bits per byte (and teacher agreement / KL) per domain -> OUT/eval.json."""
+    from potstill.config import EvalConfig, dump_config, load_config
+
+    flags = _given(model=model, data=data, out=out, teacher=teacher, seq_len=seq_len, batch_size=batch_size,
+                   overwrite=overwrite or None)  # fmt: skip
+    cfg = load_config(config, overrides or [], EvalConfig, flags=flags)
+    if print_config:
+        typer.echo(dump_config(cfg), nl=False)
+        return
     from potstill.eval.metrics import evaluate_cli
 
-    path = evaluate_cli(
-        model=model, data=data, out=out, teacher=teacher, seq_len=seq_len, batch_size=batch_size, overwrite=overwrite
-    )
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {evaluate_cli(**cfg.model_dump())}")
 
 
 @app.command("losses")
@@ -124,37 +154,43 @@ def teacher_prepare_cmd(
 
 @student_app.command("init")
 def student_init_cmd(
-    teacher: Path = typer.Option(..., "--teacher", help="Teacher HF directory."),
-    layers: int = typer.Option(..., "--layers", help="Number of decoder layers the student keeps."),
-    out: Path = typer.Option(..., "--out", help="Output HF directory for the student."),
-    corpus: list[Path] = typer.Option([], "--corpus", help="JSONL text: calibration data and the vocabulary to keep."),
-    trim_vocab: bool = typer.Option(True, "--trim-vocab/--no-trim-vocab", help="Keep only tokens the corpus uses."),
-    select: str = typer.Option(
-        "measured", "--select", help="Layers: 'measured' on the corpus, or 'even' (evenly spaced; needs no corpus)."
+    config: Path | None = _config_option("a StudentInitConfig YAML file"),
+    overrides: list[str] = _overrides_argument("layers=6 selection=even"),
+    print_config: bool = _print_config_option(),
+    teacher: Path | None = typer.Option(None, "--teacher", help="Teacher HF directory."),
+    layers: int | None = typer.Option(None, "--layers", help="Number of decoder layers the student keeps."),
+    out: Path | None = typer.Option(None, "--out", help="Output HF directory for the student."),
+    corpus: list[Path] = typer.Option(
+        None, "--corpus", help="JSONL text: calibration data and the vocabulary to keep."
+    ),
+    trim_vocab: bool | None = typer.Option(
+        None, "--trim-vocab/--no-trim-vocab", help="Keep only tokens the corpus uses (default trim)."
+    ),
+    select: str | None = typer.Option(
+        None, "--select", help="Layers: 'measured' on the corpus (default), or 'even' (evenly spaced; needs no corpus)."
     ),
     vocab_size: int | None = typer.Option(
-        None, "--vocab-size", min=1, help="Fill the trimmed vocabulary up to this size with the teacher's top merges."
+        None, "--vocab-size", help="Fill the trimmed vocabulary up to this size with the teacher's top merges."
     ),
-    calib_dtype: str = typer.Option(
-        "float32", "--calib-dtype", help="dtype of the teacher copy that scores layers (bfloat16: faster on new CPUs)."
+    calib_dtype: str | None = typer.Option(
+        None,
+        "--calib-dtype",
+        help="dtype of the teacher copy that scores layers: float32 (default), bfloat16, float16.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ) -> None:
     """Prune a teacher into a student: keep the most important layers, trim the vocabulary to a corpus."""
+    from potstill.config import StudentInitConfig, dump_config, load_config
+
+    flags = _given(teacher=teacher, layers=layers, out=out, corpus=corpus, trim_vocab=trim_vocab, selection=select,
+                   vocab_size=vocab_size, calib_dtype=calib_dtype, overwrite=overwrite or None)  # fmt: skip
+    cfg = load_config(config, overrides or [], StudentInitConfig, flags=flags)
+    if print_config:
+        typer.echo(dump_config(cfg), nl=False)
+        return
     from potstill.student.init import init_student_cli
 
-    path = init_student_cli(
-        teacher=teacher,
-        layers=layers,
-        out=out,
-        corpus=corpus,
-        trim_vocab=trim_vocab,
-        overwrite=overwrite,
-        selection=select,
-        vocab_size=vocab_size,
-        calib_dtype=calib_dtype,
-    )
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {init_student_cli(**cfg.model_dump())}")
 
 
 @app.command("generate")
@@ -169,9 +205,7 @@ def generate_cmd(
     """Teacher-written data: completions (seq-KD), explanations, or rationales -> JSONL (resumable)."""
     from potstill.config import GenerateConfig, dump_config, load_config
 
-    cfg = load_config(config, overrides or [], model=GenerateConfig)
-    if overwrite:
-        cfg.overwrite = True
+    cfg = load_config(config, overrides or [], GenerateConfig, flags=_given(overwrite=overwrite or None))
     if print_config:
         typer.echo(dump_config(cfg), nl=False)
         return
@@ -196,31 +230,57 @@ def serve_cmd(
 
 @cache_app.command("build")
 def cache_build_cmd(
-    teacher: Path = typer.Option(..., "--teacher", help="Teacher HF directory (or .gguf)."),
-    data: list[Path] = typer.Option(..., "--data", help="JSONL file(s), packed like the training data."),
-    out: Path = typer.Option(..., "--out", help="Cache directory (a rerun resumes an interrupted build)."),
-    k: int = typer.Option(64, "--k", help="Top-k ids kept per token (targets=topk)."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature of the stored targets."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per packed sequence (as in training)."),
-    add_bos: bool = typer.Option(True, "--add-bos/--no-add-bos", help="Start every sequence with <bos>."),
-    targets: str = typer.Option("topk", "--targets", help="'topk' or 'sampled' (Sparse Logit Sampling)."),
-    samples: int = typer.Option(32, "--samples", help="Draws per token for --targets sampled (1..255)."),
-    encoding: str = typer.Option("compact", "--encoding", help="'compact' (quantized) or 'lossless'."),
+    config: Path | None = _config_option(
+        "a CacheConfig YAML file, or the training (distill) config whose cache this is: its teacher, data.train,"
+        " packing, loss.temperature, teacher dtype, student and teacher.cache are used"
+    ),
+    overrides: list[str] = _overrides_argument(
+        "k=32 encoding=lossless (with a distill config also loss.temperature=2)"
+    ),
+    print_config: bool = _print_config_option(),
+    teacher: Path | None = typer.Option(None, "--teacher", help="Teacher HF directory (or .gguf)."),
+    data: list[Path] = typer.Option(None, "--data", help="JSONL file(s), packed like the training data."),
+    out: Path | None = typer.Option(None, "--out", help="Cache directory (a rerun resumes an interrupted build)."),
+    k: int | None = typer.Option(None, "--k", help="Top-k ids kept per token, targets=topk (default 64)."),
+    temperature: float | None = typer.Option(
+        None, "--temperature", help="Softmax temperature of the stored targets (default 1.0)."
+    ),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len", help="Tokens per packed sequence, as in training (default 256)."
+    ),
+    add_bos: bool | None = typer.Option(
+        None, "--add-bos/--no-add-bos", help="Start every sequence with <bos> (default add)."
+    ),
+    targets: str | None = typer.Option(
+        None, "--targets", help="'topk' (default) or 'sampled' (Sparse Logit Sampling)."
+    ),
+    samples: int | None = typer.Option(
+        None, "--samples", help="Draws per token for --targets sampled (1..255) (default 32)."
+    ),
+    encoding: str | None = typer.Option(None, "--encoding", help="'compact' (quantized, default) or 'lossless'."),
     student: Path | None = typer.Option(None, "--student", help="Student dir: its tokenizer / trimmed vocab."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per teacher forward."),
-    shard_tokens: int = typer.Option(1 << 18, "--shard-tokens", help="About this many tokens per shard."),
-    dtype: str = typer.Option("float32", "--dtype", help="Teacher weights dtype: float32, bfloat16 or float16."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per teacher forward (default 8)."),
+    shard_tokens: int | None = typer.Option(
+        None, "--shard-tokens", help="About this many tokens per shard (default 262144)."
+    ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Teacher weights dtype: float32 (default), bfloat16 or float16."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache built with other settings."),
 ) -> None:
     """Run the teacher once over the data; store its top-k (or sampled) targets in compact shards."""
+    from potstill.config import dump_config, load_cache_config
+
+    flags = _given(teacher=teacher, data=data, out=out, k=k, temperature=temperature, seq_len=seq_len, add_bos=add_bos,
+                   targets=targets, samples=samples, encoding=encoding, student=student, batch_size=batch_size,
+                   shard_tokens=shard_tokens, dtype=dtype, overwrite=overwrite or None)  # fmt: skip
+    cfg = load_cache_config(config, overrides or [], flags=flags)
+    if print_config:
+        typer.echo(dump_config(cfg), nl=False)
+        return
     from potstill.teacher.cache import build_cache
 
-    path = build_cache(
-        teacher, data, out, k=k, temperature=temperature, seq_len=seq_len, add_bos=add_bos, targets=targets,
-        samples=samples, encoding=encoding, student=student, batch_size=batch_size, shard_tokens=shard_tokens,
-        dtype=dtype, overwrite=overwrite,
-    )  # fmt: skip
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {build_cache(**cfg.model_dump())}")
 
 
 @cache_app.command("verify")

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from potstill.config import DistillConfig, Dtype, _Section, apply_overrides, load_config, validate_config
+from potstill.config import DistillConfig, Dtype, Section as _Section, apply_overrides, load_config, validate_config
 from potstill.errors import UserError
 from potstill.fileio import write_json_atomic
 

@@ -193,16 +193,17 @@ def _token_stats(student: RowLogits, targets: torch.Tensor, teacher: RowLogits |
 
 
 def evaluate_cli(
-    model: Path,
-    data: list[Path],
-    out: Path,
-    teacher: Path | None = None,
+    model: str | Path,
+    data: list[str | Path],
+    out: str | Path,
+    teacher: str | Path | None = None,
     seq_len: int = 256,
     batch_size: int = 8,
     overwrite: bool = False,
 ) -> Path:
     """`potstill eval`: evaluate a model directory on JSONL data and write OUT/eval.json atomically.
 
+    The arguments are the fields of `potstill.config.EvalConfig` (`evaluate_cli(**cfg.model_dump())`).
     Sequences start with `<bos>` when the model's tokenizer has one. A teacher must share the model's
     tokenizer, or be the teacher a trimmed student was made from (`potstill_vocab.json`).
 
@@ -217,7 +218,7 @@ def evaluate_cli(
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     if target.exists() and not overwrite:
-        raise UserError(f"{target}: already exists; pass --overwrite to replace it")
+        raise UserError(f"{target}: already exists; pass --overwrite (overwrite: true) to replace it")
     records = read_many(data)
     with quiet_hf_progress():
         student, tokenizer = load_model(model)

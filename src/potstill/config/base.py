@@ -1,0 +1,199 @@
+"""The config machinery every stage shares: the `Section` base, `key=value` overrides, one-line errors.
+
+A field that a CLI option also sets says so with `json_schema_extra=flag("--k")`: the reference lists the
+option, and a bad value that came from it is reported under the option's name (`--k must be >= 1 (got 0)`);
+one that came from a file or a `key=value` override under its key (`config: k: must be >= 1 (got 0)`).
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
+
+from potstill.errors import UserError
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+"""Weight dtypes a model can be loaded in (`potstill.models.load.DTYPES`)."""
+
+
+class Section(BaseModel):
+    """Base of every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def flag(name: str) -> dict[str, str]:
+    """`json_schema_extra` of a field the CLI option `name` sets: `Field(64, json_schema_extra=flag("--k"))`."""
+    return {"flag": name}
+
+
+def field_flag(info: FieldInfo | None) -> str | None:
+    """The CLI option that sets this field, if any."""
+    extra = info.json_schema_extra if info is not None else None
+    return extra.get("flag") if isinstance(extra, dict) else None
+
+
+def section_of(annotation: Any) -> type[Section] | None:
+    """The Section class a field holds (`X`, `X | None`), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Union, types.UnionType):
+        found = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return found[0] if found else None
+    return None
+
+
+# ----- overrides and files ----------------------------------------------------------------------------------------
+
+
+def _parse_scalar(text: str) -> Any:
+    """`key=value` values use YAML scalar syntax: 0.5, true, null, [a, b], 'auto'."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def override_key(item: str) -> str:
+    """The dotted key of a `key=value` override."""
+    if "=" not in item:
+        raise UserError(f"override {item!r}: expected key=value, e.g. loss.alpha=0.9")
+    return item.split("=", 1)[0].strip()
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    """raw[a][b][c] = value for key "a.b.c", creating sections on the way."""
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted `key=value` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        set_key(raw, override_key(item), _parse_scalar(item.split("=", 1)[1]))
+    return raw
+
+
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    """A YAML config file as a dict ({} for None).
+
+    Raises:
+        UserError: missing or unparsable file, or not a mapping at the top level.
+    """
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{p}{where}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: expected a mapping of sections at the top level")
+    return raw
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (what `--print-config` shows and run dirs store as config.yaml)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ----- one-line errors --------------------------------------------------------------------------------------------
+
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+_BOUND_CTX = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}
+_KINDS = {
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "int_type": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _locate(model: type[BaseModel], loc: tuple) -> tuple[str, FieldInfo | None]:
+    """The dotted config key of an error location and its field (union-member tags dropped)."""
+    parts: list[str] = []
+    cls: type[BaseModel] | None = model
+    info = None
+    container = False
+    for part in loc:
+        if cls is not None and isinstance(part, str) and part in cls.model_fields:
+            info = cls.model_fields[part]
+            parts.append(part)
+            cls = section_of(info.annotation)
+            container = cls is None and get_origin(info.annotation) in (list, dict)
+        elif container:  # a list index or dict key inside a field, e.g. data.mixing.weights.code
+            parts.append(str(part))
+            container = False
+        else:
+            break
+    return ".".join(parts), info
+
+
+def _phrase(error: dict) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind == "literal_error":
+        return "must be one of " + ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
+    if kind in _BOUNDS:
+        return f"must be {_BOUNDS[kind]} {ctx[_BOUND_CTX[kind]]}"
+    if kind in _KINDS:
+        return f"must be {_KINDS[kind]}"
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length')} item(s)"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def format_error(err: ValidationError, model: type[BaseModel], given: Collection[str] = ()) -> str:
+    """pydantic's report as one line naming the key, or the CLI option when the value came from one (`given`)."""
+    errors = err.errors()
+    first = errors[0]
+    if first["type"] == "extra_forbidden":
+        return f"config: unknown key {'.'.join(str(p) for p in first['loc'])!r}"
+    key, info = _locate(model, first["loc"])
+    option = field_flag(info) if key else None
+    if first["type"] == "missing":
+        return f"config: {key}: required but missing" + (f" (option {option})" if option else "")
+    phrases = [_phrase(e) for e in errors if _locate(model, e["loc"])[0] == key]
+    msg = " or ".join([phrases[0], *(p.removeprefix("must be ") for p in phrases[1:] if p != phrases[0])])
+    got = first.get("input")
+    if isinstance(got, (str, int, float, bool)) and "(got" not in msg:
+        msg = f"{msg} (got {got!r})"
+    if not key:  # a check across fields (model validator): its message names the fields
+        return f"config: {msg}"
+    if option and key in given:
+        return f"{option} {msg}" if msg.startswith("must") else f"{option}: {msg}"
+    return f"config: {key}: {msg}"
+
+
+def validate(
+    raw: Mapping[str, Any], model: type[BaseModel], given: Collection[str] = (), context: dict | None = None
+) -> Any:
+    """Validate a nested dict into `model`, turning pydantic's report into a one-line UserError."""
+    try:
+        return model.model_validate(raw, context=context)
+    except ValidationError as err:
+        raise UserError(format_error(err, model, given)) from None

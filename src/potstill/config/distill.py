@@ -1,0 +1,249 @@
+"""`DistillConfig`: everything `potstill distill` needs (model, loss, teacher, data, train sections).
+
+The field descriptions are the reference (docs/config-reference.md and configs/kd_default.yaml are
+generated from them). What a run needs across sections (a teacher unless alpha = 0, a cache dir with
+teacher.source=cache, training data) is checked by `DistillConfig.check_runnable`, and by validation in
+the context `{"run": True}` (`load_config(..., run=True)`); a plain load accepts a partial config, so
+`--print-config` and tools that fill in paths later can still read it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from potstill.config.base import Dtype, Section, flag
+from potstill.errors import UserError
+
+LOSS_NAMES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl")
+
+
+class ModelConfig(Section):
+    """Where the student and teacher come from (HF directories)."""
+
+    student: str = Field(
+        description="HF directory of the student (AutoModelForCausalLM + tokenizer). A student made by"
+        " `potstill student init` with a trimmed vocabulary carries potstill_vocab.json (student id -> teacher id);"
+        " the teacher's logits are then computed over the student's ids only"
+    )
+    teacher: str | None = Field(
+        default=None,
+        description="HF directory (or .gguf) of the teacher; required unless loss.alpha=0 (then never loaded) or"
+        " teacher.source=cache. Its tokenizer must match the student's (same tokens and ids, or the id map)",
+    )
+    dtype: Dtype = Field(
+        default="float32",
+        description="dtype the student is loaded and trained in (and the teacher, unless teacher_dtype is set);"
+        " bfloat16 also turns on the Trainer's bf16",
+    )
+    teacher_dtype: Dtype | None = Field(
+        default=None,
+        description="dtype of the frozen teacher (null: same as dtype); bfloat16 runs it several times faster on"
+        " GPUs and on CPUs with AVX512-BF16/AMX, for ~0.005 nats of KL to its float32 outputs",
+    )
+
+    @property
+    def teacher_load_dtype(self) -> str:
+        """The dtype the teacher is loaded in: `teacher_dtype`, or `dtype` when that is null."""
+        return self.teacher_dtype or self.dtype
+
+
+class LossConfig(Section):
+    """KD objective: alpha * T^2 * D(p_teacher || q_student) + (1 - alpha) * CE(labels)."""
+
+    name: Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"] = Field(
+        default="fkl", description="the divergence D (`potstill losses` lists the formulas; docs/losses.md)"
+    )
+    alpha: float | Literal["auto"] = Field(
+        default=0.5,
+        description="weight of the KD term in [0, 1]; 0 = CE-only baseline (the teacher is never loaded or run);"
+        " 'auto' = equal weighted gradient norms, measured on the first micro-batch (docs/training.md)",
+    )
+    temperature: float = Field(
+        default=1.0,
+        gt=0,
+        description="softmax temperature T > 0 for both distributions; the T^2 factor keeps the KD gradient's scale",
+    )
+    beta: float = Field(
+        default=0.5, ge=0, le=1, description="jsd: m = beta p + (1 - beta) q; 0 = fkl, 1 = rkl (TRL's convention)"
+    )
+    jsd_scaled: bool = Field(default=False, description="jsd: divide by beta (1 - beta), continuous in beta")
+    skew: float = Field(default=0.1, ge=0, le=1, description="skl/srkl skew alpha in [0, 1] (DistiLLM uses 0.1)")
+    akl_mu: float = Field(default=0.5, ge=0, le=1, description="akl: teacher mass mu in [0, 1] that defines the head")
+    rationale_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="train.recipe=step_by_step: lambda in L_label + lambda * L_rationale (0 = label-only fine-tuning)",
+    )
+    sparse_tail: Literal["renorm", "bucket"] = Field(
+        default="bucket",
+        description="sparse (top-k) teacher targets: 'bucket' = k ids + one bucket for the rest (matches tail mass),"
+        " 'renorm' = both distributions renormalized over the k ids",
+    )
+    fused: bool = Field(
+        default=True,
+        description="chunked head + loss (losses/fused.py), never [tokens x V] logits; used when the student has a"
+        " plain linear head (else the dense path runs)",
+    )
+    chunk_size: int | None = Field(
+        default=None, ge=1, description="fused loss: tokens per chunk (null = about 2^24 logits per chunk)"
+    )
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_range(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be in [0, 1] or 'auto' (got {v})")
+        return v
+
+
+class TeacherConfig(Section):
+    """Where the teacher's distributions come from during training."""
+
+    source: Literal["online", "cache"] = Field(
+        default="online",
+        description="'online' = run model.teacher on every batch; 'cache' = read top-k targets from teacher.cache"
+        " (no teacher model in memory)",
+    )
+    cache: str | None = Field(
+        default=None,
+        description="teacher cache dir written by `potstill cache build` (build it with `potstill cache build -c"
+        " THIS_CONFIG`), required with source=cache",
+    )
+
+
+class MixingConfig(Section):
+    """How training sequences are drawn by domain (`potstill.data.mixing`); DDK re-weights during training."""
+
+    mode: Literal["uniform", "proportional", "fixed", "ddk"] = Field(
+        default="ddk", description="uniform, proportional (to data size), fixed (`weights`), or ddk (adaptive)"
+    )
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="mode fixed: domain -> weight (>= 0), every training domain, sum > 0"
+    )
+    interval: int = Field(default=100, gt=0, description="ddk: re-weight every K optimizer steps (K > 0)")
+    smoothing: float = Field(default=0.5, ge=0, le=1, description="ddk: Eq. 2 alpha; (1 - alpha) / N is the floor")
+    eval_tokens: int = Field(default=4096, gt=0, description="ddk: held-out tokens scored per domain per update")
+    gap: Literal["ppl", "logppl", "bpb", "kl"] = Field(
+        default="ppl",
+        description="ddk: student/teacher ppl ratio, its log (CE difference), bpb ratio, or KL(teacher || student)",
+    )
+    warmup: int = Field(
+        default=0, ge=0, description="ddk: steps on a uniform mix before Eq. 1 (0: Eq. 1 before the first step)"
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = next((d for d, w in v.items() if not w >= 0 or w == float("inf")), None)
+        if bad is not None:
+            raise ValueError(f"weight of domain {bad!r} must be a finite number >= 0 (got {v[bad]})")
+        if v and sum(v.values()) <= 0:
+            raise ValueError("weights sum to zero; give at least one domain a positive weight")
+        return v
+
+
+class DataConfig(Section):
+    """Training / evaluation data: JSONL files (text or prompt/completion), packed to seq_len."""
+
+    train: list[str] = Field(
+        default_factory=list,
+        description='JSONL files to train on: {"text": ...} or {"prompt": ..., "completion": ...} (loss on the'
+        ' completion only), optional "domain"; at least one is required to run',
+    )
+    eval: list[str] = Field(
+        default_factory=list,
+        description="held-out JSONL files; when set, OUT/eval.json (ppl, bits/byte, top-1 agreement, KL to teacher,"
+        " per domain) is written after training",
+    )
+    seq_len: int = Field(default=256, ge=8, description="tokens per packed sequence")
+    add_bos: bool = Field(default=True, description="put the tokenizer's <bos> at the start of every sequence")
+    mixing: MixingConfig | None = Field(
+        default=None, description="draw training sequences by domain weights (null: plain shuffling; docs/ddk.md)"
+    )
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class TrainConfig(Section):
+    """Optimisation and run-directory settings (passed to transformers.TrainingArguments)."""
+
+    output_dir: str = Field(
+        default="runs/distill", description="the run directory; rerunning the same command resumes it"
+    )
+    recipe: Literal["distill", "step_by_step"] = Field(
+        default="distill",
+        description="'distill' = KD on text / prompt-completion rows; 'step_by_step' = Distilling step-by-step on"
+        " {input, label, rationale} rows (label task + loss.rationale_weight * rationale task)",
+    )
+    max_steps: int = Field(default=100, ge=1, description="optimizer steps")
+    batch_size: int = Field(default=8, ge=1, description="sequences per device per micro-step")
+    grad_accum: int = Field(
+        default=1, ge=1, description="micro-steps per optimizer step (global batch = batch_size * grad_accum * ranks)"
+    )
+    lr: float = Field(default=3e-4, gt=0, description="peak learning rate (AdamW)")
+    warmup_steps: int = Field(default=10, ge=0, description="linear warmup steps")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="learning-rate schedule after the warmup"
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="gradient clipping (0 = off)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        default="no",
+        description="autocast the student's forward/backward (weights and optimizer stay in model.dtype)",
+    )
+    seed: int = Field(default=0, description="model init randomness, dropout and the data order")
+    logging_steps: int = Field(
+        default=10, ge=1, description="one OUT/log.jsonl line (loss, kd, ce, alpha, grad_ratio, lr) every N steps"
+    )
+    save_steps: int = Field(
+        default=0,
+        ge=0,
+        description="write a resumable checkpoint (OUT/checkpoint-N: model, optimizer, scheduler, RNG) every N"
+        " optimizer steps and after the last one, keeping the newest 2; 0 = no checkpoints at all, so an"
+        " interrupted run starts over. The trained student is saved to OUT/student at the end either way",
+    )
+    overwrite: bool = Field(
+        default=False,
+        description="replace an existing output_dir instead of resuming it",
+        json_schema_extra=flag("--overwrite"),
+    )
+
+
+class DistillConfig(Section):
+    """Everything `potstill distill` needs."""
+
+    model: ModelConfig = Field(description="the student and the teacher")
+    loss: LossConfig = Field(default_factory=LossConfig, description="the KD objective")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="online teacher or a teacher cache")
+    data: DataConfig = Field(default_factory=DataConfig, description="training and held-out data")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation and the run directory")
+
+    def run_problem(self) -> str | None:
+        """What keeps this config from starting a run (`key: why`), or None."""
+        if self.loss.alpha != 0 and self.teacher.source == "online" and self.model.teacher is None:
+            return "model.teacher: required unless loss.alpha=0 (CE only) or teacher.source=cache"
+        if self.loss.alpha != 0 and self.teacher.source == "cache" and self.teacher.cache is None:
+            return "teacher.cache: required with teacher.source=cache (a `potstill cache build` dir)"
+        if not self.data.train:
+            return "data.train: at least one JSONL file is required"
+        return None
+
+    def check_runnable(self) -> DistillConfig:
+        """Raise the one-line UserError of `run_problem` (what a run checks before loading anything); returns self."""
+        problem = self.run_problem()
+        if problem is not None:
+            raise UserError(f"config: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _runnable(self, info: ValidationInfo) -> DistillConfig:
+        if info.context and info.context.get("run"):
+            problem = self.run_problem()
+            if problem is not None:
+                raise ValueError(problem)
+        return self
