@@ -40,7 +40,8 @@ class ModelConfig(Section):
     teacher_dtype: Dtype | None = Field(
         default=None,
         description="dtype of the frozen teacher (null: same as dtype); bfloat16 runs it several times faster on"
-        " GPUs and on CPUs with AVX512-BF16/AMX, for ~0.005 nats of KL to its float32 outputs",
+        " GPUs and on CPUs with AVX512-BF16/AMX, for ~0.005 nats of KL to its float32 outputs; on older CPUs bf16 is"
+        " emulated and slower (docs/training.md, Cost notes)",
     )
 
     @property
@@ -87,7 +88,9 @@ class LossConfig(Section):
         " plain linear head (else the dense path runs)",
     )
     chunk_size: int | None = Field(
-        default=None, ge=1, description="fused loss: tokens per chunk (null = about 2^24 logits per chunk)"
+        default=None,
+        ge=1,
+        description="fused loss: tokens per chunk (null = about 2^24 logits per chunk: 64 tokens at V = 262k)",
     )
 
     @field_validator("alpha")
@@ -158,7 +161,9 @@ class DataConfig(Section):
         " per domain) is written after training",
     )
     seq_len: int = Field(default=256, ge=8, description="tokens per packed sequence")
-    add_bos: bool = Field(default=True, description="put the tokenizer's <bos> at the start of every sequence")
+    add_bos: bool = Field(
+        default=True, description="put the tokenizer's <bos> at the start of every sequence (Gemma needs it)"
+    )
     mixing: MixingConfig | None = Field(
         default=None, description="draw training sequences by domain weights (null: plain shuffling; docs/ddk.md)"
     )
@@ -178,7 +183,8 @@ class TrainConfig(Section):
     recipe: Literal["distill", "step_by_step"] = Field(
         default="distill",
         description="'distill' = KD on text / prompt-completion rows; 'step_by_step' = Distilling step-by-step on"
-        " {input, label, rationale} rows (label task + loss.rationale_weight * rationale task)",
+        " {input, label, rationale} rows (label task + loss.rationale_weight * rationale task; with data.eval of"
+        " {input, label} rows, eval.json and summary.json hold the label accuracy; docs/generate.md)",
     )
     max_steps: int = Field(default=100, ge=1, description="optimizer steps")
     batch_size: int = Field(default=8, ge=1, description="sequences per device per micro-step")
