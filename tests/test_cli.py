@@ -73,11 +73,11 @@ STAGES = {  # command -> (config class name, a complete config)
 def test_stage_help_lists_config_and_every_option_of_its_config(cmd):
     import potstill.config as config
     from potstill.config.base import field_flag
-    from potstill.config.reference import _fields
+    from potstill.config.reference import iter_fields
 
     text = run_cli(*cmd, "--help").stdout
     assert "--config" in text and "--print-config" in text
-    options = [field_flag(info) for _, info, _ in _fields(getattr(config, STAGES[cmd][0]))]
+    options = [field_flag(info) for _, info, _ in iter_fields(getattr(config, STAGES[cmd][0]))]
     for option in filter(None, options):
         assert option in text, f"{option} (a field of {STAGES[cmd][0]}) is not an option of `{' '.join(cmd)}`"
 

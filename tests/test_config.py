@@ -84,10 +84,10 @@ def test_generated_reference_is_current():
 
 
 def test_every_field_of_every_command_is_described():
-    from potstill.config.reference import COMMANDS, _fields
+    from potstill.config.reference import COMMANDS, iter_fields
 
     for _, model in COMMANDS:
-        for key, info, _section in _fields(model):
+        for key, info, _section in iter_fields(model):
             assert info.description, f"{model.__name__}.{key} has no description"
 
 

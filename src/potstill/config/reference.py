@@ -43,14 +43,14 @@ _COMMENT_COLUMN = 34
 _WIDTH = 120
 
 
-def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo, type[BaseModel] | None]]:
+def iter_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo, type[BaseModel] | None]]:
     """(dotted key, field, its Section class or None) for every field, sections before their fields."""
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
         section = section_of(info.annotation)
         yield key, info, section
         if section is not None:
-            yield from _fields(section, f"{key}.")
+            yield from iter_fields(section, f"{key}.")
 
 
 def _type_name(annotation: Any) -> str:
@@ -125,7 +125,7 @@ def reference_markdown() -> str:
     for command, model in COMMANDS:
         lines += ["", f"## `{command}`: `{model.__name__}`", "", _cell(model.__doc__.strip().splitlines()[0]), ""]
         lines += ["| field | type | default | description |", "|---|---|---|---|"]
-        for key, info, section in _fields(model):
+        for key, info, section in iter_fields(model):
             option = field_flag(info)
             name = f"`{key}`" + (f" (`{option}`)" if option else "")
             kind = _type_name(info.annotation)
