@@ -333,8 +333,8 @@ def test_cli_help_subprocess():
 def test_student_with_trimmed_vocabulary_gets_ids_in_its_vocabulary(setup, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from potstill.student.init import init_student
     from potstill.models.vocab import load_id_map
+    from potstill.student.init import init_student
 
     teacher, data = setup
     student = init_student(teacher, 1, tmp_path / "student", TINY_CORPUS, calib_tokens=64, calib_seq_len=16)

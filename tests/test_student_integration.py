@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from potstill.models.load import check_generation, convert_gguf, prepare_teacher
 from potstill.models.vocab import load_id_map
 from potstill.student.init import STUDENT_FILE, init_student, tokenization_mismatch
-from potstill.models.load import check_generation, convert_gguf, prepare_teacher
 
 pytestmark = pytest.mark.integration
 

@@ -156,8 +156,9 @@ def run_demo(
     Raises:
         UserError: the demo extra is missing, or `out` holds something else (another variant, foreign files).
     """
-    check_demo_extra()
     out = Path(out)
+    _refuse_foreign(out, overwrite)  # before the extra check: a wrong --out is the first thing to say
+    check_demo_extra()
     settings = load_demo_settings(quick)
     if teacher_cache:
         settings = settings.model_copy(update={"teacher_source": "cache"})
@@ -186,21 +187,26 @@ def variant_steps(settings: DemoSettings) -> dict[str, Callable[[dict], Any]]:
     return {name: step for name, step in STEPS.items() if name != "cache" or settings.teacher_source == "cache"}
 
 
+def _refuse_foreign(out: Path, overwrite: bool) -> None:
+    """UserError when `out` holds something that is not a potstill demo (touches nothing)."""
+    if not out.exists() or (out / STATE_FILE).is_file():
+        return
+    if overwrite:
+        raise UserError(f"{out}: refusing to overwrite a directory that is not a potstill demo (no {STATE_FILE})")
+    if not out.is_dir() or any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not a potstill demo directory; pass another --out")
+
+
 def _open_state(out: Path, mode: str, settings: DemoSettings, overwrite: bool) -> dict:
-    """Start a fresh demo dir, or load the state of an unfinished one made with the same settings."""
+    """Start a fresh demo dir, or load the state of an unfinished one made with the same settings (after
+    `_refuse_foreign`)."""
     path = out / STATE_FILE
     fresh = {"mode": mode, "settings": settings.model_dump(mode="json"), "done": {}}
     if out.exists() and overwrite:
-        if not path.is_file():
-            raise UserError(f"{out}: refusing to overwrite a directory that is not a potstill demo (no {STATE_FILE})")
         shutil.rmtree(out)
     if not out.exists():
         out.mkdir(parents=True)
-        _save_state(out, fresh)
-        return fresh
     if not path.is_file():
-        if any(out.iterdir()):
-            raise UserError(f"{out}: exists and is not a potstill demo directory; pass another --out")
         _save_state(out, fresh)
         return fresh
     try:
