@@ -155,7 +155,6 @@ def _teacher_memory(t: ModelShape, s: ModelShape, cfg: DistillConfig, has_map: b
     return t.params * elem + head_copy + acts
 
 
-@dataclass(frozen=True)
 @dataclass
 class Plan:
     """The estimate; every size in bytes, times in seconds. `to_json()` is what `potstill plan --json` prints."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from functools import partial
 
 from potstill.config import DistillConfig
@@ -21,6 +22,7 @@ PROBE_REPEATS = (2, 6)
 PROBE_PARTS = ("teacher", "forward", "loss", "backward", "optimizer")  # the timed parts of a step, in order
 
 
+@dataclass(frozen=True)
 class StepProbe:
     """Seconds of a training step's parts on this machine now, each as (fixed, per decoder layer).
 

@@ -43,7 +43,7 @@ import zstandard
 
 from potstill.errors import UserError
 from potstill.losses import IGNORE_INDEX
-from potstill.losses.sparse import _EMPTY_LOG_MASS, SparseTargets, topk_targets
+from potstill.losses.sparse import EMPTY_LOG_MASS, SparseTargets, topk_targets
 
 FORMAT = "potstill-teacher-cache"
 FORMAT_VERSION = 1
@@ -244,7 +244,7 @@ class Codec:
         flat_ids = running - np.repeat(before, unique)  # per-row cumulative sum of the deltas
         row, slot = np.repeat(np.arange(n), unique), np.arange(total) - np.repeat(starts, unique)
         ids = _unused_ids(n, self.k, self.vocab, flat_ids, row)
-        logprobs = np.full((n, self.k), _EMPTY_LOG_MASS, np.float32)
+        logprobs = np.full((n, self.k), EMPTY_LOG_MASS, np.float32)
         ids[row, slot] = flat_ids
         logprobs[row, slot] = np.log(counts / self.k)
         order = np.argsort(-logprobs, axis=1, kind="stable")

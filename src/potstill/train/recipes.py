@@ -112,7 +112,7 @@ def run_distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -
     Returns:
         The run directory.
     """
-    recipe = RECIPES[cfg.train.recipe]
+    recipe = RECIPES[cfg.check_runnable().train.recipe]
     data = recipe.read(cfg)
     out = Path(cfg.train.output_dir)
     with quiet_hf_progress():
