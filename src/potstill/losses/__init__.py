@@ -154,11 +154,9 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         (rows, targets): [n] indices into the flattened [B*T] positions, and [n] their target ids.
     """
-    nxt = torch.full_like(labels, IGNORE_INDEX)
-    nxt[:, :-1] = labels[:, 1:]
-    nxt = nxt.reshape(-1)
-    rows = (nxt != IGNORE_INDEX).nonzero().squeeze(-1)
-    return rows, nxt[rows]
+    scored = F.pad(scored_mask(labels), (0, 1), value=False).reshape(-1)
+    rows = scored.nonzero().squeeze(-1)
+    return rows, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)[rows]
 
 
 def kd_terms(
