@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import potstill.teacher.cache as cache_mod
+import potstill.fileio as fileio_mod
+import potstill.teacher.cache.writer as cache_mod
 from clitools import assert_one_line_error, run_cli
 from conftest import TINY_CORPUS
 from potstill.cli import main
@@ -222,11 +223,11 @@ def test_disk_full_leaves_no_manifest_and_resumes(setup, tmp_path, monkeypatch):
         calls.append(path)
         return Full(fh) if "shard-00002" in str(path) else fh
 
-    monkeypatch.setattr(cache_mod, "open", fake_open, raising=False)
+    monkeypatch.setattr(fileio_mod, "open", fake_open, raising=False)  # where every shard is written
     with pytest.raises(UserError, match="out of disk space"):
         build(setup, tmp_path / "c")
     out = tmp_path / "c"
-    assert not (out / MANIFEST).exists() and not list(out.glob(".tmp-*"))
+    assert not (out / MANIFEST).exists() and not any(fileio_mod.is_temp(p.name) for p in out.iterdir())
     assert (out / shard_name(1)).is_file() and not (out / shard_name(2)).exists()
     monkeypatch.undo()
     TeacherCache(build(setup, out)).verify()
