@@ -158,8 +158,8 @@ def _tiny_pipeline(monkeypatch, models: Path) -> None:
 
 
 def test_cache_and_train_kd_steps_resume_on_tiny_models(models_dir, tmp_path: Path, monkeypatch):  # noqa: F811
-    import potstill.train.setup as load_mod  # where the training run loads its models
     import potstill.teacher.cache.writer as cache_mod
+    import potstill.train.setup as load_mod  # where the training run loads its models
     from potstill.train.trainer import DistillTrainer
 
     _tiny_pipeline(monkeypatch, models_dir)

@@ -11,15 +11,9 @@ from clitools import assert_one_line_error
 from conftest import TINY_CORPUS, build_tokenizer
 from potstill.errors import UserError
 from potstill.models.vocab import ID_MAP_FILE, load_id_map
-from potstill.student.init import (
-    STUDENT_FILE,
-    build_student,
-    evenly_spaced,
-    init_student,
-    init_student_cli,
-    layer_scores,
-    tokenization_mismatch,
-)
+from potstill.student.init import STUDENT_FILE, init_student, init_student_cli
+from potstill.student.layers import build_student, evenly_spaced, layer_scores
+from potstill.student.vocab import tokenization_mismatch
 from test_eval_cli import run_main
 
 CORPUS = (

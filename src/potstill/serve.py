@@ -26,8 +26,8 @@ def create_app(model_dir: str | Path, name: str | None = None):
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, Field
 
-    from potstill.teacher.generate import hf_generate
     from potstill.models.load import load_model
+    from potstill.teacher.generate import hf_generate
 
     model, tokenizer = load_model(model_dir)
     model_name = name or Path(model_dir).name

@@ -25,15 +25,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from potstill.data.packing import collate, pack
-from potstill.losses import IGNORE_INDEX
 from potstill.data.sources import read_many
 from potstill.errors import UserError
 from potstill.fileio import write_json_atomic
+from potstill.losses import IGNORE_INDEX
 from potstill.losses.divergences import fkl
 from potstill.losses.fused import TeacherHead
 from potstill.models.heads import head_of
-from potstill.models.vocab import load_id_map
 from potstill.models.load import load_model, quiet_hf_progress
+from potstill.models.vocab import load_id_map
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
 EVAL_FILE = "eval.json"

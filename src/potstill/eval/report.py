@@ -20,10 +20,9 @@ overall and per domain: the share of the CE-only student's distance to the teach
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from potstill.fileio import write_json_atomic, write_text_atomic
+from potstill.fileio import atomic_path, write_json_atomic, write_text_atomic
 
 STUDENTS = ("student_kd", "student_ce")
 MODELS = ("teacher", *STUDENTS)
@@ -235,10 +234,9 @@ def _save(fig, plots_dir: Path, name: str) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = plots_dir / f".{name}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(plots_dir / name) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")  # the temp name has no .png suffix to infer it from
     plt.close(fig)
-    os.replace(tmp, plots_dir / name)
     return name
 
 

@@ -5,18 +5,18 @@ directory, a directory that is not a model, a corrupt GGUF) into one-line `UserE
 
 A GGUF file is dequantized by transformers (slow: ~35 s for Gemma 3 270M on 2 cores), then saved as a
 plain HF directory in `cache_dir()/models/<sha256[:16]>-<name>/`, keyed by the file's content hash, so
-the next load takes seconds. An entry is built in a temporary directory beside it and renamed into
-place with `potstill_source.json` inside, so an interrupted conversion never leaves a usable-looking entry.
+the next load takes seconds. An entry is built in a temporary directory beside it
+(`potstill.fileio.atomic_path`) and renamed into place with `potstill_source.json` inside, so an interrupted
+conversion never leaves a usable-looking entry; the temporary directories of conversions whose process is gone
+are deleted by the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -25,13 +25,12 @@ from pathlib import Path
 import torch
 
 from potstill.errors import UserError
-from potstill.fileio import write_json_atomic
+from potstill.fileio import atomic_path, remove_stale_temps, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SOURCE_FILE = "potstill_source.json"
-_TMP_PREFIX = ".tmp-"
 CHECK_PROMPT = "def fibonacci(n):"
 
 
@@ -122,24 +121,10 @@ def convert_gguf(path: str | Path, cache: str | Path | None = None) -> Path:
         return entry
     _check_gguf(src, digest)
     models.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(models)
-    tmp = models / f"{_TMP_PREFIX}{entry.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    remove_stale_temps(models)
+    with atomic_path(entry) as tmp:  # a disk-full error is a UserError naming the entry, and leaves nothing
         _convert_into(src, tmp)
         write_json_atomic(tmp / SOURCE_FILE, _source_record(src, digest))
-        if entry.exists():  # another process finished the same conversion first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, entry)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise UserError(f"{src}: out of disk space while writing the converted model under {models}") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("converted %s -> %s (%.1f s)", src.name, entry, time.perf_counter() - start)
     return entry
 
@@ -271,24 +256,6 @@ def _source_record(src: Path, digest: str) -> dict:
         "size": src.stat().st_size,
         "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _remove_stale_temps(models: Path) -> None:
-    """Delete temp dirs of conversions whose process is gone (crashed or killed)."""
-    for tmp in models.glob(f"{_TMP_PREFIX}*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _first_line(err: BaseException) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from potstill.errors import UserError
+from potstill.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,7 @@ class RequestCache:
     def put(self, key: str, answer: Answer) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"texts": answer.texts}, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps({"texts": answer.texts}, ensure_ascii=False))
 
 
 class EndpointClient:

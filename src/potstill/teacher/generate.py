@@ -293,8 +293,8 @@ class EndpointBackend:
     """An OpenAI-compatible endpoint (see `potstill.teacher.endpoint`)."""
 
     def __init__(self, cfg: TeacherSourceConfig, sampling: SamplingConfig):
-        from potstill.teacher.endpoint import EndpointClient, api_key
         from potstill.models.load import cache_dir
+        from potstill.teacher.endpoint import EndpointClient, api_key
 
         if not cfg.base_url:
             raise UserError("config: teacher.base_url: required for teacher.backend=endpoint")

@@ -27,12 +27,10 @@ from potstill.losses.sparse import topk_targets
 from potstill.teacher.cache.codec import Codec
 from potstill.teacher.cache.format import (
     BUILD,
-    ENCODINGS,
     FORMAT,
     FORMAT_VERSION,
     MAGIC,
     MANIFEST,
-    TARGETS,
     dataset_fingerprint,
     read_json,
     shard_name,
@@ -90,6 +88,10 @@ def build_cache(
 ) -> Path:
     """Run the teacher once over packed data and store its sparse next-token targets in `out` (resumable).
 
+    The settings are the fields of `potstill.config.CacheConfig` (`build_cache(**cfg.model_dump())` is what
+    `potstill cache build` does) and are validated by it; a bad one is reported under its CLI option, as the
+    command reports it (`--k must be >= 1 (got 0)`).
+
     Args:
         teacher: teacher HF directory (or .gguf).
         data: JSONL files, packed like training data (`potstill.data.load_dataset`).
@@ -117,53 +119,28 @@ def build_cache(
         UserError: bad option, unloadable model or data, mismatching tokenizers, an existing cache built with
             other settings (without overwrite), disk full (the finished shards are kept: rerun to resume).
     """
-    _check_options(k, temperature, seq_len, targets, samples, encoding, batch_size, shard_tokens)
+    from potstill.config import CacheConfig, validate_config
+
+    settings = dict(
+        teacher=str(teacher), data=[str(p) for p in ([data] if isinstance(data, (str, Path)) else data)],
+        out=str(out), k=k, temperature=temperature, seq_len=seq_len, add_bos=add_bos, targets=targets,
+        samples=samples, encoding=encoding, student=None if student is None else str(student), batch_size=batch_size,
+        shard_tokens=shard_tokens, seed=seed, dtype=dtype, overwrite=overwrite,
+    )  # fmt: skip
+    c = validate_config(settings, CacheConfig, given=settings)
     plan, scorer = _prepare(
-        teacher,
-        data,
-        Path(out),
-        k,
-        temperature,
-        seq_len,
-        add_bos,
-        targets,
-        samples,
-        encoding,
-        student,
-        shard_tokens,
-        seed,
-        dtype,
-        overwrite,
-    )
+        c.teacher, c.data, Path(c.out), c.k, c.temperature, c.seq_len, c.add_bos, c.targets, c.samples, c.encoding,
+        c.student, c.shard_tokens, c.seed, c.dtype, c.overwrite,
+    )  # fmt: skip
     if plan is None:  # already complete with these settings
         return Path(out)
     rank, world, barrier = _distributed()
-    write_shards(plan, scorer, batch_size, rank=rank, world=world, progress=progress)
+    write_shards(plan, scorer, c.batch_size, rank=rank, world=world, progress=progress)
     barrier()
     if rank == 0:
         finalize(plan)
     barrier()
     return plan.out
-
-
-def _check_options(k, temperature, seq_len, targets, samples, encoding, batch_size, shard_tokens) -> None:
-    if targets not in TARGETS:
-        raise UserError(f"cache build: --targets must be one of {', '.join(TARGETS)} (got {targets!r})")
-    if encoding not in ENCODINGS:
-        raise UserError(f"cache build: --encoding must be one of {', '.join(ENCODINGS)} (got {encoding!r})")
-    if k < 1:
-        raise UserError(f"cache build: --k must be >= 1 (got {k})")
-    if not 1 <= samples <= 255:
-        raise UserError(f"cache build: --samples must be in [1, 255] (counts are stored as uint8), got {samples}")
-    if temperature <= 0:
-        raise UserError(f"cache build: --temperature must be > 0 (got {temperature})")
-    for name, value, least in (
-        ("--seq-len", seq_len, 2),
-        ("--batch-size", batch_size, 1),
-        ("--shard-tokens", shard_tokens, 1),
-    ):
-        if value < least:
-            raise UserError(f"cache build: {name} must be >= {least} (got {value})")
 
 
 def _prepare(
@@ -183,15 +160,11 @@ def _prepare(
     dtype,
     overwrite,
 ):
-    """Load models and data, decide the settings; returns (None, None) when `out` already holds this cache."""
+    """Load models and data, decide the settings (validated by `build_cache`); (None, None): `out` holds this cache."""
     from potstill.data.packing import load_dataset
-    from potstill.models.load import DTYPES, load_model
+    from potstill.models.load import load_model
     from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
-    if not data:
-        raise UserError("cache build: give at least one --data file")
-    if dtype not in DTYPES:
-        raise UserError(f"cache build: --dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     model, tokenizer = load_model(teacher, dtype=dtype)
     id_map = None
     if student is not None:
@@ -205,7 +178,7 @@ def _prepare(
     width = samples if targets == "sampled" else k
     if width > vocab:
         raise UserError(
-            f"cache build: {'--samples' if targets == 'sampled' else '--k'} {width} exceeds the vocabulary size {vocab}"
+            f"cache build: {'samples' if targets == 'sampled' else 'k'}={width} exceeds the vocabulary size {vocab}"
         )
     dataset = load_dataset([Path(p) for p in data], tokenizer, seq_len, add_bos=add_bos)
     settings = {
@@ -269,8 +242,8 @@ def _claim(out: Path, settings: dict, overwrite: bool) -> bool:
         if not overwrite:
             diff = _first_difference(previous, settings)
             raise UserError(
-                f"{out}: holds a cache built with other settings ({diff}); pass --overwrite to replace it, "
-                "or choose another --out"
+                f"{out}: holds a cache built with other settings ({diff}); set overwrite (--overwrite) to replace it,"
+                " or choose another out (--out)"
             )
         for path in [out / MANIFEST, out / BUILD, *out.glob("shard-*.bin")]:
             path.unlink()
@@ -280,7 +253,7 @@ def _claim(out: Path, settings: dict, overwrite: bool) -> bool:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     if previous is None and out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out}: directory is not empty and is not a teacher cache; choose another --out")
+        raise UserError(f"{out}: directory is not empty and is not a teacher cache; choose another out (--out)")
     out.mkdir(parents=True, exist_ok=True)
     if previous is None:
         write_json_atomic(out / BUILD, settings)
