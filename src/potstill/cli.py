@@ -6,7 +6,6 @@ Heavy imports (torch, transformers) happen inside the commands so `--help` stays
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -81,10 +80,11 @@ def distill_cmd(
     if print_config:
         typer.echo(dump_config(cfg), nl=False)
         return
+    from potstill.launch import rank
     from potstill.train.recipes import run_distill
 
     out = run_distill(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+    if rank() == 0:  # under torchrun only rank 0 reports
         typer.echo(f"done: {out}")
 
 
