@@ -260,3 +260,14 @@ def test_fill_vocabulary_keeps_corpus_tokenization_and_grows_to_size(gemma_teach
     assert tokenization_mismatch(tok, teacher_tok, id_map, CORPUS[:6]) == (0, 6)
     unseen = UNSEEN + CORPUS[6:]
     assert sum(len(tok(t)["input_ids"]) for t in unseen) < sum(len(needed_tok(t)["input_ids"]) for t in unseen)
+
+
+def test_cli_reads_a_config_file_with_overrides_and_options(gemma_teacher, tmp_path, capfd):
+    import yaml
+
+    cfg = tmp_path / "student.yaml"
+    cfg.write_text(yaml.safe_dump({"teacher": str(gemma_teacher), "layers": 3, "trim_vocab": False, "out": "x"}))
+    out = tmp_path / "s"
+    proc = run_main(capfd, "student", "init", "-c", cfg, "layers=2", "selection=even", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / STUDENT_FILE).read_text())["kept_layers"] == [0, 3]

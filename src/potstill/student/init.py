@@ -117,17 +117,23 @@ def init_student(
 
 
 def init_student_cli(
-    teacher: Path,
+    teacher: str | Path,
     layers: int,
-    out: Path,
-    corpus: Sequence[Path],
+    out: str | Path,
+    corpus: Sequence[str | Path],
     trim_vocab: bool = True,
     overwrite: bool = False,
     selection: str = "measured",
     vocab_size: int | None = None,
     calib_dtype: str = "float32",
 ) -> Path:
-    """`potstill student init`: read the corpus JSONL files (text, or prompt + completion) and call `init_student`."""
+    """`potstill student init`: read the corpus JSONL files (text, or prompt + completion) and call `init_student`.
+
+    The arguments are the fields of `potstill.config.StudentInitConfig` (`init_student_cli(**cfg.model_dump())`
+    is what the command does, after the config has checked each value); a request that cannot work (no corpus to
+    measure layers or trim the vocabulary on, more layers than the teacher has) is reported under the command's
+    option names, e.g. `--layers 9: the teacher has 4 decoder layers`.
+    """
     from potstill.data.sources import read_many
 
     enable_progress_log()
@@ -159,7 +165,7 @@ def _check_request(
     if layers < 1:
         raise UserError(f"--layers {layers}: a student needs at least 1 decoder layer")
     if out.exists() and not overwrite:
-        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+        raise UserError(f"{out}: already exists (pass --overwrite, overwrite: true, to replace it)")
     if not corpus and (trim_vocab or selection == "measured"):
         raise UserError(
             "--corpus: needed to measure layer importance and to trim the vocabulary "
