@@ -122,9 +122,12 @@ def convert_gguf(path: str | Path, cache: str | Path | None = None) -> Path:
     _check_gguf(src, digest)
     models.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(models)
-    with atomic_path(entry) as tmp:  # a disk-full error is a UserError naming the entry, and leaves nothing
+    # A disk-full error is a UserError naming the entry, and leaves nothing.
+    with contextlib.suppress(_ConvertedElsewhere), atomic_path(entry) as tmp:
         _convert_into(src, tmp)
         write_json_atomic(tmp / SOURCE_FILE, _source_record(src, digest))
+        if entry.exists():  # another process finished the same conversion first: keep its entry, drop ours
+            raise _ConvertedElsewhere
     log.info("converted %s -> %s (%.1f s)", src.name, entry, time.perf_counter() - start)
     return entry
 
@@ -256,6 +259,10 @@ def _source_record(src: Path, digest: str) -> dict:
         "size": src.stat().st_size,
         "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+class _ConvertedElsewhere(Exception):
+    """Raised inside `atomic_path` to drop a finished conversion whose entry another process wrote first."""
 
 
 def _first_line(err: BaseException) -> str:
