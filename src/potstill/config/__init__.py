@@ -11,7 +11,18 @@ Modules: `base` (the `Section` base, overrides, error messages), `distill`, `gen
 student init, eval), `load` (reading a config), `reference` (the generated docs).
 """
 
-from potstill.config.base import Dtype, Section, apply_overrides, dump_config, flag, read_yaml
+from potstill.config.base import (
+    CacheEncoding,
+    CacheTargets,
+    Dtype,
+    LayerSelection,
+    LossName,
+    Section,
+    apply_overrides,
+    dump_config,
+    flag,
+    read_yaml,
+)
 from potstill.config.distill import (
     LOSS_NAMES,
     DataConfig,
@@ -28,6 +39,10 @@ from potstill.config.reference import default_yaml, reference_markdown
 from potstill.config.stages import CacheConfig, EvalConfig, StudentInitConfig
 
 __all__ = [
+    "CacheEncoding",
+    "CacheTargets",
+    "LayerSelection",
+    "LossName",
     "LOSS_NAMES",
     "CacheConfig",
     "DataConfig",

@@ -20,6 +20,10 @@ from pydantic.fields import FieldInfo
 from potstill.errors import UserError
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+CacheTargets = Literal["topk", "sampled"]
+CacheEncoding = Literal["compact", "lossless"]
+LayerSelection = Literal["measured", "even"]
+LossName = Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"]
 """Weight dtypes a model can be loaded in (`potstill.models.load.DTYPES`)."""
 
 

@@ -9,14 +9,14 @@ the context `{"run": True}` (`load_config(..., run=True)`); a plain load accepts
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from potstill.config.base import Dtype, Section, flag
+from potstill.config.base import Dtype, LossName, Section, flag
 from potstill.errors import UserError
 
-LOSS_NAMES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl")
+LOSS_NAMES = get_args(LossName)
 
 
 class ModelConfig(Section):
@@ -53,7 +53,7 @@ class ModelConfig(Section):
 class LossConfig(Section):
     """KD objective: alpha * T^2 * D(p_teacher || q_student) + (1 - alpha) * CE(labels)."""
 
-    name: Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"] = Field(
+    name: LossName = Field(
         default="fkl", description="the divergence D (`potstill losses` lists the formulas; docs/losses.md)"
     )
     alpha: float | Literal["auto"] = Field(

@@ -10,11 +10,11 @@ the run decides (teacher, data, packing, temperature, teacher dtype, student tok
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, field_validator
 
-from potstill.config.base import Dtype, Section, flag
+from potstill.config.base import CacheEncoding, CacheTargets, Dtype, LayerSelection, Section, flag
 from potstill.config.distill import DistillConfig
 from potstill.errors import UserError
 
@@ -61,7 +61,7 @@ class CacheConfig(Section):
         description="start every sequence with <bos> (the run's data.add_bos)",
         json_schema_extra=flag("--add-bos"),
     )
-    targets: Literal["topk", "sampled"] = Field(
+    targets: CacheTargets = Field(
         default="topk",
         description="'topk' = the k most probable ids + tail mass; 'sampled' = `samples` draws per position, ids +"
         " counts (Sparse Logit Sampling)",
@@ -71,7 +71,7 @@ class CacheConfig(Section):
         default=32, ge=1, le=255, description="draws per position for targets=sampled (counts are uint8)",
         json_schema_extra=flag("--samples"),
     )  # fmt: skip
-    encoding: Literal["compact", "lossless"] = Field(
+    encoding: CacheEncoding = Field(
         default="compact",
         description="'compact' = quantized log-probs (~100-150 bytes/token at k=64); 'lossless' = int32 ids +"
         " float32 log-probs",
@@ -130,7 +130,7 @@ class StudentInitConfig(Section):
         description="keep only the tokens the corpus uses (+ bytes, specials, BPE intermediates)",
         json_schema_extra=flag("--trim-vocab"),
     )
-    selection: Literal["measured", "even"] = Field(
+    selection: LayerSelection = Field(
         default="measured",
         description="which layers: 'measured' = calibration loss when a layer is skipped; 'even' = evenly spaced,"
         " first and last kept (needs no corpus)",

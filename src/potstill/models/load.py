@@ -21,15 +21,17 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import get_args
 
 import torch
 
+from potstill.config import Dtype
 from potstill.errors import UserError
 from potstill.fileio import atomic_path, remove_stale_temps, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in get_args(Dtype)}  # name -> torch dtype
 SOURCE_FILE = "potstill_source.json"
 CHECK_PROMPT = "def fibonacci(n):"
 

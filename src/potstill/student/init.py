@@ -20,7 +20,9 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
+from potstill.config import LayerSelection
 from potstill.errors import UserError
 from potstill.fileio import atomic_path
 from potstill.models.load import DTYPES, convert_gguf, enable_progress_log, load_model
@@ -31,7 +33,7 @@ from potstill.student.vocab import fill_vocabulary, trim_tokenizer, vocabulary_t
 log = logging.getLogger(__name__)
 
 STUDENT_FILE = "potstill_student.json"
-SELECTIONS = ("measured", "even")
+SELECTIONS = get_args(LayerSelection)
 
 
 def init_student(

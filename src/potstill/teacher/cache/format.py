@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import get_args
 
 import torch
 
+from potstill.config import CacheEncoding, CacheTargets
 from potstill.errors import UserError
 from potstill.fileio import write_json_atomic
 
@@ -21,8 +23,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BUILD = "build.json"
 MAGIC = b"PSTSHRD1"
-TARGETS = ("topk", "sampled")
-ENCODINGS = ("compact", "lossless")
+TARGETS = get_args(CacheTargets)
+ENCODINGS = get_args(CacheEncoding)
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")  # part of the tokenizer fingerprint
 
 
