@@ -229,11 +229,16 @@ class DistillConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="training and held-out data")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation and the run directory")
 
+    @property
+    def teacher_kind(self) -> Literal["online", "cache"] | None:
+        """Where the run's teacher distributions come from: "online", "cache", or None (CE only, loss.alpha = 0)."""
+        return None if self.loss.alpha == 0 else self.teacher.source
+
     def run_problem(self) -> str | None:
         """What keeps this config from starting a run (`key: why`), or None."""
-        if self.loss.alpha != 0 and self.teacher.source == "online" and self.model.teacher is None:
+        if self.teacher_kind == "online" and self.model.teacher is None:
             return "model.teacher: required unless loss.alpha=0 (CE only) or teacher.source=cache"
-        if self.loss.alpha != 0 and self.teacher.source == "cache" and self.teacher.cache is None:
+        if self.teacher_kind == "cache" and self.teacher.cache is None:
             return "teacher.cache: required with teacher.source=cache (a `potstill cache build` dir)"
         if not self.data.train:
             return "data.train: at least one JSONL file is required"

@@ -136,7 +136,7 @@ def _student_memory(s: ModelShape, cfg: DistillConfig, chunk: int) -> dict[str, 
     tokens = b * t
     acts = s.layers * tokens * (ACT_HIDDEN * s.hidden + ACT_MLP * s.intermediate) * elem
     scores = b * s.heads * t * t * 4
-    kd = cfg.loss.alpha != 0
+    kd = cfg.teacher_kind is not None
     if cfg.loss.fused:
         loss = s.vocab * s.hidden * 4 + (FUSED_COPIES if kd else CE_COPIES) * min(chunk, tokens) * s.vocab * 4
     else:
@@ -194,7 +194,7 @@ def plan_config(cfg: DistillConfig, memory_bytes: int | None = None, students: i
         UserError: a missing model dir, config.json or data file.
     """
     s = read_shape(cfg.model.student, "student")
-    kd = cfg.loss.alpha != 0
+    kd = cfg.teacher_kind is not None
     t = read_shape(cfg.model.teacher, "teacher") if kd and cfg.model.teacher else None
     has_map = id_map_size(cfg.model.student) is not None
     budget = memory_bytes or memory_budget()
@@ -263,7 +263,7 @@ def _pick_chunk(plan: Plan, s: ModelShape, cfg: DistillConfig, chunk: int, room:
         return chunk, "loss.fused is off: set loss.fused=true to drop the [tokens x V] logits"
     total = plan.online_total if plan.online_total is not None and plan.online_total <= room else plan.cache_total
     picked = chunk
-    copies = FUSED_COPIES if cfg.loss.alpha != 0 else CE_COPIES
+    copies = FUSED_COPIES if cfg.teacher_kind is not None else CE_COPIES
     while picked > 16 and total > room:
         total -= copies * (picked // 2) * s.vocab * 4
         picked //= 2

@@ -217,5 +217,5 @@ def step_seconds(probe: StepProbe, s, t, cfg: DistillConfig) -> dict[str, float]
     if t is not None:
         step["online"] = step["cache"] + cfg.train.grad_accum * _at(probe.teacher, t.layers)
     extra = _at(probe.backward, s.layers) + (_at(probe.loss, s.layers) if cfg.loss.fused else 0.0)
-    step["logging_extra"] = 2 * extra if cfg.loss.alpha != 0 else 0.0
+    step["logging_extra"] = 2 * extra if cfg.teacher_kind is not None else 0.0
     return step

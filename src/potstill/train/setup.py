@@ -1,6 +1,6 @@
 """Setting up a training run: what it needs of a teacher, the models, the data, and the Trainer's arguments.
 
-`teacher_kind(cfg)` answers once "does this run need a teacher, and which?"; `load_models` opens the student and
+`cfg.teacher_kind` answers once "does this run need a teacher, and which?"; `load_models` opens the student and
 (for an online teacher) the teacher and checks that their vocabularies agree; `open_cache` opens a teacher cache
 and checks it was built for this run; `load_data` packs the training and held-out files; `training_args` maps
 the `train` section onto `transformers.TrainingArguments`.
@@ -9,7 +9,7 @@ the `train` section onto `transformers.TrainingArguments`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,13 +21,6 @@ from potstill.launch import world_size
 from potstill.models.load import load_model
 from potstill.models.vocab import ID_MAP_FILE, load_id_map
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
-
-TeacherKind = Literal["online", "cache"]
-
-
-def teacher_kind(cfg: DistillConfig) -> TeacherKind | None:
-    """Where the run's teacher distributions come from: "online", "cache", or None (CE only, loss.alpha = 0)."""
-    return None if cfg.loss.alpha == 0 else cfg.teacher.source
 
 
 @dataclass
@@ -54,7 +47,7 @@ def load_models(cfg: DistillConfig) -> Models:
         UserError: unloadable models, tokenizers that differ, or vocabulary sizes that do not fit.
     """
     student, tokenizer = load_model(cfg.model.student, dtype=cfg.model.dtype)
-    if teacher_kind(cfg) != "online":
+    if cfg.teacher_kind != "online":
         return Models(student, tokenizer, None)
     id_map = load_id_map(cfg.model.student)
     teacher_model, teacher_tok = load_model(cfg.model.teacher, dtype=cfg.model.teacher_load_dtype)
@@ -85,7 +78,7 @@ def open_cache(cfg: DistillConfig, tokenizer, train_ds):
     Raises:
         UserError: no manifest, or a cache built for another tokenizer, other data, temperature or teacher.
     """
-    if teacher_kind(cfg) != "cache":
+    if cfg.teacher_kind != "cache":
         return None
     from potstill.teacher.cache import TeacherCache, dataset_fingerprint
 

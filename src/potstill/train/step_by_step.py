@@ -32,7 +32,7 @@ from potstill.errors import UserError
 from potstill.eval.metrics import write_eval_json
 from potstill.losses import kd_terms, scored_mask
 from potstill.train.rundir import STUDENT_DIR
-from potstill.train.setup import Models, teacher_kind, training_args
+from potstill.train.setup import Models, training_args
 from potstill.train.step import divergence
 from potstill.train.trainer import DistillTrainer
 
@@ -150,7 +150,7 @@ class StepByStepRecipe:
     """
 
     def read(self, cfg: DistillConfig) -> _Rows:
-        if cfg.data.mixing is not None or teacher_kind(cfg) == "cache":
+        if cfg.data.mixing is not None or cfg.teacher_kind == "cache":
             raise UserError("config: train.recipe=step_by_step supports neither data.mixing nor teacher.source=cache")
         evals = read_rationales(cfg.data.eval, fields=("input", "label")) if cfg.data.eval else None
         return _Rows(read_rationales(cfg.data.train), evals)
