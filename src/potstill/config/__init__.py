@@ -30,6 +30,7 @@ from potstill.config.distill import (
     LossConfig,
     MixingConfig,
     ModelConfig,
+    OnPolicyConfig,
     TeacherConfig,
     TrainConfig,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "LossConfig",
     "MixingConfig",
     "ModelConfig",
+    "OnPolicyConfig",
     "SamplingConfig",
     "Section",
     "StudentInitConfig",

@@ -180,11 +180,13 @@ class TrainConfig(Section):
     output_dir: str = Field(
         default="runs/distill", description="the run directory; rerunning the same command resumes it"
     )
-    recipe: Literal["distill", "step_by_step"] = Field(
+    recipe: Literal["distill", "step_by_step", "on_policy"] = Field(
         default="distill",
         description="'distill' = KD on text / prompt-completion rows; 'step_by_step' = Distilling step-by-step on"
         " {input, label, rationale} rows (label task + loss.rationale_weight * rationale task; with data.eval of"
-        " {input, label} rows, eval.json and summary.json hold the label accuracy; docs/generate.md)",
+        " {input, label} rows, eval.json and summary.json hold the label accuracy; docs/generate.md);"
+        " 'on_policy' = the student learns on its own samples of prompt/completion rows, graded by the teacher"
+        " (section on_policy; docs/on_policy.md)",
     )
     max_steps: int = Field(default=100, ge=1, description="optimizer steps")
     batch_size: int = Field(default=8, ge=1, description="sequences per device per micro-step")
@@ -220,6 +222,27 @@ class TrainConfig(Section):
     )
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation (`train.recipe: on_policy`): rollouts from the student, graded by the teacher."""
+
+    lmbda: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="GKD's lambda: the share of micro-batches whose completions the student samples (the rest"
+        " train on the data's completions); 1 = fully on-policy",
+    )
+    objective: Literal["gkd", "rkl_sampled"] = Field(
+        default="gkd",
+        description="'gkd' = the loss.name divergence on every completion token (full distributions; TRL's"
+        " GKDTrainer uses jsd, beta 0.5); 'rkl_sampled' = reverse KL on the sampled tokens only, by policy"
+        " gradient with the per-token reward log p_teacher(y_t) - log q_student(y_t) (Qwen3 / Thinking Machines)",
+    )
+    max_new_tokens: int = Field(default=32, gt=0, description="tokens the student samples per prompt (at most)")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the rollouts")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling of the rollouts (1 = off)")
+
+
 class DistillConfig(Section):
     """Everything `potstill distill` needs."""
 
@@ -228,6 +251,9 @@ class DistillConfig(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="online teacher or a teacher cache")
     data: DataConfig = Field(default_factory=DataConfig, description="training and held-out data")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation and the run directory")
+    on_policy: OnPolicyConfig = Field(
+        default_factory=OnPolicyConfig, description="rollouts and objective of train.recipe=on_policy"
+    )
 
     @property
     def teacher_kind(self) -> Literal["online", "cache"] | None:
@@ -242,6 +268,10 @@ class DistillConfig(Section):
             return "teacher.cache: required with teacher.source=cache (a `potstill cache build` dir)"
         if not self.data.train:
             return "data.train: at least one JSONL file is required"
+        if self.train.recipe == "on_policy" and self.teacher.source == "cache":
+            return "teacher.source: a teacher cache cannot score the student's new samples; use an online teacher"
+        if self.train.recipe == "on_policy" and self.teacher_kind is None:
+            return "loss.alpha: train.recipe=on_policy needs a teacher (alpha > 0)"
         return None
 
     def check_runnable(self) -> DistillConfig:

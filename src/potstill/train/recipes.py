@@ -10,7 +10,8 @@ directory ready before training and finished before it returns. A recipe only sa
 - `finish(trainer, cfg, models, out, data)`: rank 0 after training: evaluation files, and summary fields.
 
 Recipes: `distill` (KD on text / prompt-completion rows, optional domain mixing and a teacher cache) and
-`step_by_step` (`potstill.train.step_by_step`). On-policy distillation lands here as one more entry.
+`step_by_step` (`potstill.train.step_by_step`), `on_policy` (`potstill.train.on_policy`: the student learns on its
+own samples, graded by the teacher).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback
 from potstill.config import DistillConfig
 from potstill.fileio import write_json_atomic
 from potstill.models.load import quiet_hf_progress
+from potstill.train.on_policy import OnPolicyRecipe
 from potstill.train.rundir import LOG_FILE, STUDENT_DIR, SUMMARY_FILE, resume_point, save_student, start_run_dir
 from potstill.train.setup import Models, load_data, load_models, open_cache, training_args
 from potstill.train.step_by_step import StepByStepRecipe
@@ -91,7 +93,7 @@ class KDRecipe:
         return {"alpha": trainer.alpha, "alpha_rule": "auto" if cfg.loss.alpha == "auto" else "fixed"}
 
 
-RECIPES: dict[str, Recipe] = {"distill": KDRecipe(), "step_by_step": StepByStepRecipe()}
+RECIPES: dict[str, Recipe] = {"distill": KDRecipe(), "step_by_step": StepByStepRecipe(), "on_policy": OnPolicyRecipe()}
 
 
 def run_distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -> Path:

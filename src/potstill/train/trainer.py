@@ -174,6 +174,7 @@ class DistillTrainer(Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        batches = self.prepare_step(batches, device)
         count = sum(scored_mask(b["labels"]).sum() for b in batches)
         count = torch.as_tensor(count, device=device)
         if self.args.world_size > 1:
@@ -181,6 +182,11 @@ class DistillTrainer(Trainer):
         self._micro = 0
         self._steps += 1
         return batches, count
+
+    def prepare_step(self, batches: list[dict], device: torch.device) -> list[dict]:
+        """A recipe's hook on one optimizer step's micro-batches before their tokens are counted (as they are here;
+        on-policy distillation replaces completions by the student's samples)."""
+        return batches
 
     def compute_loss(
         self,
@@ -217,6 +223,11 @@ class DistillTrainer(Trainer):
             plan_weights=planned,
             dense=self.is_fsdp_enabled or self.is_deepspeed_enabled,
         )
+        return self.finish_loss(model, terms, outputs, return_outputs, num_items_in_batch)
+
+    def finish_loss(self, model: nn.Module, terms: KDTerms, outputs, return_outputs: bool, num_items_in_batch):
+        """From a micro-batch's two terms to the loss to backpropagate: gradient-norm measurement, weighting with
+        alpha and T^2, the sums for the logs, and the world-size factor (DDP averages gradients over ranks)."""
         if model.training:
             self._measure(model, terms)
         loss = combine(terms, self.alpha, self.loss_cfg.temperature)
