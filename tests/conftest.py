@@ -1,17 +1,39 @@
-"""Shared fixtures: a tiny BPE tokenizer and tiny random Llama models (saved as HF directories), JSONL writers.
+"""Shared fixtures: the tiny tokenizer, the one tiny-model builder, the two CLI runners, JSONL writers.
 
-Everything is built inside the test session (no hub downloads) and takes milliseconds:
+Tests use these as fixtures (no test imports conftest or another test module). Everything is built inside the test
+session (no hub downloads) and takes milliseconds:
+
 - `tiny_tokenizer`: a byte-level BPE (vocab 300) with <pad>, <bos>, <eos>, <unk>, trained on `TINY_CORPUS`;
 - `tiny_corpus`: those texts (ASCII, accents, CJK, an emoji, code);
-- `make_tokenizer(vocab_size, texts)`: another one (e.g. a mismatched vocabulary);
-- `tiny_model`, `make_model(seed, tokenizer)`: a random LlamaForCausalLM (hidden 32, 2 layers, 2 heads);
-- `tiny_model_dir`, `make_model_dir(name, seed, tokenizer)`: such a model + tokenizer saved under tmp_path;
+- `make_tokenizer(vocab_size=300, texts=TINY_CORPUS)`: another one (e.g. a mismatched vocabulary);
+- `build_model(tokenizer=None, seed=0, *, arch="llama", hidden=32, layers=2, ..., save_to=None, **config)`: the one
+  random tiny causal LM builder (Llama, Gemma 2, Gemma 3 text), see `_build_model`;
+- `make_model(seed=0, tokenizer=None, **kw)`, `tiny_model`: `build_model` over `tiny_tokenizer` by default;
+- `make_model_dir(name="tiny-model", seed=0, tokenizer=None, **kw)`, `tiny_model_dir`: such a model + tokenizer
+  saved as an HF directory under tmp_path;
+- `models_dir` (one per module): a student (hidden 32), a teacher (hidden 64), a model with another vocabulary and a
+  24-line corpus, the tiny models of the training tests (tests/train) and the demo's;
+- `run_cli(*args, cwd=None, timeout=300, env=None, nproc=None)`: `potstill ARGS` in a fresh process (a
+  `subprocess.CompletedProcess`), as a user runs it; `nproc=N` runs it under torchrun with N processes;
+- `run_main(*args)`: `potstill ARGS` in this process (seconds faster: no imports), its output captured at the file
+  descriptors; the same `CompletedProcess` as `run_cli`;
+- `assert_one_line_error(proc, *needles)`: a user mistake, as either runner reports it: non-zero exit, one line on
+  stderr, no traceback, each needle in that line;
 - `write_jsonl(name, rows)`: a JSONL file under tmp_path (dict rows are dumped, str rows written verbatim).
+
+Helper modules that are not fixtures (distill_helpers.py: training-run options, trainers, logs; fake_openai.py: a
+fake OpenAI endpoint; report_inputs.py: what the report reads) are plain modules next to the tests that use them, or
+in this directory when tests of several directories share them: pytest's default ("prepend") import mode puts a test
+module's directory and this one on sys.path.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +49,12 @@ TINY_CORPUS = [
     "A student model learns from soft labels, not only hard ones.",
 ]
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+# model class names in transformers, by `build_model(arch=...)`
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+}
 
 
 def pytest_configure(config):
@@ -37,7 +65,10 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
-def build_tokenizer(vocab_size: int = 300, texts: list[str] = TINY_CORPUS):
+# ---- tokenizer and models ----
+
+
+def _build_tokenizer(vocab_size: int = 300, texts: list[str] = TINY_CORPUS):
     """A byte-level BPE wrapped as a transformers fast tokenizer with pad/bos/eos/unk."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -57,47 +88,93 @@ def build_tokenizer(vocab_size: int = 300, texts: list[str] = TINY_CORPUS):
     )
 
 
-def build_model(tokenizer, seed: int = 0):
-    """A random LlamaForCausalLM: hidden 32, 2 layers, 2 heads, vocab = len(tokenizer), float32, eval mode."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _build_model(
+    tokenizer=None,
+    seed: int | None = 0,
+    *,
+    arch: str = "llama",
+    vocab_size: int | None = None,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    max_positions: int | None = 512,
+    tie_word_embeddings: bool | None = None,
+    save_to: Path | None = None,
+    **config,
+):
+    """A random causal LM (float32, eval mode): `arch` "llama", "gemma2" or "gemma3" (Gemma 3 text).
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    - vocab_size: len(tokenizer) by default; bos/eos/pad ids come from the tokenizer (without one: the config's);
+    - kv_heads: `heads` by default; intermediate: 2 * hidden by default;
+    - max_positions, tie_word_embeddings: None keeps the config class's default (Llama 2048 / untied, Gemma tied);
+    - config: further config fields or overrides, e.g. head_dim, final_logit_softcapping (gemma2), layer_types,
+      sliding_window (gemma3), bos_token_id;
+    - seed: `torch.manual_seed(seed)` right before the weights are drawn; None draws from torch's RNG as it is;
+    - save_to: also save the model (and the tokenizer, if any) there as an HF directory.
+    """
+    import torch
+    import transformers
+
+    config_class, model_class = (getattr(transformers, name) for name in ARCHITECTURES[arch])
+    fields = {
+        "vocab_size": len(tokenizer) if vocab_size is None else vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden if intermediate is None else intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads if kv_heads is None else kv_heads,
+    }
+    if max_positions is not None:
+        fields["max_position_embeddings"] = max_positions
+    if tie_word_embeddings is not None:
+        fields["tie_word_embeddings"] = tie_word_embeddings
+    if tokenizer is not None:
+        fields |= {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    model_config = config_class(**(fields | config))
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = model_class(model_config).eval()
+    if save_to is not None:
+        model.save_pretrained(save_to)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_to)
+    return model
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    return build_tokenizer()
+    return _build_tokenizer()
 
 
-@pytest.fixture
-def tiny_corpus():
+@pytest.fixture(scope="session")
+def tiny_corpus() -> list[str]:
+    """The texts `tiny_tokenizer` was trained on (one list for the session: read it, do not change it)."""
     return list(TINY_CORPUS)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tokenizer():
-    return build_tokenizer
+    """Factory: make_tokenizer(vocab_size=300, texts=TINY_CORPUS) -> another byte-level BPE."""
+    return _build_tokenizer
 
 
-@pytest.fixture
+@pytest.fixture(name="build_model", scope="session")
+def build_model_fixture():
+    """The tiny-model builder itself: build_model(tokenizer=None, seed=0, **kw) (see `_build_model`)."""
+    return _build_model
+
+
+@pytest.fixture(scope="session")
 def make_model(tiny_tokenizer):
-    """Factory: make_model(seed=0, tokenizer=None) -> a random tiny Llama (over tiny_tokenizer by default)."""
-    return lambda seed=0, tokenizer=None: build_model(tokenizer or tiny_tokenizer, seed)
+    """Factory: make_model(seed=0, tokenizer=None, **kw) -> `build_model` over tiny_tokenizer by default (a Llama:
+    hidden 32, 2 layers, 2 heads)."""
+    return lambda seed=0, tokenizer=None, **kw: _build_model(tokenizer or tiny_tokenizer, seed, **kw)
 
 
 @pytest.fixture
@@ -107,13 +184,11 @@ def tiny_model(make_model):
 
 @pytest.fixture
 def make_model_dir(tmp_path, tiny_tokenizer):
-    """Factory: make_model_dir(name="tiny-model", seed=0, tokenizer=None) -> saved HF directory."""
+    """Factory: make_model_dir(name="tiny-model", seed=0, tokenizer=None, **kw) -> saved HF directory."""
 
-    def make(name: str = "tiny-model", seed: int = 0, tokenizer=None) -> Path:
-        tok = tokenizer or tiny_tokenizer
+    def make(name: str = "tiny-model", seed: int = 0, tokenizer=None, **kw) -> Path:
         path = tmp_path / name
-        build_model(tok, seed).save_pretrained(path)
-        tok.save_pretrained(path)
+        _build_model(tokenizer or tiny_tokenizer, seed, save_to=path, **kw)
         return path
 
     return make
@@ -122,6 +197,137 @@ def make_model_dir(tmp_path, tiny_tokenizer):
 @pytest.fixture
 def tiny_model_dir(make_model_dir):
     return make_model_dir()
+
+
+WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
+
+
+def _write_corpus(path: Path, lines: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for _ in range(lines):
+            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(12))}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny_tokenizer, make_tokenizer) -> Path:
+    """A student (hidden 32), a bigger teacher (hidden 64), a model with another vocabulary, a corpus: 2-layer
+    Llamas (64 positions) over the 300-token tiny tokenizer (the other: 280 tokens), built once per module."""
+    root = tmp_path_factory.mktemp("models")
+    _build_model(tiny_tokenizer, 0, hidden=32, max_positions=64, save_to=root / "student")
+    _build_model(tiny_tokenizer, 1, hidden=64, max_positions=64, save_to=root / "teacher")
+    _build_model(make_tokenizer(vocab_size=280), 2, hidden=32, max_positions=64, save_to=root / "other")
+    _write_corpus(root / "train.jsonl", 24)
+    return root
+
+
+def _domain_text(domain: str, rng: random.Random) -> str:
+    if domain == "prose":
+        return " ".join(rng.choice(WORDS) for _ in range(12))
+    if domain == "digits":
+        return " ".join(str(rng.randrange(1000)) for _ in range(10))
+    return "def add(a, b):\n    return a + b\n" * 2
+
+
+def _write_domains(path: Path, domains: dict[str, int], seed: int) -> Path:
+    rng = random.Random(seed)
+    rows = [{"text": _domain_text(d, rng), "domain": d} for d, n in domains.items() for _ in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ddk_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """models_dir's student and teacher, and JSONL files of 3 domains (prose, digits, code) for DDK runs."""
+    root = tmp_path_factory.mktemp("ddk")
+    _build_model(tiny_tokenizer, 0, hidden=32, max_positions=64, save_to=root / "student")
+    _build_model(tiny_tokenizer, 1, hidden=64, max_positions=64, save_to=root / "teacher")
+    _write_domains(root / "train.jsonl", {"prose": 12, "digits": 12, "code": 12}, seed=0)
+    _write_domains(root / "eval.jsonl", {"prose": 3, "digits": 3, "code": 3}, seed=1)
+    _write_domains(root / "eval_no_code.jsonl", {"prose": 3, "digits": 3}, seed=1)
+    _write_domains(root / "small.jsonl", {"prose": 12, "digits": 12, "code": 1}, seed=2)
+    return root
+
+
+# ---- the CLI ----
+
+
+def _run_cli(*args, cwd=None, timeout: float = 300, env: dict | None = None, nproc: int | None = None):
+    """Run `python -m potstill.cli ARGS` (under `torchrun --standalone --nproc_per_node NPROC` with `nproc`) and
+    capture its output (text); `env` adds variables to this process's environment."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return subprocess.run(
+        [sys.executable, *launcher, "-m", "potstill.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def _run_main(capture, *args) -> subprocess.CompletedProcess:
+    """Run the CLI entry point in this process; `capture` (capfd) holds what it wrote on fd 1 and 2.
+
+    The entry point always ends in SystemExit (its status); what was captured before the call (fixtures'
+    progress bars) is dropped.
+    """
+    from potstill.cli import main
+
+    argv = [str(a) for a in args]
+    capture.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capture.readouterr()
+    return subprocess.CompletedProcess(["potstill", *argv], exit_info.value.code or 0, out, err)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A user mistake: non-zero exit, exactly one line on stderr, no traceback, each needle in it."""
+    assert proc.returncode != 0, f"expected failure, got 0; stdout={proc.stdout!r}"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture(name="run_cli", scope="session")
+def run_cli_fixture():
+    """run_cli(*args, cwd=None, timeout=300, env=None, nproc=None) -> CompletedProcess of a fresh process."""
+    return _run_cli
+
+
+@pytest.fixture(name="run_main")
+def run_main_fixture(capfd):
+    """run_main(*args) -> CompletedProcess of `potstill ARGS` run in this process (output captured by capfd)."""
+    return lambda *args: _run_main(capfd, *args)
+
+
+@pytest.fixture(name="assert_one_line_error", scope="session")
+def assert_one_line_error_fixture():
+    """assert_one_line_error(proc, *needles) -> the error line (proc: from run_cli or run_main)."""
+    return _assert_one_line_error
+
+
+@pytest.fixture
+def distill_error(run_main, assert_one_line_error):
+    """distill_error(*args) -> the error line of `potstill distill ARGS` run in this process, which must fail with
+    exit status 2 and one line on stderr starting "potstill: error: "."""
+
+    def run(*args) -> str:
+        proc = run_main("distill", *args)
+        line = assert_one_line_error(proc)
+        assert proc.returncode == 2 and line.startswith("potstill: error: "), proc.stderr
+        return line
+
+    return run
+
+
+# ---- data files ----
 
 
 @pytest.fixture

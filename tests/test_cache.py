@@ -13,9 +13,6 @@ import torch
 
 import potstill.fileio as fileio_mod
 import potstill.teacher.cache.writer as cache_mod
-from clitools import assert_one_line_error, run_cli
-from conftest import TINY_CORPUS
-from potstill.cli import main
 from potstill.data.packing import load_dataset
 from potstill.errors import UserError
 from potstill.losses.sparse import topk_targets
@@ -36,9 +33,9 @@ BATCH = 4
 
 
 @pytest.fixture
-def setup(tiny_model_dir, write_jsonl):
+def setup(tiny_model_dir, write_jsonl, tiny_corpus):
     """(teacher dir, data file): 30 packed sequences of 32 tokens over the 300-token tiny vocabulary."""
-    data = write_jsonl("train.jsonl", [{"text": t} for t in TINY_CORPUS * 3])
+    data = write_jsonl("train.jsonl", [{"text": t} for t in tiny_corpus * 3])
     return tiny_model_dir, data
 
 
@@ -299,46 +296,36 @@ def test_bad_k_is_refused_before_writing(setup, tiny_tokenizer, tmp_path):
         assert not (tmp_path / "c").exists()
 
 
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the potstill CLI in this process (a subprocess costs seconds of imports): (status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def test_cli_build_verify_info_and_one_line_errors(setup, tmp_path, capsys):
+def test_cli_build_verify_info_and_one_line_errors(setup, tmp_path, run_main):
     teacher, data = setup
     out = tmp_path / "cache"
-    status, _, err = cli(
-        capsys, "cache", "build", "--teacher", teacher, "--data", data, "--out", out, "--k", "8", "--seq-len", "32"
-    )
-    assert status == 0, err
-    status, text, err = cli(capsys, "cache", "verify", out)
-    assert status == 0 and "k=8" in text and "bytes/token" in text, err
-    info = json.loads(cli(capsys, "cache", "info", out)[1])
+    proc = run_main("cache", "build", "--teacher", teacher, "--data", data, "--out", out, "--k", "8", "--seq-len", "32")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_main("cache", "verify", out)
+    assert proc.returncode == 0 and "k=8" in proc.stdout and "bytes/token" in proc.stdout, proc.stderr
+    info = json.loads(run_main("cache", "info", out).stdout)
     assert info["k"] == 8 and info["tokens"] > 0 and math.isclose(info["temperature"], 1.0)
     (out / MANIFEST).unlink()
-    status, _, err = cli(capsys, "cache", "info", out)
-    assert status == 2 and err.count("\n") == 1 and "interrupted" in err
-    status, _, err = cli(capsys, "cache", "build", "--teacher", teacher, "--data", data, "--out", out, "--k", "0")
-    assert status == 2 and err.count("\n") == 1 and "--k must be >= 1" in err
+    proc = run_main("cache", "info", out)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "interrupted" in proc.stderr
+    proc = run_main("cache", "build", "--teacher", teacher, "--data", data, "--out", out, "--k", "0")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--k must be >= 1" in proc.stderr
 
 
-def test_cli_help_subprocess():
+def test_cli_help_subprocess(run_cli, assert_one_line_error):
     proc = run_cli("cache", "build", "--help")
     assert proc.returncode == 0 and "--encoding" in proc.stdout
     assert_one_line_error(run_cli("cache", "verify", "/nonexistent-cache"), "no such teacher cache")
 
 
-def test_student_with_trimmed_vocabulary_gets_ids_in_its_vocabulary(setup, tmp_path):
+def test_student_with_trimmed_vocabulary_gets_ids_in_its_vocabulary(setup, tmp_path, tiny_corpus):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from potstill.models.vocab import load_id_map
     from potstill.student.init import init_student
 
     teacher, data = setup
-    student = init_student(teacher, 1, tmp_path / "student", TINY_CORPUS, calib_tokens=64, calib_seq_len=16)
+    student = init_student(teacher, 1, tmp_path / "student", tiny_corpus, calib_tokens=64, calib_seq_len=16)
     id_map = load_id_map(student)
     vocab = len(id_map)
     cache = TeacherCache(build(setup, tmp_path / "c", k=vocab, encoding="lossless", student=student))

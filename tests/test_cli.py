@@ -2,7 +2,6 @@
 
 import pytest
 
-from clitools import assert_one_line_error, run_cli
 from potstill import __version__
 
 COMMANDS = [
@@ -27,18 +26,18 @@ COMMANDS = [
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "root")
-def test_every_command_answers_help(cmd):
+def test_every_command_answers_help(cmd, run_cli):
     proc = run_cli(*cmd, "--help")
     assert proc.returncode == 0, proc.stderr
     assert "Usage" in proc.stdout
 
 
-def test_version():
+def test_version(run_cli):
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"potstill {__version__}"
 
 
-def test_print_config_applies_overrides():
+def test_print_config_applies_overrides(run_cli):
     proc = run_cli("distill", "--print-config", "model.student=s", "loss.name=rkl", "loss.alpha=0.9")
     assert proc.returncode == 0, proc.stderr
     assert "name: rkl" in proc.stdout and "alpha: 0.9" in proc.stdout
@@ -54,7 +53,7 @@ def test_print_config_applies_overrides():
         ("loss.bogus=1", "unknown key"),
     ],
 )
-def test_bad_config_is_one_line(override, needle):
+def test_bad_config_is_one_line(override, needle, run_cli, assert_one_line_error):
     assert_one_line_error(run_cli("distill", "--print-config", "model.student=s", override), needle)
 
 
@@ -70,7 +69,7 @@ STAGES = {  # command -> (config class name, a complete config)
 
 
 @pytest.mark.parametrize("cmd", list(STAGES), ids=" ".join)
-def test_stage_help_lists_config_and_every_option_of_its_config(cmd):
+def test_stage_help_lists_config_and_every_option_of_its_config(cmd, run_cli):
     import potstill.config as config
     from potstill.config.base import field_flag
     from potstill.config.reference import iter_fields
@@ -83,7 +82,7 @@ def test_stage_help_lists_config_and_every_option_of_its_config(cmd):
 
 
 @pytest.mark.parametrize("cmd", list(STAGES), ids=" ".join)
-def test_stage_reads_a_config_file_and_overrides(cmd, tmp_path):
+def test_stage_reads_a_config_file_and_overrides(cmd, tmp_path, run_cli):
     import yaml
 
     path = tmp_path / "c.yaml"
@@ -118,18 +117,18 @@ def test_stage_reads_a_config_file_and_overrides(cmd, tmp_path):
     ids=["cache-targets", "cache-encoding", "cache-dtype", "student-select", "student-dtype", "eval-seq-len",
          "eval-missing", "distill-scheduler"],
 )  # fmt: skip
-def test_bad_choices_and_values_are_one_line_errors(args, needles):
+def test_bad_choices_and_values_are_one_line_errors(args, needles, run_cli, assert_one_line_error):
     assert_one_line_error(run_cli(*args, "--print-config"), *needles)
 
 
-def test_distill_refuses_a_config_that_cannot_run_before_loading_anything(tmp_path):
+def test_distill_refuses_a_config_that_cannot_run_before_loading_anything(tmp_path, run_cli, assert_one_line_error):
     assert_one_line_error(
         run_cli("distill", "model.student=s", "data.train=a.jsonl"), "config: model.teacher: required"
     )
     assert not (tmp_path / "runs").exists()
 
 
-def test_cache_build_from_a_training_config_prints_the_runs_settings(tmp_path):
+def test_cache_build_from_a_training_config_prints_the_runs_settings(tmp_path, run_cli, assert_one_line_error):
     import yaml
 
     run = {

@@ -232,22 +232,21 @@ def test_cache_config_needs_the_runs_teacher_and_data(tmp_path):
         load_cache_config(_distill_yaml(tmp_path), ["data.train=[]"])
 
 
-def test_cache_build_from_a_training_config_is_the_cache_that_run_accepts(tmp_path, tiny_model_dir, write_jsonl, capfd):
+def test_cache_build_from_a_training_config_is_the_cache_that_run_accepts(
+    tmp_path, tiny_model_dir, tiny_corpus, write_jsonl, run_main
+):
     """`cache build -c distill.yaml` end to end: the manifest has the run's settings and the run's check passes."""
     import json
 
     from transformers import AutoTokenizer
 
-    from conftest import TINY_CORPUS
-    from potstill.cli import main
     from potstill.data.packing import load_dataset
     from potstill.teacher.cache import TeacherCache, dataset_fingerprint
 
-    data = write_jsonl("train.jsonl", [{"text": t} for t in TINY_CORPUS * 2])
+    data = write_jsonl("train.jsonl", [{"text": t} for t in tiny_corpus * 2])
     run = _distill_yaml(tmp_path, model={"student": str(tiny_model_dir), "teacher": str(tiny_model_dir)})
-    with pytest.raises(SystemExit) as exit_:
-        main(["cache", "build", "-c", str(run), "k=8", "shard_tokens=256", f"data.train=[{data}]"])
-    assert exit_.value.code in (0, None), capfd.readouterr().err
+    proc = run_main("cache", "build", "-c", run, "k=8", "shard_tokens=256", f"data.train=[{data}]")
+    assert proc.returncode == 0, proc.stderr
     cache = TeacherCache(tmp_path / "cache")
     info = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert (info["k"], info["temperature"], info["seq_len"], info["teacher"]["dtype"]) == (8, 2.0, 64, "bfloat16")

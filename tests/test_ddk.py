@@ -5,70 +5,23 @@ Tiny random Llama models (student hidden 32, teacher 64, 2 layers) over conftest
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from potstill.cli import main
+from distill_helpers import ddk_opts, interrupted_run, read_log, read_mixing
 from potstill.config import load_config
 from potstill.data.mixing import ddk_initial, ddk_update
 from potstill.errors import UserError
 from potstill.train.recipes import run_distill
 from potstill.train.trainer import DistillTrainer
-from test_trainer import _cli_error, _interrupted_run, read_log, tiny_model
-
-WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
 
 
-def _text(domain: str, rng: random.Random) -> str:
-    if domain == "prose":
-        return " ".join(rng.choice(WORDS) for _ in range(12))
-    if domain == "digits":
-        return " ".join(str(rng.randrange(1000)) for _ in range(10))
-    return "def add(a, b):\n    return a + b\n" * 2
-
-
-def write_domains(path: Path, domains: dict[str, int], seed: int) -> Path:
-    rng = random.Random(seed)
-    rows = [{"text": _text(d, rng), "domain": d} for d, n in domains.items() for _ in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def ddk_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    root = tmp_path_factory.mktemp("ddk")
-    tiny_model(root / "student", tiny_tokenizer, 32, seed=0)
-    tiny_model(root / "teacher", tiny_tokenizer, 64, seed=1)
-    write_domains(root / "train.jsonl", {"prose": 12, "digits": 12, "code": 12}, seed=0)
-    write_domains(root / "eval.jsonl", {"prose": 3, "digits": 3, "code": 3}, seed=1)
-    write_domains(root / "eval_no_code.jsonl", {"prose": 3, "digits": 3}, seed=1)
-    write_domains(root / "small.jsonl", {"prose": 12, "digits": 12, "code": 1}, seed=2)
-    return root
-
-
-def opts(root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"model.student={root / 'student'}", f"model.teacher={root / 'teacher'}",
-        f"data.train=[{root / 'train.jsonl'}]", f"data.eval=[{root / 'eval.jsonl'}]", "data.seq_len=16",
-        f"train.output_dir={out}", "train.batch_size=2", "train.lr=0.003", "train.warmup_steps=0",
-        "train.logging_steps=1", "train.max_steps=6", "data.mixing.mode=ddk", "data.mixing.interval=2",
-        "data.mixing.eval_tokens=40", *extra,
-    ]  # fmt: skip
-
-
-def read_mixing(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "mixing.jsonl").read_text().splitlines()]
-
-
-def test_ddk_run_follows_eq1_then_eq2_and_logs(ddk_dir, tmp_path):
-    run = run_distill(load_config(None, opts(ddk_dir, tmp_path / "run")))
+def test_ddk_run_follows_eq1_then_eq2_and_logs(ddk_dir, tmp_path, run_main):
+    run = run_distill(load_config(None, ddk_opts(ddk_dir, tmp_path / "run")))
     entries = read_mixing(run)
     assert [e["step"] for e in entries] == [0, 2, 4, 6]  # start, every K = 2 steps, final figures
     first, *rest, final = entries
@@ -88,7 +41,7 @@ def test_ddk_run_follows_eq1_then_eq2_and_logs(ddk_dir, tmp_path):
     assert logs[-1]["weight/code"] == pytest.approx(rest[-1]["weights"]["code"])
 
     # `potstill report RUN_DIR`: the weight plot and the before/after table
-    assert _cli_status(["report", str(run)]) == 0
+    assert run_main("report", run).returncode == 0
     assert (run / "plots" / "mixing_weights.png").stat().st_size > 0
     md = (run / "mixing_report.md").read_text()
     worst_after = max(final["gaps"].values())
@@ -98,7 +51,7 @@ def test_ddk_run_follows_eq1_then_eq2_and_logs(ddk_dir, tmp_path):
 def test_ddk_warmup_keeps_uniform_then_eq1_then_eq2_with_logppl(ddk_dir, tmp_path):
     """warmup W: uniform for W steps (step-0 gaps logged), Eq. 1 after step W, Eq. 2 every K after that."""
     extra = ("data.mixing.warmup=2", "data.mixing.gap=logppl", "train.max_steps=7")
-    run = run_distill(load_config(None, opts(ddk_dir, tmp_path / "run", *extra)))
+    run = run_distill(load_config(None, ddk_opts(ddk_dir, tmp_path / "run", *extra)))
     entries = read_mixing(run)
     rules = [(0, "warmup"), (2, "eq1"), (4, "eq2"), (6, "eq2"), (7, "final")]
     assert [(e["step"], e["rule"]) for e in entries] == rules
@@ -113,18 +66,10 @@ def test_ddk_warmup_keeps_uniform_then_eq1_then_eq2_with_logppl(ddk_dir, tmp_pat
     assert logs[1]["weight/code"] == pytest.approx(eq1["weights"]["code"])  # step 2: set after the step
 
 
-def _cli_status(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
-
-
-def test_report_without_mixing_is_one_line_error(tmp_path, capsys):
-    assert _cli_status(["report", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "mixing.jsonl: not found" in err[0]
+def test_report_without_mixing_is_one_line_error(tmp_path, run_main, assert_one_line_error):
+    proc = run_main("report", tmp_path)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "mixing.jsonl: not found")
 
 
 def test_ddk_sampler_draws_by_the_weights(ddk_dir, tmp_path, monkeypatch):
@@ -139,17 +84,17 @@ def test_ddk_sampler_draws_by_the_weights(ddk_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(DistillTrainer, "compute_loss", spy)
     extra = ("data.mixing.mode=fixed", "data.mixing.weights={prose: 0, digits: 3, code: 1}", "train.max_steps=10")
-    run_distill(load_config(None, opts(ddk_dir, tmp_path / "run", *extra)))
+    run_distill(load_config(None, ddk_opts(ddk_dir, tmp_path / "run", *extra)))
     counts = Counter(seen)
     assert len(seen) == 20 and counts["prose"] == 0 and counts["digits"] > counts["code"]
 
 
 def test_resumed_ddk_run_equals_uninterrupted(ddk_dir, tmp_path, monkeypatch):
     extra = ("train.save_steps=3",)
-    full = run_distill(load_config(None, opts(ddk_dir, tmp_path / "full", *extra)))
-    _interrupted_run(monkeypatch, load_config(None, opts(ddk_dir, tmp_path / "resumed", *extra)), step=5)
+    full = run_distill(load_config(None, ddk_opts(ddk_dir, tmp_path / "full", *extra)))
+    interrupted_run(monkeypatch, load_config(None, ddk_opts(ddk_dir, tmp_path / "resumed", *extra)), step=5)
     assert [e["step"] for e in read_mixing(tmp_path / "resumed")] == [0, 2, 4]  # step 4's update is redone
-    resumed = run_distill(load_config(None, opts(ddk_dir, tmp_path / "resumed", *extra)))
+    resumed = run_distill(load_config(None, ddk_opts(ddk_dir, tmp_path / "resumed", *extra)))
 
     for a, b in zip(read_mixing(full), read_mixing(resumed), strict=True):
         assert a["step"] == b["step"]
@@ -162,7 +107,7 @@ def test_resumed_ddk_run_equals_uninterrupted(ddk_dir, tmp_path, monkeypatch):
 
 
 def test_heldout_carved_from_training_data_without_data_eval(ddk_dir, tmp_path):
-    run = run_distill(load_config(None, opts(ddk_dir, tmp_path / "run", "data.eval=[]", "train.max_steps=2")))
+    run = run_distill(load_config(None, ddk_opts(ddk_dir, tmp_path / "run", "data.eval=[]", "train.max_steps=2")))
     assert set(read_mixing(run)[0]["weights"]) == {"prose", "digits", "code"}
 
 
@@ -179,16 +124,16 @@ def test_heldout_carved_from_training_data_without_data_eval(ddk_dir, tmp_path):
         (("loss.alpha=0",), "needs an online teacher"),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(ddk_dir, tmp_path, capsys, extra, needle):
+def test_bad_input_is_one_line_and_writes_nothing(ddk_dir, tmp_path, distill_error, extra, needle):
     paths = {"EVAL_NO_CODE": ddk_dir / "eval_no_code.jsonl", "SMALL": ddk_dir / "small.jsonl"}
     extra = [next((e.replace(k, str(v)) for k, v in paths.items() if k in e), e) for e in extra]
     out = tmp_path / "run"
-    line = _cli_error(capsys, *opts(ddk_dir, out, *extra))
+    line = distill_error(*ddk_opts(ddk_dir, out, *extra))
     assert needle in line
     assert not out.exists()
 
 
 def test_a_domain_with_no_heldout_data_is_a_user_error(ddk_dir, tmp_path):
-    cfg = load_config(None, opts(ddk_dir, tmp_path / "run", f"data.eval=[{ddk_dir / 'eval_no_code.jsonl'}]"))
+    cfg = load_config(None, ddk_opts(ddk_dir, tmp_path / "run", f"data.eval=[{ddk_dir / 'eval_no_code.jsonl'}]"))
     with pytest.raises(UserError, match="'code'"):
         run_distill(cfg)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from clitools import assert_one_line_error, run_cli
 from potstill import demo
 from potstill.errors import UserError
 
@@ -84,19 +83,19 @@ def test_missing_demo_extra_is_one_line_naming_pip(monkeypatch):
         demo.check_demo_extra()
 
 
-def test_cli_demo_help():
+def test_cli_demo_help(run_cli):
     proc = run_cli("demo", "--help")
     assert proc.returncode == 0 and "--quick" in proc.stdout
 
 
-def test_cli_demo_refuses_foreign_dir_in_one_line(tmp_path: Path):
+def test_cli_demo_refuses_foreign_dir_in_one_line(tmp_path: Path, run_cli, assert_one_line_error):
     (tmp_path / "x.txt").write_text("x")
     assert_one_line_error(run_cli("demo", "--quick", "--out", tmp_path), "not a potstill demo")
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_quick_demo_end_to_end(tmp_path: Path):
+def test_quick_demo_end_to_end(tmp_path: Path, run_cli):
     out = tmp_path / "demo"
     proc = run_cli("demo", "--quick", "--out", out, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]

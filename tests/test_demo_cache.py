@@ -11,11 +11,9 @@ import pytest
 import yaml
 
 from potstill import demo
-from potstill.cli import main
 from potstill.errors import UserError
 from potstill.eval.report import render_markdown, summarize
-from test_report import _results
-from test_trainer import models_dir  # noqa: F401
+from report_inputs import demo_results
 
 
 def _cached(settings: demo.DemoSettings) -> demo.DemoSettings:
@@ -73,14 +71,12 @@ def test_a_dir_made_with_one_source_refuses_the_other(tmp_path: Path, monkeypatc
     assert calls[5:] == ["a", "cache", "b"]
 
 
-def test_cli_teacher_cache_on_an_online_dir_is_one_line(tmp_path: Path, monkeypatch, capsys):
+def test_cli_teacher_cache_on_an_online_dir_is_one_line(tmp_path: Path, monkeypatch, run_main, assert_one_line_error):
     _fake_steps(monkeypatch, [])
     demo.run_demo(tmp_path / "d", quick=True)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--quick", "--teacher-cache", "--out", str(tmp_path / "d")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "online teacher, not a quick demo with the teacher cache" in err[0], err
+    proc = run_main("demo", "--quick", "--teacher-cache", "--out", tmp_path / "d")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "online teacher, not a quick demo with the teacher cache")
 
 
 def test_state_written_before_teacher_source_existed_still_resumes(tmp_path: Path, monkeypatch):
@@ -100,7 +96,7 @@ def test_report_says_which_teacher_source_the_kd_arm_used():
     lines = {}
     for source in ("online", "cache"):
         results = {
-            **_results(),
+            **demo_results(),
             "teacher_source": {"kd_arm": source, **({"cache": cache} if source == "cache" else {})},
         }
         summary = summarize(results)
@@ -111,10 +107,10 @@ def test_report_says_which_teacher_source_the_kd_arm_used():
         len(lines["cache"]) == 1
         and "top-64, compact, 151.2 bytes per token over 12,345 tokens, the teacher in float32" in lines["cache"][0]
     )
-    assert not [line for line in render_markdown(summarize(_results())).splitlines() if "Teacher source" in line]
+    assert not [line for line in render_markdown(summarize(demo_results())).splitlines() if "Teacher source" in line]
 
 
-# ---- the real `cache` and `train_kd` steps on tiny models (test_trainer's: student hidden 32, teacher 64) ----
+# ---- the real `cache` and `train_kd` steps on tiny models (models_dir: student hidden 32, teacher 64) ----
 
 
 def _tiny_settings() -> demo.DemoSettings:
@@ -139,7 +135,7 @@ def _interrupt(*args, **kwargs):
 
 
 def _tiny_pipeline(monkeypatch, models: Path) -> None:
-    """demo.STEPS = fake teacher/corpus/student steps on test_trainer's tiny models + the real cache, train_kd."""
+    """demo.STEPS = fake teacher/corpus/student steps on models_dir's tiny models + the real cache, train_kd."""
 
     def corpus(ctx):
         (ctx["out"] / "corpus").mkdir()
@@ -157,7 +153,7 @@ def _tiny_pipeline(monkeypatch, models: Path) -> None:
     monkeypatch.setattr(demo, "check_demo_extra", lambda: None)
 
 
-def test_cache_and_train_kd_steps_resume_on_tiny_models(models_dir, tmp_path: Path, monkeypatch):  # noqa: F811
+def test_cache_and_train_kd_steps_resume_on_tiny_models(models_dir, tmp_path: Path, monkeypatch):
     import potstill.teacher.cache.writer as cache_mod
     import potstill.train.setup as load_mod  # where the training run loads its models
     from potstill.train.trainer import DistillTrainer

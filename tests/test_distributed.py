@@ -8,31 +8,23 @@ only rank 0 writes (one log line per step).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distill_helpers import ddk_opts, overrides_for, read_log, read_mixing
 from potstill.config import load_config
 from potstill.train.recipes import run_distill
-from test_ddk import ddk_dir, read_mixing  # noqa: F401 (a fixture)
-from test_ddk import opts as ddk_opts
-from test_trainer import models_dir, overrides_for, read_log  # noqa: F401 (a fixture)
 
 COMPARED = ("step", "loss", "kd", "ce", "kd_weighted", "ce_weighted", "grad_norm", "learning_rate")
 
 
 @pytest.mark.slow
-def test_world_size_2_equals_grad_accum_2(models_dir, tmp_path):  # noqa: F811
+def test_world_size_2_equals_grad_accum_2(models_dir, tmp_path, run_cli):
     opts = ("train.max_steps=3", "train.batch_size=2", "train.save_steps=0")
     ddp_out, ref_out = tmp_path / "ddp", tmp_path / "ref"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "potstill.cli", "distill", *overrides_for(models_dir, ddp_out, *opts)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_cli("distill", *overrides_for(models_dir, ddp_out, *opts), nproc=2, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run_distill(load_config(None, overrides_for(models_dir, ref_out, *opts, "train.grad_accum=2")))
@@ -50,15 +42,12 @@ def test_world_size_2_equals_grad_accum_2(models_dir, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_ddk_under_torchrun_draws_disjoint_streams_with_the_same_weights(ddk_dir, tmp_path):  # noqa: F811
+def test_ddk_under_torchrun_draws_disjoint_streams_with_the_same_weights(ddk_dir, tmp_path, run_cli):
     """DDK with 2 ranks == 1 process with grad_accum 2: each step sees the same global draws (the ranks' streams
     are disjoint halves of one stream), every update gives the same weights, and the final weights agree."""
     extra = ("train.max_steps=6", "train.batch_size=1", "train.save_steps=0", "data.mixing.gap=logppl")
     ddp_out, ref_out = tmp_path / "ddp", tmp_path / "ref"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "potstill.cli", "distill", *ddk_opts(ddk_dir, ddp_out, *extra)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_cli("distill", *ddk_opts(ddk_dir, ddp_out, *extra), nproc=2, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     run_distill(load_config(None, ddk_opts(ddk_dir, ref_out, *extra, "train.grad_accum=2")))

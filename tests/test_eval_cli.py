@@ -4,30 +4,8 @@ import json
 
 import pytest
 
-from clitools import assert_one_line_error, run_cli
-from potstill.cli import main
-
 METRICS = ["tokens", "bytes", "ppl", "bpb"]
 TEACHER_METRICS = [*METRICS, "top1_agreement", "kl_to_teacher"]
-
-
-class _Proc:
-    """The parts of a CompletedProcess that `assert_one_line_error` reads."""
-
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def run_main(capfd, *args) -> _Proc:
-    """Run the CLI entry point in this process (seconds faster than a subprocess), capturing fd 1 and 2."""
-    capfd.readouterr()  # drop what fixtures printed (save_pretrained's progress bar)
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capfd.readouterr()
-    return _Proc(code, out, err)
 
 
 @pytest.fixture
@@ -37,12 +15,10 @@ def data(write_jsonl):
     return write_jsonl("data.jsonl", rows)
 
 
-def test_eval_writes_documented_json(capfd, tmp_path, make_model_dir, data):
+def test_eval_writes_documented_json(run_main, tmp_path, make_model_dir, data):
     model, teacher = make_model_dir("student", seed=0), make_model_dir("teacher", seed=1)
     out = tmp_path / "run"
-    proc = run_main(
-        capfd, "eval", "--model", model, "--data", data, "--out", out, "--teacher", teacher, "--seq-len", 16
-    )
+    proc = run_main("eval", "--model", model, "--data", data, "--out", out, "--teacher", teacher, "--seq-len", 16)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "eval.json").read_text())
     assert list(result) == ["model", "teacher", "overall", "domains"]
@@ -57,7 +33,7 @@ def test_eval_writes_documented_json(capfd, tmp_path, make_model_dir, data):
     assert [p.name for p in out.iterdir()] == ["eval.json"]  # no temp file left behind
 
 
-def test_student_with_an_id_map(capfd, tmp_path, make_model_dir, tiny_tokenizer, data):
+def test_student_with_an_id_map(run_main, tmp_path, make_model_dir, tiny_tokenizer, data):
     """An identity id map (a 'trimmed' student keeping every id) must give the same numbers as none."""
     student, teacher = make_model_dir("student", seed=0), make_model_dir("teacher", seed=1)
     results = []
@@ -68,14 +44,14 @@ def test_student_with_an_id_map(capfd, tmp_path, make_model_dir, tiny_tokenizer,
                 json.dumps({"teacher_vocab_size": len(ids), "teacher_ids": ids})
             )
         args = ["eval", "--model", student, "--data", data, "--out", tmp_path / name, "--teacher", teacher]
-        assert run_main(capfd, *args).returncode == 0
+        assert run_main(*args).returncode == 0
         results.append(json.loads((tmp_path / name / "eval.json").read_text())["overall"])
     assert results[0] == pytest.approx(results[1], rel=1e-5)
 
 
-def test_eval_without_teacher(capfd, tmp_path, tiny_model_dir, data):
+def test_eval_without_teacher(run_main, tmp_path, tiny_model_dir, data):
     out = tmp_path / "run"
-    proc = run_main(capfd, "eval", "--model", tiny_model_dir, "--data", data, "--out", out)
+    proc = run_main("eval", "--model", tiny_model_dir, "--data", data, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"wrote {out / 'eval.json'}"
     result = json.loads((out / "eval.json").read_text())
@@ -91,24 +67,26 @@ def test_eval_without_teacher(capfd, tmp_path, tiny_model_dir, data):
     ],
     ids=["malformed", "missing-text", "empty"],
 )
-def test_bad_data(capfd, tmp_path, tiny_model_dir, write_jsonl, rows, needle):
+def test_bad_data(run_main, assert_one_line_error, tmp_path, tiny_model_dir, write_jsonl, rows, needle):
     path = write_jsonl("data.jsonl", rows)
-    proc = run_main(capfd, "eval", "--model", tiny_model_dir, "--data", path, "--out", tmp_path / "run")
+    proc = run_main("eval", "--model", tiny_model_dir, "--data", path, "--out", tmp_path / "run")
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "run" / "eval.json").exists()
 
 
-def test_model_missing_or_not_a_model(capfd, tmp_path, data):
+def test_model_missing_or_not_a_model(run_main, assert_one_line_error, tmp_path, data):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     for model, needle in [("nope", "does not exist"), ("empty", "not a model directory"), ("broken", "cannot load")]:
-        proc = run_main(capfd, "eval", "--model", tmp_path / model, "--data", data, "--out", tmp_path / "run")
+        proc = run_main("eval", "--model", tmp_path / model, "--data", data, "--out", tmp_path / "run")
         assert_one_line_error(proc, str(tmp_path / model), needle)
     assert not (tmp_path / "run").exists()
 
 
-def test_vocab_mismatch_in_a_fresh_process(tmp_path, make_model_dir, make_tokenizer, data):
+def test_vocab_mismatch_in_a_fresh_process(
+    run_cli, assert_one_line_error, tmp_path, make_model_dir, make_tokenizer, data
+):
     student = make_model_dir("student")
     teacher = make_model_dir("teacher", tokenizer=make_tokenizer(vocab_size=280))
     proc = run_cli("eval", "--model", student, "--data", data, "--out", tmp_path / "run", "--teacher", teacher)
@@ -116,18 +94,18 @@ def test_vocab_mismatch_in_a_fresh_process(tmp_path, make_model_dir, make_tokeni
     assert not (tmp_path / "run" / "eval.json").exists()
 
 
-def test_existing_output_needs_overwrite(capfd, tmp_path, tiny_model_dir, data):
+def test_existing_output_needs_overwrite(run_main, assert_one_line_error, tmp_path, tiny_model_dir, data):
     out = tmp_path / "run"
     out.mkdir()
     (out / "eval.json").write_text("previous")
     args = ["eval", "--model", tiny_model_dir, "--data", data, "--out", out]
-    assert_one_line_error(run_main(capfd, *args), "eval.json: already exists", "--overwrite")
+    assert_one_line_error(run_main(*args), "eval.json: already exists", "--overwrite")
     assert (out / "eval.json").read_text() == "previous"
-    assert run_main(capfd, *args, "--overwrite").returncode == 0
+    assert run_main(*args, "--overwrite").returncode == 0
     assert json.loads((out / "eval.json").read_text())["overall"]["tokens"] > 0
 
 
-def test_out_is_a_file(capfd, tmp_path, tiny_model_dir, data):
+def test_out_is_a_file(run_main, assert_one_line_error, tmp_path, tiny_model_dir, data):
     (tmp_path / "file").write_text("x")
-    proc = run_main(capfd, "eval", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "file")
+    proc = run_main("eval", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "file")
     assert_one_line_error(proc, "not a directory")

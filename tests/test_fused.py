@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from potstill.config import LOSS_NAMES
 from potstill.losses import Divergence, kd_terms
@@ -173,24 +172,25 @@ def test_default_chunk_size():
     assert default_chunk_size(10**9) == 8
 
 
-def _tiny(kind: str) -> torch.nn.Module:
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+def _tiny(build_model, kind: str) -> torch.nn.Module:
+    """Vocab 97, hidden 32, 2 layers, 4 heads (2 kv): a tied Llama or a softcapped Gemma 2, no tokenizer (the
+    config's special ids), redrawn from N(0, 0.3) after seed 0, float64, train mode."""
+    common = dict(vocab_size=97, hidden=32, intermediate=48, layers=2, heads=4, kv_heads=2, max_positions=None)
     if kind == "gemma2":
-        cfg = Gemma2Config(**common, num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0)
-        model = Gemma2ForCausalLM(cfg)
+        model = build_model(seed=None, arch="gemma2", **common, head_dim=8, final_logit_softcapping=5.0)
     else:
-        model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2, tie_word_embeddings=True))
+        model = build_model(seed=None, **common, tie_word_embeddings=True)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)  # big enough weights that the softcap bends the logits
-    return model.double()
+    return model.double().train()
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
-def test_hf_model_recipe_equals_model_logits(kind):
+def test_hf_model_recipe_equals_model_logits(build_model, kind):
     """The trainer's recipe (base_model hidden states + head_of) gives the dense loss and parameter grads."""
-    student, teacher = _tiny(kind), _tiny(kind)
+    student, teacher = _tiny(build_model, kind), _tiny(build_model, kind)
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(5))
     labels = ids.clone()
     labels[0, :3] = -100
@@ -208,8 +208,8 @@ def test_hf_model_recipe_equals_model_logits(kind):
     _assert_same(fused, dense, params)
 
 
-def test_head_of_refuses_heads_it_cannot_reproduce():
-    model = _tiny("llama")
+def test_head_of_refuses_heads_it_cannot_reproduce(build_model):
+    model = _tiny(build_model, "llama")
     model.lm_head = torch.nn.Linear(32, 97, bias=True)
     assert head_of(model) is None
     assert head_of(torch.nn.Linear(3, 3)) is None

@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from clitools import assert_one_line_error, run_cli
 from fake_openai import FakeServer
 from potstill.config import GenerateConfig, validate_config
 from potstill.data.sources import read_jsonl
@@ -208,7 +207,7 @@ def test_chat_on_a_model_without_chat_template(tiny_model_dir, rows_file, tmp_pa
         run_generate(cfg)
 
 
-def test_cli_bad_template_is_one_line_and_writes_nothing(rows_file, tmp_path):
+def test_cli_bad_template_is_one_line_and_writes_nothing(rows_file, tmp_path, run_cli, assert_one_line_error):
     template = tmp_path / "t.txt"
     template.write_text("Q: {input}\nA: {answr}\n")
     proc = run_cli(
@@ -218,7 +217,7 @@ def test_cli_bad_template_is_one_line_and_writes_nothing(rows_file, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_cli_missing_api_key(rows_file, tmp_path):
+def test_cli_missing_api_key(rows_file, tmp_path, run_cli, assert_one_line_error):
     proc = run_cli(
         "generate",
         f"inputs={rows_file}",

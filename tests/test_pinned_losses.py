@@ -12,7 +12,6 @@ import random
 
 import pytest
 
-from conftest import build_model
 from potstill.config import load_config
 from potstill.train.recipes import run_distill
 
@@ -33,11 +32,10 @@ EXTRA = {"fused": [], "dense": ["loss.fused=false"], "ce_only": ["loss.alpha=0.0
 
 
 @pytest.fixture(scope="module")
-def seeded(tmp_path_factory, tiny_tokenizer):
+def seeded(tmp_path_factory, tiny_tokenizer, build_model):
     root = tmp_path_factory.mktemp("pinned")
     for name, seed in (("student", 0), ("teacher", 1)):
-        build_model(tiny_tokenizer, seed).save_pretrained(root / name)
-        tiny_tokenizer.save_pretrained(root / name)
+        build_model(tiny_tokenizer, seed, save_to=root / name)
     rng = random.Random(0)
     rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(12))} for _ in range(24)]
     (root / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from clitools import assert_one_line_error, run_cli
 from potstill.config import load_config
 from potstill.errors import UserError
 from potstill.plan import (
@@ -33,25 +32,12 @@ from potstill.plan import (
 WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
 
 
-def save_llama(path: Path, tokenizer, hidden: int, vocab: int, seed: int = 0, tied: bool = False) -> Path:
-    """A random 2-layer Llama (HF dir with `tokenizer`); `vocab` may exceed the tokenizer (unused rows)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, tiny_tokenizer) -> Path:
+def root(tmp_path_factory, tiny_tokenizer, build_model) -> Path:
     """Student (hidden 32) and teacher (hidden 64) over the tiny tokenizer, and a training file."""
     root = tmp_path_factory.mktemp("plan")
-    save_llama(root / "student", tiny_tokenizer, 32, len(tiny_tokenizer))
-    save_llama(root / "teacher", tiny_tokenizer, 64, len(tiny_tokenizer), seed=1)
+    build_model(tiny_tokenizer, 0, max_positions=256, save_to=root / "student")
+    build_model(tiny_tokenizer, 1, hidden=64, max_positions=256, save_to=root / "teacher")
     rng = random.Random(0)
     rows = [json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(40))}) for _ in range(200)]
     (root / "train.jsonl").write_text("\n".join(rows) + "\n")
@@ -70,8 +56,11 @@ def config(root: Path, *overrides: str, student: str = "student", teacher: str =
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_param_count_matches_the_model(tmp_path, tiny_tokenizer, tied):
-    path = save_llama(tmp_path / "m", tiny_tokenizer, 48, 1000, tied=tied)
+def test_param_count_matches_the_model(tmp_path, tiny_tokenizer, tied, build_model):
+    path = tmp_path / "m"
+    build_model(
+        tiny_tokenizer, 0, vocab_size=1000, hidden=48, max_positions=256, tie_word_embeddings=tied, save_to=path
+    )
     real = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(path).parameters())
     # the plan counts 4 norms per layer (Gemma's layout); Llama has 2: a few hundred of ~100k params
     assert abs(read_shape(path, "student").params - real) / real < 0.005
@@ -110,9 +99,9 @@ def test_recommends_cache_when_teacher_does_not_fit(root):
     assert "3 students" in shared.recommend["teacher"]
 
 
-def test_chunk_shrinks_when_memory_is_short(tmp_path, tiny_tokenizer):
-    save_llama(tmp_path / "student", tiny_tokenizer, 32, 65536)
-    save_llama(tmp_path / "teacher", tiny_tokenizer, 32, 65536, seed=1)
+def test_chunk_shrinks_when_memory_is_short(tmp_path, tiny_tokenizer, build_model):
+    build_model(tiny_tokenizer, 0, vocab_size=65536, max_positions=256, save_to=tmp_path / "student")
+    build_model(tiny_tokenizer, 1, vocab_size=65536, max_positions=256, save_to=tmp_path / "teacher")
     (tmp_path / "train.jsonl").write_text('{"text": "hi"}\n')
     cfg = config(tmp_path, "train.batch_size=8", "data.seq_len=256")
     roomy = plan_config(cfg, memory_bytes=64 * GIB, probe=False)
@@ -152,11 +141,11 @@ def test_plan_without_probe_imports_no_torch(root):
 
 
 @pytest.fixture(scope="module")
-def wide(tmp_path_factory, tiny_tokenizer) -> Path:
+def wide(tmp_path_factory, tiny_tokenizer, build_model) -> Path:
     """A student wide enough (hidden 128) that one decoder layer costs clearly more than timer noise."""
     root = tmp_path_factory.mktemp("wide")
-    save_llama(root / "student", tiny_tokenizer, 128, len(tiny_tokenizer))
-    save_llama(root / "teacher", tiny_tokenizer, 64, len(tiny_tokenizer), seed=1)
+    build_model(tiny_tokenizer, 0, hidden=128, max_positions=256, save_to=root / "student")
+    build_model(tiny_tokenizer, 1, hidden=64, max_positions=256, save_to=root / "teacher")
     (root / "train.jsonl").write_text('{"text": "hi"}\n')
     return root
 
@@ -199,10 +188,10 @@ def test_plan_is_within_25_percent_of_measured_peak(root, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
-def test_plan_tracks_a_loss_dominated_run(tmp_path, tiny_tokenizer, fused):
+def test_plan_tracks_a_loss_dominated_run(tmp_path, tiny_tokenizer, fused, build_model):
     """V = 32,768: the [tokens, V] loss buffers (dense: 512 MiB) are half the peak, not the runtime."""
-    save_llama(tmp_path / "student", tiny_tokenizer, 64, 32768)
-    save_llama(tmp_path / "teacher", tiny_tokenizer, 128, 32768, seed=1)
+    build_model(tiny_tokenizer, 0, vocab_size=32768, hidden=64, max_positions=256, save_to=tmp_path / "student")
+    build_model(tiny_tokenizer, 1, vocab_size=32768, hidden=128, max_positions=256, save_to=tmp_path / "teacher")
     rows = [json.dumps({"text": " ".join(WORDS * 3)})] * 100
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
     cfg = config(tmp_path, "train.max_steps=2", "train.batch_size=4", "data.seq_len=128", f"loss.fused={fused}")
@@ -212,14 +201,14 @@ def test_plan_tracks_a_loss_dominated_run(tmp_path, tiny_tokenizer, fused):
 
 
 @pytest.mark.slow
-def test_planned_step_time_tracks_a_measured_run(tmp_path, tiny_tokenizer, monkeypatch):
+def test_planned_step_time_tracks_a_measured_run(tmp_path, tiny_tokenizer, monkeypatch, build_model):
     """V = 32,768, fused KD: the probe's s/step against the median plain step of a real 10-step run.
 
     The bound is looser than the ~30% seen in benchmarks/README.md: other jobs' load moves between probe and run.
     """
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the run's threads = this test process's (tests/conftest.py)
-    save_llama(tmp_path / "student", tiny_tokenizer, 64, 32768)
-    save_llama(tmp_path / "teacher", tiny_tokenizer, 128, 32768, seed=1)
+    build_model(tiny_tokenizer, 0, vocab_size=32768, hidden=64, max_positions=256, save_to=tmp_path / "student")
+    build_model(tiny_tokenizer, 1, vocab_size=32768, hidden=128, max_positions=256, save_to=tmp_path / "teacher")
     (tmp_path / "train.jsonl").write_text("\n".join([json.dumps({"text": " ".join(WORDS * 3)})] * 100) + "\n")
     cfg = config(tmp_path, "train.max_steps=10", "train.batch_size=4", "data.seq_len=128")
     planned = plan_config(cfg).step_seconds["online"]
@@ -235,7 +224,7 @@ def test_missing_model_dir_is_a_user_error(root, tmp_path):
         plan_config(config(root, student=str(tmp_path / "empty")), probe=False)
 
 
-def test_cli_json_and_one_line_errors(root, tmp_path):
+def test_cli_json_and_one_line_errors(root, tmp_path, run_cli, assert_one_line_error):
     args = ["plan", f"model.student={root / 'student'}", f"model.teacher={root / 'teacher'}",
             f"data.train=[{root / 'train.jsonl'}]", "--memory-gb", "4"]  # fmt: skip
     proc = run_cli(*args, "--json", "--no-probe")  # the probe itself: test_table_and_probe

@@ -7,37 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from potstill.eval.bench import latency_ms_per_token, param_count
 from potstill.eval.report import gap_closed, render_markdown, summarize, write_report
-
-
-def _eval(bpb: dict[str, float], agree: float | None = None) -> dict:
-    domains = {d: {"tokens": 100, "bytes": 300, "ppl": 2**b, "bpb": b} for d, b in bpb.items()}
-    overall_bpb = sum(bpb.values()) / len(bpb)  # equal bytes per domain: the byte-weighted mean
-    overall = {"tokens": 100 * len(bpb), "bytes": 300 * len(bpb), "ppl": 2**overall_bpb, "bpb": overall_bpb}
-    if agree is not None:
-        overall.update(top1_agreement=agree, kl_to_teacher=0.5)
-    return {"overall": overall, "domains": domains}
-
-
-def _results(kd_code: float = 1.2) -> dict:
-    def model(params, ms, ev):
-        return {"path": "x", "params": params, "latency_ms_per_token": ms, "eval": ev}
-
-    return {
-        "models": {
-            "teacher": model(1000, 50.0, _eval({"code": 1.0, "docs": 0.8})),
-            "student_kd": model(150, 10.0, _eval({"code": kd_code, "docs": 1.1}, agree=0.6)),
-            "student_ce": model(150, 10.0, _eval({"code": 1.4, "docs": 1.3}, agree=0.5)),
-        },
-        "curves": {
-            "student_kd": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}],
-            "student_ce": [{"step": 1, "loss": 3.5}, {"step": 2, "loss": 2.5}],
-        },
-        "settings": {"mode": "quick"},
-    }
+from report_inputs import demo_results, eval_result
 
 
 def test_gap_closed_formula():
@@ -49,7 +22,7 @@ def test_gap_closed_formula():
 
 
 def test_summary_ratios_and_targets():
-    s = summarize(_results())
+    s = summarize(demo_results())
     r = s["ratios"]
     assert r["param_ratio"] == pytest.approx(0.15)
     assert r["speedup"] == pytest.approx(5.0)
@@ -61,23 +34,23 @@ def test_summary_ratios_and_targets():
 
 
 def test_a_domain_where_ce_reaches_the_teacher_has_no_gap_closed():
-    results = _results()
-    results["models"]["student_ce"]["eval"] = _eval({"code": 1.4, "docs": 0.803}, agree=0.5)  # CE at the teacher
+    results = demo_results()
+    results["models"]["student_ce"]["eval"] = eval_result({"code": 1.4, "docs": 0.803}, agree=0.5)  # CE at the teacher
     s = summarize(results)
     assert s["ratios"]["gap_closed_by_domain"] == {"code": pytest.approx(0.5), "docs": None}
     md = render_markdown(s)
     assert "| docs | 0.800 | 1.100 | 0.803 | n/a |" in md and "no gap to close" in md
-    assert "no gap to close" not in render_markdown(summarize(_results()))
+    assert "no gap to close" not in render_markdown(summarize(demo_results()))
 
 
 def test_kd_losing_one_domain_fails_that_target():
-    s = summarize(_results(kd_code=1.5))
+    s = summarize(demo_results(kd_code=1.5))
     assert s["kd_better_than_ce"]["by_domain"] == {"code": False, "docs": True}
     assert not s["targets"]["kd_better_every_domain"]
 
 
 def test_write_report_files(tmp_path: Path):
-    md = write_report(tmp_path, _results())
+    md = write_report(tmp_path, demo_results())
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["models"]) == {"teacher", "student_kd", "student_ce"}
     for plot in report["plots"]:
@@ -90,29 +63,19 @@ def test_write_report_files(tmp_path: Path):
 
 
 def test_report_says_when_the_teacher_ran_in_bfloat16():
-    plain = render_markdown(summarize(_results()))
-    results = _results()
+    plain = render_markdown(summarize(demo_results()))
+    results = demo_results()
     results["settings"]["distill"] = {"model": {"teacher_dtype": "bfloat16"}}
     low = render_markdown(summarize(results))
     assert "bfloat16" not in plain and "The teacher ran in bfloat16" in low
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+def tiny_model(build_model):
+    """A tied-embedding Llama (hidden 32, 2 layers, 2 heads) over ids 0-299; 0/1/2 = pad/bos/eos (_ByteTokenizer)."""
+    return build_model(
+        vocab_size=300, tie_word_embeddings=True, max_positions=None, bos_token_id=1, eos_token_id=2, pad_token_id=0
     )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def test_param_count_counts_tied_weights_once(tiny_model):
@@ -147,22 +110,14 @@ def test_latency_generates_exact_token_count(tiny_model, monkeypatch):
     assert calls == [8, 8, 8]  # warm-up + timed tokens, end-of-sequence never stops it early
 
 
-def test_latency_grows_with_model_cost():
+def test_latency_grows_with_model_cost(build_model):
     torch.manual_seed(0)
 
-    def model(hidden, layers):
-        cfg = LlamaConfig(
-            vocab_size=300,
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        return LlamaForCausalLM(cfg).eval()
+    def model(hidden, layers):  # both drawn from the one seed above
+        return build_model(
+            seed=None, vocab_size=300, hidden=hidden, intermediate=4 * hidden, layers=layers, heads=4,
+            max_positions=None, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )  # fmt: skip
 
     tok = _ByteTokenizer()
     small = latency_ms_per_token(model(32, 1), tok, "x", new_tokens=8, warmup=2, runs=3)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer
 
+from distill_helpers import make_cfg, read_log
 from potstill.errors import UserError
 from potstill.fileio import temp_path
 from potstill.train.recipes import run_distill
 from potstill.train.rundir import last_checkpoint, resume_point
-from test_trainer import make_cfg, models_dir, read_log  # noqa: F401  (models_dir is a fixture)
 
 OPTS = ("train.max_steps=6", "train.save_steps=2", "train.scheduler=cosine", "train.warmup_steps=2")
 
@@ -22,7 +22,7 @@ class _Killed(Exception):
     pass
 
 
-def test_kill_while_a_checkpoint_is_written_then_resume(models_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_kill_while_a_checkpoint_is_written_then_resume(models_dir, tmp_path, monkeypatch):
     """Killed inside checkpoint-4 (weights and optimizer written, trainer_state.json not yet) with a temp file of
     an atomic write left behind: the rerun resumes from checkpoint-2 and ends as an uninterrupted run."""
     full = run_distill(make_cfg(models_dir, tmp_path / "full", *OPTS))
@@ -56,7 +56,7 @@ def test_kill_while_a_checkpoint_is_written_then_resume(models_dir, tmp_path, mo
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
 
 
-def test_a_user_file_still_makes_the_directory_foreign(models_dir, tmp_path):  # noqa: F811
+def test_a_user_file_still_makes_the_directory_foreign(models_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / ".notes.tmp").write_text("mine")  # not a potstill temp name (no -PID-TID)

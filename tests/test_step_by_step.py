@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from clitools import run_cli
 from potstill.config import DistillConfig, validate_config
 from potstill.data import collate
 from potstill.errors import UserError
@@ -139,7 +138,9 @@ STEP_BY_STEP_ARGS = (
 )
 
 
-def test_cli_step_by_step_trains_and_reports_label_accuracy(tiny_model_dir, write_jsonl, tmp_path, monkeypatch):
+def test_cli_step_by_step_trains_and_reports_label_accuracy(
+    tiny_model_dir, write_jsonl, tmp_path, monkeypatch, run_cli
+):
     """Every training label is "yes": the student learns to answer "yes", so an eval set of 3 "yes" and
     1 "no" rows scores 3/4, and the accuracy in eval.json/summary.json is that of the saved student."""
     train = write_jsonl("train.jsonl", [{**r, "label": "yes"} for r in RECORDS] * 4)
@@ -168,19 +169,15 @@ def test_cli_step_by_step_trains_and_reports_label_accuracy(tiny_model_dir, writ
     assert predict_labels(model, tok, ["7 + 7", "1 + 1"], max_tokens=3) == ["yes", "yes"]
 
 
-def test_cli_step_by_step_rejects_rows_that_are_not_rationale_records(tiny_model_dir, write_jsonl, tmp_path, capsys):
+def test_cli_step_by_step_rejects_rows_that_are_not_rationale_records(
+    tiny_model_dir, write_jsonl, tmp_path, distill_error
+):
     """In-process (`potstill.cli.main`): the same one-line error path, without a subprocess's imports."""
-    from potstill.cli import main
-
     train = write_jsonl("train.jsonl", [RECORDS[0], {"text": "plain text, as for train.recipe=distill"}])
     out = tmp_path / "run"
     args = [f"model.student={tiny_model_dir}", f"data.train=[{train}]", f"train.output_dir={out}"]
-    with pytest.raises(SystemExit) as exc:
-        main(["distill", *args, *STEP_BY_STEP_ARGS])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("potstill: error: "), err
-    assert "train.jsonl:2:" in err[0] and 'missing field "input"' in err[0]
+    line = distill_error(*args, *STEP_BY_STEP_ARGS)
+    assert "train.jsonl:2:" in line and 'missing field "input"' in line
     assert not out.exists()  # nothing written for a run that never started
 
 

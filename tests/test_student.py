@@ -7,35 +7,34 @@ import json
 import pytest
 import torch
 
-from clitools import assert_one_line_error
-from conftest import TINY_CORPUS, build_tokenizer
 from potstill.errors import UserError
 from potstill.models.vocab import ID_MAP_FILE, load_id_map
 from potstill.student.init import STUDENT_FILE, init_student, init_student_cli
 from potstill.student.layers import build_student, evenly_spaced, layer_scores
 from potstill.student.vocab import tokenization_mismatch
-from test_eval_cli import run_main
 
-CORPUS = (
-    TINY_CORPUS
-    + [
-        "class Teacher:\n    def forward(self, x):\n        return self.head(self.body(x))\n",
-        "The student keeps the layers that matter most for the calibration loss.",
-    ]
-    * 3
-)
+MORE_TEXTS = [
+    "class Teacher:\n    def forward(self, x):\n        return self.head(self.body(x))\n",
+    "The student keeps the layers that matter most for the calibration loss.",
+]
 UNSEEN = ["Völlig neue Wörter: Quokka, zymurgy, 🦜🍣 and 漢字かな交じり文, tabs\tand\r\nnewlines", "x=∑∫√∞ ±1 €5"]
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 
-def gemma_like_tokenizer():
+@pytest.fixture(scope="module")
+def texts(tiny_corpus) -> list[str]:
+    """The tiny tokenizer's texts and MORE_TEXTS three times: the teachers' tokenizers and calibration data."""
+    return tiny_corpus + MORE_TEXTS * 3
+
+
+def gemma_like_tokenizer(texts: list[str]):
     """A BPE with byte fallback like Gemma's: spaces -> '▁', no pre-tokenizer, `<0xNN>` byte tokens, <bos> added."""
     from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
     trainer_tok.normalizer = normalizers.Replace(" ", "▁")
-    trainer_tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS))
+    trainer_tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS))
     trained = json.loads(trainer_tok.to_str())["model"]
     vocab = {t: i for i, t in enumerate(SPECIALS + [f"<0x{b:02X}>" for b in range(256)])}
     for token in sorted(trained["vocab"], key=trained["vocab"].get):
@@ -51,63 +50,24 @@ def gemma_like_tokenizer():
     )
 
 
-def gemma_like_model(tokenizer, n_layers: int = 4):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=n_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        layer_types=["sliding_attention"] * (n_layers - 1) + ["full_attention"],
-        sliding_window=8,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(config).eval()
-
-
-def llama_model(tokenizer, n_layers: int = 3):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=n_layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(1)
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
-def gemma_teacher(tmp_path_factory):
-    tok = gemma_like_tokenizer()
+def gemma_teacher(tmp_path_factory, build_model, texts):
+    """A Gemma 3 text model (hidden 32, 4 layers: 3 sliding + 1 full attention, 2 heads, 1 kv head, tied) over
+    the Gemma-like tokenizer."""
+    tok = gemma_like_tokenizer(texts)
     path = tmp_path_factory.mktemp("teacher") / "gemma"
-    gemma_like_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
+    layer_types = ["sliding_attention"] * 3 + ["full_attention"]
+    build_model(tok, 0, arch="gemma3", layers=4, kv_heads=1, max_positions=256, head_dim=16, layer_types=layer_types,
+                sliding_window=8, save_to=path)  # fmt: skip
     return path
 
 
 @pytest.fixture(scope="module")
-def llama_teacher(tmp_path_factory):
-    tok = build_tokenizer(vocab_size=350, texts=CORPUS)  # byte-level BPE, untied head
+def llama_teacher(tmp_path_factory, build_model, make_tokenizer, texts):
+    """A Llama (hidden 32, 3 layers, untied head) over a byte-level BPE of 350 tokens."""
+    tok = make_tokenizer(vocab_size=350, texts=texts)  # byte-level BPE, untied head
     path = tmp_path_factory.mktemp("teacher") / "llama"
-    llama_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
+    build_model(tok, 1, layers=3, max_positions=256, save_to=path)
     return path
 
 
@@ -117,8 +77,8 @@ def load(path):
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def test_pruned_student_loads_generates_and_records_scores(gemma_teacher, tmp_path):
-    out = init_student(gemma_teacher, 2, tmp_path / "student", CORPUS, calib_tokens=256, calib_seq_len=32)
+def test_pruned_student_loads_generates_and_records_scores(gemma_teacher, tmp_path, texts):
+    out = init_student(gemma_teacher, 2, tmp_path / "student", texts, calib_tokens=256, calib_seq_len=32)
     teacher, _ = load(gemma_teacher)
     student, tok = load(out)
     info = json.loads((out / STUDENT_FILE).read_text())
@@ -134,10 +94,10 @@ def test_pruned_student_loads_generates_and_records_scores(gemma_teacher, tmp_pa
     assert gen.shape[1] == enc["input_ids"].shape[1] + 5
 
 
-def test_layer_scores_equal_loss_of_the_model_without_that_layer(gemma_teacher):
+def test_layer_scores_equal_loss_of_the_model_without_that_layer(gemma_teacher, texts):
     """The in-place skip (only_layers) scores layer i exactly as a model rebuilt without layer i would."""
     teacher, tok = load(gemma_teacher)
-    ids = tok(CORPUS[0] + CORPUS[3], return_tensors="pt")["input_ids"]
+    ids = tok(texts[0] + texts[3], return_tensors="pt")["input_ids"]
     scores, base = layer_scores(teacher, [ids], keep_ids=None)
 
     def ce(model) -> float:
@@ -152,40 +112,40 @@ def test_layer_scores_equal_loss_of_the_model_without_that_layer(gemma_teacher):
 
 
 @pytest.mark.parametrize("teacher_name", ["gemma_teacher", "llama_teacher"])
-def test_trimmed_tokenizer_matches_teacher_and_round_trips(teacher_name, request, tmp_path):
+def test_trimmed_tokenizer_matches_teacher_and_round_trips(teacher_name, request, tmp_path, texts):
     teacher_dir = request.getfixturevalue(teacher_name)
-    out = init_student(teacher_dir, 1, tmp_path / "s", CORPUS[:6], calib_tokens=128, calib_seq_len=16)
+    out = init_student(teacher_dir, 1, tmp_path / "s", texts[:6], calib_tokens=128, calib_seq_len=16)
     _, teacher_tok = load(teacher_dir)
     _, tok = load(out)
     id_map = load_id_map(out)
     assert len(id_map) == len(tok) < len(teacher_tok)
-    assert tokenization_mismatch(tok, teacher_tok, id_map, CORPUS[:6]) == (0, 6)
-    for text in CORPUS[:6]:  # with special tokens too (the <bos> the post-processor adds)
+    assert tokenization_mismatch(tok, teacher_tok, id_map, texts[:6]) == (0, 6)
+    for text in texts[:6]:  # with special tokens too (the <bos> the post-processor adds)
         mapped = id_map[tok(text)["input_ids"]].tolist()
         assert mapped == teacher_tok(text)["input_ids"]
-    for text in UNSEEN + CORPUS[6:]:
+    for text in UNSEEN + texts[6:]:
         assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     vocab = json.loads((out / ID_MAP_FILE).read_text())
     assert vocab["teacher_vocab_size"] == len(teacher_tok)
 
 
 @pytest.mark.parametrize("teacher_name", ["gemma_teacher", "llama_teacher"])
-def test_all_layers_kept_gives_teacher_logits_at_kept_ids(teacher_name, request, tmp_path):
+def test_all_layers_kept_gives_teacher_logits_at_kept_ids(teacher_name, request, tmp_path, texts):
     teacher_dir = request.getfixturevalue(teacher_name)
     n_layers = load(teacher_dir)[0].config.num_hidden_layers
-    out = init_student(teacher_dir, n_layers, tmp_path / "s", CORPUS, calib_tokens=128, calib_seq_len=16)
+    out = init_student(teacher_dir, n_layers, tmp_path / "s", texts, calib_tokens=128, calib_seq_len=16)
     teacher, _ = load(teacher_dir)
     student, tok = load(out)
     id_map = load_id_map(out)
-    ids = tok(CORPUS[4] + UNSEEN[0], return_tensors="pt")["input_ids"]
+    ids = tok(texts[4] + UNSEEN[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = teacher(input_ids=id_map[ids]).logits[..., id_map]
         got = student(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def test_no_trim_keeps_full_vocabulary(gemma_teacher, tmp_path):
-    out = init_student(gemma_teacher, 3, tmp_path / "s", CORPUS, trim_vocab=False, calib_tokens=128, calib_seq_len=16)
+def test_no_trim_keeps_full_vocabulary(gemma_teacher, tmp_path, texts):
+    out = init_student(gemma_teacher, 3, tmp_path / "s", texts, trim_vocab=False, calib_tokens=128, calib_seq_len=16)
     student, tok = load(out)
     assert load_id_map(out) is None and student.config.vocab_size == len(tok) == len(load(gemma_teacher)[1])
 
@@ -207,8 +167,8 @@ def test_even_fallback_without_corpus(gemma_teacher, tmp_path):
         ({"calib_dtype": "int8"}, "--calib-dtype int8: expected one of float32"),
     ],
 )
-def test_bad_requests_are_user_errors(gemma_teacher, tmp_path, write_jsonl, kwargs, needle):
-    corpus = [write_jsonl("c.jsonl", [{"text": t} for t in CORPUS])]
+def test_bad_requests_are_user_errors(gemma_teacher, tmp_path, write_jsonl, kwargs, needle, texts):
+    corpus = [write_jsonl("c.jsonl", [{"text": t} for t in texts])]
     args = {"teacher": gemma_teacher, "layers": 2, "out": tmp_path / "s", "corpus": corpus}
     args.update(kwargs)
     with pytest.raises(UserError, match=needle.replace("-", r"\-")):
@@ -216,23 +176,25 @@ def test_bad_requests_are_user_errors(gemma_teacher, tmp_path, write_jsonl, kwar
     assert not (tmp_path / "s").exists()
 
 
-def test_cli_errors_are_one_line_and_keep_existing_output(gemma_teacher, tmp_path, write_jsonl, capfd):
-    corpus = write_jsonl("c.jsonl", [{"text": t} for t in CORPUS])
+def test_cli_errors_are_one_line_and_keep_existing_output(
+    gemma_teacher, tmp_path, write_jsonl, run_main, assert_one_line_error, texts
+):
+    corpus = write_jsonl("c.jsonl", [{"text": t} for t in texts])
     out = tmp_path / "s"
     args = ["student", "init", "--teacher", gemma_teacher, "--corpus", corpus, "--out", out]
-    assert_one_line_error(run_main(capfd, *args, "--layers", "99"), "--layers 99")
+    assert_one_line_error(run_main(*args, "--layers", "99"), "--layers 99")
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_one_line_error(run_main(capfd, *args, "--layers", "2"), str(out), "--overwrite")
+    assert_one_line_error(run_main(*args, "--layers", "2"), str(out), "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_overwrite_replaces_output(gemma_teacher, tmp_path):
+def test_overwrite_replaces_output(gemma_teacher, tmp_path, texts):
     out = tmp_path / "s"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    init_student(gemma_teacher, 1, out, CORPUS, calib_tokens=64, calib_seq_len=16, overwrite=True)
+    init_student(gemma_teacher, 1, out, texts, calib_tokens=64, calib_seq_len=16, overwrite=True)
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temp dirs left beside it
 
@@ -247,27 +209,27 @@ def test_load_id_map_errors(tmp_path):
         load_id_map(tmp_path)
 
 
-def test_fill_vocabulary_keeps_corpus_tokenization_and_grows_to_size(gemma_teacher, tmp_path):
+def test_fill_vocabulary_keeps_corpus_tokenization_and_grows_to_size(gemma_teacher, tmp_path, texts):
     _, teacher_tok = load(gemma_teacher)
     kwargs = {"calib_tokens": 64, "calib_seq_len": 8}
-    needed = load_id_map(init_student(gemma_teacher, 1, tmp_path / "a", CORPUS[:6], **kwargs))
+    needed = load_id_map(init_student(gemma_teacher, 1, tmp_path / "a", texts[:6], **kwargs))
     size = len(needed) + 20
-    out = init_student(gemma_teacher, 1, tmp_path / "b", CORPUS[:6], vocab_size=size, **kwargs)
+    out = init_student(gemma_teacher, 1, tmp_path / "b", texts[:6], vocab_size=size, **kwargs)
     _, tok = load(out)
     _, needed_tok = load(tmp_path / "a")
     id_map = load_id_map(out)
     assert len(id_map) == size < len(teacher_tok) and set(needed.tolist()) < set(id_map.tolist())
-    assert tokenization_mismatch(tok, teacher_tok, id_map, CORPUS[:6]) == (0, 6)
-    unseen = UNSEEN + CORPUS[6:]
+    assert tokenization_mismatch(tok, teacher_tok, id_map, texts[:6]) == (0, 6)
+    unseen = UNSEEN + texts[6:]
     assert sum(len(tok(t)["input_ids"]) for t in unseen) < sum(len(needed_tok(t)["input_ids"]) for t in unseen)
 
 
-def test_cli_reads_a_config_file_with_overrides_and_options(gemma_teacher, tmp_path, capfd):
+def test_cli_reads_a_config_file_with_overrides_and_options(gemma_teacher, tmp_path, run_main):
     import yaml
 
     cfg = tmp_path / "student.yaml"
     cfg.write_text(yaml.safe_dump({"teacher": str(gemma_teacher), "layers": 3, "trim_vocab": False, "out": "x"}))
     out = tmp_path / "s"
-    proc = run_main(capfd, "student", "init", "-c", cfg, "layers=2", "selection=even", "--out", out)
+    proc = run_main("student", "init", "-c", cfg, "layers=2", "selection=even", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / STUDENT_FILE).read_text())["kept_layers"] == [0, 3]

@@ -8,10 +8,8 @@ import json
 import pytest
 
 import potstill.models.load as load
-from clitools import assert_one_line_error
 from potstill.errors import UserError
 from potstill.fileio import is_temp
-from test_eval_cli import run_main
 
 
 def write_gguf(path, n_values: int = 4096):
@@ -47,14 +45,14 @@ def test_cache_dir_follows_env(cache):
 
 
 @pytest.mark.parametrize("content", [b"not a gguf at all, just garbage bytes" * 10, "truncated"])
-def test_corrupt_gguf_is_one_line_error_and_leaves_no_entry(content, tmp_path, cache, capfd):
+def test_corrupt_gguf_is_one_line_error_and_leaves_no_entry(content, tmp_path, cache, run_main, assert_one_line_error):
     bad = tmp_path / "x.gguf"
     if content == "truncated":
         data = write_gguf(tmp_path / "good.gguf").read_bytes()
         bad.write_bytes(data[: len(data) // 2])
     else:
         bad.write_bytes(content)
-    proc = run_main(capfd, "teacher", "prepare", "--gguf", bad, "--no-check")
+    proc = run_main("teacher", "prepare", "--gguf", bad, "--no-check")
     assert_one_line_error(proc, str(bad), "GGUF")
     assert not (cache / "models").exists() or not any((cache / "models").iterdir())
 

@@ -7,77 +7,30 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
-from conftest import build_tokenizer
-from potstill.cli import main
+from distill_helpers import (
+    VOCAB,
+    interrupted_run,
+    make_cfg,
+    make_trainer,
+    online_teacher,
+    overrides_for,
+    ragged_batch,
+    read_log,
+    step_grads,
+)
 from potstill.config import DistillConfig, LossConfig, load_config
 from potstill.errors import UserError
 from potstill.losses import combine, kd_terms
 from potstill.teacher.online import OnlineTeacher
 from potstill.train.recipes import run_distill
-from potstill.train.setup import training_args
 from potstill.train.trainer import DistillTrainer
-
-VOCAB = 300  # len(tiny_tokenizer) from conftest
-WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
-
-
-def tiny_model(path: Path, tokenizer, hidden: int, seed: int) -> Path:
-    """Save a random 2-layer Llama of width `hidden` + `tokenizer` to `path` (an HF dir)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def write_corpus(path: Path, lines: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    with path.open("w") as fh:
-        for _ in range(lines):
-            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(12))}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A student (hidden 32), a bigger teacher (hidden 64), a model with another vocabulary, a corpus."""
-    root = tmp_path_factory.mktemp("models")
-    tiny_model(root / "student", tiny_tokenizer, 32, seed=0)
-    tiny_model(root / "teacher", tiny_tokenizer, 64, seed=1)
-    tiny_model(root / "other", build_tokenizer(vocab_size=280), 32, seed=2)
-    write_corpus(root / "train.jsonl", 24)
-    return root
-
-
-def overrides_for(models_dir: Path, out: Path, *extra: str) -> list[str]:
-    """`key=value` options of a small run into `out` (later options win)."""
-    return [
-        f"model.student={models_dir / 'student'}", f"model.teacher={models_dir / 'teacher'}",
-        f"data.train=[{models_dir / 'train.jsonl'}]", "data.seq_len=16", f"train.output_dir={out}",
-        "train.batch_size=2", "train.lr=0.003", "train.warmup_steps=0", "train.logging_steps=1",
-        "loss.temperature=2.0", *extra,
-    ]  # fmt: skip
-
-
-def make_cfg(models_dir: Path, out: Path, *extra: str) -> DistillConfig:
-    return load_config(None, overrides_for(models_dir, out, *extra))
-
-
-def read_log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
 
 # ---- DistillTrainer unit tests (no run_distill) ----
 
@@ -87,35 +40,6 @@ class _Raises(OnlineTeacher):
 
     def logits(self, input_ids, attention_mask=None):
         raise AssertionError("teacher called")
-
-
-def _batch(n: int, seq: int = 12, vocab: int = VOCAB, seed: int = 0) -> dict:
-    """n sequences with ragged masks: each row scores a different number of positions."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (n, seq), generator=g)
-    labels = ids.clone()
-    for row in range(n):
-        labels[row, : 1 + row] = -100  # position 0 (BOS) and a prompt of growing length are not scored
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-def _trainer(models_dir: Path, tmp_path: Path, loss: LossConfig, teacher: OnlineTeacher | None, *overrides: str):
-    cfg = make_cfg(models_dir, tmp_path / "run", *overrides)
-    student = AutoModelForCausalLM.from_pretrained(models_dir / "student")
-    return DistillTrainer(model=student, args=training_args(cfg), teacher=teacher, loss_cfg=loss)
-
-
-def _teacher(models_dir: Path, cls=OnlineTeacher) -> OnlineTeacher:
-    return cls(AutoModelForCausalLM.from_pretrained(models_dir / "teacher"))
-
-
-def _step_grads(trainer: DistillTrainer, micro_batches: list[dict]) -> list[torch.Tensor]:
-    """Gradients after one optimizer step's worth of training_step calls (as the Trainer's loop makes them)."""
-    trainer.model.zero_grad(set_to_none=True)
-    batches, count = trainer.get_batch_samples(iter(micro_batches), len(micro_batches), trainer.args.device)
-    for batch in batches:
-        trainer.training_step(trainer.model, batch, count)
-    return [p.grad.clone() for p in trainer.model.parameters()]
 
 
 def _reference_terms(models_dir: Path, teacher: OnlineTeacher, batch: dict, loss: LossConfig):
@@ -128,12 +52,12 @@ def _reference_terms(models_dir: Path, teacher: OnlineTeacher, batch: dict, loss
 @pytest.mark.parametrize("name", ["fkl", "jsd"])
 def test_grad_accum_1x8_equals_8x1(models_dir, tmp_path, name):
     loss = LossConfig(name=name, alpha=0.7, temperature=2.0)
-    teacher = _teacher(models_dir)
-    batch = _batch(8)
-    whole = _trainer(models_dir, tmp_path, loss, teacher, "train.batch_size=8")
-    split = _trainer(models_dir, tmp_path, loss, teacher, "train.batch_size=1", "train.grad_accum=8")
-    g_whole = _step_grads(whole, [batch])
-    g_split = _step_grads(split, [{k: v[i : i + 1] for k, v in batch.items()} for i in range(8)])
+    teacher = online_teacher(models_dir)
+    batch = ragged_batch(8)
+    whole = make_trainer(models_dir, tmp_path, loss, teacher, "train.batch_size=8")
+    split = make_trainer(models_dir, tmp_path, loss, teacher, "train.batch_size=1", "train.grad_accum=8")
+    g_whole = step_grads(whole, [batch])
+    g_split = step_grads(split, [{k: v[i : i + 1] for k, v in batch.items()} for i in range(8)])
     # Reference: the objective on the whole batch, normalized by its own count, straight through autograd.
     ref, terms = _reference_terms(models_dir, teacher, batch, loss)
     combine(terms, 0.7, 2.0).backward()
@@ -143,10 +67,10 @@ def test_grad_accum_1x8_equals_8x1(models_dir, tmp_path, name):
 
 
 def test_alpha_zero_never_calls_teacher(models_dir, tmp_path):
-    batch = _batch(2)
-    trainer = _trainer(models_dir, tmp_path, LossConfig(alpha=0.0), _teacher(models_dir, _Raises))
+    batch = ragged_batch(2)
+    trainer = make_trainer(models_dir, tmp_path, LossConfig(alpha=0.0), online_teacher(models_dir, _Raises))
     loss = trainer.compute_loss(trainer.model, batch)
-    ce_only = _trainer(models_dir, tmp_path, LossConfig(alpha=0.0), None)
+    ce_only = make_trainer(models_dir, tmp_path, LossConfig(alpha=0.0), None)
     logits = ce_only.model(input_ids=batch["input_ids"]).logits
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1))
     torch.testing.assert_close(loss, expected)
@@ -155,7 +79,7 @@ def test_alpha_zero_never_calls_teacher(models_dir, tmp_path):
 
 def test_kd_without_teacher_is_a_user_error(models_dir, tmp_path):
     with pytest.raises(UserError, match="model.teacher"):
-        _trainer(models_dir, tmp_path, LossConfig(alpha=0.5), None)
+        make_trainer(models_dir, tmp_path, LossConfig(alpha=0.5), None)
 
 
 def _norm(model, scalar) -> float:
@@ -165,11 +89,11 @@ def _norm(model, scalar) -> float:
 
 def test_alpha_auto_equalizes_weighted_gradient_norms(models_dir, tmp_path):
     loss = LossConfig(alpha="auto", temperature=2.0)
-    teacher = _teacher(models_dir)
-    batch = _batch(4)
-    trainer = _trainer(models_dir, tmp_path, loss, teacher, "train.logging_steps=5")
+    teacher = online_teacher(models_dir)
+    batch = ragged_batch(4)
+    trainer = make_trainer(models_dir, tmp_path, loss, teacher, "train.logging_steps=5")
     assert trainer.alpha is None
-    _step_grads(trainer, [batch])
+    step_grads(trainer, [batch])
     ref, terms = _reference_terms(models_dir, teacher, batch, loss)
     g_kd, g_ce = _norm(ref, 4.0 * terms.kd), _norm(ref, terms.ce)
     assert trainer.alpha == pytest.approx(g_ce / (g_kd + g_ce), rel=1e-5)
@@ -180,10 +104,10 @@ def test_alpha_auto_equalizes_weighted_gradient_norms(models_dir, tmp_path):
 
 
 def test_negligible_kd_term_warns_once(models_dir, tmp_path, caplog):
-    trainer = _trainer(models_dir, tmp_path, LossConfig(alpha=1e-4), _teacher(models_dir))
+    trainer = make_trainer(models_dir, tmp_path, LossConfig(alpha=1e-4), online_teacher(models_dir))
     with caplog.at_level(logging.WARNING, logger="potstill.train.trainer"):
         for _ in range(2):
-            _step_grads(trainer, [_batch(2)])
+            step_grads(trainer, [ragged_batch(2)])
             logs = {"loss": 1.0}
             trainer.log(logs)
             assert 0 < logs["grad_ratio"] < 0.01
@@ -226,29 +150,10 @@ def test_trimmed_vocab_student_trains_against_its_teacher(models_dir, tmp_path):
     assert torch.equal(load_id_map(out / "student"), id_map)
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-def _interrupted_run(monkeypatch, cfg: DistillConfig, step: int) -> None:
-    """run_distill that dies (like a killed job) when it is about to train step `step + 1`."""
-    original = DistillTrainer.training_step
-
-    def crash(self, *args, **kwargs):
-        if self.state.global_step == step:
-            raise _Crash
-        return original(self, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(DistillTrainer, "training_step", crash)
-        with pytest.raises(_Crash):
-            run_distill(cfg)
-
-
 def test_resume_continues_exactly(models_dir, tmp_path, monkeypatch):
     opts = ("train.max_steps=6", "train.save_steps=3", "train.scheduler=cosine", "train.warmup_steps=2")
     full = run_distill(make_cfg(models_dir, tmp_path / "full", *opts))
-    _interrupted_run(monkeypatch, make_cfg(models_dir, tmp_path / "resumed", *opts), step=4)
+    interrupted_run(monkeypatch, make_cfg(models_dir, tmp_path / "resumed", *opts), step=4)
     # checkpoint-3 exists, and the log already has step 4 (to be redone and rewritten)
     assert [e["step"] for e in read_log(tmp_path / "resumed")] == [1, 2, 3, 4]
     resumed = run_distill(make_cfg(models_dir, tmp_path / "resumed", *opts))
@@ -262,7 +167,7 @@ def test_resume_continues_exactly(models_dir, tmp_path, monkeypatch):
 
 def test_resume_keeps_auto_alpha(models_dir, tmp_path, monkeypatch):
     opts = ("loss.alpha=auto", "train.max_steps=4", "train.save_steps=2")
-    _interrupted_run(monkeypatch, make_cfg(models_dir, tmp_path / "run", *opts), step=2)
+    interrupted_run(monkeypatch, make_cfg(models_dir, tmp_path / "run", *opts), step=2)
     chosen = read_log(tmp_path / "run")[0]["alpha"]
     out = run_distill(make_cfg(models_dir, tmp_path / "run", *opts))
     assert {e["alpha"] for e in read_log(out)} == {chosen}
@@ -270,22 +175,6 @@ def test_resume_keeps_auto_alpha(models_dir, tmp_path, monkeypatch):
 
 
 # ---- bad input: one line on stderr, exit 2, nothing written ----
-
-
-def _cli(*args: str) -> int:
-    """Run `potstill distill ARGS` in-process; its exit status."""
-    try:
-        main(["distill", *args])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
-
-
-def _cli_error(capsys, *args: str) -> str:
-    assert _cli(*args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("potstill: error: "), err
-    return err[0]
 
 
 def _cli_args(models_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -304,44 +193,44 @@ def _cli_args(models_dir: Path, out: Path, *extra: str) -> list[str]:
         ("data.train=[]", "data.train"),
     ],
 )
-def test_bad_config_is_one_line_and_writes_nothing(models_dir, tmp_path, capsys, override, needle):
+def test_bad_config_is_one_line_and_writes_nothing(models_dir, tmp_path, distill_error, override, needle):
     out = tmp_path / "run"
-    assert needle in _cli_error(capsys, *_cli_args(models_dir, out, override))
+    assert needle in distill_error(*_cli_args(models_dir, out, override))
     assert not out.exists()
 
 
-def test_vocabulary_mismatch_is_one_line(models_dir, tmp_path, capsys):
+def test_vocabulary_mismatch_is_one_line(models_dir, tmp_path, distill_error):
     out = tmp_path / "run"
-    line = _cli_error(capsys, *_cli_args(models_dir, out, f"model.teacher={models_dir / 'other'}"))
+    line = distill_error(*_cli_args(models_dir, out, f"model.teacher={models_dir / 'other'}"))
     assert "tokenizers differ" in line
     assert not out.exists()
 
 
 @pytest.mark.parametrize("content", ["foreign", "finished"])
-def test_existing_output_dir_is_left_alone(models_dir, tmp_path, capsys, content):
+def test_existing_output_dir_is_left_alone(models_dir, tmp_path, distill_error, content):
     out = tmp_path / "run"
     out.mkdir()
     name = "notes.txt" if content == "foreign" else "summary.json"
     (out / name).write_text("keep me")
-    line = _cli_error(capsys, *_cli_args(models_dir, out))
+    line = distill_error(*_cli_args(models_dir, out))
     assert "--overwrite" in line
     assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "keep me"
 
 
-def test_overwrite_replaces_a_finished_run(models_dir, tmp_path):
+def test_overwrite_replaces_a_finished_run(models_dir, tmp_path, run_main):
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text("{}")
-    assert _cli(*_cli_args(models_dir, out), "--overwrite") == 0
+    assert run_main("distill", *_cli_args(models_dir, out), "--overwrite").returncode == 0
     assert json.loads((out / "summary.json").read_text())["global_step"] == 1
 
 
-def test_resume_with_a_different_config_is_refused(models_dir, tmp_path, capsys, monkeypatch):
+def test_resume_with_a_different_config_is_refused(models_dir, tmp_path, distill_error, monkeypatch):
     out = tmp_path / "run"
     opts = ("train.max_steps=2", "train.save_steps=1")
-    _interrupted_run(monkeypatch, make_cfg(models_dir, out, *opts), step=1)
+    interrupted_run(monkeypatch, make_cfg(models_dir, out, *opts), step=1)
     before = sorted(p.name for p in out.iterdir())
-    line = _cli_error(capsys, *overrides_for(models_dir, out, *opts, "loss.name=rkl"))
+    line = distill_error(*overrides_for(models_dir, out, *opts, "loss.name=rkl"))
     assert "loss.name" in line
     assert sorted(p.name for p in out.iterdir()) == before
 
@@ -349,7 +238,7 @@ def test_resume_with_a_different_config_is_refused(models_dir, tmp_path, capsys,
 def test_resume_of_a_run_from_an_older_potstill_fills_new_fields_with_defaults(models_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     opts = ("train.max_steps=3", "train.save_steps=1")
-    _interrupted_run(monkeypatch, make_cfg(models_dir, out, *opts), step=2)
+    interrupted_run(monkeypatch, make_cfg(models_dir, out, *opts), step=2)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     del saved["train"]["mixed_precision"]  # a field this run's potstill did not have yet
     (out / "config.yaml").write_text(yaml.safe_dump(saved))

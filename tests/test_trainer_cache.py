@@ -2,7 +2,8 @@
 
 The trainer only needs `cache.targets(indices) -> SparseTargets [B, L, k]`; `TopkCache` below provides that from
 a teacher's logits (what a lossless cache stores), so these tests pin the trainer's side whatever the on-disk
-format. Reuses test_trainer's tiny models (student hidden 32, teacher 64, vocab 300) and helpers.
+format. Runs on conftest's `models_dir` (student hidden 32, teacher 64, vocab 300) with distill_helpers'
+trainers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill_helpers import (
+    VOCAB,
+    make_cfg,
+    make_trainer,
+    online_teacher,
+    overrides_for,
+    ragged_batch,
+    read_log,
+    step_grads,
+)
 from potstill.config import LossConfig
 from potstill.data import collate, load_dataset
 from potstill.losses.sparse import SparseTargets, topk_targets
@@ -18,7 +29,6 @@ from potstill.teacher.online import OnlineTeacher
 from potstill.train.recipes import run_distill
 from potstill.train.setup import training_args
 from potstill.train.trainer import DistillTrainer, IndexedDataset
-from test_trainer import VOCAB, _batch, _step_grads, _teacher, _trainer, make_cfg, models_dir  # noqa: F401
 
 
 class TopkCache:
@@ -39,24 +49,24 @@ def _indexed(batch: dict) -> dict:
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("name", ["fkl", "jsd"])
-def test_cache_at_k_equal_vocab_equals_online_teacher(models_dir, tmp_path, fused, name):  # noqa: F811
+def test_cache_at_k_equal_vocab_equals_online_teacher(models_dir, tmp_path, fused, name):
     loss = LossConfig(name=name, alpha=0.6, temperature=2.0, fused=fused)
-    teacher = _teacher(models_dir)
-    batch = _indexed(_batch(4))
+    teacher = online_teacher(models_dir)
+    batch = _indexed(ragged_batch(4))
     cache = TopkCache(teacher, batch["input_ids"], batch["attention_mask"], k=VOCAB, temperature=2.0)
-    online = _trainer(models_dir, tmp_path, loss, teacher)
+    online = make_trainer(models_dir, tmp_path, loss, teacher)
     cached = DistillTrainer(model=online.model.__class__.from_pretrained(models_dir / "student"),
                             args=online.args, teacher=None, teacher_cache=cache, loss_cfg=loss)  # fmt: skip
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
-    for a, b in zip(_step_grads(online, halves), _step_grads(cached, halves), strict=True):
+    for a, b in zip(step_grads(online, halves), step_grads(cached, halves), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cached._sums, online._sums, rtol=1e-5, atol=1e-7)
     assert cache.calls == 2
 
 
-def test_cache_without_index_is_refused(models_dir, tmp_path):  # noqa: F811
-    batch = _batch(2)
-    cache = TopkCache(_teacher(models_dir), batch["input_ids"], batch["attention_mask"], k=8, temperature=1.0)
+def test_cache_without_index_is_refused(models_dir, tmp_path):
+    batch = ragged_batch(2)
+    cache = TopkCache(online_teacher(models_dir), batch["input_ids"], batch["attention_mask"], k=8, temperature=1.0)
     trainer = DistillTrainer(model=AutoModelForCausalLM.from_pretrained(models_dir / "student"),
                              args=training_args(make_cfg(models_dir, tmp_path / "run")), teacher=None,
                              teacher_cache=cache, loss_cfg=LossConfig(alpha=0.5))  # fmt: skip
@@ -64,7 +74,7 @@ def test_cache_without_index_is_refused(models_dir, tmp_path):  # noqa: F811
         trainer.compute_loss(trainer.model, batch)
 
 
-def _train(models_dir, tmp_path, teacher, cache, steps: int) -> tuple[list[float], dict]:  # noqa: F811
+def _train(models_dir, tmp_path, teacher, cache, steps: int) -> tuple[list[float], dict]:
     """Train the student `steps` steps on train.jsonl (seq 16, batch 2); (loss per step, final weights)."""
     tokenizer = AutoTokenizer.from_pretrained(models_dir / "student")
     data = IndexedDataset(load_dataset([models_dir / "train.jsonl"], tokenizer, 16))
@@ -77,7 +87,7 @@ def _train(models_dir, tmp_path, teacher, cache, steps: int) -> tuple[list[float
     return losses, {k: v.clone() for k, v in student.state_dict().items()}
 
 
-def test_cached_training_at_k64_tracks_online_training(models_dir, tmp_path):  # noqa: F811
+def test_cached_training_at_k64_tracks_online_training(models_dir, tmp_path):
     teacher_model = AutoModelForCausalLM.from_pretrained(models_dir / "teacher")
     with torch.no_grad():
         teacher_model.lm_head.weight.mul_(50.0)  # a confident teacher, as trained ones are: ~1% of mass beyond top-64
@@ -98,7 +108,7 @@ def test_cached_training_at_k64_tracks_online_training(models_dir, tmp_path):  #
     assert apart < 0.05 * moved  # measured: 2%; the two runs move the student the same way
 
 
-def test_cache_source_needs_a_cache_path(models_dir, tmp_path):  # noqa: F811
+def test_cache_source_needs_a_cache_path(models_dir, tmp_path):
     from potstill.errors import UserError
 
     with pytest.raises(UserError, match="teacher.cache"):
@@ -110,7 +120,7 @@ def test_cache_source_needs_a_cache_path(models_dir, tmp_path):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def lossless_cache(models_dir, tmp_path_factory):  # noqa: F811
+def lossless_cache(models_dir, tmp_path_factory):
     """A k = V lossless cache of the teacher on train.jsonl, packed like make_cfg's runs (seq 16, T = 2)."""
     from potstill.teacher.cache import build_cache
 
@@ -119,9 +129,7 @@ def lossless_cache(models_dir, tmp_path_factory):  # noqa: F811
                        seq_len=16, encoding="lossless", student=models_dir / "student", progress=False)  # fmt: skip
 
 
-def test_run_from_lossless_cache_equals_online_run(models_dir, tmp_path, lossless_cache):  # noqa: F811
-    from test_trainer import read_log
-
+def test_run_from_lossless_cache_equals_online_run(models_dir, tmp_path, lossless_cache):
     opts = ("train.max_steps=4", "loss.name=jsd")
     online = run_distill(make_cfg(models_dir, tmp_path / "online", *opts))
     cached = run_distill(make_cfg(models_dir, tmp_path / "cached", *opts, "teacher.source=cache",
@@ -132,12 +140,12 @@ def test_run_from_lossless_cache_equals_online_run(models_dir, tmp_path, lossles
 
 
 @pytest.mark.parametrize(("override", "needle"), [("data.seq_len=24", "other data"), ("loss.temperature=1.0", "temp")])
-def test_mismatched_cache_is_refused_before_training(models_dir, tmp_path, lossless_cache, capsys, override, needle):  # noqa: F811
-    from test_trainer import _cli_error, overrides_for
-
+def test_mismatched_cache_is_refused_before_training(
+    models_dir, tmp_path, lossless_cache, distill_error, override, needle
+):
     out = tmp_path / "run"
     args = overrides_for(
         models_dir, out, "train.max_steps=1", "teacher.source=cache", f"teacher.cache={lossless_cache}"
     )
-    assert needle in _cli_error(capsys, *args, override)
+    assert needle in distill_error(*args, override)
     assert not out.exists()
