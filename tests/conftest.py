@@ -1,7 +1,9 @@
 """Shared fixtures: the tiny tokenizer, the one tiny-model builder, the two CLI runners, JSONL writers.
 
-Tests use these as fixtures (no test imports conftest or another test module). Everything is built inside the test
-session (no hub downloads) and takes milliseconds:
+The tests mirror src/potstill (tests/train/ holds the tests of potstill.train, ...; the top level those of cli.py,
+demo.py, serve.py); tests/train/conftest.py adds the training tests' own fixtures. Tests use what is here as fixtures:
+no test imports conftest or another test module. Everything is built inside the test session (no hub downloads) and
+takes milliseconds:
 
 - `tiny_tokenizer`: a byte-level BPE (vocab 300) with <pad>, <bos>, <eos>, <unk>, trained on `TINY_CORPUS`;
 - `tiny_corpus`: those texts (ASCII, accents, CJK, an emoji, code);
@@ -21,10 +23,10 @@ session (no hub downloads) and takes milliseconds:
   stderr, no traceback, each needle in that line;
 - `write_jsonl(name, rows)`: a JSONL file under tmp_path (dict rows are dumped, str rows written verbatim).
 
-Helper modules that are not fixtures (distill_helpers.py: training-run options, trainers, logs; fake_openai.py: a
-fake OpenAI endpoint; report_inputs.py: what the report reads) are plain modules next to the tests that use them, or
-in this directory when tests of several directories share them: pytest's default ("prepend") import mode puts a test
-module's directory and this one on sys.path.
+Helper modules that are not fixtures are plain modules next to the tests that use them (train/distill_helpers.py:
+training-run options, trainers, logs; teacher/fake_openai.py: a fake OpenAI endpoint), or here when tests of several
+directories share them (report_inputs.py: what the report reads): pytest's default ("prepend") import mode puts a test
+module's directory and this one on sys.path, so test basenames must stay unique.
 """
 
 from __future__ import annotations
@@ -222,34 +224,6 @@ def models_dir(tmp_path_factory, tiny_tokenizer, make_tokenizer) -> Path:
     return root
 
 
-def _domain_text(domain: str, rng: random.Random) -> str:
-    if domain == "prose":
-        return " ".join(rng.choice(WORDS) for _ in range(12))
-    if domain == "digits":
-        return " ".join(str(rng.randrange(1000)) for _ in range(10))
-    return "def add(a, b):\n    return a + b\n" * 2
-
-
-def _write_domains(path: Path, domains: dict[str, int], seed: int) -> Path:
-    rng = random.Random(seed)
-    rows = [{"text": _domain_text(d, rng), "domain": d} for d, n in domains.items() for _ in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def ddk_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """models_dir's student and teacher, and JSONL files of 3 domains (prose, digits, code) for DDK runs."""
-    root = tmp_path_factory.mktemp("ddk")
-    _build_model(tiny_tokenizer, 0, hidden=32, max_positions=64, save_to=root / "student")
-    _build_model(tiny_tokenizer, 1, hidden=64, max_positions=64, save_to=root / "teacher")
-    _write_domains(root / "train.jsonl", {"prose": 12, "digits": 12, "code": 12}, seed=0)
-    _write_domains(root / "eval.jsonl", {"prose": 3, "digits": 3, "code": 3}, seed=1)
-    _write_domains(root / "eval_no_code.jsonl", {"prose": 3, "digits": 3}, seed=1)
-    _write_domains(root / "small.jsonl", {"prose": 12, "digits": 12, "code": 1}, seed=2)
-    return root
-
-
 # ---- the CLI ----
 
 
@@ -311,20 +285,6 @@ def run_main_fixture(capfd):
 def assert_one_line_error_fixture():
     """assert_one_line_error(proc, *needles) -> the error line (proc: from run_cli or run_main)."""
     return _assert_one_line_error
-
-
-@pytest.fixture
-def distill_error(run_main, assert_one_line_error):
-    """distill_error(*args) -> the error line of `potstill distill ARGS` run in this process, which must fail with
-    exit status 2 and one line on stderr starting "potstill: error: "."""
-
-    def run(*args) -> str:
-        proc = run_main("distill", *args)
-        line = assert_one_line_error(proc)
-        assert proc.returncode == 2 and line.startswith("potstill: error: "), proc.stderr
-        return line
-
-    return run
 
 
 # ---- data files ----

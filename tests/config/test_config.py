@@ -8,7 +8,7 @@ import pytest
 from potstill.config import DistillConfig, dump_config, load_config, validate_config
 from potstill.errors import UserError
 
-CONFIG_DIR = Path(__file__).parents[1] / "src" / "potstill" / "configs"
+CONFIG_DIR = Path(__file__).parents[2] / "src" / "potstill" / "configs"
 
 
 def test_overrides_apply_and_parse_types(tmp_path):

@@ -274,7 +274,7 @@ def test_bf16_teacher_and_autocast_student_train_like_float32(models_dir, tmp_pa
 
 # ---- presets ----
 
-PRESETS = sorted((Path(__file__).parents[1] / "src" / "potstill" / "configs").glob("*.yaml"))
+PRESETS = sorted((Path(__file__).parents[2] / "src" / "potstill" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
