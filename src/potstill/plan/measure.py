@@ -2,7 +2,7 @@
 
 `measure_run(cfg)` runs `python -m potstill.plan.measure` with the config on stdin; that process trains with a
 `StepClock` callback noting when each optimizer step ends and prints `[peak RSS, wall seconds, step seconds]`.
-Used to check the plan (tests/test_plan.py, benchmarks/bench_plan.py); it really trains.
+Used to check the plan (tests/plan/test_plan.py, benchmarks/bench_plan.py); it really trains.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ plan measures exactly what training does. One micro-batch:
    [B, L, V] logits) on the fused path, logits on the dense one. Goes through the (possibly DDP-wrapped) model.
 4. `loss_terms(...)`: the two terms (KD, CE), each summed over the scored positions and divided by `num_tokens`
    (`losses.fused_kd_terms`, `kd_terms` or `sparse_kd_terms`); `losses.combine` then weights them with
-   `kd_weights(alpha, T)`. Fused and dense give the same loss and gradients (tests/test_trainer_fused.py).
+   `kd_weights(alpha, T)`. Fused and dense give the same loss and gradients (tests/train/test_trainer_fused.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ DDP/FSDP/DeepSpeed through accelerate) is the stock Trainer.
 Loss path: by default (`loss.fused: true`) the fused chunked loss (`losses/fused.py`, no [B, L, V] logits). The
 dense path (full logits) runs instead when `loss.fused: false`, when the student's head is not a plain linear
 layer (`models.heads.head_of` is None), when the online teacher's is not, or under FSDP/DeepSpeed (sharded
-weights). Both give the same loss and gradients (tests/test_trainer_fused.py).
+weights). Both give the same loss and gradients (tests/train/test_trainer_fused.py).
 
 Normalization: both terms are summed over the scored positions (`losses.scored_mask`) of the whole optimizer
 step and divided once by their global count, across gradient accumulation and ranks. So grad_accum 1x8 == 8x1
