@@ -161,3 +161,17 @@ def test_bad_rows_are_named_by_file_and_line(pair, tmp_path, tiny_tokenizer):
     long.write_text(json.dumps({"prompt": " ".join(WORDS * 3), "completion": " x"}) + "\n")
     with pytest.raises(UserError, match=r"long.jsonl:1: prompt of \d+ tokens \+ on_policy.max_new_tokens 6 exceeds"):
         PromptDataset([str(long)], tiny_tokenizer, seq_len=40, max_new_tokens=6)
+
+
+def test_seq_kd_completes_the_other_batches_with_the_teachers_samples(pair, prompts, tmp_path, monkeypatch):
+    import potstill.train.on_policy as on_policy
+
+    real, models = on_policy.rollout, []
+    monkeypatch.setattr(on_policy, "rollout", lambda model, *a: models.append(model) or real(model, *a))
+    cfg = _cfg(pair, prompts, tmp_path / "seq", "train.max_steps=2", "on_policy.lmbda=0.0", "on_policy.seq_kd=true")
+    logs = _log(run_distill(cfg))
+    teacher = AutoModelForCausalLM.from_pretrained(pair[1])
+    weights = teacher.get_input_embeddings().weight
+    assert len(models) == 2 and all(torch.equal(m.get_input_embeddings().weight, weights) for m in models)
+    assert all(m.training is False for m in models)  # the frozen teacher, not the (training) student
+    assert all(entry["on_policy_fraction"] == 0.0 for entry in logs)

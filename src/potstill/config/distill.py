@@ -238,6 +238,11 @@ class OnPolicyConfig(Section):
         " GKDTrainer uses jsd, beta 0.5); 'rkl_sampled' = reverse KL on the sampled tokens only, by policy"
         " gradient with the per-token reward log p_teacher(y_t) - log q_student(y_t) (Qwen3 / Thinking Machines)",
     )
+    seq_kd: bool = Field(
+        default=False,
+        description="the micro-batches the student does not complete are completed by the teacher's samples"
+        " (sequence-level KD, GKD's seq_kd) instead of the data's completions",
+    )
     max_new_tokens: int = Field(default=32, gt=0, description="tokens the student samples per prompt (at most)")
     temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the rollouts")
     top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling of the rollouts (1 = off)")

@@ -4,7 +4,8 @@ Off-policy KD trains the student on text it would never write; at generation tim
 path where it was never taught (exposure bias). Here, for each micro-batch of prompt/completion rows, with
 probability `on_policy.lmbda` the data's completions are replaced by the student's own samples (GKD, Agarwal et
 al. 2024), drawn from the current student (HF `generate`: KV cache, left-padded prompts, stop at `<eos>`,
-`max_new_tokens`, `temperature`, `top_p`). The prompt is never scored. The teacher then grades the completion:
+`max_new_tokens`, `temperature`, `top_p`); with `seq_kd` the other micro-batches are completed by the teacher's
+samples instead of the data's (sequence-level KD). The prompt is never scored. The teacher then grades the completion:
 
 - `objective: gkd`: the `loss.name` divergence on every completion token (full distributions, through the same
   KD step as off-policy training: fused or dense, online teacher), weighted as `alpha * T^2 * D + (1 - alpha) CE`;
@@ -164,10 +165,12 @@ class OnPolicyTrainer(DistillTrainer):
         for i, batch in enumerate(batches):
             seed = ((self.args.seed * 1_000_003 + step) * 4096 + i) * 1024 + self.args.process_index
             self._health["micro"] += 1
+            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             if torch.rand((), generator=torch.Generator().manual_seed(seed)).item() < self.on_policy.lmbda:
-                moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 batch = rollout(student, moved, self.on_policy, self.pad_id, self.eos_id, seed + 1)
                 self._note(batch)
+            elif self.on_policy.seq_kd:  # the teacher writes the completion (its vocabulary is the student's)
+                batch = rollout(self.teacher.model, moved, self.on_policy, self.pad_id, self.eos_id, seed + 1)
             out.append(batch)
         return out
 
@@ -234,6 +237,11 @@ class OnPolicyRecipe:
         tok = models.tokenizer
         if tok.eos_token_id is None:
             raise UserError(f"{cfg.model.student}: the student's tokenizer has no <eos>: its samples could never stop")
+        if cfg.on_policy.seq_kd and models.teacher.id_map is not None:
+            raise UserError(
+                f"{cfg.model.student}: on_policy.seq_kd needs the teacher's vocabulary; this student has a trimmed one"
+                " (an id map), so the teacher's samples could hold tokens it cannot read"
+            )
         data.eos_id = tok.eos_token_id
         data.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         dataset = PromptDataset(cfg.data.train, tok, cfg.data.seq_len, cfg.on_policy.max_new_tokens, cfg.data.add_bos)
