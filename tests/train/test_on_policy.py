@@ -175,3 +175,16 @@ def test_seq_kd_completes_the_other_batches_with_the_teachers_samples(pair, prom
     assert len(models) == 2 and all(torch.equal(m.get_input_embeddings().weight, weights) for m in models)
     assert all(m.training is False for m in models)  # the frozen teacher, not the (training) student
     assert all(entry["on_policy_fraction"] == 0.0 for entry in logs)
+
+
+def test_collapse_stops_the_run_with_its_reason(pair, prompts, tmp_path):
+    """A random tiny student never samples <eos> in 6 tokens: min_eos_rate=1 stops it at the first log."""
+    cfg = _cfg(
+        pair, prompts, tmp_path / "stop", "train.max_steps=5", "on_policy.lmbda=1.0", "on_policy.min_eos_rate=1.0"
+    )
+    run = run_distill(cfg)
+    logs = _log(run)
+    assert [e["step"] for e in logs] == [1] and logs[0]["rollout_eos_rate"] < 1.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 1 and "length explosion" in summary["stop_reason"]
+    assert (run / "student" / "config.json").is_file()

@@ -246,6 +246,20 @@ class OnPolicyConfig(Section):
     max_new_tokens: int = Field(default=32, gt=0, description="tokens the student samples per prompt (at most)")
     temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the rollouts")
     top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling of the rollouts (1 = off)")
+    min_eos_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="stop the run (with its reason in the log and summary.json) when, over a logging interval, fewer"
+        " rollouts than this share end at <eos>: a length explosion (0 = never)",
+    )
+    min_distinct2: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="stop the run when the rollouts' distinct bigrams / bigrams over a logging interval fall below"
+        " this: the student repeats itself (0 = never)",
+    )
 
 
 class DistillConfig(Section):

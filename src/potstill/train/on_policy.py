@@ -17,11 +17,14 @@ global count of scored completion tokens of the optimizer step. Their randomness
 sampling) comes from a generator seeded by (train.seed, step, micro-batch, rank), so a resumed run samples
 exactly what the uninterrupted one did. Logged every logging step: `on_policy_fraction`, `rollout_len` (mean
 completion tokens), `rollout_eos_rate` (share that stopped at `<eos>`), `rollout_distinct2` (distinct bigrams /
-bigrams: repetition) and, with `rkl_sampled`, `kd` is the sampled reverse KL per token.
+bigrams: repetition) and, with `rkl_sampled`, `kd` is the sampled reverse KL per token. `on_policy.min_eos_rate` /
+`min_distinct2` stop the run when the rollouts collapse (length explosion, repetition), with the reason logged and
+in `summary.json` (`stop_reason`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,8 @@ from potstill.losses import IGNORE_INDEX, KDTerms, scored_mask
 from potstill.losses.policy import sampled_reverse_kl
 from potstill.train.setup import Models, training_args
 from potstill.train.trainer import DistillTrainer
+
+logger = logging.getLogger(__name__)
 
 _HEALTH = ("rollouts", "rollout_tokens", "rollout_eos", "bigrams", "distinct_bigrams", "micro", "on_policy")
 
@@ -156,6 +161,7 @@ class OnPolicyTrainer(DistillTrainer):
         super().__init__(*args, **kwargs)
         self.on_policy, self.pad_id, self.eos_id = on_policy, pad_id, eos_id
         self._health = dict.fromkeys(_HEALTH, 0)
+        self.stop_reason: str | None = None  # why the run stopped early (on_policy.min_eos_rate / min_distinct2)
 
     def prepare_step(self, batches: list[dict], device: torch.device) -> list[dict]:
         """Complete the chosen micro-batches by the student (probability lambda each, seeded per step and batch)."""
@@ -206,6 +212,23 @@ class OnPolicyTrainer(DistillTrainer):
         terms = KDTerms(kd=sampled_reverse_kl(log_q, log_p).sum() / denom, ce=ce, n_tokens=int(mask.sum()))
         return self.finish_loss(model, terms, outputs, return_outputs, num_items_in_batch)
 
+    def _check_collapse(self, logs: dict[str, float]) -> None:
+        """Stop training (after this step; the student is saved) when the rollouts collapsed, saying why."""
+        cfg, step = self.on_policy, self.state.global_step
+        if logs["rollout_eos_rate"] < cfg.min_eos_rate:
+            self.stop_reason = (
+                f"step {step}: only {logs['rollout_eos_rate']:.0%} of the rollouts ended at <eos>"
+                f" (on_policy.min_eos_rate {cfg.min_eos_rate}): length explosion"
+            )
+        elif logs["rollout_distinct2"] < cfg.min_distinct2:
+            self.stop_reason = (
+                f"step {step}: rollout distinct bigrams {logs['rollout_distinct2']:.3f} < on_policy.min_distinct2"
+                f" {cfg.min_distinct2}: the student repeats itself"
+            )
+        if self.stop_reason is not None:
+            logger.warning("stopping: %s", self.stop_reason)
+            self.control.should_training_stop = True
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the rollouts' health (since the last log) to a training log."""
         h = self._health
@@ -215,6 +238,7 @@ class OnPolicyTrainer(DistillTrainer):
                 logs["rollout_len"] = h["rollout_tokens"] / h["rollouts"]
                 logs["rollout_eos_rate"] = h["rollout_eos"] / h["rollouts"]
                 logs["rollout_distinct2"] = h["distinct_bigrams"] / max(h["bigrams"], 1)
+                self._check_collapse(logs)
             self._health = dict.fromkeys(_HEALTH, 0)
         super().log(logs, start_time)
 
@@ -258,4 +282,5 @@ class OnPolicyRecipe:
         )
 
     def finish(self, trainer: OnPolicyTrainer, cfg: DistillConfig, models: Models, out: Path, data: _Data) -> dict:
-        return {"objective": cfg.on_policy.objective, "lmbda": cfg.on_policy.lmbda}
+        summary = {"objective": cfg.on_policy.objective, "lmbda": cfg.on_policy.lmbda}
+        return summary if trainer.stop_reason is None else summary | {"stop_reason": trainer.stop_reason}
