@@ -111,10 +111,12 @@ def run_trl(student, teacher_model, data, args, out: str) -> StepTimer:
 
     keys = ("input_ids", "attention_mask", "labels")
     rows = Dataset.from_dict({key: getattr(data, key).tolist() for key in keys})  # SFTTrainer wants a `Dataset`
+    # TRL's GKDConfig turns gradient checkpointing and bf16 on by default: off, for the same float32 step as ours.
     config = GKDConfig(output_dir=out, max_steps=args.steps + 2, per_device_train_batch_size=args.batch,
                        learning_rate=1e-4, lmbda=0.0, beta=0.5, temperature=1.0, seq_kd=False, report_to=[],
                        logging_steps=1000, save_strategy="no", use_cpu=True, disable_tqdm=True,
-                       max_length=args.seq_len, dataloader_num_workers=0)  # fmt: skip
+                       max_length=args.seq_len, dataloader_num_workers=0,
+                       gradient_checkpointing=False, bf16=False)  # fmt: skip
     timer = StepTimer()
     trainer = GKDTrainer(model=student, teacher_model=teacher_model, args=config, train_dataset=rows,
                          data_collator=lambda batch: {key: torch.tensor([r[key] for r in batch]) for key in keys},

@@ -243,6 +243,8 @@ class DistillTrainer(Trainer):
         """Whether this micro-batch measures the gradient norms: the first one of step 1 (auto) or of a logging step."""
         step = self.state.global_step + 1
         logging_step = step % self.args.logging_steps == 0 or step == self.state.max_steps
+        if self.alpha == 1.0:  # no CE gradient to compare with: grad_ratio is not logged, save the two backwards
+            return False
         return model.training and self._micro == 0 and (self.alpha is None or logging_step)
 
     def _measure(self, model: nn.Module, terms: KDTerms) -> None:
