@@ -1,0 +1,221 @@
+"""The on-policy baseline arena: five ways to train the same small student on a task with checkable answers.
+
+Task: 2-digit addition at character level, `"12+34="` -> `"046"` (the sum zero-padded to 3 digits, so every row
+has the same length: `<bos>` + 6 prompt + 3 answer + `<eos>` = 11 tokens, and the distill recipe's packing puts
+exactly one row in each sequence of `data.seq_len` 11, as the on_policy recipe does). The operand pairs
+(10..99)^2 are split into training prompts and held-out prompts.
+
+1. A teacher (Llama, hidden 128 x 4 layers) is trained here by CE (`train.recipe=distill`, `loss.alpha=0`) and
+   its greedy exact-match accuracy on the held-out prompts is printed (cached in the work dir; `--retrain-teacher`).
+2. A smaller student (Llama, hidden 48 x 2 layers; the same random init per seed for every arm) is trained by each
+   arm on the same training prompts, with the same `train.max_steps`, `train.batch_size`, `train.lr`:
+
+   - `ce`: CE on the data (distill recipe, `loss.alpha=0`);
+   - `kd_fkl`: off-policy KD on the data's completions (distill recipe, `loss.alpha=1`, `loss.name=fkl`);
+   - `kd_jsd`: the same with `loss.name=jsd` (beta 0.5): GKD's divergence without the student's samples, so that
+     `gkd_jsd` can be read apart from its divergence;
+   - `seq_kd`: sequence-level KD (on_policy recipe, `lmbda=0`, `seq_kd=true`: the teacher samples the completions,
+     graded by fkl);
+   - `gkd_jsd`: GKD (on_policy, `lmbda=0.5`, `objective=gkd`, `loss.name=jsd`, beta 0.5);
+   - `rkl_onpolicy`: on-policy sampled reverse KL (on_policy, `lmbda=1`, `objective=rkl_sampled`).
+
+Metric: the student's greedy exact-match accuracy on the held-out prompts (answer tokens up to `<eos>` equal to the
+true answer), and the wall seconds of each training run (load + train + save, without the evaluation).
+
+    python benchmarks/on_policy_arena.py                  # the table of benchmarks/README.md
+    python benchmarks/on_policy_arena.py --quick          # a smoke run (tiny teacher budget, 20 student steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+ALPHABET = list("0123456789+=")
+ARMS = {
+    "ce": ["train.recipe=distill", "loss.alpha=0"],
+    "kd_fkl": ["train.recipe=distill", "loss.alpha=1", "loss.name=fkl"],
+    "kd_jsd": ["train.recipe=distill", "loss.alpha=1", "loss.name=jsd", "loss.beta=0.5"],
+    "seq_kd": ["train.recipe=on_policy", "loss.alpha=1", "loss.name=fkl", "on_policy.lmbda=0", "on_policy.seq_kd=true"],
+    "gkd_jsd": [
+        "train.recipe=on_policy",
+        "loss.alpha=1",
+        "loss.name=jsd",
+        "loss.beta=0.5",
+        "on_policy.lmbda=0.5",
+        "on_policy.objective=gkd",
+    ],
+    "rkl_onpolicy": ["train.recipe=on_policy", "loss.alpha=1", "on_policy.lmbda=1", "on_policy.objective=rkl_sampled"],
+}
+SEQ_LEN = 11  # <bos> + "ab+cd=" + "xyz" + <eos>
+ANSWER_LEN = 3
+
+
+def build_tokenizer():
+    """A character-level tokenizer (a BPE with no merges over digits, '+', '='), with <pad>/<bos>/<eos>/<unk>."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + ALPHABET)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def build_model(tokenizer, out: Path, seed: int, hidden: int, layers: int, heads: int) -> Path:
+    """A random LlamaForCausalLM over `tokenizer`, saved with it as an HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_task(work: Path, n_eval: int, n_train: int | None, seed: int = 0) -> tuple[Path, list[tuple[str, str]]]:
+    """Write the training prompts (prompt/completion JSONL); return its path and the held-out (prompt, answer)s."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    random.Random(seed).shuffle(pairs)
+    held, train = pairs[:n_eval], pairs[n_eval:]
+    train = train if n_train is None else train[:n_train]
+    path = work / "train.jsonl"
+    with path.open("w") as f:
+        for a, b in train:
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": f"{a + b:03d}"}) + "\n")
+    return path, [(f"{a}+{b}=", f"{a + b:03d}") for a, b in held]
+
+
+@torch.no_grad()
+def accuracy(model_dir: Path, held: list[tuple[str, str]]) -> float:
+    """Greedy exact match: the tokens generated before `<eos>` (at most ANSWER_LEN + 1) spell the true answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p, _ in held])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=ANSWER_LEN + 1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )[:, ids.shape[1] :]
+    right = 0
+    for row, (_, answer) in zip(out.tolist(), held, strict=True):
+        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        right += row == tok(answer, add_special_tokens=False)["input_ids"]
+    return right / len(held)
+
+
+def train(out: Path, overrides: list[str]) -> float:
+    """One `run_distill` into `out` (overwritten); returns its wall seconds."""
+    from potstill.config import load_config
+    from potstill.train.recipes import run_distill
+
+    cfg = load_config(None, [f"train.output_dir={out}", "train.overwrite=true", *overrides], run=True)
+    start = time.perf_counter()
+    run_distill(cfg)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=1500, help="student optimizer steps, every arm")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (student init and train.seed)")
+    p.add_argument("--batch-size", type=int, default=32, help="student train.batch_size, every arm")
+    p.add_argument("--lr", type=float, default=2e-3, help="student train.lr, every arm")
+    p.add_argument("--teacher-steps", type=int, default=3000)
+    p.add_argument("--eval", type=int, default=500, help="held-out prompts")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--work", type=Path, default=Path("/tmp/potstill_arena"))
+    p.add_argument("--retrain-teacher", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--quick", action="store_true", help="smoke run: 20 student steps, 1 seed, 200 teacher steps")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.seeds, args.teacher_steps, args.eval = 20, 1, 200, 200
+        args.work = args.work.with_name(args.work.name + "_quick")
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    data, held = make_task(args.work, args.eval, None)
+    common = [f"data.train=[{data}]", f"data.seq_len={SEQ_LEN}", "train.logging_steps=50", "train.warmup_steps=20"]
+    common += [f"on_policy.max_new_tokens={ANSWER_LEN + 1}", "on_policy.temperature=1.0"]
+
+    teacher = args.work / "teacher" / "student"
+    if args.retrain_teacher or not (teacher / "config.json").exists():
+        init = build_model(tok, args.work / "teacher_init", seed=1234, hidden=128, layers=4, heads=4)
+        secs = train(
+            args.work / "teacher",
+            [
+                f"model.student={init}",
+                "loss.alpha=0",
+                *common,
+                f"train.max_steps={args.teacher_steps}",
+                "train.batch_size=64",
+                "train.lr=1e-3",
+            ],
+        )
+        print(f"teacher trained in {secs:.0f} s", flush=True)
+    teacher_acc = accuracy(teacher, held)
+    print(f"teacher (128x4) held-out greedy exact match: {teacher_acc:.3f}", flush=True)
+
+    results: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
+    for seed in range(args.seeds):
+        init = build_model(tok, args.work / f"student_init_{seed}", seed=seed, hidden=48, layers=2, heads=2)
+        for arm in args.arms:
+            out = args.work / f"{arm}_s{seed}"
+            secs = train(
+                out,
+                [
+                    f"model.student={init}",
+                    f"model.teacher={teacher}",
+                    *common,
+                    *ARMS[arm],
+                    f"train.seed={seed}",
+                    f"train.max_steps={args.steps}",
+                    f"train.batch_size={args.batch_size}",
+                    f"train.lr={args.lr}",
+                ],
+            )
+            acc = accuracy(out / "student", held)
+            results[arm].append((acc, secs))
+            print(f"{arm} seed {seed}: acc {acc:.3f} in {secs:.1f} s", flush=True)
+
+    print(f"\nteacher 128x4: {teacher_acc:.3f} held-out exact match ({len(held)} prompts)")
+    print(f"student 48x2, {args.steps} steps x batch {args.batch_size}, lr {args.lr}\n")
+    seeds = " | ".join(f"seed {s}" for s in range(args.seeds))
+    print(f"| arm | {seeds} | mean | spread (max - min) | seconds (mean) |")
+    print("|---|" + "---:|" * (args.seeds + 3))
+    for arm, rows in results.items():
+        accs = [a for a, _ in rows]
+        cells = " | ".join(f"{a:.3f}" for a in accs)
+        mean, spread = statistics.mean(accs), max(accs) - min(accs)
+        print(f"| {arm} | {cells} | {mean:.3f} | {spread:.3f} | {statistics.mean(s for _, s in rows):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
