@@ -14,10 +14,11 @@ from potstill.errors import UserError
 ID_MAP_FILE = "potstill_vocab.json"
 
 
-def _read(student_dir: str | Path) -> tuple[Path, list | None, int | None]:
+def _teacher_ids(student_dir: str | Path) -> list[int] | None:
+    """The `teacher_ids` of the student's id map, checked; None when it has none."""
     path = Path(student_dir) / ID_MAP_FILE
     if not path.is_file():
-        return path, None, None
+        return None
     try:
         data = json.loads(path.read_text())
         ids, size = data["teacher_ids"], data["teacher_vocab_size"]
@@ -26,12 +27,12 @@ def _read(student_dir: str | Path) -> tuple[Path, list | None, int | None]:
         raise UserError(f"{path}: malformed id map ({err}); expected {{'teacher_vocab_size', 'teacher_ids'}}") from None
     if not ok or not ids:
         raise UserError(f"{path}: teacher_ids must be a non-empty list of ids in [0, {size})")
-    return path, ids, size
+    return ids
 
 
 def id_map_size(student_dir: str | Path) -> int | None:
     """Rows of the student's id map, or None when it keeps the teacher's vocabulary (no torch import)."""
-    ids = _read(student_dir)[1]
+    ids = _teacher_ids(student_dir)
     return None if ids is None else len(ids)
 
 
@@ -41,7 +42,7 @@ def load_id_map(student_dir: str | Path):
     Raises:
         UserError: `potstill_vocab.json` exists but is malformed.
     """
-    ids = _read(student_dir)[1]
+    ids = _teacher_ids(student_dir)
     if ids is None:
         return None
     import torch

@@ -25,7 +25,6 @@ in `summary.json` (`stop_reason`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,8 @@ class PromptDataset(Dataset):
     """One row per prompt/completion record: `<bos> + prompt + completion + <eos>`, right-padded to `seq_len`.
 
     Item i: `input_ids`, `attention_mask`, `labels` [L] (labels -100 on `<bos>`, the prompt and padding),
-    `prompt_len` (0-dim long: tokens before the completion), `domain`.
+    `prompt_len` (0-dim long: tokens before the completion), `domain`. `pad_id` is the padding id it used (the
+    tokenizer's pad, else its `<eos>`), which rollouts pad with too.
 
     Raises:
         UserError: a plain-text record (no prompt), a prompt that leaves less than `max_new_tokens` of `seq_len`.
@@ -61,7 +61,7 @@ class PromptDataset(Dataset):
     def __init__(self, paths: list[str], tokenizer, seq_len: int, max_new_tokens: int, add_bos: bool = True):
         records = read_many(paths)
         bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows = []
         for record, doc in zip(records, tokenize(records, tokenizer), strict=True):
             if record.prompt is None:
@@ -171,12 +171,14 @@ class OnPolicyTrainer(DistillTrainer):
         for i, batch in enumerate(batches):
             seed = ((self.args.seed * 1_000_003 + step) * 4096 + i) * 1024 + self.args.process_index
             self._health["micro"] += 1
-            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if torch.rand((), generator=torch.Generator().manual_seed(seed)).item() < self.on_policy.lmbda:
-                batch = rollout(student, moved, self.on_policy, self.pad_id, self.eos_id, seed + 1)
+            on_policy = torch.rand((), generator=torch.Generator().manual_seed(seed)).item() < self.on_policy.lmbda
+            # the student samples the completion, or with seq_kd the teacher does (its vocabulary is the student's)
+            writer = student if on_policy else self.teacher.model if self.on_policy.seq_kd else None
+            if writer is not None:
+                moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch = rollout(writer, moved, self.on_policy, self.pad_id, self.eos_id, seed + 1)
+            if on_policy:
                 self._note(batch)
-            elif self.on_policy.seq_kd:  # the teacher writes the completion (its vocabulary is the student's)
-                batch = rollout(self.teacher.model, moved, self.on_policy, self.pad_id, self.eos_id, seed + 1)
             out.append(batch)
         return out
 
@@ -204,11 +206,12 @@ class OnPolicyTrainer(DistillTrainer):
         teacher = self.teacher.logits(inputs["input_ids"], inputs["attention_mask"])
         mask = scored_mask(labels)
         targets = labels[:, 1:][mask]
+        student = outputs.logits[:, :-1][mask].float()  # [n, V]: the scored positions only
         temperature = self.loss_cfg.temperature
-        log_q = F.log_softmax(outputs.logits[:, :-1][mask].float() / temperature, -1).gather(1, targets[:, None])[:, 0]
+        log_q = F.log_softmax(student / temperature, -1).gather(1, targets[:, None])[:, 0]
         log_p = F.log_softmax(teacher[:, :-1][mask].float() / temperature, -1).gather(1, targets[:, None])[:, 0]
         denom = torch.as_tensor(mask.sum() if num_items_in_batch is None else num_items_in_batch).clamp_min(1)
-        ce = F.cross_entropy(outputs.logits[:, :-1][mask].float(), targets, reduction="sum") / denom
+        ce = F.cross_entropy(student, targets, reduction="sum") / denom
         terms = KDTerms(kd=sampled_reverse_kl(log_q, log_p).sum() / denom, ce=ce, n_tokens=int(mask.sum()))
         return self.finish_loss(model, terms, outputs, return_outputs, num_items_in_batch)
 
@@ -243,21 +246,13 @@ class OnPolicyTrainer(DistillTrainer):
         super().log(logs, start_time)
 
 
-@dataclass
-class _Data:
-    """The special ids of the run, read once the tokenizer is loaded."""
-
-    pad_id: int | None = None
-    eos_id: int | None = None
-
-
 class OnPolicyRecipe:
     """`train.recipe: on_policy` (see the module docstring)."""
 
-    def read(self, cfg: DistillConfig) -> _Data:
-        return _Data()
+    def read(self, cfg: DistillConfig) -> None:
+        return None  # the prompts are read with the student's tokenizer, in `trainer`
 
-    def trainer(self, cfg: DistillConfig, models: Models, out: Path, data: _Data) -> OnPolicyTrainer:
+    def trainer(self, cfg: DistillConfig, models: Models, out: Path, data: None) -> OnPolicyTrainer:
         tok = models.tokenizer
         if tok.eos_token_id is None:
             raise UserError(f"{cfg.model.student}: the student's tokenizer has no <eos>: its samples could never stop")
@@ -266,8 +261,6 @@ class OnPolicyRecipe:
                 f"{cfg.model.student}: on_policy.seq_kd needs the teacher's vocabulary; this student has a trimmed one"
                 " (an id map), so the teacher's samples could hold tokens it cannot read"
             )
-        data.eos_id = tok.eos_token_id
-        data.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         dataset = PromptDataset(cfg.data.train, tok, cfg.data.seq_len, cfg.on_policy.max_new_tokens, cfg.data.add_bos)
         return OnPolicyTrainer(
             model=models.student,
@@ -277,10 +270,10 @@ class OnPolicyRecipe:
             teacher=models.teacher,
             loss_cfg=cfg.loss,
             on_policy=cfg.on_policy,
-            pad_id=data.pad_id,
-            eos_id=data.eos_id,
+            pad_id=dataset.pad_id,
+            eos_id=tok.eos_token_id,
         )
 
-    def finish(self, trainer: OnPolicyTrainer, cfg: DistillConfig, models: Models, out: Path, data: _Data) -> dict:
+    def finish(self, trainer: OnPolicyTrainer, cfg: DistillConfig, models: Models, out: Path, data: None) -> dict:
         summary = {"objective": cfg.on_policy.objective, "lmbda": cfg.on_policy.lmbda}
         return summary if trainer.stop_reason is None else summary | {"stop_reason": trainer.stop_reason}

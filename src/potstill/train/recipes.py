@@ -131,8 +131,7 @@ def run_distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -
         save_student(trainer, out / STUDENT_DIR, models.tokenizer, cfg.model.student)
         if trainer.is_world_process_zero():
             summary = {"recipe": cfg.train.recipe, "global_step": trainer.state.global_step}
-            summary |= {"train_loss": result.training_loss}
-            summary |= recipe.finish(trainer, cfg, models, out, data)
+            summary |= {"train_loss": result.training_loss, **recipe.finish(trainer, cfg, models, out, data)}
             write_json_atomic(out / SUMMARY_FILE, summary)
         trainer.accelerator.wait_for_everyone()
     return out
