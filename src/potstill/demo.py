@@ -276,7 +276,8 @@ def _step_corpus(ctx: dict) -> dict:
 def _step_student(ctx: dict) -> dict:
     """Prune and trim the teacher; the result is the student's record (kept layers, vocabulary, parameters)."""
     from potstill.data import read_jsonl
-    from potstill.student.init import STUDENT_FILE, init_student
+    from potstill.models.lineage import STUDENT_FILE
+    from potstill.student.init import init_student
 
     s = ctx["settings"].student
     texts = [r.text for r in read_jsonl(ctx["out"] / "corpus" / "train.jsonl")]

@@ -101,6 +101,33 @@ class LossConfig(Section):
         return v
 
 
+class HiddenConfig(Section):
+    """Intermediate-layer (hidden-state) distillation, a third term beside KD and CE (TED-like; docs/hidden.md)."""
+
+    weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="weight w of the hidden-state term: loss = KD + CE + w * H, H = the mean over mapped layers of the"
+        " per-position distance between normalized hidden states (0 = off)",
+    )
+    layers: dict[int, int] | Literal["auto"] = Field(
+        default="auto",
+        description="student layer -> teacher layer (0-based; the output of that decoder layer). 'auto': a student"
+        " pruned by `potstill student init` maps each layer to the teacher layer it was copied from; any other"
+        " student maps layer i of S to layer round((i + 1) T / S) - 1 of the teacher's T",
+    )
+    distance: Literal["mse", "cosine"] = Field(
+        default="mse",
+        description="'mse' = mean squared difference of the layer-normalized (zero mean, unit variance) states;"
+        " 'cosine' = 1 - cosine similarity",
+    )
+    projection: bool = Field(
+        default=False,
+        description="learn a linear map student width -> teacher width per mapped layer (needed when the widths"
+        " differ; trained with the student, kept in checkpoints, dropped from the final student)",
+    )
+
+
 class TeacherConfig(Section):
     """Where the teacher's distributions come from during training."""
 
@@ -267,6 +294,9 @@ class DistillConfig(Section):
 
     model: ModelConfig = Field(description="the student and the teacher")
     loss: LossConfig = Field(default_factory=LossConfig, description="the KD objective")
+    hidden: HiddenConfig = Field(
+        default_factory=HiddenConfig, description="intermediate-layer distillation (a hidden-state term; 0 = off)"
+    )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="online teacher or a teacher cache")
     data: DataConfig = Field(default_factory=DataConfig, description="training and held-out data")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation and the run directory")
@@ -287,6 +317,10 @@ class DistillConfig(Section):
             return "teacher.cache: required with teacher.source=cache (a `potstill cache build` dir)"
         if not self.data.train:
             return "data.train: at least one JSONL file is required"
+        if self.hidden.weight > 0 and self.teacher_kind != "online":
+            return "hidden.weight: the hidden-state term needs an online teacher (teacher.source=online, alpha > 0)"
+        if self.hidden.weight > 0 and self.train.recipe != "distill":
+            return f"hidden.weight: the hidden-state term is built for train.recipe=distill, not {self.train.recipe}"
         if self.train.recipe == "on_policy" and self.teacher.source == "cache":
             return "teacher.source: a teacher cache cannot score the student's new samples; use an online teacher"
         if self.train.recipe == "on_policy" and self.teacher_kind is None:

@@ -119,11 +119,14 @@ class KDTerms:
         kd: scalar divergence term (None when there is no teacher).
         ce: scalar hard-label cross-entropy at T = 1.
         n_tokens: unmasked (scored) tokens in this batch.
+        hidden: scalar hidden-state term (`losses.hidden.hidden_term`), None when intermediate layers are not
+            distilled.
     """
 
     kd: torch.Tensor | None
     ce: torch.Tensor
     n_tokens: int
+    hidden: torch.Tensor | None = None
 
 
 def per_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, div: Divergence) -> torch.Tensor:
@@ -195,22 +198,25 @@ def kd_terms(
     return KDTerms(kd=kd, ce=ce, n_tokens=rows.numel())
 
 
-def combine(terms: KDTerms, alpha: float, temperature: float) -> torch.Tensor:
-    """The KD objective alpha * T^2 * kd + (1 - alpha) * ce (weights from `kd_weights`).
+def combine(terms: KDTerms, alpha: float, temperature: float, hidden_weight: float = 0.0) -> torch.Tensor:
+    """The KD objective alpha * T^2 * kd + (1 - alpha) * ce (weights from `kd_weights`), plus hidden_weight * hidden.
 
-    alpha = 0 returns exactly `terms.ce` (no teacher needed).
+    alpha = 0 (and no hidden term) returns exactly `terms.ce` (no teacher needed).
 
     Args:
-        terms: output of `kd_terms`.
+        terms: output of `kd_terms` (with `hidden` set when intermediate layers are distilled).
         alpha: weight of the KD term in [0, 1] (a resolved number, not 'auto').
         temperature: T of the divergence.
+        hidden_weight: weight of the hidden-state term (used only when `terms.hidden` is set).
 
     Returns:
         Scalar loss.
     """
     if alpha == 0:
-        return terms.ce
-    if terms.kd is None:
+        loss = terms.ce
+    elif terms.kd is None:
         raise ValueError(f"combine: alpha={alpha} needs a KD term, but kd_terms got no teacher logits")
-    w_kd, w_ce = kd_weights(alpha, temperature)
-    return w_kd * terms.kd + w_ce * terms.ce
+    else:
+        w_kd, w_ce = kd_weights(alpha, temperature)
+        loss = w_kd * terms.kd + w_ce * terms.ce
+    return loss if terms.hidden is None else loss + hidden_weight * terms.hidden

@@ -25,6 +25,7 @@ from typing import get_args
 from potstill.config import LayerSelection
 from potstill.errors import UserError
 from potstill.fileio import atomic_path
+from potstill.models.lineage import STUDENT_FILE
 from potstill.models.load import DTYPES, convert_gguf, enable_progress_log, load_model
 from potstill.models.vocab import ID_MAP_FILE
 from potstill.student.layers import build_student, calibration_batches, evenly_spaced, layer_scores, n_params
@@ -32,7 +33,6 @@ from potstill.student.vocab import fill_vocabulary, trim_tokenizer, vocabulary_t
 
 log = logging.getLogger(__name__)
 
-STUDENT_FILE = "potstill_student.json"
 SELECTIONS = get_args(LayerSelection)
 
 

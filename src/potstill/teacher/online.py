@@ -13,6 +13,8 @@ that pairs a student with a teacher calls it before scoring anything.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -111,16 +113,7 @@ class OnlineTeacher:
             TeacherHead with hidden [B, T, H] (final norm applied) and weight [V_student, H] (rows restricted by
             the id map), or None when the teacher's head is not a plain linear layer (use `logits` then).
         """
-        if not self._fusable:
-            return None
-        ids = input_ids if self.id_map is None else self.id_map[input_ids]
-        hidden = self.model.base_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-        if self._head is None:
-            head = self.model.get_output_embeddings()
-            weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
-        else:
-            weight, bias = self._head, self._bias
-        return TeacherHead(hidden=hidden, weight=weight, bias=bias, softcap=self._softcap)
+        return self.with_layers(input_ids, attention_mask, fused=True)[0] if self._fusable else None
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,10 +126,43 @@ class OnlineTeacher:
         Returns:
             [B, T, V_student] float32 logits (V_student = teacher vocab when there is no id map).
         """
-        if self.id_map is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        hidden = self.model.base_model(input_ids=self.id_map[input_ids], attention_mask=attention_mask)
-        logits = torch.nn.functional.linear(hidden.last_hidden_state, self._head, self._bias).float()
+        return self.with_layers(input_ids, attention_mask, fused=False)[0]
+
+    @torch.no_grad()
+    def with_layers(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        fused: bool = True,
+        layers: Sequence[int] = (),
+    ) -> tuple[TeacherHead | torch.Tensor, list[torch.Tensor]]:
+        """One teacher forward: its targets and the outputs of some decoder layers (intermediate-layer KD).
+
+        Args:
+            input_ids: [B, T] student ids.
+            attention_mask: [B, T] or None.
+            fused: return a `TeacherHead` when the head is a plain linear layer, else logits.
+            layers: decoder layers (0-based) whose outputs to return.
+
+        Returns:
+            (TeacherHead with hidden [B, T, H], or logits [B, T, V_student] float32; one [B, T, H] state per layer).
+        """
+        want = bool(layers)
+        ids = input_ids if self.id_map is None else self.id_map[input_ids]
+        if self.id_map is None and not (fused and self._fusable):
+            out = self.model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=want)
+            return out.logits.float(), [out.hidden_states[i + 1] for i in layers]
+        out = self.model.base_model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=want)
+        states = [out.hidden_states[i + 1] for i in layers]
+        hidden = out.last_hidden_state
+        if self._head is None:
+            head = self.model.get_output_embeddings()
+            weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+        else:
+            weight, bias = self._head, self._bias
+        if fused and self._fusable:
+            return TeacherHead(hidden=hidden, weight=weight, bias=bias, softcap=self._softcap), states
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
+        return logits, states

@@ -27,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback
 from potstill.config import DistillConfig
 from potstill.fileio import write_json_atomic
 from potstill.models.load import quiet_hf_progress
+from potstill.train.hidden import detach_projections, hidden_plan
 from potstill.train.on_policy import OnPolicyRecipe
 from potstill.train.rundir import LOG_FILE, STUDENT_DIR, SUMMARY_FILE, resume_point, save_student, start_run_dir
 from potstill.train.setup import Models, load_data, load_models, open_cache, training_args
@@ -68,6 +69,7 @@ class KDRecipe:
             mixing = setup_mixing(cfg, train_ds, data.eval_ds, models.teacher, out)
             train_ds = mixing.train_ds
         cache = open_cache(cfg, models.tokenizer, train_ds)
+        plan = hidden_plan(cfg, models.student, models.teacher.model) if models.teacher is not None else None
         trainer = DistillTrainer(
             model=models.student,
             args=training_args(cfg),
@@ -76,6 +78,7 @@ class KDRecipe:
             teacher=models.teacher,
             teacher_cache=cache,
             loss_cfg=cfg.loss,
+            hidden=None if plan is None else (plan, cfg.hidden.weight),
         )
         if mixing is not None:
             mixing.attach(trainer)
@@ -128,6 +131,7 @@ def run_distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -
             start_run_dir(out, cfg, resume)
         trainer.accelerator.wait_for_everyone()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        detach_projections(trainer.accelerator.unwrap_model(trainer.model))
         save_student(trainer, out / STUDENT_DIR, models.tokenizer, cfg.model.student)
         if trainer.is_world_process_zero():
             summary = {"recipe": cfg.train.recipe, "global_step": trainer.state.global_step}

@@ -13,10 +13,13 @@ plan measures exactly what training does. One micro-batch:
 4. `loss_terms(...)`: the two terms (KD, CE), each summed over the scored positions and divided by `num_tokens`
    (`losses.fused_kd_terms`, `kd_terms` or `sparse_kd_terms`); `losses.combine` then weights them with
    `kd_weights(alpha, T)`. Fused and dense give the same loss and gradients (tests/train/test_trainer_fused.py).
+5. With `hidden.weight > 0` (a `HiddenPlan`): the teacher's forward also returns the mapped layers' outputs, and
+   `losses.hidden.hidden_term` compares them with the student's on the same scored positions (a third term).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any
 
@@ -24,10 +27,12 @@ import torch
 from torch import nn
 
 from potstill.config import LossConfig
-from potstill.losses import Divergence, KDTerms, kd_terms, kd_weights
+from potstill.losses import Divergence, KDTerms, kd_terms, kd_weights, scored_mask
 from potstill.losses.fused import TeacherHead, fused_kd_terms
+from potstill.losses.hidden import hidden_term
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
 from potstill.models.heads import head_of
+from potstill.train.hidden import HiddenPlan
 
 Targets = TeacherHead | SparseTargets | torch.Tensor | None
 Head = tuple[torch.Tensor, float | None]
@@ -43,18 +48,20 @@ def student_head(model: nn.Module, loss: LossConfig) -> Head | None:
     return head_of(model) if loss.fused else None
 
 
-def teacher_targets(teacher, inputs: dict[str, Any], fused: bool) -> Targets:
-    """The teacher's side of the loss on this batch.
+def teacher_targets(teacher, inputs: dict[str, Any], fused: bool, layers: Sequence[int] = ()) -> Targets:
+    """The teacher's side of the loss on this batch (with `layers`: also those decoder layers' outputs).
 
     Args:
         teacher: an `OnlineTeacher`, a teacher cache (`.targets(indices [B]) -> SparseTargets [B, L, k]`; batches
             then carry `index` [B]), or None (CE only).
         inputs: the batch: `input_ids` [B, L], `attention_mask` [B, L], for a cache `index` [B].
         fused: the student takes the fused path (an online teacher then returns its hidden states and head).
+        layers: teacher decoder layers whose outputs the hidden-state term needs (online teacher only).
 
     Returns:
         SparseTargets [B, L, k] (cache), TeacherHead with hidden [B, L, H] (online, fused), teacher logits
-        [B, L, V] (online, dense; also when the teacher's head cannot be chunked), or None.
+        [B, L, V] (online, dense; also when the teacher's head cannot be chunked), or None. With `layers`:
+        (those targets, one [B, L, H] state per layer).
     """
     if teacher is None:
         return None
@@ -64,6 +71,8 @@ def teacher_targets(teacher, inputs: dict[str, Any], fused: bool) -> Targets:
             raise ValueError("a teacher cache needs batches with 'index' (wrap the dataset in IndexedDataset)")
         return _to_device(teacher.targets(inputs["index"].cpu()), ids.device)
     mask = inputs.get("attention_mask")
+    if layers:
+        return teacher.with_layers(ids, mask, fused=fused, layers=layers)
     head = teacher.head_inputs(ids, mask) if fused else None
     return teacher.logits(ids, mask) if head is None else head
 
@@ -73,12 +82,13 @@ def takes_fused_path(head: Head | None, targets: Targets) -> bool:
     return head is not None and not isinstance(targets, torch.Tensor)
 
 
-def student_outputs(model: nn.Module, inputs: dict[str, Any], fused: bool):
-    """The student's forward: final hidden states only (fused; the last one is the head's input) or full logits."""
+def student_outputs(model: nn.Module, inputs: dict[str, Any], fused: bool, hidden: bool = False):
+    """The student's forward: hidden states only (fused; the last one is the head's input) or full logits (with
+    every layer's hidden states too when `hidden`: the hidden-state term reads them)."""
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     if fused:
         return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-    return model(input_ids=ids, attention_mask=mask)
+    return model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
 
 
 def loss_terms(
@@ -135,8 +145,10 @@ def kd_micro_step(
     num_tokens: torch.Tensor | int | None,
     plan_weights: bool = True,
     dense: bool = False,
+    hidden: HiddenPlan | None = None,
 ) -> tuple[KDTerms, Any]:
-    """Steps 1-4 on one micro-batch: the two normalized terms and the student's outputs.
+    """Steps 1-4 on one micro-batch: the normalized terms (KD, CE; the hidden-state one with `hidden`) and the
+    student's outputs.
 
     Args:
         model: the student as the Trainer runs it (possibly DDP-wrapped).
@@ -149,13 +161,19 @@ def kd_micro_step(
         plan_weights: let the fused loss compute its gradient in the forward for `kd_weights(alpha, T)` (off when
             the caller takes other gradients of the terms first).
         dense: force the dense path (sharded weights under FSDP / DeepSpeed cannot be chunked).
+        hidden: the run's hidden-state term (`train.hidden.hidden_plan`; needs an online teacher), or None.
     """
     head = None if dense else student_head(unwrapped, loss)
-    targets = teacher_targets(teacher, inputs, fused=head is not None)
+    targets = teacher_targets(teacher, inputs, fused=head is not None, layers=hidden.teacher_layers if hidden else ())
+    targets, teacher_states = targets if hidden else (targets, None)
     fused = takes_fused_path(head, targets)
-    outputs = student_outputs(model, inputs, fused)
+    outputs = student_outputs(model, inputs, fused, hidden=hidden is not None)
     weights = kd_weights(alpha, loss.temperature) if alpha is not None and plan_weights else None
     terms = loss_terms(outputs, inputs["labels"], targets, head if fused else None, loss, num_tokens, weights)
+    if hidden is not None:
+        states = [outputs.hidden_states[i + 1] for i in hidden.student_layers]
+        mask = scored_mask(inputs["labels"])
+        terms.hidden = hidden_term(states, teacher_states, mask, hidden.distance, num_tokens, hidden.projections)
     return terms, outputs
 
 

@@ -20,7 +20,9 @@ and world size 2 == 1 exactly (up to float summation order).
 Logged every `logging_steps` (to `OUT/log.jsonl` and stdout): `loss`, `kd`, `ce`, their weighted
 parts `kd_weighted = alpha T^2 kd`, `ce_weighted = (1 - alpha) ce`, `alpha`, `grad_ratio =
 ||grad(alpha T^2 kd)|| / ||grad((1 - alpha) ce)||`, `learning_rate`, `grad_norm`. The ratio costs two
-extra backward passes through the student on the first micro-batch of each logging step only.
+extra backward passes through the student on the first micro-batch of each logging step only. With intermediate-layer
+distillation (`hidden.weight > 0`, `potstill.train.hidden`) the loss gains `w * hidden`; logged as `hidden`,
+`hidden_weighted` and `hidden_grad_ratio = ||grad(w hidden)|| / ||grad(alpha T^2 kd)||` (one more backward).
 
 `alpha: auto` picks alpha once, on the first micro-batch of step 1, so the two weighted gradient norms
 are equal: alpha = g_ce / (T^2 g_kd + g_ce) with g = ||grad|| of the unweighted kd and ce (averaged
@@ -44,6 +46,7 @@ from potstill.config import LossConfig
 from potstill.errors import UserError
 from potstill.losses import KDTerms, combine, kd_weights, scored_mask
 from potstill.teacher.online import OnlineTeacher
+from potstill.train.hidden import HiddenPlan
 from potstill.train.rundir import truncate_log
 from potstill.train.step import kd_micro_step
 
@@ -116,6 +119,7 @@ class DistillTrainer(Trainer):
         loss_cfg: divergence, alpha (float or "auto"), temperature, divergence parameters, fused/chunk_size.
         teacher_cache: an object with `.targets(indices [B]) -> SparseTargets [B, L, k]` (a `TeacherCache`)
             used instead of `teacher`; batches then need `index` [B] (wrap the dataset in `IndexedDataset`).
+        hidden: the intermediate-layer term (`potstill.train.hidden.hidden_plan`) and its weight, or None.
         **kwargs: passed to `transformers.Trainer`.
     """
 
@@ -127,7 +131,15 @@ class DistillTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         return self.domain_sampler if self.domain_sampler is not None else super()._get_train_sampler(train_dataset)
 
-    def __init__(self, *args, teacher: OnlineTeacher | None, loss_cfg: LossConfig, teacher_cache=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        teacher: OnlineTeacher | None,
+        loss_cfg: LossConfig,
+        teacher_cache=None,
+        hidden: tuple[HiddenPlan, float] | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if teacher is None and teacher_cache is None and loss_cfg.alpha != 0:
             raise UserError("model.teacher: required unless loss.alpha=0 (CE only)")
@@ -136,11 +148,13 @@ class DistillTrainer(Trainer):
         if teacher is not None:
             teacher.model.to(self.args.device)
         self.loss_cfg = loss_cfg
+        self.hidden, self.hidden_weight = hidden if hidden is not None else (None, 0.0)
         self.add_callback(AlphaState(None if loss_cfg.alpha == "auto" else float(loss_cfg.alpha)))
-        self._sums = torch.zeros(2, dtype=torch.float64)  # kd, ce summed over the steps since the last log
+        self._sums = torch.zeros(3, dtype=torch.float64)  # kd, ce, hidden summed over the steps since the last log
         self._steps = 0  # optimizer steps since the last log
         self._micro = 0  # micro-batch index inside the current optimizer step
-        self._norms: torch.Tensor | None = None  # unweighted [||grad kd T^2||, ||grad ce||] of this log interval
+        # unweighted [||grad kd T^2||, ||grad ce||, ||grad hidden||] of this log interval
+        self._norms: torch.Tensor | None = None
         self._warned = False
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
@@ -222,17 +236,20 @@ class DistillTrainer(Trainer):
             num_items_in_batch,
             plan_weights=planned,
             dense=self.is_fsdp_enabled or self.is_deepspeed_enabled,
+            hidden=self.hidden if source is not None else None,
         )
         return self.finish_loss(model, terms, outputs, return_outputs, num_items_in_batch)
 
     def finish_loss(self, model: nn.Module, terms: KDTerms, outputs, return_outputs: bool, num_items_in_batch):
         """From a micro-batch's two terms to the loss to backpropagate: gradient-norm measurement, weighting with
-        alpha and T^2, the sums for the logs, and the world-size factor (DDP averages gradients over ranks)."""
+        alpha and T^2 (and the hidden-state weight), the sums for the logs, and the world-size factor (DDP averages
+        gradients over ranks)."""
         if model.training:
             self._measure(model, terms)
-        loss = combine(terms, self.alpha, self.loss_cfg.temperature)
+        loss = combine(terms, self.alpha, self.loss_cfg.temperature, self.hidden_weight)
         if model.training:
-            parts = torch.stack([_value(terms.kd, terms.ce), terms.ce.detach().double()])
+            parts = [_value(terms.kd, terms.ce), terms.ce.detach().double(), _value(terms.hidden, terms.ce)]
+            parts = torch.stack(parts)
             self._sums = self._sums.to(parts.device) + parts  # stays on device: no sync per micro-step
             self._micro += 1
         if self.args.world_size > 1 and num_items_in_batch is not None:
@@ -243,7 +260,7 @@ class DistillTrainer(Trainer):
         """Whether this micro-batch measures the gradient norms: the first one of step 1 (auto) or of a logging step."""
         step = self.state.global_step + 1
         logging_step = step % self.args.logging_steps == 0 or step == self.state.max_steps
-        if self.alpha == 1.0:  # no CE gradient to compare with: grad_ratio is not logged, save the two backwards
+        if self.alpha == 1.0 and self.hidden is None:  # no CE gradient to compare with: save the two backwards
             return False
         return model.training and self._micro == 0 and (self.alpha is None or logging_step)
 
@@ -253,12 +270,12 @@ class DistillTrainer(Trainer):
             return
         auto = self.alpha is None
         w_kd = kd_weights(1.0, self.loss_cfg.temperature)[0]  # T^2: the KD term's weight at alpha = 1
-        norms = _grad_norms(model, [w_kd * terms.kd, terms.ce])
+        norms = _grad_norms(model, [w_kd * terms.kd, terms.ce, *([] if terms.hidden is None else [terms.hidden])])
         if self.args.world_size > 1:
             norms = self.accelerator.reduce(norms, reduction="mean")
         self._norms = norms.detach().cpu()
         if auto:
-            g_kd, g_ce = self._norms.tolist()
+            g_kd, g_ce = self._norms[:2].tolist()
             self._set_alpha(g_ce / (g_kd + g_ce) if g_kd + g_ce > 0 else 0.5)
             logger.warning("alpha: auto chose alpha=%.4g (grad norms: T^2 kd %.4g, ce %.4g)", self.alpha, g_kd, g_ce)
 
@@ -268,16 +285,20 @@ class DistillTrainer(Trainer):
             sums = self._sums.to(self.args.device)
             if self.args.world_size > 1:
                 sums = self.accelerator.reduce(sums, reduction="sum")
-            kd, ce = (sums / self._steps).tolist()
+            kd, ce, hidden = (sums / self._steps).tolist()
             alpha = self.alpha
             w_kd, w_ce = kd_weights(alpha or 0.0, self.loss_cfg.temperature)
             logs.update(kd=kd, ce=ce, kd_weighted=w_kd * kd, ce_weighted=w_ce * ce)
+            if self.hidden is not None:
+                logs.update(hidden=hidden, hidden_weighted=self.hidden_weight * hidden)
             logs["alpha"] = alpha
             if self._norms is not None and alpha is not None:
                 kd_norm, ce_norm = alpha * self._norms[0].item(), (1 - alpha) * self._norms[1].item()
                 if ce_norm > 0:  # alpha = 1 (or nothing scored): no CE gradient to compare with
                     logs["grad_ratio"] = kd_norm / ce_norm
                     self._warn_if_negligible(logs["grad_ratio"])
+                if len(self._norms) == 3 and kd_norm > 0:
+                    logs["hidden_grad_ratio"] = self.hidden_weight * self._norms[2].item() / kd_norm
             self._sums = torch.zeros_like(self._sums)
             self._steps, self._norms = 0, None
         super().log(logs, start_time)

@@ -1,0 +1,158 @@
+"""Intermediate-layer distillation in training: the layer map, the third term in the step and the logs, fused ==
+dense, splits of a step add up, projections (kept in checkpoints, resumed exactly, dropped from the student)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from distill_helpers import interrupted_run, make_cfg, overrides_for, ragged_batch, read_log
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from potstill.config import load_config
+from potstill.losses import scored_mask
+from potstill.losses.hidden import hidden_term
+from potstill.student.init import init_student_cli
+from potstill.teacher.online import OnlineTeacher
+from potstill.train.hidden import PROJECTION_ATTR, hidden_plan, layer_map
+from potstill.train.recipes import run_distill
+from potstill.train.setup import training_args
+from potstill.train.trainer import DistillTrainer
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, tiny_tokenizer, build_model, models_dir):
+    """A 4-layer teacher (hidden 64) and a 2-layer student cut from it (layers 0 and 3), with models_dir's data."""
+    root = tmp_path_factory.mktemp("pruned")
+    build_model(tiny_tokenizer, 1, hidden=64, layers=4, max_positions=64, save_to=root / "teacher")
+    init_student_cli(root / "teacher", 2, root / "student", [], trim_vocab=False, selection="even")
+    (root / "train.jsonl").write_text((models_dir / "train.jsonl").read_text())
+    return root
+
+
+def _models(root):
+    return (AutoModelForCausalLM.from_pretrained(root / n) for n in ("student", "teacher"))
+
+
+def test_auto_map_of_a_pruned_student_is_where_its_layers_came_from(pruned, tmp_path):
+    cfg = make_cfg(pruned, tmp_path / "run", "hidden.weight=1")
+    assert layer_map(cfg, 2, 4) == {0: 0, 1: 3}
+    with pytest.raises(Exception, match="was cut from a 4-layer teacher"):
+        layer_map(cfg, 2, 6)
+
+
+def test_auto_map_of_another_student_spreads_evenly_and_explicit_maps_are_checked(models_dir, tmp_path):
+    assert layer_map(make_cfg(models_dir, tmp_path / "r", "hidden.weight=1"), 3, 12) == {0: 3, 1: 7, 2: 11}
+    given = make_cfg(models_dir, tmp_path / "r", "hidden.weight=1", "hidden.layers={1: 0}")
+    assert layer_map(given, 2, 2) == {1: 0}
+    bad = make_cfg(models_dir, tmp_path / "r", "hidden.weight=1", "hidden.layers={0: 5}")
+    with pytest.raises(Exception, match=r"hidden.layers: 0: 5 names a layer the models do not have"):
+        layer_map(bad, 2, 2)
+
+
+def _trainer(root, tmp_path, *extra):
+    cfg = make_cfg(root, tmp_path / "run", "loss.alpha=0.5", "hidden.weight=0.7", *extra)
+    student, teacher = _models(root)
+    plan = hidden_plan(cfg, student, teacher)
+    trainer = DistillTrainer(
+        model=student,
+        args=training_args(cfg),
+        teacher=OnlineTeacher(teacher),
+        loss_cfg=cfg.loss,
+        hidden=(plan, cfg.hidden.weight),
+    )
+    return trainer, plan
+
+
+def _grads(trainer, batches):
+    trainer.model.zero_grad(set_to_none=True)
+    got, count = trainer.get_batch_samples(iter(batches), len(batches), trainer.args.device)
+    losses = [trainer.training_step(trainer.model, b, count).item() for b in got]
+    return sum(losses), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("distance", ["mse", "cosine"])
+def test_fused_and_dense_give_the_same_loss_and_gradients(pruned, tmp_path, distance):
+    batch = [ragged_batch(4, seed=3)]
+    fused, _ = _trainer(pruned, tmp_path, f"hidden.distance={distance}")
+    dense, _ = _trainer(pruned, tmp_path, f"hidden.distance={distance}", "loss.fused=false")
+    (lf, gf), (ld, gd) = _grads(fused, batch), _grads(dense, batch)
+    assert lf == pytest.approx(ld, rel=1e-5)
+    for a, b in zip(gf, gd, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_step_adds_weight_times_the_hidden_term(pruned, tmp_path):
+    """loss(with hidden) - loss(without) = w * H computed directly from the two models' layer outputs."""
+    batch = ragged_batch(4, seed=4)
+    with_h, plan = _trainer(pruned, tmp_path)
+    without = DistillTrainer(
+        model=next(_models(pruned)), args=with_h.args, teacher=with_h.teacher, loss_cfg=with_h.loss_cfg
+    )
+    (l_h, _), (l_0, _) = _grads(with_h, [batch]), _grads(without, [batch])
+    student, teacher = _models(pruned)
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
+        t = teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
+    term = hidden_term([s[1], s[2]], [t[1], t[4]], scored_mask(batch["labels"]), "mse")
+    assert plan.teacher_layers == (0, 3)
+    assert l_h - l_0 == pytest.approx(0.7 * term.item(), rel=1e-4)
+
+
+def test_splitting_a_step_into_micro_batches_changes_nothing(pruned, tmp_path):
+    batch = ragged_batch(4, seed=5)
+    halves = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
+    (l1, g1), (l2, g2) = _grads(_trainer(pruned, tmp_path)[0], [batch]), _grads(_trainer(pruned, tmp_path)[0], halves)
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_logs_the_term_and_its_gradient_ratio(pruned, tmp_path):
+    out = run_distill(make_cfg(pruned, tmp_path / "run", "hidden.weight=2", "train.max_steps=4", "loss.alpha=0.5"))
+    logs = read_log(out)
+    assert all(e["hidden"] > 0 and e["hidden_weighted"] == pytest.approx(2 * e["hidden"]) for e in logs)
+    assert all(e["hidden_grad_ratio"] > 0 for e in logs)
+    assert logs[-1]["hidden"] < logs[0]["hidden"]  # the term trains
+    assert "hidden" not in read_log(run_distill(make_cfg(pruned, tmp_path / "plain", "train.max_steps=1")))[0]
+
+
+def test_widths_that_differ_need_a_projection(models_dir, distill_error):
+    line = distill_error(*overrides_for(models_dir, models_dir / "no-proj", "hidden.weight=1", "train.max_steps=1"))
+    assert "hidden.projection" in line and "32" in line and "64" in line
+
+
+def test_projection_is_checkpointed_resumed_exactly_and_dropped(models_dir, tmp_path, monkeypatch):
+    opts = ("hidden.weight=1", "hidden.projection=true", "train.max_steps=4", "train.save_steps=2")
+    full = run_distill(make_cfg(models_dir, tmp_path / "full", *opts))
+    cut = make_cfg(models_dir, tmp_path / "cut", *opts)
+    interrupted_run(monkeypatch, cut, step=3)
+    saved = load_file(tmp_path / "cut" / "checkpoint-2" / "model.safetensors")
+    assert any(k.startswith(PROJECTION_ATTR) for k in saved)
+    resumed = run_distill(cut)
+    a, b = (load_file(run / "student" / "model.safetensors") for run in (full, resumed))
+    assert not any(k.startswith(PROJECTION_ATTR) for k in a) and a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert [e["loss"] for e in read_log(full)] == pytest.approx([e["loss"] for e in read_log(resumed)], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["hidden.weight=-1"], "hidden.weight"),
+        (["hidden.weight=1", "teacher.source=cache", "teacher.cache=/nowhere"], "needs an online teacher"),
+        (["hidden.weight=1", "train.recipe=step_by_step"], "train.recipe=distill"),
+        (["hidden.weight=1", "hidden.distance=l2"], "hidden.distance"),
+        (["hidden.weight=1", "hidden.layers={0: 9}", "hidden.projection=true"], "hidden.layers: 0: 9"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(models_dir, tmp_path, distill_error, extra, needle):
+    assert needle in distill_error(*overrides_for(models_dir, tmp_path / "bad", "train.max_steps=1", *extra))
+
+
+def test_config_round_trip_keeps_the_map(models_dir, tmp_path):
+    cfg = load_config(None, overrides_for(models_dir, tmp_path / "r", "hidden.layers={0: 1, 1: 1}"))
+    assert cfg.hidden.layers == {0: 1, 1: 1} and json.loads(cfg.model_dump_json())["hidden"]["weight"] == 0
