@@ -40,7 +40,8 @@ def _batch(seed: int, b: int = 4, seq: int = 6, width: int = 8):
 
 def test_term_is_the_mean_over_pairs_and_scored_positions():
     states, targets, mask = _batch(0)
-    expected = sum(hidden_distance(s[:, :-1][mask], t[:, :-1][mask], "mse").sum() for s, t in zip(states, targets))
+    pairs = zip(states, targets, strict=True)
+    expected = sum(hidden_distance(s[:, :-1][mask], t[:, :-1][mask], "mse").sum() for s, t in pairs)
     got = hidden_term(states, targets, mask, "mse")
     torch.testing.assert_close(got, expected / (2 * mask.sum()))
 

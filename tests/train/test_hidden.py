@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from distill_helpers import interrupted_run, make_cfg, overrides_for, ragged_batch, read_log
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from distill_helpers import interrupted_run, make_cfg, overrides_for, ragged_batch, read_log
 from potstill.config import load_config
 from potstill.losses import scored_mask
 from potstill.losses.hidden import hidden_term
