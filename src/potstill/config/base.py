@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 from potstill.errors import UserError
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-CacheTargets = Literal["topk", "sampled"]
+CacheTargets = Literal["topk", "sampled", "hidden"]
 CacheEncoding = Literal["compact", "lossless"]
 LayerSelection = Literal["measured", "even"]
 LossName = Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"]

@@ -64,7 +64,8 @@ class CacheConfig(Section):
     targets: CacheTargets = Field(
         default="topk",
         description="'topk' = the k most probable ids + tail mass; 'sampled' = `samples` draws per position, ids +"
-        " counts (Sparse Logit Sampling)",
+        " counts (Sparse Logit Sampling); 'hidden' = the teacher's final hidden state per position (bf16, 2 x H"
+        " bytes): with the teacher's head at train time, the exact full distribution at any temperature",
         json_schema_extra=flag("--targets"),
     )
     samples: int = Field(

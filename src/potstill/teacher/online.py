@@ -128,6 +128,13 @@ class OnlineTeacher:
         """
         return self.with_layers(input_ids, attention_mask, fused=False)[0]
 
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+        """(weight [V_student, H], bias [V_student] or None, softcap or None): the head over the student's ids."""
+        if self._head is not None:
+            return self._head, self._bias, self._softcap
+        head = self.model.get_output_embeddings()
+        return head.weight.detach(), None if head.bias is None else head.bias.detach(), self._softcap
+
     @torch.no_grad()
     def with_layers(
         self,
@@ -155,11 +162,7 @@ class OnlineTeacher:
         out = self.model.base_model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=want)
         states = [out.hidden_states[i + 1] for i in layers]
         hidden = out.last_hidden_state
-        if self._head is None:
-            head = self.model.get_output_embeddings()
-            weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
-        else:
-            weight, bias = self._head, self._bias
+        weight, bias, _ = self.head()
         if fused and self._fusable:
             return TeacherHead(hidden=hidden, weight=weight, bias=bias, softcap=self._softcap), states
         logits = torch.nn.functional.linear(hidden, weight, bias).float()

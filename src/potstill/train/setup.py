@@ -73,14 +73,18 @@ def check_vocab_sizes(student: nn.Module, teacher: nn.Module, id_map: torch.Tens
 def open_cache(cfg: DistillConfig, tokenizer, train_ds):
     """The teacher cache of a `teacher.source: cache` run (None for other runs), checked against the run.
 
-    `model.teacher` is optional here (it is never loaded); when given, the cache must have been built from it.
+    For a top-k or sampled cache, `model.teacher` is optional (it is never loaded); when given, the cache must have
+    been built from it. A hidden-state cache (`targets: hidden`) needs it: its head (kept; the rest of the teacher
+    is dropped) turns the stored states into the teacher's exact distributions (`HeadedCache`).
 
     Raises:
-        UserError: no manifest, or a cache built for another tokenizer, other data, temperature or teacher.
+        UserError: no manifest, or a cache built for another tokenizer, other data, temperature or teacher; a
+            hidden-state cache without model.teacher.
     """
     if cfg.teacher_kind != "cache":
         return None
     from potstill.teacher.cache import TeacherCache, dataset_fingerprint
+    from potstill.teacher.cache.reader import HeadedCache
 
     cache = TeacherCache(cfg.teacher.cache)
     cache.check(
@@ -89,7 +93,16 @@ def open_cache(cfg: DistillConfig, tokenizer, train_ds):
         temperature=cfg.loss.temperature,
         teacher=cfg.model.teacher,
     )
-    return cache
+    if cache.manifest["targets"] != "hidden":
+        return cache
+    if cfg.model.teacher is None:
+        raise UserError(
+            f"model.teacher: {cfg.teacher.cache} holds the teacher's hidden states; its head (from model.teacher)"
+            " turns them into distributions"
+        )
+    teacher_model, _ = load_model(cfg.model.teacher, dtype=cfg.model.teacher_load_dtype)
+    # only the head's tensors stay referenced: the rest of the teacher is freed on return
+    return HeadedCache(cache, *OnlineTeacher(teacher_model, id_map=load_id_map(cfg.model.student)).head())
 
 
 def load_data(cfg: DistillConfig, tokenizer):

@@ -59,9 +59,9 @@ def teacher_targets(teacher, inputs: dict[str, Any], fused: bool, layers: Sequen
         layers: teacher decoder layers whose outputs the hidden-state term needs (online teacher only).
 
     Returns:
-        SparseTargets [B, L, k] (cache), TeacherHead with hidden [B, L, H] (online, fused), teacher logits
-        [B, L, V] (online, dense; also when the teacher's head cannot be chunked), or None. With `layers`:
-        (those targets, one [B, L, H] state per layer).
+        SparseTargets [B, L, k] (top-k / sampled cache); TeacherHead with hidden [B, L, H] (online or hidden-state
+        cache, fused); teacher logits [B, L, V] (dense; also when an online teacher's head cannot be chunked); None.
+        With `layers`: (those targets, one [B, L, H] state per layer).
     """
     if teacher is None:
         return None
@@ -69,7 +69,9 @@ def teacher_targets(teacher, inputs: dict[str, Any], fused: bool, layers: Sequen
     if hasattr(teacher, "targets"):
         if "index" not in inputs:
             raise ValueError("a teacher cache needs batches with 'index' (wrap the dataset in IndexedDataset)")
-        return _to_device(teacher.targets(inputs["index"].cpu()), ids.device)
+        targets = _to_device(teacher.targets(inputs["index"].cpu()), ids.device)
+        # a hidden-state cache gives the teacher's states + head: the dense path needs its logits
+        return targets.logits() if isinstance(targets, TeacherHead) and not fused else targets
     mask = inputs.get("attention_mask")
     if layers:
         return teacher.with_layers(ids, mask, fused=fused, layers=layers)
@@ -182,7 +184,9 @@ def _shifted(targets: SparseTargets) -> SparseTargets:
     return replace(targets, ids=targets.ids[:, :-1], logprobs=targets.logprobs[:, :-1], tail=targets.tail[:, :-1])
 
 
-def _to_device(targets: SparseTargets, device: torch.device) -> SparseTargets:
+def _to_device(targets: SparseTargets | TeacherHead, device: torch.device) -> SparseTargets | TeacherHead:
+    if isinstance(targets, TeacherHead):
+        return replace(targets, hidden=targets.hidden.to(device), weight=targets.weight.to(device))
     return replace(
         targets, ids=targets.ids.to(device), logprobs=targets.logprobs.to(device), tail=targets.tail.to(device)
     )

@@ -147,6 +147,8 @@ class DistillTrainer(Trainer):
         self.teacher_cache = teacher_cache
         if teacher is not None:
             teacher.model.to(self.args.device)
+        if hasattr(teacher_cache, "to"):  # a hidden-state cache's teacher head
+            teacher_cache.to(self.args.device)
         self.loss_cfg = loss_cfg
         self.hidden, self.hidden_weight = hidden if hidden is not None else (None, 0.0)
         self.add_callback(AlphaState(None if loss_cfg.alpha == "auto" else float(loss_cfg.alpha)))

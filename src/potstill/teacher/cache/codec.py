@@ -45,9 +45,9 @@ class Codec:
     """How one sequence's targets become bytes (before zstd) and back.
 
     Attributes:
-        targets: "topk" | "sampled".
-        encoding: "compact" | "lossless" (ignored by sampled targets, which are exact).
-        k: stored ids per position (top-k), or the number of draws (sampled).
+        targets: "topk" | "sampled" | "hidden".
+        encoding: "compact" | "lossless" (ignored by sampled targets, which are exact, and hidden states, bf16).
+        k: stored ids per position (top-k), the number of draws (sampled), or the hidden size H (hidden).
         vocab: vocabulary size of the ids (sets the number of byte planes of an id).
         seq_len: L, positions per sequence.
     """
@@ -70,9 +70,12 @@ class Codec:
             ids: [n, k] top-k ids, most probable first; or [n, samples] sampled draws.
             values: [n, k] float32 log-probs (top-k; unused by sampled).
             tail: [n] tail mass (top-k; unused by sampled).
+            For hidden targets, `values` is [n, H] float32 hidden states (stored as bf16) and ids / tail are unused.
         """
         parts = [np.packbits(mask).tobytes()]
-        if self.targets == "sampled":
+        if self.targets == "hidden":
+            parts.append(_planes(_to_bf16_bits(values), 2))
+        elif self.targets == "sampled":
             parts += self._encode_sampled(ids)
         elif self.encoding == "lossless":
             parts += [
@@ -82,7 +85,8 @@ class Codec:
             ]
         else:
             parts += self._encode_compact(ids, values, tail)
-        level = _ZSTD_LEVEL["lossless" if self.encoding == "lossless" and self.targets == "topk" else "compact"]
+        exact = (self.encoding == "lossless" and self.targets == "topk") or self.targets == "hidden"
+        level = _ZSTD_LEVEL["lossless" if exact else "compact"]
         return zstandard.ZstdCompressor(level=level).compress(b"".join(parts))
 
     def _encode_compact(self, ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray) -> list[bytes]:
@@ -119,13 +123,21 @@ class Codec:
     def decode(self, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """zstd frame -> (mask [L] bool, ids [n, w] int64, logprobs [n, w] float32, tail [n] float32).
 
-        Ids and log-probs come most probable first.
+        Ids and log-probs come most probable first. Hidden targets: (mask, ids [n, 0], states [n, H] float32 (bf16
+        values), tail [n] zeros).
         """
         data = zstandard.ZstdDecompressor().decompress(data)
         buf = _Buffer(data)
         mask = np.unpackbits(buf.take(np.uint8, (self.seq_len + 7) // 8), count=self.seq_len).astype(bool)
         n = int(mask.sum())
-        if self.targets == "sampled":
+        if self.targets == "hidden":
+            bits = buf.planes(n * self.k, 2).astype(np.uint32) << 16
+            ids, logprobs, tail = (
+                np.zeros((n, 0), np.int64),
+                bits.view(np.float32).reshape(n, self.k),
+                np.zeros(n, np.float32),
+            )
+        elif self.targets == "sampled":
             ids, logprobs, tail = self._decode_sampled(buf, n)
         elif self.encoding == "lossless":
             ids = buf.take(np.int32, n * self.k).reshape(n, self.k).astype(np.int64)
@@ -166,6 +178,12 @@ class Codec:
         logprobs[row, slot] = np.log(counts / self.k)
         order = np.argsort(-logprobs, axis=1, kind="stable")
         return np.take_along_axis(ids, order, 1), np.take_along_axis(logprobs, order, 1), np.zeros(n, np.float32)
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> the bit patterns of the nearest bfloat16 (round half to even), as uint32 in 0..0xFFFF."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32)
 
 
 def _unused_ids(n: int, width: int, vocab: int, ids: np.ndarray, row: np.ndarray) -> np.ndarray:

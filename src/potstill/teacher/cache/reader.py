@@ -14,6 +14,7 @@ import torch
 import zstandard
 
 from potstill.errors import UserError
+from potstill.losses.fused import TeacherHead
 from potstill.losses.sparse import SparseTargets
 from potstill.teacher.cache.codec import Codec
 from potstill.teacher.cache.format import (
@@ -106,7 +107,7 @@ class TeacherCache:
                 f"seq_len={self.manifest['seq_len']}, add_bos={self.manifest['add_bos']}); "
                 "use the same data.train, data.seq_len and data.add_bos, or rebuild the cache"
             )
-        if temperature is not None and abs(temperature - self.temperature) > 1e-6:
+        if temperature is not None and self.temperature is not None and abs(temperature - self.temperature) > 1e-6:
             raise UserError(
                 f"{where} stores targets at temperature {self.temperature}, the loss uses {temperature}; "
                 f"set loss.temperature={self.temperature} or rebuild the cache"
@@ -139,6 +140,21 @@ class TeacherCache:
             torch.from_numpy(ids), torch.from_numpy(logprobs), torch.from_numpy(tail), temperature=self.temperature
         )
 
+    def states(self, indices: Sequence[int]) -> torch.Tensor:
+        """The teacher's final hidden states of packed sequences (a `targets: hidden` cache).
+
+        Args:
+            indices: B packed-sequence indices.
+
+        Returns:
+            [B, L, H] float32 (bf16 values); positions that are not stored (next token not scored) hold zeros.
+        """
+        seqs = [self._sequence(int(i)) for i in indices]
+        out = np.zeros((len(seqs), self.codec.seq_len, self.codec.k), dtype=np.float32)
+        for b, (mask, _, values, _) in enumerate(seqs):
+            out[b, mask] = values
+        return torch.from_numpy(out)
+
     def verify(self, sample: int = 8) -> dict:
         """Re-hash every shard, decode every sequence; summarize (tokens, bytes/token, k) with a fidelity sample.
 
@@ -161,7 +177,7 @@ class TeacherCache:
             for i in range(shard["start"], shard["stop"]):
                 mask, _, logprobs, tail = self._sequence(i)
                 tokens += int(mask.sum())
-                if i - shard["start"] < sample and len(logprobs):
+                if i - shard["start"] < sample and len(logprobs) and self.codec.targets != "hidden":
                     mass = np.exp(logprobs.astype(np.float64)).sum(axis=1)
                     kept.append(mass)
                     top1.append(np.exp(logprobs[:, 0].astype(np.float64)))
@@ -254,3 +270,38 @@ def verify_report(path: str | Path) -> str:
 def info_text(path: str | Path) -> str:
     """`potstill cache info`: the manifest as indented JSON (after the reader's checks)."""
     return json.dumps(TeacherCache(path).manifest, indent=2)
+
+
+class HeadedCache:
+    """A `targets: hidden` cache with the teacher's head: `targets(indices)` is the exact teacher at any temperature.
+
+    The head (the only part of the teacher kept in memory) turns each stored final hidden state into the teacher's
+    full logits, in the fused loss chunk by chunk (as with an online teacher), so nothing is truncated to a top-k.
+
+    Args:
+        cache: the hidden-state `TeacherCache`.
+        weight: [V_student, H] head rows (the student's vocabulary: `W[id_map]` for a trimmed student).
+        bias: [V_student] or None.
+        softcap: the teacher's final logit softcapping, or None.
+    """
+
+    def __init__(self, cache: TeacherCache, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
+        if weight.shape[1] != cache.codec.k:
+            raise UserError(
+                f"{cache.path}: the cache holds hidden states of width {cache.codec.k}, the teacher's head reads"
+                f" {weight.shape[1]}; use the teacher it was built with (model.teacher)"
+            )
+        self.cache, self.weight, self.bias, self.softcap = cache, weight, bias, softcap
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def targets(self, indices: Sequence[int]) -> TeacherHead:
+        """TeacherHead with hidden [B, L, H] float32 (zeros where nothing is stored) and the head."""
+        return TeacherHead(self.cache.states(indices).to(self.weight.dtype), self.weight, self.bias, self.softcap)
+
+    def to(self, device) -> HeadedCache:
+        """Move the head to the training device (once; the states follow per batch)."""
+        self.weight = self.weight.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+        return self

@@ -24,6 +24,7 @@ from potstill.fileio import write_bytes_atomic, write_json_atomic
 from potstill.launch import world_size
 from potstill.losses import scored_mask
 from potstill.losses.sparse import topk_targets
+from potstill.models.heads import linear_head
 from potstill.teacher.cache.codec import Codec
 from potstill.teacher.cache.format import (
     BUILD,
@@ -99,7 +100,8 @@ def build_cache(
         k: top-k ids per position (targets="topk"), 1 <= k <= vocabulary size.
         temperature: softmax temperature of the stored distribution (the loss must use the same).
         seq_len, add_bos: packing, as in the training config.
-        targets: "topk" (k most probable ids + tail mass) or "sampled" (`samples` draws, ids + counts).
+        targets: "topk" (k most probable ids + tail mass), "sampled" (`samples` draws, ids + counts) or "hidden"
+            (the final hidden state per position, bf16; `k`, `temperature` and `encoding` do not apply).
         samples: draws per position for targets="sampled" (1..255).
         encoding: "compact" (quantized, ~100-150 bytes/token at k=64) or "lossless" (int32 + float32).
         student: student HF directory; its tokenizer packs the data and, with a trimmed vocabulary
@@ -175,8 +177,10 @@ def _prepare(
         check_tokenizers(student_tok, tokenizer, id_map)
         tokenizer = student_tok
     vocab = len(id_map) if id_map is not None else model.get_output_embeddings().weight.shape[0]
-    width = samples if targets == "sampled" else k
-    if width > vocab:
+    width = {"sampled": samples, "hidden": model.config.hidden_size}.get(targets, k)
+    if targets == "hidden" and linear_head(model) is None:
+        raise UserError(f"{teacher}: --targets hidden needs a teacher whose head is a plain linear layer")
+    if targets != "hidden" and width > vocab:
         raise UserError(
             f"cache build: {'samples' if targets == 'sampled' else 'k'}={width} exceeds the vocabulary size {vocab}"
         )
@@ -200,9 +204,9 @@ def _prepare(
         "targets": targets,
         "k": width,
         "samples": samples if targets == "sampled" else None,
-        "temperature": temperature,
-        "encoding": "exact-counts" if targets == "sampled" else encoding,
-        "values": _VALUES[targets if targets == "sampled" else encoding],
+        "temperature": None if targets == "hidden" else temperature,
+        "encoding": {"sampled": "exact-counts", "hidden": "bf16"}.get(targets, encoding),
+        "values": _VALUES[targets if targets in ("sampled", "hidden") else encoding],
         "seq_len": seq_len,
         "add_bos": add_bos,
         "positions": "scored",
@@ -223,6 +227,7 @@ _VALUES = {
     "compact": "top-1 id exact + float32 log-prob; other ids sorted, delta byte planes; log-probs uint8 steps below "
     "the top-1 (float16 step per position); float16 tail; zstd per sequence",
     "sampled": "unique sampled ids (delta byte planes) + uint8 counts; zstd per sequence",
+    "hidden": "final hidden states (after the final norm), bf16 in 2 byte planes; zstd per sequence",
 }
 
 
@@ -273,6 +278,9 @@ class _Scorer:
 
     def records(self, batch: dict, stored: torch.Tensor, generator: torch.Generator) -> list[bytes]:
         """Encoded records ([B] zstd frames) of a batch of sequences; stored: [B, L] bool positions to keep."""
+        if self.codec.targets == "hidden":
+            hidden = self.teacher.head_inputs(batch["input_ids"], batch["attention_mask"]).hidden.float()  # [B, L, H]
+            return [self.codec.encode(m.numpy(), None, hidden[b][m].numpy(), None) for b, m in enumerate(stored)]
         logits = self.teacher.logits(batch["input_ids"], batch["attention_mask"])  # [B, L, V]
         return [self.codec.encode(m.numpy(), *self._targets(logits[b][m], generator)) for b, m in enumerate(stored)]
 
