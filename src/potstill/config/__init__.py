@@ -32,6 +32,7 @@ from potstill.config.distill import (
     ModelConfig,
     OnPolicyConfig,
     TeacherConfig,
+    TeacherEndpointConfig,
     TrainConfig,
 )
 from potstill.config.generate import GenerateConfig, SamplingConfig, TeacherSourceConfig
@@ -59,6 +60,7 @@ __all__ = [
     "Section",
     "StudentInitConfig",
     "TeacherConfig",
+    "TeacherEndpointConfig",
     "TeacherSourceConfig",
     "TrainConfig",
     "apply_overrides",

@@ -28,6 +28,7 @@ from potstill.losses import Divergence, KDTerms, kd_terms, kd_weights
 from potstill.losses.fused import TeacherHead, fused_kd_terms
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
 from potstill.models.heads import head_of
+from potstill.teacher.scoring import EndpointScorer
 
 Targets = TeacherHead | SparseTargets | torch.Tensor | None
 Head = tuple[torch.Tensor, float | None]
@@ -48,17 +49,19 @@ def teacher_targets(teacher, inputs: dict[str, Any], fused: bool) -> Targets:
 
     Args:
         teacher: an `OnlineTeacher`, a teacher cache (`.targets(indices [B]) -> SparseTargets [B, L, k]`; batches
-            then carry `index` [B]), or None (CE only).
+            then carry `index` [B]), an `EndpointScorer` (its top-k of the batch), or None (CE only).
         inputs: the batch: `input_ids` [B, L], `attention_mask` [B, L], for a cache `index` [B].
         fused: the student takes the fused path (an online teacher then returns its hidden states and head).
 
     Returns:
-        SparseTargets [B, L, k] (cache), TeacherHead with hidden [B, L, H] (online, fused), teacher logits
+        SparseTargets [B, L, k] (cache, endpoint), TeacherHead with hidden [B, L, H] (online, fused), teacher logits
         [B, L, V] (online, dense; also when the teacher's head cannot be chunked), or None.
     """
     if teacher is None:
         return None
     ids = inputs["input_ids"]
+    if isinstance(teacher, EndpointScorer):  # a teacher behind a server: its top-k, aligned like a cache's
+        return teacher.score(ids, inputs.get("attention_mask")).targets
     if hasattr(teacher, "targets"):
         if "index" not in inputs:
             raise ValueError("a teacher cache needs batches with 'index' (wrap the dataset in IndexedDataset)")

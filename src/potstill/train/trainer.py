@@ -44,6 +44,7 @@ from potstill.config import LossConfig
 from potstill.errors import UserError
 from potstill.losses import KDTerms, combine, kd_weights, scored_mask
 from potstill.teacher.online import OnlineTeacher
+from potstill.teacher.scoring import EndpointScorer
 from potstill.train.rundir import truncate_log
 from potstill.train.step import kd_micro_step
 
@@ -112,7 +113,8 @@ class DistillTrainer(Trainer):
 
     Args:
         *args: passed to `transformers.Trainer` (model = the student, args, train_dataset, data_collator...).
-        teacher: the frozen online teacher, or None (CE only, or a cache).
+        teacher: the frozen online teacher, the endpoint that scores for it (`teacher.source: endpoint`), or None
+            (CE only, or a cache).
         loss_cfg: divergence, alpha (float or "auto"), temperature, divergence parameters, fused/chunk_size.
         teacher_cache: an object with `.targets(indices [B]) -> SparseTargets [B, L, k]` (a `TeacherCache`)
             used instead of `teacher`; batches then need `index` [B] (wrap the dataset in `IndexedDataset`).
@@ -127,13 +129,15 @@ class DistillTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         return self.domain_sampler if self.domain_sampler is not None else super()._get_train_sampler(train_dataset)
 
-    def __init__(self, *args, teacher: OnlineTeacher | None, loss_cfg: LossConfig, teacher_cache=None, **kwargs):
+    def __init__(
+        self, *args, teacher: OnlineTeacher | EndpointScorer | None, loss_cfg: LossConfig, teacher_cache=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         if teacher is None and teacher_cache is None and loss_cfg.alpha != 0:
             raise UserError("model.teacher: required unless loss.alpha=0 (CE only)")
         self.teacher = teacher
         self.teacher_cache = teacher_cache
-        if teacher is not None:
+        if isinstance(teacher, OnlineTeacher):  # an endpoint teacher has no model here
             teacher.model.to(self.args.device)
         self.loss_cfg = loss_cfg
         self.add_callback(AlphaState(None if loss_cfg.alpha == "auto" else float(loss_cfg.alpha)))
