@@ -33,6 +33,7 @@ from potstill.config.distill import (
     ModelConfig,
     OnPolicyConfig,
     TeacherConfig,
+    TeacherEndpointConfig,
     TrainConfig,
 )
 from potstill.config.generate import GenerateConfig, SamplingConfig, TeacherSourceConfig
@@ -61,6 +62,7 @@ __all__ = [
     "Section",
     "StudentInitConfig",
     "TeacherConfig",
+    "TeacherEndpointConfig",
     "TeacherSourceConfig",
     "TrainConfig",
     "apply_overrides",

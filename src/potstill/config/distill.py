@@ -44,6 +44,19 @@ class ModelConfig(Section):
         " emulated and slower (docs/training.md, Cost notes)",
     )
 
+    stop_token: str | None = Field(
+        default=None,
+        description="the student's <eos> becomes this token (one token of its vocabulary, e.g. an instruct teacher's"
+        " '<|im_end|>'): completions end with it, rollouts stop at it, and the saved student's tokenizer and"
+        " generation config carry it (null: the student's own <eos>; docs/on_policy.md, Chat data)",
+    )
+    chat_template: Literal["check", "student", "teacher"] = Field(
+        default="check",
+        description="chat records ({\"messages\": [...]}) are rendered with the student's chat template; 'check'"
+        " refuses a teacher whose template differs, 'student' keeps the student's anyway, 'teacher' renders with the"
+        " teacher's and saves it with the student (a base student without a template)",
+    )
+
     @property
     def teacher_load_dtype(self) -> str:
         """The dtype the teacher is loaded in: `teacher_dtype`, or `dtype` when that is null."""
@@ -128,13 +141,42 @@ class HiddenConfig(Section):
     )
 
 
+class TeacherEndpointConfig(Section):
+    """A teacher that is only a server: it scores token ids through `/v1/completions` (echo, logprobs, max_tokens 0)."""
+
+    base_url: str = Field(description="the endpoint's base URL, e.g. http://127.0.0.1:8000/v1 (vLLM, potstill serve)")
+    model: str = Field(description="the model name the server expects")
+    api_key_env: str | None = Field(
+        default=None, description="NAME of the env var holding the API key (null: a server without authentication)"
+    )
+    top_k: int = Field(
+        default=20,
+        ge=1,
+        description="teacher tokens per position (the request's logprobs; vLLM allows up to its --max-logprobs, 20)",
+    )
+    batch_size: int = Field(default=8, ge=1, description="sequences per scoring request")
+    concurrency: int = Field(default=4, ge=1, description="scoring requests in flight at once")
+    timeout: float = Field(default=60.0, gt=0, description="seconds per request attempt before it counts as failed")
+    max_retries: int = Field(default=5, ge=0, description="retries on 429/5xx/timeouts/dropped connections/bad answers")
+    backoff: float = Field(default=0.5, ge=0, description="first retry delay bound in s (doubles, full jitter)")
+    tolerance: float = Field(
+        default=1e-3,
+        ge=0,
+        description="self-test at start: largest difference in nats allowed between two scorings of the same tokens",
+    )
+
+
 class TeacherConfig(Section):
     """Where the teacher's distributions come from during training."""
 
-    source: Literal["online", "cache"] = Field(
+    source: Literal["online", "cache", "endpoint"] = Field(
         default="online",
         description="'online' = run model.teacher on every batch; 'cache' = read top-k targets from teacher.cache"
-        " (no teacher model in memory)",
+        " (no teacher model in memory); 'endpoint' = score through teacher.endpoint (train.recipe=on_policy;"
+        " model.teacher, when set, is read for its tokenizer only, to check the special tokens)",
+    )
+    endpoint: TeacherEndpointConfig | None = Field(
+        default=None, description="teacher.source=endpoint: the server that scores the student's sequences"
     )
     cache: str | None = Field(
         default=None,
@@ -305,8 +347,9 @@ class DistillConfig(Section):
     )
 
     @property
-    def teacher_kind(self) -> Literal["online", "cache"] | None:
-        """Where the run's teacher distributions come from: "online", "cache", or None (CE only, loss.alpha = 0)."""
+    def teacher_kind(self) -> Literal["online", "cache", "endpoint"] | None:
+        """Where the run's teacher distributions come from: "online", "cache", "endpoint", or None (CE only,
+        loss.alpha = 0)."""
         return None if self.loss.alpha == 0 else self.teacher.source
 
     def run_problem(self) -> str | None:
@@ -325,6 +368,20 @@ class DistillConfig(Section):
             return "teacher.source: a teacher cache cannot score the student's new samples; use an online teacher"
         if self.train.recipe == "on_policy" and self.teacher_kind is None:
             return "loss.alpha: train.recipe=on_policy needs a teacher (alpha > 0)"
+        if self.teacher_kind == "endpoint":
+            return self._endpoint_problem()
+        return None
+
+    def _endpoint_problem(self) -> str | None:
+        """What keeps a `teacher.source: endpoint` run from starting, or None."""
+        if self.teacher.endpoint is None:
+            return "teacher.endpoint: required with teacher.source=endpoint (base_url and model of the server)"
+        if self.train.recipe != "on_policy":
+            return "teacher.source: an endpoint teacher scores only train.recipe=on_policy runs"
+        if self.loss.temperature != 1.0:
+            return "loss.temperature: an endpoint returns log-probs at temperature 1; set loss.temperature=1"
+        if self.on_policy.seq_kd:
+            return "on_policy.seq_kd: an endpoint teacher scores but does not sample here; set on_policy.seq_kd=false"
         return None
 
     def check_runnable(self) -> DistillConfig:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from potstill.data.chat import render_chat
 from potstill.data.sources import Record, read_many
 from potstill.errors import UserError
 from potstill.losses import IGNORE_INDEX
@@ -152,8 +153,10 @@ def collate(batch: list[dict]) -> dict:
 
 
 def tokenize(records: list[Record], tokenizer) -> list[_Doc]:
-    """Tokenize records in batches into documents: prompt + text/completion + `<eos>`."""
+    """Tokenize records in batches into documents: prompt + text/completion + `<eos>` (chat records rendered first,
+    by `potstill.data.chat.render_chat`; a templated completion ends with its end-of-turn token instead)."""
     eos = tokenizer.eos_token_id
+    records = render_chat(records, tokenizer)
     docs = []
     for start in range(0, len(records), _TOKENIZE_BATCH):
         chunk = records[start : start + _TOKENIZE_BATCH]
@@ -199,7 +202,7 @@ def _char_byte_prefix(text: str) -> np.ndarray:
 
 
 def _doc(record: Record, ctx: list[int], ids: list[int], nbytes: np.ndarray, eos: int | None) -> _Doc:
-    tail = [] if eos is None else [eos]
+    tail = [] if eos is None or record.templated else [eos]
     tail_bytes = np.zeros(len(tail), dtype=np.int64)
     if not ids and tail:  # a non-empty text the tokenizer turned into nothing: keep the total exact
         tail_bytes[0] = len(record.scored.encode("utf-8"))

@@ -3,7 +3,10 @@
 One object per line (blank lines are skipped):
 
 - plain text: `{"text": "...", "domain": "code"}`; the loss covers the whole text;
-- prompt/completion: `{"prompt": "...", "completion": "...", "domain": "qa"}`; the loss covers the completion only.
+- prompt/completion: `{"prompt": "...", "completion": "...", "domain": "qa"}`; the loss covers the completion only;
+- chat: `{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", "content": "..."}]}`: the
+  last message, an assistant turn, is the completion; the turns before it are the prompt. Both are rendered with the
+  student's chat template when the records are tokenized (`potstill.data.chat`).
 
 `domain` is optional (default `"default"`); other keys are ignored. Every mistake (unreadable file, bad
 JSON, a line that is not an object, a missing or non-string field) is a `UserError` naming `file:line`.
@@ -19,19 +22,26 @@ from typing import Any
 from potstill.errors import UserError
 
 DEFAULT_DOMAIN = "default"
-_EXPECTED = 'expected {"text": str} or {"prompt": str, "completion": str}, with an optional "domain": str'
+_EXPECTED = (
+    'expected {"text": str}, {"prompt": str, "completion": str} or {"messages": [{"role": str, "content": str}, ...]},'
+    ' with an optional "domain": str'
+)
 
 
 @dataclass(frozen=True)
 class Record:
     """One document of a corpus.
 
-    Exactly one of `text` or the pair (`prompt`, `completion`) is set.
+    Exactly one of `text`, the pair (`prompt`, `completion`) or `messages` is set (a chat record becomes a
+    prompt/completion one, `templated`, when its template is applied: `potstill.data.chat.render_chat`).
 
     Attributes:
         text: the document (plain-text records), else None.
         prompt: the unscored context (prompt/completion records), else None.
         completion: the scored continuation (prompt/completion records), else None.
+        messages: a chat record's turns ((role, content), ...), the last one the assistant's completion, else None.
+        templated: prompt and completion were rendered by a chat template: the completion ends with the
+            template's end-of-turn text, so no `<eos>` is appended.
         domain: the domain name ("default" when the line has none).
         path: the file it came from.
         line: its 1-based line number in that file.
@@ -40,6 +50,8 @@ class Record:
     text: str | None = None
     prompt: str | None = None
     completion: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+    templated: bool = False
     domain: str = DEFAULT_DOMAIN
     path: str = ""
     line: int = 0
@@ -107,11 +119,32 @@ def _parse_line(line: str, where: str, path: str, number: int) -> Record:
         if "prompt" in obj or "completion" in obj:
             raise UserError(f'{where}: has both "text" and "prompt"/"completion"; {_EXPECTED}')
         return Record(text=_string_field(obj, "text", where), domain=domain, path=path, line=number)
+    if "messages" in obj:
+        if "prompt" in obj or "completion" in obj:
+            raise UserError(f'{where}: has both "messages" and "prompt"/"completion"; {_EXPECTED}')
+        return Record(messages=_messages(obj["messages"], where), domain=domain, path=path, line=number)
     if "prompt" in obj or "completion" in obj:
         prompt = _string_field(obj, "prompt", where)
         completion = _string_field(obj, "completion", where)
         return Record(prompt=prompt, completion=completion, domain=domain, path=path, line=number)
     raise UserError(f'{where}: missing field "text"; {_EXPECTED}')
+
+
+def _messages(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """A chat record's turns: a list of >= 2 {"role": str, "content": str} objects ending with the assistant's."""
+    if not isinstance(value, list) or len(value) < 2:
+        raise UserError(f'{where}: field "messages" must be a list of at least 2 turns (a prompt and the answer)')
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise UserError(f'{where}: messages[{i}] must be an object {{"role": str, "content": str}}')
+        at = f"{where}: messages[{i}]"
+        turns.append((_string_field(turn, "role", at), _string_field(turn, "content", at)))
+    if turns[-1][0] != "assistant":
+        raise UserError(
+            f'{where}: the last of "messages" must be the assistant\'s turn (the completion), got role {turns[-1][0]!r}'
+        )
+    return tuple(turns)
 
 
 def _string_field(obj: dict[str, Any], key: str, where: str, default: str | None = None) -> str:

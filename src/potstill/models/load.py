@@ -96,6 +96,23 @@ def load_model(path: str | Path, dtype: str = "float32"):
     return model.eval(), tokenizer
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer of an HF model directory, without its weights.
+
+    Raises:
+        UserError: the directory does not exist or holds no tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{p}: model directory does not exist (it is read for its tokenizer)")
+    try:
+        return AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{p}: cannot load the tokenizer ({_first_line(err)})") from None
+
+
 def convert_gguf(path: str | Path, cache: str | Path | None = None) -> Path:
     """Convert a GGUF file into a cached HF directory (once per file content) and return that directory.
 

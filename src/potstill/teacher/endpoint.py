@@ -219,10 +219,23 @@ class EndpointClient:
                     future.cancel()
 
     def _send_with_retries(self, request: Request) -> Answer:
+        return self.retrying(lambda: self._send(request))
+
+    def retrying(self, send: Callable[[], Any]) -> Any:
+        """`send()` (one HTTP exchange through `self.client`), retried as every request of this client is.
+
+        A `UserError` raised by `send` (an answer that can never be right) is not retried.
+
+        Raises:
+            EndpointError: still failing after the retries, or refused (4xx other than 429).
+        """
         for attempt in range(self.max_retries + 1):
             try:
                 self.stats.add(requests=1)
-                return self._send(request)
+                return send()
+            except UserError:
+                self.stats.add(failures=1)
+                raise
             except Exception as err:  # noqa: BLE001 - classified right below
                 reason = self._retry_reason(err)
                 if reason is None or attempt == self.max_retries:

@@ -26,7 +26,7 @@ _SPECIAL = ("bos_token", "eos_token", "unk_token")
 _HINT = "use the teacher's tokenizer, or a student made from this teacher by `potstill student init`"
 
 
-def check_tokenizers(student_tok, teacher_tok, id_map: torch.Tensor | None = None) -> None:
+def check_tokenizers(student_tok, teacher_tok, id_map: torch.Tensor | None = None, specials: bool = True) -> None:
     """Refuse a student/teacher pair whose token ids do not denote the same tokens.
 
     Without an id map both tokenizers must have the same vocabulary (token -> id, added tokens included).
@@ -38,6 +38,8 @@ def check_tokenizers(student_tok, teacher_tok, id_map: torch.Tensor | None = Non
         student_tok: the student's HF tokenizer.
         teacher_tok: the teacher's HF tokenizer.
         id_map: optional [V_student] long tensor, student id -> teacher id.
+        specials: also compare `<bos>`, `<eos>`, `<unk>` (a training run compares them, with the chat template and
+            a stop-token mapping, in `potstill.models.specials.check_specials` instead).
 
     Raises:
         UserError: one line naming the first difference found.
@@ -46,7 +48,7 @@ def check_tokenizers(student_tok, teacher_tok, id_map: torch.Tensor | None = Non
         _check_same_vocab(student_tok.get_vocab(), teacher_tok.get_vocab())
     else:
         _check_id_map(student_tok, teacher_tok, id_map)
-    for name in _SPECIAL:
+    for name in _SPECIAL if specials else ():
         student, teacher = getattr(student_tok, name), getattr(teacher_tok, name)
         if student != teacher:
             raise UserError(f"student and teacher tokenizers differ: {name} {student!r} vs {teacher!r}; {_HINT}")

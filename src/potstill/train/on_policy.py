@@ -35,10 +35,12 @@ from torch.utils.data import Dataset
 
 from potstill.config import DistillConfig, OnPolicyConfig
 from potstill.data import collate, read_many
+from potstill.data.chat import render_chat
 from potstill.data.packing import tokenize
 from potstill.errors import UserError
 from potstill.losses import IGNORE_INDEX, KDTerms, scored_mask
 from potstill.losses.policy import sampled_reverse_kl
+from potstill.teacher.scoring import sampled_teacher_logprobs
 from potstill.train.setup import Models, training_args
 from potstill.train.trainer import DistillTrainer
 
@@ -59,7 +61,7 @@ class PromptDataset(Dataset):
     """
 
     def __init__(self, paths: list[str], tokenizer, seq_len: int, max_new_tokens: int, add_bos: bool = True):
-        records = read_many(paths)
+        records = render_chat(read_many(paths), tokenizer)
         bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
         self.pad_id = pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows = []
@@ -203,13 +205,12 @@ class OnPolicyTrainer(DistillTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        teacher = self.teacher.logits(inputs["input_ids"], inputs["attention_mask"])
         mask = scored_mask(labels)
         targets = labels[:, 1:][mask]
         student = outputs.logits[:, :-1][mask].float()  # [n, V]: the scored positions only
         temperature = self.loss_cfg.temperature
         log_q = F.log_softmax(student / temperature, -1).gather(1, targets[:, None])[:, 0]
-        log_p = F.log_softmax(teacher[:, :-1][mask].float() / temperature, -1).gather(1, targets[:, None])[:, 0]
+        log_p = sampled_teacher_logprobs(self.teacher, inputs, mask, temperature)
         denom = torch.as_tensor(mask.sum() if num_items_in_batch is None else num_items_in_batch).clamp_min(1)
         ce = F.cross_entropy(student, targets, reduction="sum") / denom
         terms = KDTerms(kd=sampled_reverse_kl(log_q, log_p).sum() / denom, ce=ce, n_tokens=int(mask.sum()))
@@ -262,6 +263,7 @@ class OnPolicyRecipe:
                 " (an id map), so the teacher's samples could hold tokens it cannot read"
             )
         dataset = PromptDataset(cfg.data.train, tok, cfg.data.seq_len, cfg.on_policy.max_new_tokens, cfg.data.add_bos)
+        stop = models.specials.stop_id if models.specials is not None else tok.eos_token_id
         return OnPolicyTrainer(
             model=models.student,
             args=training_args(cfg),
@@ -271,7 +273,7 @@ class OnPolicyRecipe:
             loss_cfg=cfg.loss,
             on_policy=cfg.on_policy,
             pad_id=dataset.pad_id,
-            eos_id=tok.eos_token_id,
+            eos_id=stop,
         )
 
     def finish(self, trainer: OnPolicyTrainer, cfg: DistillConfig, models: Models, out: Path, data: None) -> dict:

@@ -1,13 +1,15 @@
 """Setting up a training run: what it needs of a teacher, the models, the data, and the Trainer's arguments.
 
 `cfg.teacher_kind` answers once "does this run need a teacher, and which?"; `load_models` opens the student and
-(for an online teacher) the teacher and checks that their vocabularies agree; `open_cache` opens a teacher cache
+(for an online teacher) the teacher, or the endpoint that scores for it, and checks that their vocabularies,
+special tokens and chat templates agree; `open_cache` opens a teacher cache
 and checks it was built for this run; `load_data` packs the training and held-out files; `training_args` maps
 the `train` section onto `transformers.TrainingArguments`.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,11 +18,17 @@ from torch import nn
 from transformers import TrainingArguments
 
 from potstill.config import DistillConfig
+from potstill.data.chat import holds_chat
 from potstill.errors import UserError
 from potstill.launch import world_size
-from potstill.models.load import load_model
+from potstill.models.load import load_model, load_tokenizer
+from potstill.models.specials import Specials, apply_specials, check_specials, eos_ids
 from potstill.models.vocab import ID_MAP_FILE, load_id_map
+from potstill.teacher.endpoint import EndpointClient, api_key
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
+from potstill.teacher.scoring import EndpointScorer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,30 +38,79 @@ class Models:
     Attributes:
         student: the student (trainable, in `model.dtype`).
         tokenizer: the student's tokenizer.
-        teacher: the frozen online teacher over the student's vocabulary (None for a cache or CE only).
+        teacher: the frozen online teacher over the student's vocabulary, or the endpoint that scores for it
+            (None for a cache or CE only).
+        specials: the student's `<eos>`, stop token and chat template, checked against the teacher's
+            (`potstill.models.specials`; None for CE only or a cache without chat data or `model.stop_token`).
     """
 
     student: nn.Module
     tokenizer: Any
-    teacher: OnlineTeacher | None
+    teacher: OnlineTeacher | EndpointScorer | None
+    specials: Specials | None = None
 
 
 def load_models(cfg: DistillConfig) -> Models:
     """The student (+ tokenizer) and, for an online teacher, the teacher; checks their vocabularies agree.
 
-    The teacher reads the student's id map (a student with a trimmed vocabulary) when it has one.
+    The teacher reads the student's id map (a student with a trimmed vocabulary) when it has one. The pair's
+    special tokens and chat template are checked (`check_specials`) and written into the student
+    (`apply_specials`); an endpoint teacher passes its self-test first.
 
     Raises:
-        UserError: unloadable models, tokenizers that differ, or vocabulary sizes that do not fit.
+        UserError: unloadable models, tokenizers that differ, special tokens or chat templates that do not agree,
+            vocabulary sizes that do not fit, an endpoint that fails its self-test.
     """
     student, tokenizer = load_model(cfg.model.student, dtype=cfg.model.dtype)
-    if cfg.teacher_kind != "online":
-        return Models(student, tokenizer, None)
-    id_map = load_id_map(cfg.model.student)
-    teacher_model, teacher_tok = load_model(cfg.model.teacher, dtype=cfg.model.teacher_load_dtype)
-    check_tokenizers(tokenizer, teacher_tok, id_map=id_map)
-    check_vocab_sizes(student, teacher_model, id_map, cfg)
-    return Models(student, tokenizer, OnlineTeacher(teacher_model, id_map=id_map))
+    kind, id_map = cfg.teacher_kind, load_id_map(cfg.model.student)
+    teacher_model = teacher_tok = teacher = None
+    if kind == "online":
+        teacher_model, teacher_tok = load_model(cfg.model.teacher, dtype=cfg.model.teacher_load_dtype)
+        check_tokenizers(tokenizer, teacher_tok, id_map=id_map, specials=False)  # specials: check_specials below
+        check_vocab_sizes(student, teacher_model, id_map, cfg)
+    elif kind == "endpoint":
+        teacher_tok = load_tokenizer(cfg.model.teacher) if cfg.model.teacher else None
+        teacher = endpoint_scorer(cfg, tokenizer, id_map)
+    specials = None
+    chat = holds_chat([*cfg.data.train, *cfg.data.eval])
+    if kind in ("online", "endpoint") or chat or cfg.model.stop_token is not None:
+        specials = check_specials(
+            tokenizer,
+            teacher_tok,
+            chat=chat,
+            stop_token=cfg.model.stop_token,
+            chat_template=cfg.model.chat_template,
+            student_eos_ids=eos_ids(student),
+            teacher_eos_ids=eos_ids(teacher_model),
+        )
+        apply_specials(tokenizer, student, specials)
+        for note in specials.notes:
+            log.info("student/teacher: %s", note)
+    if teacher_model is not None:
+        teacher = OnlineTeacher(teacher_model, id_map=id_map)
+    return Models(student, tokenizer, teacher, specials)
+
+
+def endpoint_scorer(cfg: DistillConfig, tokenizer, id_map) -> EndpointScorer:
+    """The `teacher.endpoint` scorer of a run, after its self-test against the student's tokenizer."""
+    if id_map is not None:
+        raise UserError(
+            f"{cfg.model.student}: teacher.source=endpoint sends the student's token ids, so the student needs the"
+            f" teacher's vocabulary; this one has a trimmed one ({ID_MAP_FILE})"
+        )
+    e = cfg.teacher.endpoint
+    client = EndpointClient(
+        e.base_url,
+        e.model,
+        key=api_key(e.api_key_env),
+        timeout=e.timeout,
+        max_retries=e.max_retries,
+        backoff=e.backoff,
+        concurrency=e.concurrency,
+    )
+    scorer = EndpointScorer(client, tokenizer, top_k=e.top_k, batch_size=e.batch_size, tolerance=e.tolerance)
+    scorer.self_test(tokenizer)
+    return scorer
 
 
 def check_vocab_sizes(student: nn.Module, teacher: nn.Module, id_map: torch.Tensor | None, cfg: DistillConfig):

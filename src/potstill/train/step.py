@@ -32,6 +32,7 @@ from potstill.losses.fused import TeacherHead, fused_kd_terms
 from potstill.losses.hidden import hidden_term
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
 from potstill.models.heads import head_of
+from potstill.teacher.scoring import EndpointScorer
 from potstill.train.hidden import HiddenPlan
 
 Targets = TeacherHead | SparseTargets | torch.Tensor | None
@@ -53,19 +54,21 @@ def teacher_targets(teacher, inputs: dict[str, Any], fused: bool, layers: Sequen
 
     Args:
         teacher: an `OnlineTeacher`, a teacher cache (`.targets(indices [B]) -> SparseTargets [B, L, k]`; batches
-            then carry `index` [B]), or None (CE only).
+            then carry `index` [B]), an `EndpointScorer` (its top-k of the batch), or None (CE only).
         inputs: the batch: `input_ids` [B, L], `attention_mask` [B, L], for a cache `index` [B].
         fused: the student takes the fused path (an online teacher then returns its hidden states and head).
         layers: teacher decoder layers whose outputs the hidden-state term needs (online teacher only).
 
     Returns:
-        SparseTargets [B, L, k] (top-k / sampled cache); TeacherHead with hidden [B, L, H] (online or hidden-state
-        cache, fused); teacher logits [B, L, V] (dense; also when an online teacher's head cannot be chunked); None.
-        With `layers`: (those targets, one [B, L, H] state per layer).
+        SparseTargets [B, L, k] (top-k / sampled cache, endpoint); TeacherHead with hidden [B, L, H] (online or
+        hidden-state cache, fused); teacher logits [B, L, V] (dense; also when an online teacher's head cannot be
+        chunked); None. With `layers`: (those targets, one [B, L, H] state per layer).
     """
     if teacher is None:
         return None
     ids = inputs["input_ids"]
+    if isinstance(teacher, EndpointScorer):  # a teacher behind a server: its top-k, aligned like a cache's
+        return teacher.score(ids, inputs.get("attention_mask")).targets
     if hasattr(teacher, "targets"):
         if "index" not in inputs:
             raise ValueError("a teacher cache needs batches with 'index' (wrap the dataset in IndexedDataset)")

@@ -46,6 +46,7 @@ from potstill.config import LossConfig
 from potstill.errors import UserError
 from potstill.losses import KDTerms, combine, kd_weights, scored_mask
 from potstill.teacher.online import OnlineTeacher
+from potstill.teacher.scoring import EndpointScorer
 from potstill.train.hidden import HiddenPlan
 from potstill.train.rundir import truncate_log
 from potstill.train.step import kd_micro_step
@@ -115,7 +116,8 @@ class DistillTrainer(Trainer):
 
     Args:
         *args: passed to `transformers.Trainer` (model = the student, args, train_dataset, data_collator...).
-        teacher: the frozen online teacher, or None (CE only, or a cache).
+        teacher: the frozen online teacher, the endpoint that scores for it (`teacher.source: endpoint`), or None
+            (CE only, or a cache).
         loss_cfg: divergence, alpha (float or "auto"), temperature, divergence parameters, fused/chunk_size.
         teacher_cache: an object with `.targets(indices [B]) -> SparseTargets [B, L, k]` (a `TeacherCache`)
             used instead of `teacher`; batches then need `index` [B] (wrap the dataset in `IndexedDataset`).
@@ -134,7 +136,7 @@ class DistillTrainer(Trainer):
     def __init__(
         self,
         *args,
-        teacher: OnlineTeacher | None,
+        teacher: OnlineTeacher | EndpointScorer | None,
         loss_cfg: LossConfig,
         teacher_cache=None,
         hidden: tuple[HiddenPlan, float] | None = None,
@@ -145,7 +147,7 @@ class DistillTrainer(Trainer):
             raise UserError("model.teacher: required unless loss.alpha=0 (CE only)")
         self.teacher = teacher
         self.teacher_cache = teacher_cache
-        if teacher is not None:
+        if isinstance(teacher, OnlineTeacher):  # an endpoint teacher has no model here
             teacher.model.to(self.args.device)
         if hasattr(teacher_cache, "to"):  # a hidden-state cache's teacher head
             teacher_cache.to(self.args.device)
