@@ -31,7 +31,7 @@ def test_cache_source_points_the_kd_arm_at_the_cache_and_leaves_ce_alone(quick: 
         for arm in ("kd", "ce")
     }
     kd = configs["cache", "kd"]
-    assert kd["teacher"] == {"source": "cache", "cache": str(tmp_path / demo.CACHE_DIR)}
+    assert kd["teacher"] == {"source": "cache", "cache": str(tmp_path / demo.CACHE_DIR), "endpoint": None}
     assert kd["model"]["teacher"] == "/teacher"  # kept: the trainer checks the cache was built from this teacher
     assert configs["online", "kd"]["teacher"]["source"] == "online"
     assert {k: v for k, v in kd.items() if k != "teacher"} == {
@@ -203,6 +203,6 @@ def test_cache_and_train_kd_steps_resume_on_tiny_models(models_dir, tmp_path: Pa
     assert steps and min(steps) >= 2  # steps 1-2 were not trained again
     assert loaded == [out / "student_init"]
     run = yaml.safe_load((out / "student_kd" / "config.yaml").read_text())
-    assert run["teacher"] == {"source": "cache", "cache": str(out / demo.CACHE_DIR)}
+    assert run["teacher"] == {"source": "cache", "cache": str(out / demo.CACHE_DIR), "endpoint": None}
     assert json.loads((out / "student_kd" / "summary.json").read_text())["global_step"] == 4
     assert list(json.loads((out / demo.STATE_FILE).read_text())["done"])[-1] == "train_kd"

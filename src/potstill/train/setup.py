@@ -72,7 +72,8 @@ def load_models(cfg: DistillConfig) -> Models:
         teacher_tok = load_tokenizer(cfg.model.teacher) if cfg.model.teacher else None
         teacher = endpoint_scorer(cfg, tokenizer, id_map)
     specials = None
-    chat = holds_chat([*cfg.data.train, *cfg.data.eval])
+    # step_by_step reads its own records (input / label / rationale), never chat rows
+    chat = cfg.train.recipe != "step_by_step" and holds_chat([*cfg.data.train, *cfg.data.eval])
     if kind in ("online", "endpoint") or chat or cfg.model.stop_token is not None:
         specials = check_specials(
             tokenizer,
