@@ -183,6 +183,21 @@ class EndpointClient:
         self.stats = EndpointStats()
         self._sleep = sleep
 
+    @classmethod
+    def from_settings(cls, settings, cache_dir: str | Path | None = None) -> EndpointClient:
+        """The client of a config section that names an endpoint (`base_url`, `model`, `api_key_env`, `timeout`,
+        `max_retries`, `backoff`, `concurrency`: generate's `teacher` or a run's `teacher.endpoint`)."""
+        return cls(
+            settings.base_url,
+            settings.model,
+            key=api_key(settings.api_key_env),
+            timeout=settings.timeout,
+            max_retries=settings.max_retries,
+            backoff=settings.backoff,
+            concurrency=settings.concurrency,
+            cache_dir=cache_dir,
+        )
+
     def generate(self, request: Request) -> Answer:
         """One request: from the cache, else sent (with retries) and cached.
 

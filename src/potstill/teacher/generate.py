@@ -294,21 +294,12 @@ class EndpointBackend:
 
     def __init__(self, cfg: TeacherSourceConfig, sampling: SamplingConfig):
         from potstill.models.load import cache_dir
-        from potstill.teacher.endpoint import EndpointClient, api_key
+        from potstill.teacher.endpoint import EndpointClient
 
         if not cfg.base_url:
             raise UserError("config: teacher.base_url: required for teacher.backend=endpoint")
         self.cfg, self.params = cfg, sampling_params(sampling)
-        self.client = EndpointClient(
-            cfg.base_url,
-            cfg.model,
-            key=api_key(cfg.api_key_env),
-            timeout=cfg.timeout,
-            max_retries=cfg.max_retries,
-            backoff=cfg.backoff,
-            concurrency=cfg.concurrency,
-            cache_dir=cache_dir() / "requests" if cfg.cache else None,
-        )
+        self.client = EndpointClient.from_settings(cfg, cache_dir=cache_dir() / "requests" if cfg.cache else None)
         self.name = f"{cfg.model}@{cfg.base_url}"
 
     @property

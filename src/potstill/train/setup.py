@@ -24,7 +24,7 @@ from potstill.launch import world_size
 from potstill.models.load import load_model, load_tokenizer
 from potstill.models.specials import Specials, apply_specials, check_specials, eos_ids
 from potstill.models.vocab import ID_MAP_FILE, load_id_map
-from potstill.teacher.endpoint import EndpointClient, api_key
+from potstill.teacher.endpoint import EndpointClient
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
 from potstill.teacher.scoring import EndpointScorer
 
@@ -100,16 +100,9 @@ def endpoint_scorer(cfg: DistillConfig, tokenizer, id_map) -> EndpointScorer:
             f" teacher's vocabulary; this one has a trimmed one ({ID_MAP_FILE})"
         )
     e = cfg.teacher.endpoint
-    client = EndpointClient(
-        e.base_url,
-        e.model,
-        key=api_key(e.api_key_env),
-        timeout=e.timeout,
-        max_retries=e.max_retries,
-        backoff=e.backoff,
-        concurrency=e.concurrency,
+    scorer = EndpointScorer(
+        EndpointClient.from_settings(e), tokenizer, top_k=e.top_k, batch_size=e.batch_size, tolerance=e.tolerance
     )
-    scorer = EndpointScorer(client, tokenizer, top_k=e.top_k, batch_size=e.batch_size, tolerance=e.tolerance)
     scorer.self_test(tokenizer)
     return scorer
 

@@ -293,9 +293,6 @@ class HeadedCache:
             )
         self.cache, self.weight, self.bias, self.softcap = cache, weight, bias, softcap
 
-    def __len__(self) -> int:
-        return len(self.cache)
-
     def targets(self, indices: Sequence[int]) -> TeacherHead:
         """TeacherHead with hidden [B, L, H] float32 (zeros where nothing is stored) and the head."""
         return TeacherHead(self.cache.states(indices).to(self.weight.dtype), self.weight, self.bias, self.softcap)
