@@ -11,7 +11,7 @@ one is answered 429 and one that waited `queue_timeout` seconds 503, both with `
 worker thread, so the event loop keeps answering (`/v1/models`, errors, queued clients); a streaming client that
 goes away stops its generation at the next token. Every bad request gets a 4xx in OpenAI's error shape
 (`protocol.ApiError`), an unexpected failure a 500 with one line and no traceback (the traceback goes to the log).
-`app.state.requests` counts the requests that reached the model.
+`app.state.requests` counts the requests that reached the model, `app.state.tokens` the tokens it generated.
 """
 
 import asyncio
@@ -66,8 +66,9 @@ class Gate:
         try:
             await asyncio.wait_for(self.lock.acquire(), self.limits.queue_timeout)
         except TimeoutError:
-            raise ApiError(503, f"server overloaded: no turn at the model within {self.limits.queue_timeout:g} s"
-                           " (--queue-timeout); retry later", code="queue_timeout", retry_after=1) from None  # fmt: skip
+            wait = self.limits.queue_timeout
+            raise ApiError(503, f"server overloaded: no turn at the model within {wait:g} s (--queue-timeout);"
+                           " retry later", code="queue_timeout", retry_after=1) from None  # fmt: skip
         finally:
             self.waiting -= 1
 
@@ -138,7 +139,7 @@ def build_app(engine: Engine, model_name: str, limits: ServeLimits):
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title=f"potstill serve {model_name}")
-    app.state.requests = 0
+    app.state.requests = app.state.tokens = 0
     gate = Gate(limits)
 
     def error(status: int, message: str, headers=None):
@@ -193,7 +194,9 @@ def build_app(engine: Engine, model_name: str, limits: ServeLimits):
         app.state.requests += 1
         if max_tokens == 0:  # echo / scoring only
             return [Sequence(finish="length") for _ in range(len(ids) * req.n)]
-        return engine.generate(ids, req.params(max_tokens), emit, cancel)
+        seqs = engine.generate(ids, req.params(max_tokens), emit, cancel)
+        app.state.tokens += sum(len(s.tokens) for s in seqs)
+        return seqs
 
     async def run(work, stream_of=None):
         """`work` under the gate; the finished result, or (stream_of given) an SSE response of its events."""
@@ -391,6 +394,10 @@ def serve(
         import uvicorn
     except ImportError:
         raise UserError("potstill serve needs the [generate] extra: pip install 'potstill[generate]'") from None
+    from potstill.models.load import DTYPES
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     limits = limits or ServeLimits()
     app = create_app(model_dir, name, limits, dtype)
     if limits.api_key is None and not _is_loopback(host):

@@ -104,8 +104,9 @@ class Engine:
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         kwargs = generation_kwargs(params, self.tokenizer) | {"streamer": streamer, "stopping_criteria": [Cancelled()]}
+        device = self.model.device
         with torch.no_grad():
-            self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device), **kwargs)
+            self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         return [s for s in streamer.seqs for _ in range(n)] if greedy else streamer.seqs
 
     def logprobs(self, seqs: list[list[int]], k: int, batch: int = 8) -> list[TokenLogprobs]:
