@@ -109,7 +109,7 @@ async def read_json(request, limit: int) -> Any:
     """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit} (--max-body-bytes)")
+        raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit} bytes (--max-body-bytes)")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
