@@ -3,9 +3,11 @@
 Starts `potstill serve MODEL` in a subprocess on a free port of 127.0.0.1 (or uses `--url` of a running server),
 sends `--requests` chat (or completion) requests from `--clients` threads, each with its own `openai.OpenAI`
 client (no retries: every refusal counts as an error), and prints one JSON object: latency p50 / p99 / max (end of
-the answer) and time to first token (streaming), throughput (requests/s, generated tokens/s), and errors by kind.
+the answer) and time to first token (streaming), throughput (requests/s, generated or scored tokens/s), and errors
+by kind.
 
     python benchmarks/serve_load.py MODEL_DIR --clients 4 --requests 16 --max-tokens 32 --stream
+    python benchmarks/serve_load.py MODEL_DIR --clients 4 --requests 16 --score 256   # as a scoring teacher
     python benchmarks/serve_load.py --tiny /tmp/tiny --clients 16 --requests 64 --serve-args "--max-queue 4"  # overload
 
 Prompts are fixed questions (cycled), sampling is greedy, so reruns send the same work; one untimed warm-up
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import socket
 import statistics
@@ -93,6 +96,13 @@ def one_request(client, args, i: int) -> dict:
     """Send request i; its latency, time to first token (streaming) and generated tokens."""
     question, start, first = QUESTIONS[i % len(QUESTIONS)], time.perf_counter(), None
     kw = {"model": args.name, "max_tokens": args.max_tokens, "temperature": 0.0}
+    if args.score:  # what EndpointScorer sends: token ids, echo, top-k log-probs, nothing generated
+        ids = [random.Random(i).randrange(10, 1000) for _ in range(args.score)]
+        resp = client.completions.create(model=args.name, prompt=[ids], echo=True, logprobs=args.logprobs,
+                                          max_tokens=0, temperature=0.0,
+                                          extra_body={"return_tokens_as_token_ids": True})  # fmt: skip
+        assert len(resp.choices[0].logprobs.token_logprobs) == args.score
+        return {"latency": time.perf_counter() - start, "ttft": None, "tokens": args.score}
     if args.completions:
         kw["prompt"] = f"Question: {question}\nAnswer:"
         create = client.completions.create
@@ -162,14 +172,16 @@ def summarize(results: list[dict], errors: dict[str, int], wall: float, args) ->
     ms = lambda x: None if x is None else round(1000 * x, 1)  # noqa: E731
     return {
         "clients": args.clients, "requests": args.requests, "ok": len(results), "errors": sum(errors.values()),
-        "errors_by_kind": errors, "stream": args.stream, "api": "completions" if args.completions else "chat",
+        "errors_by_kind": errors, "stream": args.stream,
+        "api": "scoring" if args.score else "completions" if args.completions else "chat",
         "max_tokens": args.max_tokens, "wall_s": round(wall, 2),
         "latency_ms": {"p50": ms(quantile(latency, 0.5)), "p99": ms(quantile(latency, 0.99)),
                        "max": ms(max(latency, default=None)),
                        "mean": ms(statistics.fmean(latency)) if latency else None},
         "ttft_ms": {"p50": ms(quantile(ttft, 0.5)), "p99": ms(quantile(ttft, 0.99))} if ttft else None,
-        "requests_per_s": round(len(results) / wall, 3), "generated_tokens": tokens,
-        "generated_tokens_per_s": round(tokens / wall, 1),
+        "requests_per_s": round(len(results) / wall, 3),
+        ("scored_tokens" if args.score else "generated_tokens"): tokens,
+        ("scored_tokens_per_s" if args.score else "generated_tokens_per_s"): round(tokens / wall, 1),
     }  # fmt: skip
 
 
@@ -185,6 +197,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--stream", action="store_true", help="stream the answers (adds time to first token)")
     parser.add_argument("--completions", action="store_true", help="/v1/completions instead of chat")
+    parser.add_argument(
+        "--score",
+        type=int,
+        default=0,
+        metavar="L",
+        help="scoring requests instead: L random token ids each, echo + logprobs, max_tokens 0",
+    )
+    parser.add_argument("--logprobs", type=int, default=20, help="top log-probs per position (--score)")
     parser.add_argument("--serve-args", default="", help="more options of potstill serve, e.g. '--max-queue 4'")
     args = parser.parse_args()
     if args.tiny:
