@@ -97,9 +97,9 @@ def test_models_lists_the_served_name(client):
 
 def test_a_client_that_leaves_a_stream_stops_its_generation(server, client):
     app, _ = server
-    kw = {"model": "chat", "prompt": "The", "max_tokens": 300, "temperature": 0}
+    kw = {"model": "chat", "prompt": "The", "max_tokens": 120, "temperature": 0}
     full = client.completions.create(**kw).usage.completion_tokens
-    assert full > 100  # this greedy answer runs long enough to be cut short
+    assert full > 60  # this greedy answer runs long enough to be cut short
     before = app.state.tokens
     stream = client.completions.create(stream=True, **kw)
     next(iter(stream))

@@ -93,6 +93,7 @@ OK = {"model": "tiny", "prompt": "The quick", "max_tokens": 2}
         (OK | {"top_p": 0}, 400, ["top_p"]),
         (OK | {"n": 5}, 400, ["n", "limit of 4"]),
         (OK | {"stop": [""]}, 400, ["stop", "non-empty"]),
+        (OK | {"stop": ["x" * 257]}, 400, ["stop", "at most 256 characters"]),
         (OK | {"logprobs": 6}, 400, ["logprobs", "limit of 5"]),
         (OK | {"logprobs": 1, "stream": True}, 400, ["logprobs", "stream"]),
         (OK | {"model": "gpt-4"}, 404, ["'gpt-4' does not exist", "'tiny'"]),
@@ -180,6 +181,11 @@ def test_a_full_queue_is_429_and_a_long_wait_503_with_retry_after(engine, live_s
         first.join(30)
         assert results["first"].status_code == 200
         assert post(f"{base}/completions", OK).status_code == 200  # the model is free again
+
+
+def test_a_free_model_serves_at_once_even_with_no_wait_allowed(engine, live_server):
+    with live_server(engine=engine, name="tiny", limits=ServeLimits(queue_timeout=0)) as (_, base):
+        assert post(f"{base}/completions", OK).status_code == 200
 
 
 class FailingEngine(Engine):

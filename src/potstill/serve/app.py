@@ -62,6 +62,9 @@ class Gate:
         if self.lock.locked() and self.waiting >= self.limits.max_queue:
             raise ApiError(429, f"server busy: {self.waiting} requests already wait for the model (--max-queue"
                            f" {self.limits.max_queue}); retry later", code="queue_full", retry_after=1)  # fmt: skip
+        if not self.lock.locked() and not self.waiting:  # a free model: no wait, whatever the timeout
+            await self.lock.acquire()
+            return
         self.waiting += 1
         try:
             await asyncio.wait_for(self.lock.acquire(), self.limits.queue_timeout)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-MAX_STOPS = 16  # stop strings per request (each checked against the text at every step)
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # stop strings per request and their length (checked at every step)
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,8 @@ class Sampling(BaseModel):
     @classmethod
     def _stops(cls, stop):
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOPS or any(not s for s in stops):
-            raise ValueError(f"at most {MAX_STOPS} non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
         return stops
 
     def params(self, max_tokens: int) -> dict[str, Any]:
