@@ -106,3 +106,10 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(server, client):
     stream.close()  # the client goes away after its first chunk
     resp = client.completions.create(model="chat", prompt="The", max_tokens=2, temperature=0)  # served next
     assert resp.choices[0].text and app.state.tokens - before - resp.usage.completion_tokens < full // 2
+
+
+def test_a_chat_longer_than_the_context_is_a_400_naming_it(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="exceeds the model's context of 512 tokens"):
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "the cat " * 400}])

@@ -172,15 +172,16 @@ def build_app(engine: Engine, model_name: str, limits: ServeLimits):
             raise ApiError(400, f"max_tokens: {req.max_tokens} is over the limit of {limits.max_tokens}"
                            " (--max-tokens)", param="max_tokens")  # fmt: skip
 
-    def checked_ids(prompt: str | list[int], i: int) -> list[int]:
+    def checked_ids(prompt: str | list[int], what: str, param: str = "prompt") -> list[int]:
+        """The token ids of a prompt (`what` names it in errors), checked against the vocabulary and the limit."""
         ids = engine.encode(prompt) if isinstance(prompt, str) else prompt
         if not ids:
-            raise ApiError(400, f"prompt {i} has no tokens", param="prompt")
+            raise ApiError(400, f"{what} has no tokens", param=param)
         if any(t < 0 or t >= engine.vocab_size for t in ids):
-            raise ApiError(400, f"prompt {i}: token ids must lie in [0, {engine.vocab_size})", param="prompt")
+            raise ApiError(400, f"{what}: token ids must lie in [0, {engine.vocab_size})", param=param)
         if len(ids) > limits.max_prompt_tokens:
-            raise ApiError(400, f"prompt {i} has {len(ids)} tokens, more than the limit of {limits.max_prompt_tokens}"
-                           " (--max-prompt-tokens)", param="prompt")  # fmt: skip
+            raise ApiError(400, f"{what} has {len(ids)} tokens, more than the limit of {limits.max_prompt_tokens}"
+                           " (--max-prompt-tokens)", param=param)  # fmt: skip
         return ids
 
     def budget(ids: list[list[int]], asked: int | None, default: int) -> int:
@@ -234,7 +235,7 @@ def build_app(engine: Engine, model_name: str, limits: ServeLimits):
         cancel = threading.Event()
 
         def work(put):
-            ids = [checked_ids(p, i) for i, p in enumerate(prompts)]
+            ids = [checked_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
             max_tokens = budget(ids, req.max_tokens, DEFAULT_COMPLETION_TOKENS)
             put(("ready", ids))
             emit = (lambda i, d, f: put(("delta", i, d, f))) if req.stream else (lambda *_: None)
@@ -285,7 +286,7 @@ def build_app(engine: Engine, model_name: str, limits: ServeLimits):
                 text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             except Exception as err:  # noqa: BLE001 - a template's own refusal (jinja raise_exception) or a bad role
                 raise ApiError(400, f"messages: the chat template refused them ({err})", param="messages") from None
-            ids = [checked_ids(text, 0)]
+            ids = [checked_ids(text, "messages (in the chat template)", "messages")]
             asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             max_tokens = budget(ids, asked, limits.max_tokens)
             put(("ready", ids))
