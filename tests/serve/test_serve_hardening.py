@@ -183,6 +183,25 @@ def test_a_full_queue_is_429_and_a_long_wait_503_with_retry_after(engine, live_s
         assert post(f"{base}/completions", OK).status_code == 200  # the model is free again
 
 
+def test_a_request_whose_client_left_the_queue_is_not_run(engine, live_server):
+    blocking = BlockingEngine(engine)
+    with live_server(engine=blocking, name="tiny") as (app, base):
+        first = threading.Thread(target=post, args=(f"{base}/completions", OK))
+        first.start()
+        assert blocking.started.wait(30)  # the first request holds the model
+        parts = urlsplit(base)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=0.3)
+        conn.request("POST", f"{parts.path}/completions", json.dumps(OK), {"Content-Type": "application/json"})
+        with pytest.raises(TimeoutError):
+            conn.getresponse()  # this client gives up while its request waits in the queue
+        conn.close()
+        time.sleep(0.2)
+        blocking.go.set()
+        first.join(30)
+        assert post(f"{base}/completions", OK).status_code == 200
+        assert app.state.requests == 2  # the first and the last: the abandoned one never reached the model
+
+
 def test_a_free_model_serves_at_once_even_with_no_wait_allowed(engine, live_server):
     with live_server(engine=engine, name="tiny", limits=ServeLimits(queue_timeout=0)) as (_, base):
         assert post(f"{base}/completions", OK).status_code == 200

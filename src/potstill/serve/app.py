@@ -8,10 +8,11 @@ true`, with `stream_options.include_usage`) and take `max_tokens`, `temperature`
 
 One model call runs at a time (`Gate`): while it runs, up to `max_queue` requests wait their turn (FIFO), the next
 one is answered 429 and one that waited `queue_timeout` seconds 503, both with `Retry-After`. The model runs in a
-worker thread, so the event loop keeps answering (`/v1/models`, errors, queued clients); a streaming client that
-goes away stops its generation at the next token. Every bad request gets a 4xx in OpenAI's error shape
-(`protocol.ApiError`), an unexpected failure a 500 with one line and no traceback (the traceback goes to the log).
-`app.state.requests` counts the requests that reached the model, `app.state.tokens` the tokens it generated.
+worker thread, so the event loop keeps answering (`/v1/models`, errors, queued clients). A streaming client that
+goes away stops its generation at the next token; a request whose client left while it waited is not run. Every bad
+request gets a 4xx in OpenAI's error shape (`protocol.ApiError`), an unexpected failure a 500 with one line and no
+traceback (the traceback goes to the log). `app.state.requests` counts the requests that reached the model,
+`app.state.tokens` the tokens it generated.
 """
 
 import asyncio
@@ -202,9 +203,12 @@ def build_app(engine: Engine, model_name: str, limits: ServeLimits):
         app.state.tokens += sum(len(s.tokens) for s in seqs)
         return seqs
 
-    async def run(work, stream_of=None):
+    async def run(request, work, stream_of=None):
         """`work` under the gate; the finished result, or (stream_of given) an SSE response of its events."""
         await gate.enter()
+        if await request.is_disconnected():  # the client gave up while it waited: nothing to run for it
+            gate.release()
+            raise ApiError(400, "the client went away while its request waited for the model")
         queue = run_in_thread(gate, work)
         first = await queue.get()
         if first[0] == "error":
@@ -247,7 +251,7 @@ def build_app(engine: Engine, model_name: str, limits: ServeLimits):
             return "" if not req.echo else prompts[i] if isinstance(prompts[i], str) else engine.decode(ids[i])
 
         if not req.stream:
-            ids, seqs, scores = await run(work)
+            ids, seqs, scores = await run(request, work)
             choices = []
             for i, seq in enumerate(seqs):
                 prompt = ids[i // req.n]
@@ -265,7 +269,7 @@ def build_app(engine: Engine, model_name: str, limits: ServeLimits):
         def openers(ids, rid):
             return [chunk(i, echo(i // req.n, ids), None, rid) for i in range(len(ids) * req.n) if req.echo]
 
-        return await run(work, lambda ids, q: sse(ids, q, req, cancel, openers, chunk, "text_completion"))
+        return await run(request, work, lambda ids, q: sse(ids, q, req, cancel, openers, chunk, "text_completion"))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(request: Request) -> Any:
@@ -294,7 +298,7 @@ def build_app(engine: Engine, model_name: str, limits: ServeLimits):
             return ids, generate(ids, req, max_tokens, emit, cancel)
 
         if not req.stream:
-            ids, seqs = await run(work)
+            ids, seqs = await run(request, work)
             choices = [{"index": i, "message": {"role": "assistant", "content": s.sent}, "finish_reason": s.finish,
                         "logprobs": None} for i, s in enumerate(seqs)]  # fmt: skip
             return envelope("chat.completion", model_name, choices, _usage(ids, seqs))
@@ -307,7 +311,8 @@ def build_app(engine: Engine, model_name: str, limits: ServeLimits):
         def openers(ids, rid):
             return [chunk(i, "", None, rid, {"role": "assistant", "content": ""}) for i in range(req.n)]
 
-        return await run(work, lambda ids, q: sse(ids, q, req, cancel, openers, chunk, "chat.completion.chunk"))
+        kind = "chat.completion.chunk"
+        return await run(request, work, lambda ids, q: sse(ids, q, req, cancel, openers, chunk, kind))
 
     async def sse(ids, queue, req, cancel, openers, chunk, kind) -> AsyncIterator[str]:
         """Server-sent events: the openers, one chunk per text delta, the usage (if asked), then [DONE]."""
