@@ -1,7 +1,8 @@
 """Shared fixtures: the tiny tokenizer, the one tiny-model builder, the two CLI runners, JSONL writers.
 
-The tests mirror src/potstill (tests/train/ holds the tests of potstill.train, ...; the top level those of cli.py,
-demo.py, serve.py); tests/train/conftest.py adds the training tests' own fixtures. Tests use what is here as fixtures:
+The tests mirror src/potstill (tests/train/ holds the tests of potstill.train, tests/serve/ those of potstill.serve,
+...; the top level those of cli.py and demo.py); tests/train/conftest.py and tests/serve/conftest.py add their own
+fixtures. Tests use what is here as fixtures:
 no test imports conftest or another test module. Everything is built inside the test session (no hub downloads) and
 takes milliseconds:
 

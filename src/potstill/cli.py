@@ -219,13 +219,24 @@ def generate_cmd(
 def serve_cmd(
     model: Path = typer.Argument(..., help="HF directory (or .gguf) of the model to serve."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (no authentication: keep it local)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (another than loopback: set a key)."),
     name: str | None = typer.Option(None, "--name", help="Model name clients send (default: the directory name)."),
+    api_key_env: str | None = typer.Option(None, "--api-key-env", help="NAME of the env var holding the API key."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Largest max_tokens of a request."),
+    max_prompt_tokens: int = typer.Option(4096, "--max-prompt-tokens", min=1, help="Largest prompt (tokens)."),
+    max_sequences: int = typer.Option(16, "--max-sequences", min=1, help="Largest prompts x n of a request."),
+    max_logprobs: int = typer.Option(20, "--max-logprobs", min=0, help="Largest logprobs (top tokens) of a request."),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Largest request body."),
+    max_queue: int = typer.Option(8, "--max-queue", min=0, help="Requests that may wait for the model (then 429)."),
+    queue_timeout: float = typer.Option(60.0, "--queue-timeout", min=0, help="Seconds a request may wait (then 503)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)."""
-    from potstill.serve import serve
+    from potstill.serve import ServeLimits, key_from_env, serve
 
-    serve(model, host=host, port=port, name=name)
+    limits = ServeLimits(key_from_env(api_key_env), max_body_bytes, max_tokens, max_prompt_tokens, max_sequences,
+                         max_logprobs, max_queue, queue_timeout)  # fmt: skip
+    serve(model, host=host, port=port, name=name, limits=limits, dtype=dtype)
 
 
 @cache_app.command("build")

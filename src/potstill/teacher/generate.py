@@ -217,21 +217,14 @@ def hf_generate(model, tokenizer, prompts: list[str], params: dict[str, Any]) ->
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=_adds_bos(prompts, tokenizer))
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=adds_bos(prompts, tokenizer))
     finally:
         tokenizer.padding_side = side
     torch.manual_seed(params.get("seed", 0))
-    kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": params["temperature"]}
-    if not greedy:
-        kwargs.update(top_p=params.get("top_p", 1.0), num_return_sequences=n)
-    if params.get("stop"):  # end early once every sequence has a stop string (cut off exactly by `_cut` below)
-        kwargs.update(stop_strings=list(params["stop"]), tokenizer=tokenizer)
     with torch.no_grad():
-        out = model.generate(
-            **enc.to(model.device), max_new_tokens=params.get("max_tokens", 16), pad_token_id=pad, top_k=None, **kwargs
-        )
+        out = model.generate(**enc.to(model.device), **generation_kwargs(params, tokenizer))
     new = out[:, enc["input_ids"].shape[1] :]
-    texts = [_cut(t, params.get("stop")) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    texts = [cut_at_stop(t, params.get("stop")) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     per_prompt = (
         [[texts[i]] * n for i in range(len(prompts))]
         if greedy
@@ -241,13 +234,28 @@ def hf_generate(model, tokenizer, prompts: list[str], params: dict[str, Any]) ->
     return per_prompt, int(enc["attention_mask"].sum()), n_new
 
 
-def _adds_bos(prompts: list[str], tokenizer) -> bool:
+def generation_kwargs(params: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """`model.generate` arguments for sampling `params` (greedy at temperature 0: one sequence per prompt, which the
+    caller repeats n times; else n samples per prompt, top_p, and HF's stop-string criterion when there are stops)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs: dict[str, Any] = {"max_new_tokens": params.get("max_tokens", 16), "pad_token_id": pad, "top_k": None}
+    if params.get("temperature", 0.0) == 0:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=params["temperature"], top_p=params.get("top_p", 1.0))
+        kwargs["num_return_sequences"] = params.get("n", 1)
+    if params.get("stop"):  # end early once every sequence has a stop string (cut off exactly by `cut_at_stop`)
+        kwargs.update(stop_strings=list(params["stop"]), tokenizer=tokenizer)
+    return kwargs
+
+
+def adds_bos(prompts: list[str], tokenizer) -> bool:
     """Let the tokenizer add its special tokens unless the text already starts with them (chat templates do)."""
     bos = tokenizer.bos_token
     return not (bos and prompts and prompts[0].startswith(bos))
 
 
-def _cut(text: str, stop: list[str] | None) -> str:
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
     """Text up to the first stop string (HF generate stops late, after the token that completes it)."""
     for s in stop or ():
         if s in text:

@@ -1,13 +1,10 @@
-"""potstill serve: a real (tiny) model behind the OpenAI API on 127.0.0.1, used by the endpoint client and generate."""
+"""potstill serve as the endpoint of potstill's own client and of `potstill generate` (a tiny model, 127.0.0.1)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,33 +16,10 @@ from potstill.teacher.generate import hf_generate, run_generate
 PARAMS = {"temperature": 0.0, "max_tokens": 6, "n": 2, "seed": 0}
 
 
-@contextmanager
-def serving(model_dir, name: str):
-    """(app, base_url) of `create_app(model_dir)` under uvicorn on a free port of 127.0.0.1; stopped on exit."""
-    import uvicorn
-
-    from potstill.serve import create_app
-
-    app = create_app(model_dir, name=name)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):  # bounded wait for startup
-        if server.started:
-            break
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield app, f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=5)
-
-
 @pytest.fixture
-def served(tiny_model_dir):
-    """A tiny random model behind the API (see `serving`)."""
-    with serving(tiny_model_dir, "tiny") as app_url:
+def served(tiny_model_dir, live_server):
+    """A tiny random model behind the API."""
+    with live_server(tiny_model_dir, name="tiny") as app_url:
         yield app_url
 
 
@@ -96,7 +70,7 @@ def smollm2_gguf():
 
 
 @pytest.mark.integration
-def test_smollm2_writes_rationales_through_the_endpoint(write_jsonl, tmp_path, monkeypatch):
+def test_smollm2_writes_rationales_through_the_endpoint(write_jsonl, tmp_path, monkeypatch, live_server):
     """SmolLM2-135M-Instruct served on 127.0.0.1, two few-shot rationale requests through `potstill generate`."""
     gguf = smollm2_gguf()
     if gguf is None or not gguf.is_file():
@@ -118,7 +92,7 @@ def test_smollm2_writes_rationales_through_the_endpoint(write_jsonl, tmp_path, m
         "teacher": {"backend": "endpoint", "model": "smollm2", "api_key_env": None},
         "sampling": {"temperature": 0.0, "max_tokens": 48, "stop": ["\n\n", "\nQ:"]},
     }
-    with serving(model_dir, "smollm2") as (app, url):
+    with live_server(model_dir, name="smollm2") as (app, url):
         raw["teacher"]["base_url"] = url
         out = run_generate(validate_config(raw, GenerateConfig))
         assert app.state.requests == 2
