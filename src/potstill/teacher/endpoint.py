@@ -33,7 +33,7 @@ from potstill.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-NO_KEY = "unused"  # servers without authentication (potstill serve) still get some bearer token
+NO_KEY = "unused"  # servers without authentication (potstill serve without --api-key-env) still get a bearer token
 
 
 class EndpointError(UserError):
