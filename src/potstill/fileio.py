@@ -98,6 +98,29 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of a user's file (config, template, ...); one-line errors naming it.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages ("config file", "template").
+
+    Raises:
+        UserError: the file is missing or unreadable, or is not UTF-8 (naming the first bad byte's offset).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: {what} is not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start})") from None
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
