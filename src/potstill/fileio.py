@@ -98,27 +98,67 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_bytes(path: str | Path, what: str = "file") -> bytes:
+    """The content of a user's file; one-line errors naming it (missing, a directory, no permission)."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+
+
 def read_text(path: str | Path, what: str = "file") -> str:
     """The UTF-8 text of a user's file (config, template, ...); one-line errors naming it.
 
     Args:
         path: the file.
-        what: what the file is, for the messages ("config file", "template").
+        what: what the file is, for the messages ("config file", "template file").
 
     Raises:
         UserError: the file is missing or unreadable, or is not UTF-8 (naming the first bad byte's offset).
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found") from None
-    except OSError as err:
-        raise UserError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    data = read_bytes(path, what)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: {what} is not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start})") from None
+        bad = f"byte {data[err.start]:#04x} at offset {err.start}"
+        raise UserError(f"{path}: {what} is not UTF-8 text ({bad})") from None
+
+
+def jsonl_objects(path: str | Path, what: str = "file") -> Iterator[tuple[int, Any]]:
+    """Each non-blank line of a JSON Lines file, parsed: (line number, value); the one JSONL reader of potstill.
+
+    Lines end at b"\\n" only: U+2028, U+2029 and the other Unicode line breaks that JSON allows raw inside a
+    string stay in their line (`str.splitlines` would cut the record there).
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages ("data file", "input file").
+
+    Raises:
+        UserError: the file is missing or unreadable; a line is not UTF-8 or not JSON (naming `file:line`).
+    """
+    path = Path(path)
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below; the generator may stop early
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} does not exist") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the {what} ({err.strerror or err})") from None
+    with fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{number}: not valid UTF-8 (byte {raw[err.start]:#04x})") from None
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
 
 
 def _remove(path: Path) -> None:
