@@ -165,7 +165,7 @@ def _prepare(
 ):
     """Load models and data, decide the settings (validated by `build_cache`); (None, None): `out` holds this cache."""
     from potstill.data.packing import load_dataset
-    from potstill.models.load import load_model
+    from potstill.models.load import load_model, load_tokenizer
     from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
     model, tokenizer = load_model(teacher, dtype=dtype)
@@ -173,7 +173,7 @@ def _prepare(
     if student is not None:
         from potstill.models.vocab import load_id_map
 
-        student_tok = _load_tokenizer(student)
+        student_tok = load_tokenizer(student)
         id_map = load_id_map(student)
         check_tokenizers(student_tok, tokenizer, id_map)
         tokenizer = student_tok
@@ -230,15 +230,6 @@ _VALUES = {
     "sampled": "unique sampled ids (delta byte planes) + uint8 counts; zstd per sequence",
     "hidden": "final hidden states (after the final norm), bf16 in 2 byte planes; zstd per sequence",
 }
-
-
-def _load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(Path(path))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot load the student's tokenizer ({str(err).splitlines()[0]})") from None
 
 
 def _claim(out: Path, settings: dict, overwrite: bool) -> bool:
