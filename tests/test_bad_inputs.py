@@ -12,9 +12,12 @@ in step. Add a case here, then its line there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -524,3 +527,68 @@ def test_docs_list_every_case():
     doc = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text(encoding="utf-8")
     missing = [c.name for c in CASES if f"| {c.name} |" not in doc]
     assert not missing, f"docs/reliability.md does not list: {missing}"
+
+
+# ---- outputs that cannot be written: a read-only file system, a full disk ----
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, options: str):
+    """A tmpfs mounted at `path` (root only: the test skips where mounting is not allowed)."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path]).returncode:
+        pytest.skip("needs root and mount to make a read-only or full file system")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+@pytest.fixture
+def readonly(tmp_path):
+    """A directory nothing can be written to: chmod 555 for a plain user, a read-only tmpfs for root."""
+    path = tmp_path / "ro"
+    if os.geteuid() != 0:
+        path.mkdir()
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    with _tmpfs(path, "ro,size=64k") as mounted:
+        yield mounted
+
+
+READONLY = {
+    "distill": lambda ws, out: _run_args(ws, out.parent, f"train.output_dir={out}"),
+    "eval": lambda ws, out: _eval(ws, out.parent, "--out", out),
+    "student init": lambda ws, out: _init(ws, out.parent, "--out", out),
+    "generate": lambda ws, out: _generate(ws, out.parent, f"output={out / 'gen.jsonl'}"),
+    "cache build": lambda ws, out: _build(ws, out.parent, "--out", out),
+}
+
+
+@pytest.mark.parametrize("command", list(READONLY))
+def test_read_only_output_is_one_line(command, ws, readonly, run_main, assert_one_line_error):
+    proc = run_main(*READONLY[command](ws, readonly / "out"))
+    assert_one_line_error(proc, str(readonly / "out"), "choose an output you can write to")
+    assert list(readonly.iterdir()) == []
+
+
+def test_full_disk_cache_build_is_one_line_leaves_nothing_half_written_and_resumes(ws, tmp_path, monkeypatch, run_main):
+    monkeypatch.setenv("POTSTILL_CACHE", str(tmp_path / "potstill-cache"))
+    with _tmpfs(tmp_path / "small", "size=64k") as disk:
+        filler = disk / "filler"
+        with open(filler, "wb") as fh:  # leave ~4 KiB: build.json fits, a shard does not
+            fh.write(b"\0" * (64 * 1024 - 4096))
+        out = disk / "cache"
+        proc = run_main(*_build(ws, tmp_path, "--out", out, "--shard-tokens", "64"))
+        last = proc.stderr.strip().splitlines()[-1]  # after the progress bar of the shards written before
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert last.startswith("potstill: error: ") and "shard-" in last and "out of disk space" in last, last
+        left = sorted(p.name for p in out.iterdir())
+        assert "manifest.json" not in left and not [n for n in left if n.startswith(".")], left
+        whole = {n for n in left if n.startswith("shard-")}
+        filler.unlink()
+        assert run_main(*_build(ws, tmp_path, "--out", out, "--shard-tokens", "64")).returncode == 0
+        assert whole <= {p.name for p in out.glob("shard-*.bin")}
+        assert run_main("cache", "verify", out).returncode == 0

@@ -69,11 +69,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
     except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise UserError(f"{path}: out of disk space; free some and rerun the same command") from None
+        problem = disk_problem(err, path)
+        if problem is not None:
+            raise UserError(problem) from None
         raise
     finally:
         _remove(tmp)
+
+
+_DISK_ERRORS = {
+    errno.ENOSPC: "out of disk space; free some and rerun the same command (finished work is kept)",
+    errno.EDQUOT: "disk quota exceeded; free some and rerun the same command (finished work is kept)",
+    errno.EACCES: "permission denied; choose an output you can write to",
+    errno.EPERM: "operation not permitted; choose an output you can write to",
+    errno.EROFS: "read-only file system; choose an output you can write to",
+}
+
+
+def disk_problem(err: OSError, path: str | Path | None = None) -> str | None:
+    """The one-line message of an OSError that is the user's disk or permissions (None for any other error).
+
+    Args:
+        err: the error.
+        path: the file being written (default: the error's own file name).
+    """
+    reason = _DISK_ERRORS.get(err.errno)
+    if reason is None:
+        return None
+    where = path if path is not None else err.filename
+    return f"{where}: {reason}" if where is not None else reason
 
 
 def write_bytes_atomic(path: str | Path, chunks: Iterable[bytes]) -> Path:
@@ -96,6 +120,29 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Write `obj` as indented JSON (plus a final newline) to `path` atomically; return the path."""
     return write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail before long work when `path` (a file or directory a command will write) cannot be created.
+
+    A probe file is created and deleted in the nearest existing folder on the way to `path`; no folder is made.
+
+    Raises:
+        UserError: read-only file system, no permission, or a full disk (naming `path`).
+    """
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    probe = temp_path(folder / "potstill-probe")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        problem = disk_problem(err, path)
+        if problem is None:
+            raise
+        raise UserError(problem) from None
 
 
 def read_bytes(path: str | Path, what: str = "file") -> bytes:

@@ -140,9 +140,9 @@ def _check_model_dir(p: Path) -> None:
     try:
         config = json.loads((p / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise UserError(f"{p / 'config.json'}: not a readable JSON file ({_first_line(err)})") from None
+        raise UserError(f"{p}: cannot load config.json (not valid JSON: {_first_line(err)})") from None
     if not isinstance(config, dict):
-        raise UserError(f"{p / 'config.json'}: expected a JSON object")
+        raise UserError(f"{p}: cannot load config.json (expected a JSON object)")
     for weights in sorted(p.glob("*.safetensors")):
         try:
             with safe_open(weights, "pt"):
