@@ -592,3 +592,22 @@ def test_full_disk_cache_build_is_one_line_leaves_nothing_half_written_and_resum
         assert run_main(*_build(ws, tmp_path, "--out", out, "--shard-tokens", "64")).returncode == 0
         assert whole <= {p.name for p in out.glob("shard-*.bin")}
         assert run_main("cache", "verify", out).returncode == 0
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_resumes(ws, tmp_path, run_main):
+    with _tmpfs(tmp_path / "small", "size=4m") as disk:
+        filler = disk / "filler"
+        with open(filler, "wb") as fh:  # leave ~320 KiB: config.yaml fits, a checkpoint with its optimizer does not
+            fh.write(b"\0" * (4096 * 1024 - 320 * 1024))
+        out = disk / "run"
+        args = [*_run_args(ws, tmp_path, f"train.output_dir={out}", "train.max_steps=4", "train.save_steps=2")]
+        proc = run_main(*args)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert (
+            last == f"potstill: error: {out}: out of disk space; free some and rerun the same command (finished"
+            " work is kept)"
+        )
+        filler.unlink()
+        assert run_main(*args).returncode == 0
+        assert (out / "student" / "model.safetensors").is_file() and (out / "summary.json").is_file()

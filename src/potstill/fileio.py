@@ -86,17 +86,30 @@ _DISK_ERRORS = {
 }
 
 
-def disk_problem(err: OSError, path: str | Path | None = None) -> str | None:
-    """The one-line message of an OSError that is the user's disk or permissions (None for any other error).
+FULL_BELOW = 16 << 20  # bytes free under which a failed write is taken for a full disk
+
+
+def disk_problem(err: BaseException, path: str | Path | None = None) -> str | None:
+    """The one-line message of an error that is the user's disk or permissions (None for any other error).
+
+    An OSError says so by its errno. Libraries that write through their own code (torch.save, safetensors) raise
+    RuntimeError-like errors without one; for those, a file system at `path` with under 16 MiB free is taken as
+    the cause.
 
     Args:
         err: the error.
         path: the file being written (default: the error's own file name).
     """
-    reason = _DISK_ERRORS.get(err.errno)
+    reason = _DISK_ERRORS.get(getattr(err, "errno", None))
+    if reason is None and path is not None and not isinstance(err, OSError):
+        folder = Path(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if shutil.disk_usage(folder).free < FULL_BELOW:
+            reason = _DISK_ERRORS[errno.ENOSPC]
     if reason is None:
         return None
-    where = path if path is not None else err.filename
+    where = path if path is not None else getattr(err, "filename", None)
     return f"{where}: {reason}" if where is not None else reason
 
 
