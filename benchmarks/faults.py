@@ -11,7 +11,8 @@ rerun the same command to the end, and compare:
 - cache build: every shard byte-identical to the reference's, the manifest equal but for its `created` time (and so
   its checksum), and `potstill cache verify` passing.
 
-A trial passes when the rerun exits 0 and its outputs are equal. Prints one line per trial and "N/N recovered" per
+A run that ends before its kill time does not count (the upper bound of the delays shrinks to its length). A
+trial passes when the rerun exits 0 and its outputs are equal. Prints one line per trial and "N/N recovered" per
 job. The models are tiny random Llamas (tests/conftest.py), so a run takes seconds; everything happens in a
 temporary directory.
 
@@ -109,6 +110,15 @@ def run(args: list[str], out: Path, kill_after: float | None = None) -> tuple[in
     return status, time.perf_counter() - start, first
 
 
+def half_written(out: Path) -> list[str]:
+    """What a kill left unfinished in `out`: temporary files, checkpoints without trainer_state.json (written last)."""
+    if not out.exists():
+        return []
+    temps = [p.name for p in out.rglob("*") if is_temp(p.name)]
+    cut = [p.name for p in out.glob("checkpoint-*") if p.is_dir() and not (p / "trainer_state.json").is_file()]
+    return sorted(temps + cut)
+
+
 def same_distill(ref: Path, out: Path) -> str | None:
     """None when `out` ended as `ref` did; else what differs."""
     from safetensors.torch import load_file
@@ -164,23 +174,25 @@ def main() -> None:
             assert status == 0, f"{job}: the reference run failed"
             print(f"{job}: reference {wall:.1f} s (output from {first:.1f} s)", flush=True)
             rng = random.Random(args.seed)
-            kills = recovered = attempt = ended = 0
+            kills = recovered = attempt = ended = cut = 0
             while kills < args.trials and attempt < 3 * args.trials:
                 out = root / f"{job}-{attempt}"
                 attempt += 1
                 delay = rng.uniform(first, wall)
-                status, _, _ = run(command(root, out), out, kill_after=delay)
+                status, took, _ = run(command(root, out), out, kill_after=delay)
                 if status != -signal.SIGKILL:  # it finished first (runs vary in length): not a kill trial
-                    ended += 1
+                    ended, wall = ended + 1, min(wall, took)
                     continue
                 kills += 1
-                left = sorted(p.name for p in out.rglob("*") if is_temp(p.name)) if out.exists() else []
+                left = half_written(out)
+                cut += bool(left)
                 status, rerun_wall, _ = run(command(root, out), out)
                 problem = f"rerun exited {status}" if status != 0 else same(ref, out)
                 recovered += problem is None
-                print(f"  kill {kills}: at {delay:.2f} s, leaving {len(left)} temporary file(s) {left[:2]}; rerun "
+                print(f"  kill {kills}: at {delay:.2f} s, half-written: {', '.join(left) or 'none'}; rerun "
                       f"{rerun_wall:.1f} s: {problem or 'equal'}", flush=True)  # fmt: skip
-            print(f"{job}: {recovered}/{kills} recovered ({ended} run(s) ended before their kill time)", flush=True)
+            print(f"{job}: {recovered}/{kills} recovered ({cut} kill(s) left a half-written file or checkpoint;"
+                  f" {ended} run(s) ended before their kill time)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
