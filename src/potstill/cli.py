@@ -337,11 +337,20 @@ def demo_cmd(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user mistakes become one line on stderr and exit status 2."""
+    """Console entry point: user mistakes (and a full disk or an output that cannot be written) become one line on
+    stderr and exit status 2."""
     try:
         app(args=argv, standalone_mode=True)
     except UserError as err:
         typer.echo(f"potstill: error: {err}", err=True)
+        sys.exit(2)
+    except OSError as err:  # a full disk or a read-only output anywhere in a command: one line, not a traceback
+        from potstill.fileio import disk_problem
+
+        problem = disk_problem(err)
+        if problem is None:
+            raise
+        typer.echo(f"potstill: error: {problem}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("potstill: interrupted (rerun the same command to resume)", err=True)

@@ -34,7 +34,7 @@ from pydantic import Field, ValidationError
 
 from potstill.config import DistillConfig, Dtype, Section, apply_overrides, load_config, validate_config
 from potstill.errors import UserError
-from potstill.fileio import write_json_atomic
+from potstill.fileio import jsonl_objects, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def _step_report(ctx: dict) -> str:
 
 def _read_log(path: Path) -> list[dict]:
     """Training log rows (step, loss, ce, kd, ...) of a run directory."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [row for _, row in jsonl_objects(path, "training log")] if path.is_file() else []
 
 
 STEPS: dict[str, Callable[[dict], Any]] = {

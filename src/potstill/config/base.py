@@ -11,13 +11,14 @@ import re
 import types
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 
 from potstill.errors import UserError
+from potstill.fileio import read_text
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 CacheTargets = Literal["topk", "sampled", "hidden"]
@@ -25,12 +26,39 @@ CacheEncoding = Literal["compact", "lossless"]
 LayerSelection = Literal["measured", "even"]
 LossName = Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"]
 """Weight dtypes a model can be loaded in (`potstill.models.load.DTYPES`)."""
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+"""A random seed: what numpy, torch and `transformers.set_seed` all accept (checked before any model loads)."""
 
 
 class Section(BaseModel):
-    """Base of every config: unknown keys are errors, assignments are validated."""
+    """Base of every config: unknown keys are errors, assignments are validated, numbers are numbers.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Every float of every section (nested lists and dicts included) must be finite (`.inf`, `nan` are refused),
+    and a YAML boolean is not a number (`alpha: true` is an error, not 1.0); subclasses get both for free.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and Any not in kinds and kinds & {int, float}:
+                raise ValueError(f"must be {'a number' if float in kinds else 'an integer'}, not true/false")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set:
+    """The plain types a field's annotation admits at its top level (`float | Literal['auto']` -> {float, str})."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _leaf_types(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_leaf_types(a) for a in get_args(annotation)))
+    if origin is Literal:
+        return {type(a) for a in get_args(annotation)}
+    return {annotation} if origin is None else set()
 
 
 def flag(name: str) -> dict[str, str]:
@@ -91,11 +119,31 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
 def read_yaml(path: str | Path | None) -> dict[str, Any]:
     """A YAML config file as a dict ({} for None).
 
     Raises:
-        UserError: missing or unparsable file, or not a mapping at the top level.
+        UserError: missing, unreadable, not UTF-8 or unparsable file, a key given twice in one mapping, or not a
+            mapping at the top level.
     """
     if path is None:
         return {}
@@ -103,7 +151,9 @@ def read_yaml(path: str | Path | None) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(read_text(p, "config file"), Loader=_StrictLoader) or {}
+    except _DuplicateKey as dup:
+        raise UserError(f"{p}:{dup.line}: key {dup.key!r} is given twice in the same section") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -128,6 +178,7 @@ _KINDS = {
     "int_type": "an integer",
     "float_parsing": "a number",
     "float_type": "a number",
+    "finite_number": "a finite number",
     "bool_parsing": "true or false",
     "bool_type": "true or false",
     "string_type": "a string",

@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from potstill.config.base import Dtype, LossName, Section, flag
+from potstill.config.base import Dtype, LossName, Section, Seed, flag
 from potstill.errors import UserError
 
 LOSS_NAMES = get_args(LossName)
@@ -208,7 +208,7 @@ class MixingConfig(Section):
     @field_validator("weights")
     @classmethod
     def _weights_valid(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = next((d for d, w in v.items() if not w >= 0 or w == float("inf")), None)
+        bad = next((d for d, w in v.items() if w < 0), None)  # non-finite ones are refused by Section
         if bad is not None:
             raise ValueError(f"weight of domain {bad!r} must be a finite number >= 0 (got {v[bad]})")
         if v and sum(v.values()) <= 0:
@@ -273,7 +273,7 @@ class TrainConfig(Section):
         default="no",
         description="autocast the student's forward/backward (weights and optimizer stay in model.dtype)",
     )
-    seed: int = Field(default=0, description="model init randomness, dropout and the data order")
+    seed: Seed = Field(default=0, description="model init randomness, dropout and the data order")
     logging_steps: int = Field(
         default=10, ge=1, description="one OUT/log.jsonl line (loss, kd, ce, alpha, grad_ratio, lr) every N steps"
     )

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from potstill.config.base import Section, flag
+from potstill.config.base import Section, Seed, flag
 
 
 class TeacherSourceConfig(Section):
@@ -37,7 +37,7 @@ class SamplingConfig(Section):
     )
     max_tokens: int = Field(default=256, ge=1, description="new tokens per sample")
     n: int = Field(default=1, ge=1, description="samples per input")
-    seed: int = Field(default=0, description="sampling seed (local: torch; endpoint: sent as `seed`)")
+    seed: Seed = Field(default=0, description="sampling seed (local: torch; endpoint: sent as `seed`)")
     stop: list[str] = Field(default_factory=list, description="strings that end a sample (cut off, not kept)")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from potstill.config.base import CacheEncoding, CacheTargets, Dtype, LayerSelection, Section, flag
+from potstill.config.base import CacheEncoding, CacheTargets, Dtype, LayerSelection, Section, Seed, flag
 from potstill.config.distill import DistillConfig
 from potstill.errors import UserError
 
@@ -92,7 +92,7 @@ class CacheConfig(Section):
         default=1 << 18, ge=1, description="about this many positions per shard (whole sequences)",
         json_schema_extra=flag("--shard-tokens"),
     )  # fmt: skip
-    seed: int = Field(default=0, description="seed of the sampled targets (each shard has its own seeded generator)")
+    seed: Seed = Field(default=0, description="seed of the sampled targets (each shard has its own seeded generator)")
     dtype: Dtype = Field(
         default="float32",
         description="dtype of the teacher's weights (the run's model.teacher_dtype, else model.dtype); the log-probs"

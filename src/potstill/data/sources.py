@@ -14,12 +14,12 @@ JSON, a line that is not an object, a missing or non-string field) is a `UserErr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from potstill.errors import UserError
+from potstill.fileio import jsonl_objects
 
 DEFAULT_DOMAIN = "default"
 _EXPECTED = (
@@ -81,18 +81,9 @@ def read_jsonl(path: str | Path) -> list[Record]:
             non-string field (each names `file:line`), or a file without any record.
     """
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: data file does not exist")
-    records = []
-    with open(p, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            where = f"{p}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{where}: not valid UTF-8") from None
-            if line.strip():
-                records.append(_parse_line(line, where, str(p), number))
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory, expected a data file (JSONL)")
+    records = [_parse_line(obj, f"{p}:{number}", str(p), number) for number, obj in jsonl_objects(p, "data file")]
     if not records:
         raise UserError(f"{p}: no records (expected one JSON object per line)")
     return records
@@ -105,11 +96,7 @@ def read_many(paths: list[str | Path]) -> list[Record]:
     return [record for path in paths for record in read_jsonl(path)]
 
 
-def _parse_line(line: str, where: str, path: str, number: int) -> Record:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+def _parse_line(obj: Any, where: str, path: str, number: int) -> Record:
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {_json_type(obj)}; {_EXPECTED}")
     domain = _string_field(obj, "domain", where, DEFAULT_DOMAIN)

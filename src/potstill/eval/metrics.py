@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from potstill.data.packing import collate, pack
 from potstill.data.sources import read_many
 from potstill.errors import UserError
-from potstill.fileio import write_json_atomic
+from potstill.fileio import check_writable, write_json_atomic
 from potstill.losses import IGNORE_INDEX
 from potstill.losses.divergences import fkl
 from potstill.losses.fused import TeacherHead
@@ -219,6 +219,7 @@ def evaluate_cli(
         raise UserError(f"{out}: exists and is not a directory")
     if target.exists() and not overwrite:
         raise UserError(f"{target}: already exists; pass --overwrite (overwrite: true) to replace it")
+    check_writable(target)
     records = read_many(data)
     with quiet_hf_progress():
         student, tokenizer = load_model(model)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from potstill.fileio import atomic_path, write_json_atomic, write_text_atomic
+from potstill.fileio import atomic_path, jsonl_objects, write_json_atomic, write_text_atomic
 
 STUDENTS = ("student_kd", "student_ce")
 MODELS = ("teacher", *STUDENTS)
@@ -264,12 +264,7 @@ def report_mixing(run_dir: str | Path) -> Path:
     path = run / MIXING_FILE
     if not path.is_file():
         raise UserError(f"{path}: not found; `potstill report` needs a run trained with data.mixing set")
-    entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number}: not valid JSON (a run cut short? rerun it to resume)") from None
+    entries = [entry for _, entry in jsonl_objects(path, "mixing log")]
     if not entries:
         raise UserError(f"{path}: empty; the run has not started mixing yet")
     plots = run / "plots"

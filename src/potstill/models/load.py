@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
@@ -69,6 +70,9 @@ def quiet_hf_progress() -> Iterator[None]:
 def load_model(path: str | Path, dtype: str = "float32"):
     """Open an HF causal-LM directory (or a .gguf file, converted and cached) with its tokenizer.
 
+    Everything is checked before the caller writes anything: the directory, its config.json, its tokenizer, each
+    safetensors file (a truncated one is named), and that the embedding covers every id of the tokenizer.
+
     Args:
         path: directory that `AutoModelForCausalLM.from_pretrained` accepts, or a `.gguf` file.
         dtype: "float32" | "bfloat16" | "float16".
@@ -77,22 +81,28 @@ def load_model(path: str | Path, dtype: str = "float32"):
         (model, tokenizer), model in eval mode.
 
     Raises:
-        UserError: the path does not exist, holds no model/tokenizer, or is a corrupt GGUF.
+        UserError: one line naming the path (or the file in it) and what is wrong.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: model directory does not exist")
     if p.is_file() and p.suffix.lower() == ".gguf":
         p = convert_gguf(p)
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise UserError(f"{p}: not a model directory (expected config.json and weights from save_pretrained)")
+    _check_model_dir(p)
+    tokenizer = load_tokenizer(p)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype])
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{p}: cannot load model or tokenizer ({_first_line(err)})") from None
+        with quiet_hf_progress():
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=DTYPES[dtype])
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"{p}: cannot load the model ({_first_line(err)})") from None
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise UserError(
+            f"{p}: the input embedding has {rows} rows but the tokenizer has {len(tokenizer)} tokens (ids >= {rows}"
+            " would index past it); resize the embeddings (model.resize_token_embeddings) or use the matching tokenizer"
+        )
     return model.eval(), tokenizer
 
 
@@ -100,7 +110,7 @@ def load_tokenizer(path: str | Path):
     """The tokenizer of an HF model directory, without its weights.
 
     Raises:
-        UserError: the directory does not exist or holds no tokenizer.
+        UserError: the directory does not exist or holds no (loadable) tokenizer.
     """
     from transformers import AutoTokenizer
 
@@ -109,8 +119,36 @@ def load_tokenizer(path: str | Path):
         raise UserError(f"{p}: model directory does not exist (it is read for its tokenizer)")
     try:
         return AutoTokenizer.from_pretrained(p)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if not any((p / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(
+                f"{p}: no tokenizer in the model directory (expected one of {', '.join(TOKENIZER_FILES)}; save it"
+                " with tokenizer.save_pretrained(DIR))"
+            ) from None
         raise UserError(f"{p}: cannot load the tokenizer ({_first_line(err)})") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def _check_model_dir(p: Path) -> None:
+    """config.json is a JSON object and every safetensors file is whole (header and size agree); else UserError."""
+    from safetensors import SafetensorError, safe_open
+
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise UserError(f"{p}: not a model directory (expected config.json and weights from save_pretrained)")
+    try:
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{p}: cannot load config.json (not valid JSON: {_first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{p}: cannot load config.json (expected a JSON object)")
+    for weights in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{weights}: truncated or corrupt weights file ({_first_line(err)})") from None
 
 
 def convert_gguf(path: str | Path, cache: str | Path | None = None) -> Path:

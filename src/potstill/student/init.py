@@ -24,7 +24,7 @@ from typing import get_args
 
 from potstill.config import LayerSelection
 from potstill.errors import UserError
-from potstill.fileio import atomic_path
+from potstill.fileio import atomic_path, check_writable
 from potstill.models.lineage import STUDENT_FILE
 from potstill.models.load import DTYPES, convert_gguf, enable_progress_log, load_model
 from potstill.models.vocab import ID_MAP_FILE
@@ -168,6 +168,7 @@ def _check_request(
         raise UserError(f"--layers {layers}: a student needs at least 1 decoder layer")
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists (pass --overwrite, overwrite: true, to replace it)")
+    check_writable(out)
     if not corpus and (trim_vocab or selection == "measured"):
         raise UserError(
             "--corpus: needed to measure layer importance and to trim the vocabulary "

@@ -34,7 +34,7 @@ from typing import Any
 
 from potstill.config import GenerateConfig, SamplingConfig, TeacherSourceConfig
 from potstill.errors import UserError
-from potstill.fileio import write_json_atomic
+from potstill.fileio import jsonl_objects, read_bytes, read_text, write_json_atomic
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -94,10 +94,7 @@ def load_template(path: str | None, mode: str) -> Template:
     if path is None:
         builtin = resources.files("potstill") / "configs" / "templates" / f"{mode}.txt"
         return parse_template(builtin.read_text(encoding="utf-8").rstrip("\n"), f"builtin:{mode}.txt")
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: template file not found")
-    return parse_template(p.read_text(encoding="utf-8").rstrip("\n"), str(p))
+    return parse_template(read_text(path, "template file").rstrip("\n"), str(path))
 
 
 @dataclass(frozen=True)
@@ -123,18 +120,9 @@ def read_rows(paths: list[str]) -> list[Row]:
         raise UserError("config: inputs: at least one JSONL file is required")
     rows = []
     for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"{p}: input file does not exist")
-        for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{p}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        for number, obj in jsonl_objects(path, "input file"):
             if not isinstance(obj, dict):
-                raise UserError(f"{p}:{number}: expected a JSON object with the fields the template uses")
+                raise UserError(f"{path}:{number}: expected a JSON object with the fields the template uses")
             rows.append(Row(obj, str(path), number))
     if not rows:
         raise UserError(f"{paths[0]}: no input rows")
@@ -405,24 +393,53 @@ def _record(cfg: GenerateConfig, row: Row, prompt: str, text: str) -> tuple[dict
 
 
 def _done(path: Path) -> set[tuple[str, int]]:
-    """(source, sample) pairs already in an output file; a torn last line (a kill mid-write) is cut off."""
-    if not path.is_file():
+    """(source, sample) pairs already in an output file.
+
+    The file is checked whole before anything is changed: a file with a line that is not one of our records is
+    refused untouched. Only then is a torn last line (a kill mid-write: no final newline, not valid JSON) cut off.
+    """
+    if not path.exists():
         return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
-        data = data[: data.rfind(b"\n") + 1]
+    data = read_bytes(path, "output file")
+    whole = data[: data.rfind(b"\n") + 1]
+    torn = data[len(whole) :]
+    refuse = f"{path}:{{}}: not a potstill generate record; use a new output or overwrite=true"
     done = set()
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        try:
-            rec = json.loads(line)
-            done.add((rec["source"], int(rec["sample"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(
-                f"{path}:{number}: not a potstill generate record; use a new output or overwrite=true"
-            ) from None
+    for number, line in enumerate(whole.split(b"\n"), start=1):
+        record = _source_sample(line)
+        if record is None and line.strip():
+            raise UserError(refuse.format(number))
+        done.add(record)
+    if torn.strip():
+        record = _source_sample(torn)
+        if record is not None:  # a whole record without its newline (the file was edited): end its line
+            done.add(record)
+            with open(path, "ab") as fh:
+                fh.write(b"\n")
+        elif _parses(torn) or not torn.startswith(b'{"'):
+            raise UserError(refuse.format(whole.count(b"\n") + 1))
+        else:
+            with open(path, "r+b") as fh:
+                fh.truncate(len(whole))
+    done.discard(None)
     return done
+
+
+def _source_sample(line: bytes) -> tuple[str, int] | None:
+    """(source, sample) of one of our output lines, None for anything else."""
+    try:
+        rec = json.loads(line)
+        return (rec["source"], int(rec["sample"])) if isinstance(rec["source"], str) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
 
 
 class _Appender:

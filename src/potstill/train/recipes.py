@@ -25,7 +25,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from potstill.config import DistillConfig
-from potstill.fileio import write_json_atomic
+from potstill.errors import UserError
+from potstill.fileio import disk_problem, write_json_atomic
 from potstill.models.load import quiet_hf_progress
 from potstill.train.hidden import detach_projections, hidden_plan
 from potstill.train.on_policy import OnPolicyRecipe
@@ -130,9 +131,15 @@ def run_distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -
         if trainer.is_world_process_zero():
             start_run_dir(out, cfg, resume)
         trainer.accelerator.wait_for_everyone()
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        detach_projections(trainer.accelerator.unwrap_model(trainer.model))
-        save_student(trainer, out / STUDENT_DIR, models.tokenizer, cfg.model.student)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            detach_projections(trainer.accelerator.unwrap_model(trainer.model))
+            save_student(trainer, out / STUDENT_DIR, models.tokenizer, cfg.model.student)
+        except Exception as err:  # a checkpoint cut short by a full disk: the rerun resumes from the last whole one
+            problem = disk_problem(err, out)
+            if problem is None:
+                raise
+            raise UserError(problem) from None
         if trainer.is_world_process_zero():
             summary = {"recipe": cfg.train.recipe, "global_step": trainer.state.global_step}
             summary |= {"train_loss": result.training_loss, **recipe.finish(trainer, cfg, models, out, data)}

@@ -127,8 +127,8 @@ def logged_step(line: str) -> float:
 def truncate_log(path: Path, step: int) -> None:
     """Drop the lines of a JSONL log after `step` (on resume they are redone), atomically."""
     if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        write_text_atomic(path, "".join(line for line in lines if logged_step(line) <= step))
+        lines = path.read_text(encoding="utf-8").split("\n")  # only "\n" ends a line (as in fileio.jsonl_objects)
+        write_text_atomic(path, "".join(line + "\n" for line in lines if line.strip() and logged_step(line) <= step))
 
 
 def save_student(trainer, dest: Path, tokenizer, student_dir: str) -> None:

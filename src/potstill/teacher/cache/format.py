@@ -19,7 +19,8 @@ from potstill.errors import UserError
 from potstill.fileio import write_json_atomic
 
 FORMAT = "potstill-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json carries `manifest_sha256`, a checksum over its own fields
+READABLE_VERSIONS = (1, 2)  # version 1 caches (no manifest checksum) are still read
 MANIFEST = "manifest.json"
 BUILD = "build.json"
 MAGIC = b"PSTSHRD1"
@@ -45,6 +46,12 @@ def read_json(path: Path) -> dict | None:
         return None
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: unreadable ({str(err).splitlines()[0]})") from None
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of a manifest's fields (all but `manifest_sha256` itself), key order and spacing normalized."""
+    fields = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def dataset_fingerprint(dataset) -> str:

@@ -14,15 +14,17 @@ import torch
 import zstandard
 
 from potstill.errors import UserError
+from potstill.fileio import is_temp
 from potstill.losses.fused import TeacherHead
 from potstill.losses.sparse import SparseTargets
 from potstill.teacher.cache.codec import Codec
 from potstill.teacher.cache.format import (
     BUILD,
     FORMAT,
-    FORMAT_VERSION,
     MAGIC,
     MANIFEST,
+    READABLE_VERSIONS,
+    manifest_checksum,
     read_json,
     teacher_fingerprint,
     tokenizer_fingerprint,
@@ -50,11 +52,18 @@ class TeacherCache:
             if (self.path / BUILD).is_file():
                 hint = "its build was interrupted: rerun the same `potstill cache build` to resume"
             raise UserError(f"{self.path}: no {MANIFEST}; {hint}")
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise UserError(f"{self.path / MANIFEST}: not a potstill teacher cache manifest")
+        if manifest.get("format_version") not in READABLE_VERSIONS:
             raise UserError(
-                f"{self.path / MANIFEST}: cache format {manifest.get('format')!r} version "
-                f"{manifest.get('format_version')!r}, this potstill reads version {FORMAT_VERSION}; "
-                "rebuild it with `potstill cache build --overwrite`"
+                f"{self.path / MANIFEST}: cache format version {manifest.get('format_version')!r}, this potstill "
+                f"reads versions {', '.join(map(str, READABLE_VERSIONS))}; rebuild it with `potstill cache build "
+                "--overwrite`"
+            )
+        if manifest["format_version"] >= 2 and manifest.get("manifest_sha256") != manifest_checksum(manifest):
+            raise UserError(
+                f"{self.path / MANIFEST}: checksum mismatch (the manifest was edited or corrupted: its settings no "
+                "longer describe the shards); rebuild the cache (`potstill cache build --overwrite`)"
             )
         self.manifest = manifest
         try:
@@ -63,10 +72,11 @@ class TeacherCache:
             )
             self._shards = manifest["shards"]
             self._starts = [s["start"] for s in self._shards]
-        except (KeyError, TypeError) as err:
-            raise UserError(f"{self.path / MANIFEST}: malformed manifest (missing {err})") from None
-        for shard in self._shards:
-            self._check_size(shard)
+            for shard in self._shards:
+                self._check_size(shard)
+        except (KeyError, TypeError, ValueError) as err:
+            missing = f"missing {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+            raise UserError(f"{self.path / MANIFEST}: malformed manifest ({missing})") from None
         self._offsets: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -187,6 +197,8 @@ class TeacherCache:
             raise UserError(f"{self.path}: shards hold {tokens} tokens, the manifest says {self.manifest['tokens']}")
         size = sum(s["bytes"] for s in self._shards)
         return {
+            "format_version": self.manifest["format_version"],
+            "leftover_temps": sorted(p.name for p in self.path.iterdir() if is_temp(p.name)),
             "sequences": len(self),
             "tokens": tokens,
             "shards": len(self._shards),
@@ -255,6 +267,14 @@ def verify_report(path: str | Path) -> str:
     summary = TeacherCache(path).verify()
     fid = summary["fidelity_sample"]
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    notes = []
+    if summary["leftover_temps"]:
+        notes.append(
+            f"note: {len(summary['leftover_temps'])} temporary file(s) of an interrupted build "
+            f"({', '.join(summary['leftover_temps'][:3])}); the next `potstill cache build` of it deletes them"
+        )
+    if summary["format_version"] < 2:
+        notes.append("note: a format version 1 cache: its manifest has no checksum (rebuild to get one)")
     return "\n".join(
         [
             f"ok: {summary['shards']} shards, {summary['sequences']} sequences, {summary['tokens']} tokens, "
@@ -263,6 +283,7 @@ def verify_report(path: str | Path) -> str:
             f"T={summary['temperature']}",
             f"fidelity sample ({fid['positions']} positions): mean kept mass {fmt(fid['mean_kept_mass'])}, mean top-1 "
             f"prob {fmt(fid['mean_top1_prob'])}, max |sum p + tail - 1| {fid['max_normalization_error']:.2e}",
+            *notes,
         ]
     )
 

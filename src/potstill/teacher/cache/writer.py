@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from potstill.errors import UserError
-from potstill.fileio import write_bytes_atomic, write_json_atomic
+from potstill.fileio import is_temp, remove_stale_temps, write_bytes_atomic, write_json_atomic
 from potstill.launch import world_size
 from potstill.losses import scored_mask
 from potstill.losses.sparse import topk_targets
@@ -33,6 +33,7 @@ from potstill.teacher.cache.format import (
     MAGIC,
     MANIFEST,
     dataset_fingerprint,
+    manifest_checksum,
     read_json,
     shard_name,
     teacher_fingerprint,
@@ -164,7 +165,7 @@ def _prepare(
 ):
     """Load models and data, decide the settings (validated by `build_cache`); (None, None): `out` holds this cache."""
     from potstill.data.packing import load_dataset
-    from potstill.models.load import load_model
+    from potstill.models.load import load_model, load_tokenizer
     from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
     model, tokenizer = load_model(teacher, dtype=dtype)
@@ -172,7 +173,7 @@ def _prepare(
     if student is not None:
         from potstill.models.vocab import load_id_map
 
-        student_tok = _load_tokenizer(student)
+        student_tok = load_tokenizer(student)
         id_map = load_id_map(student)
         check_tokenizers(student_tok, tokenizer, id_map)
         tokenizer = student_tok
@@ -231,17 +232,12 @@ _VALUES = {
 }
 
 
-def _load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(Path(path))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot load the student's tokenizer ({str(err).splitlines()[0]})") from None
-
-
 def _claim(out: Path, settings: dict, overwrite: bool) -> bool:
-    """Make `out` this build's directory. False: it already holds the complete cache for these settings."""
+    """Make `out` this build's directory. False: it already holds the complete cache for these settings.
+
+    The temporary files of a killed build (a shard or the manifest caught between write and rename) are deleted.
+    """
+    remove_stale_temps(out)
     previous = read_json(out / BUILD)
     if previous is not None and previous != settings:
         if not overwrite:
@@ -251,13 +247,13 @@ def _claim(out: Path, settings: dict, overwrite: bool) -> bool:
                 " or choose another out (--out)"
             )
         for path in [out / MANIFEST, out / BUILD, *out.glob("shard-*.bin")]:
-            path.unlink()
+            path.unlink(missing_ok=True)  # an interrupted build has no manifest
         previous = None
     if previous is not None and (out / MANIFEST).is_file():
         return False
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    if previous is None and out.is_dir() and any(out.iterdir()) and not overwrite:
+    if previous is None and out.is_dir() and any(not is_temp(p.name) for p in out.iterdir()) and not overwrite:
         raise UserError(f"{out}: directory is not empty and is not a teacher cache; choose another out (--out)")
     out.mkdir(parents=True, exist_ok=True)
     if previous is None:
@@ -359,7 +355,7 @@ def finalize(plan: _Plan) -> Path:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "shards": shards,
     }
-    write_json_atomic(plan.out / MANIFEST, manifest)
+    write_json_atomic(plan.out / MANIFEST, {**manifest, "manifest_sha256": manifest_checksum(manifest)})
     return plan.out / MANIFEST
 
 

@@ -1,0 +1,199 @@
+"""Fault injection: SIGKILL a long job at random moments, rerun it, and compare with an uninterrupted run.
+
+For each job (a tiny `potstill distill` with checkpoints, a `potstill cache build` of several shards) the harness
+runs the command once uninterrupted (the reference), then N seeded trials: start the command, SIGKILL it after a
+random delay drawn uniformly between the moment the reference first wrote its output and the reference's end (so
+kills land while checkpoints, shards, the final save and the manifest are written, not during Python's imports),
+rerun the same command to the end, and compare:
+
+- distill: the final student's tensors bitwise equal to the reference's, and `log.jsonl` holding each logged step
+  exactly once with the reference's values;
+- cache build: every shard byte-identical to the reference's, the manifest equal but for its `created` time (and so
+  its checksum), and `potstill cache verify` passing.
+
+A run that ends before its kill time does not count (the upper bound of the delays shrinks to its length). A
+trial passes when the rerun exits 0 and its outputs are equal. Prints one line per trial and "N/N recovered" per
+job. The models are tiny random Llamas (tests/conftest.py), so a run takes seconds; everything happens in a
+temporary directory.
+
+    OMP_NUM_THREADS=1 python benchmarks/faults.py --trials 10 [--seed 0] [--jobs distill cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from potstill.fileio import is_temp
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked children must not inherit a started thread pool
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def workspace(root: Path) -> None:
+    """A tiny student and teacher (the test suite's builders) and a 48-line corpus."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import _build_model, _build_tokenizer, _write_corpus
+
+    tokenizer = _build_tokenizer()
+    _build_model(tokenizer, 0, hidden=32, max_positions=64, save_to=root / "student")
+    _build_model(tokenizer, 1, hidden=64, max_positions=64, save_to=root / "teacher")
+    _write_corpus(root / "train.jsonl", 48)
+
+
+def distill_cmd(root: Path, out: Path) -> list[str]:
+    return [
+        "distill", f"model.student={root / 'student'}", f"model.teacher={root / 'teacher'}",
+        f"data.train=[{root / 'train.jsonl'}]", "data.seq_len=16", f"train.output_dir={out}", "train.batch_size=2",
+        "train.max_steps=12", "train.save_steps=2", "train.logging_steps=1", "train.lr=0.003", "train.warmup_steps=0",
+    ]  # fmt: skip
+
+
+def cache_cmd(root: Path, out: Path) -> list[str]:
+    return [
+        "cache", "build", "--teacher", str(root / "teacher"), "--data", str(root / "train.jsonl"), "--out", str(out),
+        "--k", "8", "--seq-len", "16", "--shard-tokens", "64", "--batch-size", "2",
+    ]  # fmt: skip
+
+
+def preload() -> None:
+    """Import what the commands import, once: each run is a fork of this process, so a kill lands in the job's
+    work, not in seconds of imports (on a loaded 2-core machine the imports alone took 80 s)."""
+    import potstill.cli  # noqa: F401
+    import potstill.teacher.cache  # noqa: F401
+    import potstill.train.recipes  # noqa: F401
+
+
+def run(args: list[str], out: Path, kill_after: float | None = None) -> tuple[int, float, float | None]:
+    """`potstill ARGS` in a forked child writing `out`; SIGKILL it after `kill_after` s.
+
+    Returns:
+        (exit status, -9 when killed; wall seconds; seconds until `out` first existed, or None).
+    """
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # the child: the CLI entry point, its output discarded
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        code = 1
+        try:
+            from potstill.cli import main
+
+            main(args)
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+        finally:
+            os._exit(code)
+    first, status = None, None
+    while status is None:
+        done, raw = os.waitpid(pid, os.WNOHANG)
+        now = time.perf_counter() - start
+        if done:
+            status = os.waitstatus_to_exitcode(raw)
+            break
+        if first is None and out.exists():
+            first = now
+        if kill_after is not None and now >= kill_after:
+            os.kill(pid, signal.SIGKILL)
+            status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        time.sleep(0.005)
+    return status, time.perf_counter() - start, first
+
+
+def half_written(out: Path) -> list[str]:
+    """What a kill left unfinished in `out`: temporary files, checkpoints without trainer_state.json (written last)."""
+    if not out.exists():
+        return []
+    temps = [p.name for p in out.rglob("*") if is_temp(p.name)]
+    cut = [p.name for p in out.glob("checkpoint-*") if p.is_dir() and not (p / "trainer_state.json").is_file()]
+    return sorted(temps + cut)
+
+
+def same_distill(ref: Path, out: Path) -> str | None:
+    """None when `out` ended as `ref` did; else what differs."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "student" / "model.safetensors"), load_file(out / "student" / "model.safetensors")
+    if a.keys() != b.keys():
+        return "other tensors"
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    if worst != 0.0:
+        return f"weights differ (max |diff| {worst:.3g})"
+    logs = [[json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()] for d in (ref, out)]
+    steps = [[row["step"] for row in log if "loss" in row] for log in logs]
+    if steps[0] != steps[1]:
+        return f"log steps {steps[1]} vs {steps[0]}"
+    losses = [[row["loss"] for row in log if "loss" in row] for log in logs]
+    return None if losses[0] == losses[1] else "logged losses differ"
+
+
+def same_cache(ref: Path, out: Path) -> str | None:
+    names = sorted(p.name for p in ref.glob("shard-*.bin"))
+    if names != sorted(p.name for p in out.glob("shard-*.bin")):
+        return "other shard files"
+    bad = [n for n in names if (ref / n).read_bytes() != (out / n).read_bytes()]
+    if bad:
+        return f"shards differ: {bad}"
+    drop = ("created", "manifest_sha256")
+    manifests = [{k: v for k, v in json.loads((d / "manifest.json").read_text()).items() if k not in drop}
+                 for d in (ref, out)]  # fmt: skip
+    if manifests[0] != manifests[1]:
+        return "manifests differ"
+    if run(["cache", "verify", str(out)], out)[0] != 0:
+        return "cache verify failed"
+    return None
+
+
+JOBS = {"distill": (distill_cmd, same_distill), "cache": (cache_cmd, same_cache)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=10, help="kill trials per job")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="potstill-faults-") as tmp:
+        root = Path(tmp)
+        workspace(root)
+        preload()
+        for job in args.jobs:
+            command, same = JOBS[job]
+            ref = root / f"{job}-ref"
+            status, wall, first = run(command(root, ref), ref)
+            assert status == 0, f"{job}: the reference run failed"
+            print(f"{job}: reference {wall:.1f} s (output from {first:.1f} s)", flush=True)
+            rng = random.Random(args.seed)
+            kills = recovered = attempt = ended = cut = 0
+            while kills < args.trials and attempt < 3 * args.trials:
+                out = root / f"{job}-{attempt}"
+                attempt += 1
+                delay = rng.uniform(first, wall)
+                status, took, _ = run(command(root, out), out, kill_after=delay)
+                if status != -signal.SIGKILL:  # it finished first (runs vary in length): not a kill trial
+                    ended, wall = ended + 1, min(wall, took)
+                    continue
+                kills += 1
+                left = half_written(out)
+                cut += bool(left)
+                status, rerun_wall, _ = run(command(root, out), out)
+                problem = f"rerun exited {status}" if status != 0 else same(ref, out)
+                recovered += problem is None
+                print(f"  kill {kills}: at {delay:.2f} s, half-written: {', '.join(left) or 'none'}; rerun "
+                      f"{rerun_wall:.1f} s: {problem or 'equal'}", flush=True)  # fmt: skip
+            print(f"{job}: {recovered}/{kills} recovered ({cut} kill(s) left a half-written file or checkpoint;"
+                  f" {ended} run(s) ended before their kill time)", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
