@@ -41,12 +41,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def workspace(root: Path) -> None:
     """A tiny student and teacher (the test suite's builders) and a 48-line corpus."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import _build_model, _build_tokenizer, _write_corpus
+    from conftest import build_model, build_tokenizer, write_corpus
 
-    tokenizer = _build_tokenizer()
-    _build_model(tokenizer, 0, hidden=32, max_positions=64, save_to=root / "student")
-    _build_model(tokenizer, 1, hidden=64, max_positions=64, save_to=root / "teacher")
-    _write_corpus(root / "train.jsonl", 48)
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, 0, hidden=32, max_positions=64, save_to=root / "student")
+    build_model(tokenizer, 1, hidden=64, max_positions=64, save_to=root / "teacher")
+    write_corpus(root / "train.jsonl", 48)
 
 
 def distill_cmd(root: Path, out: Path) -> list[str]:

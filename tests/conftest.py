@@ -10,7 +10,7 @@ takes milliseconds:
 - `tiny_corpus`: those texts (ASCII, accents, CJK, an emoji, code);
 - `make_tokenizer(vocab_size=300, texts=TINY_CORPUS)`: another one (e.g. a mismatched vocabulary);
 - `build_model(tokenizer=None, seed=0, *, arch="llama", hidden=32, layers=2, ..., save_to=None, **config)`: the one
-  random tiny causal LM builder (Llama, Gemma 2, Gemma 3 text), see `_build_model`;
+  random tiny causal LM builder (Llama, Gemma 2, Gemma 3 text), see `build_model`;
 - `make_model(seed=0, tokenizer=None, **kw)`, `tiny_model`: `build_model` over `tiny_tokenizer` by default;
 - `make_model_dir(name="tiny-model", seed=0, tokenizer=None, **kw)`, `tiny_model_dir`: such a model + tokenizer
   saved as an HF directory under tmp_path;
@@ -71,7 +71,7 @@ def pytest_configure(config):
 # ---- tokenizer and models ----
 
 
-def _build_tokenizer(vocab_size: int = 300, texts: list[str] = TINY_CORPUS):
+def build_tokenizer(vocab_size: int = 300, texts: list[str] = TINY_CORPUS):
     """A byte-level BPE wrapped as a transformers fast tokenizer with pad/bos/eos/unk."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -91,7 +91,7 @@ def _build_tokenizer(vocab_size: int = 300, texts: list[str] = TINY_CORPUS):
     )
 
 
-def _build_model(
+def build_model(
     tokenizer=None,
     seed: int | None = 0,
     *,
@@ -152,7 +152,7 @@ def _build_model(
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    return _build_tokenizer()
+    return build_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -164,20 +164,20 @@ def tiny_corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def make_tokenizer():
     """Factory: make_tokenizer(vocab_size=300, texts=TINY_CORPUS) -> another byte-level BPE."""
-    return _build_tokenizer
+    return build_tokenizer
 
 
 @pytest.fixture(name="build_model", scope="session")
 def build_model_fixture():
-    """The tiny-model builder itself: build_model(tokenizer=None, seed=0, **kw) (see `_build_model`)."""
-    return _build_model
+    """The tiny-model builder itself: build_model(tokenizer=None, seed=0, **kw) (see `build_model`)."""
+    return build_model
 
 
 @pytest.fixture(scope="session")
 def make_model(tiny_tokenizer):
     """Factory: make_model(seed=0, tokenizer=None, **kw) -> `build_model` over tiny_tokenizer by default (a Llama:
     hidden 32, 2 layers, 2 heads)."""
-    return lambda seed=0, tokenizer=None, **kw: _build_model(tokenizer or tiny_tokenizer, seed, **kw)
+    return lambda seed=0, tokenizer=None, **kw: build_model(tokenizer or tiny_tokenizer, seed, **kw)
 
 
 @pytest.fixture
@@ -191,7 +191,7 @@ def make_model_dir(tmp_path, tiny_tokenizer):
 
     def make(name: str = "tiny-model", seed: int = 0, tokenizer=None, **kw) -> Path:
         path = tmp_path / name
-        _build_model(tokenizer or tiny_tokenizer, seed, save_to=path, **kw)
+        build_model(tokenizer or tiny_tokenizer, seed, save_to=path, **kw)
         return path
 
     return make
@@ -205,7 +205,7 @@ def tiny_model_dir(make_model_dir):
 WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
 
 
-def _write_corpus(path: Path, lines: int, seed: int = 0) -> Path:
+def write_corpus(path: Path, lines: int, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with path.open("w") as fh:
         for _ in range(lines):
@@ -218,10 +218,10 @@ def models_dir(tmp_path_factory, tiny_tokenizer, make_tokenizer) -> Path:
     """A student (hidden 32), a bigger teacher (hidden 64), a model with another vocabulary, a corpus: 2-layer
     Llamas (64 positions) over the 300-token tiny tokenizer (the other: 280 tokens), built once per module."""
     root = tmp_path_factory.mktemp("models")
-    _build_model(tiny_tokenizer, 0, hidden=32, max_positions=64, save_to=root / "student")
-    _build_model(tiny_tokenizer, 1, hidden=64, max_positions=64, save_to=root / "teacher")
-    _build_model(make_tokenizer(vocab_size=280), 2, hidden=32, max_positions=64, save_to=root / "other")
-    _write_corpus(root / "train.jsonl", 24)
+    build_model(tiny_tokenizer, 0, hidden=32, max_positions=64, save_to=root / "student")
+    build_model(tiny_tokenizer, 1, hidden=64, max_positions=64, save_to=root / "teacher")
+    build_model(make_tokenizer(vocab_size=280), 2, hidden=32, max_positions=64, save_to=root / "other")
+    write_corpus(root / "train.jsonl", 24)
     return root
 
 
