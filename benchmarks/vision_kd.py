@@ -21,6 +21,7 @@ Needs `pip install -e '.[vision]'` and the Debian packages openclipart-png and f
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -32,10 +33,10 @@ from pathlib import Path
 import torch
 
 from potstill.data.images import ImageSet, Preprocess, scan_images
+from potstill.fileio import write_json_atomic
 
 CLIPART = Path("/usr/share/openclipart/png")
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
-
 
 
 def lite_preprocess(size: int) -> Preprocess:
@@ -116,6 +117,99 @@ def build_teacher_cache(args, images: ImageSet) -> Path:
     )  # fmt: skip
 
 
+class Tail(torch.nn.Sequential):
+    """The trained part of the student: Lite0's last MBConv blocks, 1x1 head conv + BN + ReLU6, pooling, classifier."""
+
+    def __init__(self, model: torch.nn.Module, cut: int):
+        pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        super().__init__(*model._blocks[cut:], model._conv_head, model._bn1, model._swish, pool, model._fc)
+
+
+@torch.inference_mode()
+def front(model: torch.nn.Module, cut: int, pixels: torch.Tensor) -> torch.Tensor:
+    """The frozen part of the student (stem + blocks[:cut], eval mode): [B, 3, 224, 224] -> [B, C', 7 or 14, ...]."""
+    x = model._swish(model._bn0(model._conv_stem(pixels)))
+    for block in model._blocks[:cut]:
+        x = block(x)
+    return x
+
+
+def student_inputs(work: Path, images: ImageSet, model, cut: int) -> torch.Tensor:
+    """Outputs of the frozen front for every image (computed once, saved under `work` by image fingerprint)."""
+    from tqdm.auto import tqdm
+
+    path = work / f"student-front-{cut}-{images.fingerprint()[:16]}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    pre = lite_preprocess(224)
+    parts = [front(model, cut, images.pixels(range(i, min(i + 16, len(images))), pre))
+             for i in tqdm(range(0, len(images), 16), desc="student front")]  # fmt: skip
+    feats = torch.cat(parts)
+    torch.save(feats, path)
+    return feats
+
+
+def experiment(args, images: ImageSet) -> dict:
+    """Both arms x seeds on the same split; metrics on held-out images; latency side by side."""
+    from potstill.eval.classifier import agreement, ms_per_image, predict
+    from potstill.losses import Divergence
+    from potstill.teacher.cache.images import ImageCache
+    from potstill.teacher.classifier import ClassifierTeacher
+    from potstill.train.classifier import fit_classifier
+
+    teacher_model, student_model = load_lite("efficientnet-lite2"), load_lite("efficientnet-lite0")
+    cache = ImageCache(args.work / "teacher-cache")
+    cache.check(ClassifierTeacher(teacher_model), images, lite_preprocess(260), args.temperature)
+    targets = cache.targets(range(len(images)))
+    labels = targets.ids[:, 0].clone()  # the teacher's hard label (top-1) of every image
+    train, test = split(images, args.heldout, args.seed)
+    feats = student_inputs(args.work, images, student_model, args.cut)
+    check = predict(student_model, images.pixels(test[:4], lite_preprocess(224)))
+    torch.testing.assert_close(predict(Tail(student_model, args.cut), feats[test[:4]]), check, rtol=1e-4, atol=1e-4)
+    test_domains = [images.domains[i] for i in test]
+    evaluate = lambda tail: agreement(predict(tail, feats[test]), targets.rows(torch.tensor(test)), test_domains)  # noqa: E731
+    results = {"before": evaluate(Tail(student_model, args.cut)), "runs": []}
+    div = Divergence("fkl", temperature=args.temperature, sparse_tail="bucket")
+    for seed in args.seeds:
+        for arm, alpha in (("kd", args.alpha), ("hard", 0.0)):
+            tail = copy.deepcopy(Tail(student_model, args.cut)).eval()  # eval: frozen BN statistics, no dropout
+            start = time.perf_counter()
+            history = fit_classifier(
+                tail, feats[train], labels[train], targets.rows(torch.tensor(train)), div, alpha,
+                steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
+            )  # fmt: skip
+            run = {"arm": arm, "seed": seed, "alpha": alpha, "train_s": time.perf_counter() - start}
+            run |= {"first_loss": history[0], "last_loss": history[-1], "heldout": evaluate(tail)}
+            results["runs"].append(run)
+            print(json.dumps({k: v for k, v in run.items() if k != "heldout"} | run["heldout"]["overall"]))
+    batch_s = images.pixels(test[:8], lite_preprocess(224))
+    batch_t = images.pixels(test[:8], lite_preprocess(260))
+    results["ms_per_image"] = ms_per_image({"student": (student_model, batch_s), "teacher": (teacher_model, batch_t)})
+    results["split"] = {"train": len(train), "heldout": len(test)}
+    return results
+
+
+def table(results: dict) -> str:
+    """Markdown: held-out metrics per arm (mean over seeds, +- half the range), before training, latency."""
+    keys = ("top1_agreement", "top5_overlap", "kl_to_teacher")
+    lines = ["| student | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    before = results["before"]["overall"]
+    lines.append("| Lite0 ImageNet weights, before training | " + " | ".join(f"{before[k]:.4f}" for k in keys) + " |")
+    for arm in ("kd", "hard"):
+        runs = [r["heldout"]["overall"] for r in results["runs"] if r["arm"] == arm]
+        cells = []
+        for k in keys:
+            values = [r[k] for r in runs]
+            cells.append(f"{sum(values) / len(values):.4f} ± {(max(values) - min(values)) / 2:.4f}")
+        lines.append(f"| {arm} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+    ms = results["ms_per_image"]
+    lines.append(
+        f"\nms per image (batch 8, interleaved, median of 5): student Lite0@224 {ms['student']:.1f}, "
+        f"teacher Lite2@260 {ms['teacher']:.1f}, speed-up {ms['teacher'] / ms['student']:.2f}x"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/potstill-vision-kd"))
@@ -125,6 +219,13 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="seed of the image choice and split")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (batch order)")
+    parser.add_argument("--heldout", type=float, default=0.2)
+    parser.add_argument("--cut", type=int, default=16, help="Lite0 blocks frozen (16 = all: train head conv + fc)")
+    parser.add_argument("--alpha", type=float, default=0.9, help="KD weight of the kd arm")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -136,7 +237,12 @@ def main() -> None:
     if args.stage == "cache":
         return
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    print(json.dumps({"date": stamp}))
+    results = experiment(args, images) | {"date": stamp, "load_before": os.getloadavg()}
+    results |= {"load_after": os.getloadavg(), "wall_s": time.perf_counter() - started, "args": vars(args)}
+    results["images"] = images.summary()
+    write_json_atomic(args.work / "results.json", json.loads(json.dumps(results, default=str)))
+    print(table(results))
+    print(f"date {stamp}, wall {results['wall_s']:.0f} s, load {results['load_before']} -> {results['load_after']}")
 
 
 if __name__ == "__main__":

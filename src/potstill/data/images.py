@@ -8,7 +8,8 @@ Sources (`scan_images`):
 - a ``.jsonl`` file: one ``{"image": "path", "domain": "name"}`` per line (domain optional; a relative path is
   relative to the JSONL file's folder).
 
-Every listed image is fully decoded once by `scan_images`. One that does not decode is named and skipped (counted in
+Every listed image is fully decoded once by `scan_images`. One that does not decode (or is larger than
+`max_pixels`) is named and skipped (counted in
 `ImageSet.skipped` and in `summary()`), or refused with one line when `on_bad="error"`. An empty folder is a one-line
 error. Pixels are produced on demand by `ImageSet.pixels` with a `Preprocess` (resize the shorter side, center crop,
 normalize with the model's mean / std); transparent images are laid on a white background first (clipart and emoji
@@ -30,6 +31,7 @@ from potstill.data.sources import DEFAULT_DOMAIN
 from potstill.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
+MAX_PIXELS = 25_000_000  # larger images are skipped: decoding one 168-Mpixel clipart PNG takes about a minute
 ON_BAD = ("skip", "error")
 
 
@@ -161,6 +163,7 @@ def scan_images(
     on_bad: str = "skip",
     per_domain: int | None = None,
     seed: int = 0,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> ImageSet:
     """List the images of folders / JSONL files and check that each decodes.
 
@@ -169,6 +172,8 @@ def scan_images(
         on_bad: "skip" (name and count images that do not decode) or "error" (refuse the first one).
         per_domain: keep at most this many images per domain (a seeded choice, made before decoding).
         seed: seed of that choice.
+        max_pixels: images with more pixels (width x height, read from the header) count as bad ones
+            (None: no limit below Pillow's own decompression-bomb limit).
 
     Returns:
         The ImageSet, ordered by domain (first seen) then by the seeded choice.
@@ -188,17 +193,28 @@ def scan_images(
     good, skipped = [], []
     for r in records:
         try:
-            open_rgb(r.path)
+            _check(r.path, max_pixels)
         except Exception as err:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
             why = (str(err).splitlines() or [type(err).__name__])[0]
             if on_bad == "error":
-                raise UserError(f"{r.path}: cannot decode the image ({why}); fix or remove it, or skip bad images") from None
+                raise UserError(
+                    f"{r.path}: cannot decode the image ({why}); fix or remove it, or skip bad images"
+                ) from None
             skipped.append((r.path, why))
             continue
         good.append(r)
     if not good:
         raise UserError(f"images: none of the {len(records)} images in {', '.join(map(str, paths))} decodes")
     return ImageSet(good, skipped)
+
+
+def _check(path: Path, max_pixels: int | None) -> None:
+    """Raise if the image is larger than max_pixels or does not decode."""
+    with _pil().open(path) as img:
+        width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"{width} x {height} pixels is more than max_pixels={max_pixels}")
+    open_rgb(path)
 
 
 def _list(source: Path) -> list[ImageRecord]:
