@@ -112,7 +112,7 @@ class ImageSet:
         text = f"{len(self)} images in {len(counts)} domains ({', '.join(f'{d}: {n}' for d, n in counts.items())})"
         if self.skipped:
             path, why = self.skipped[0]
-            text += f"; {len(self.skipped)} skipped (undecodable, e.g. {path}: {why})"
+            text += f"; {len(self.skipped)} skipped (do not decode or too large, e.g. {path}: {why})"
         return text
 
     def pixels(self, indices: Sequence[int], pre: Preprocess) -> torch.Tensor:
