@@ -167,6 +167,7 @@ def experiment(args, images: ImageSet) -> dict:
     check = predict(student_model, images.pixels(test[:4], lite_preprocess(224)))
     torch.testing.assert_close(predict(Tail(student_model, args.cut), feats[test[:4]]), check, rtol=1e-4, atol=1e-4)
     test_domains = [images.domains[i] for i in test]
+    shown = _one_per_domain(images, test)[: args.grid]  # the held-out images of the grid
     evaluate = lambda tail: agreement(predict(tail, feats[test]), targets.rows(torch.tensor(test)), test_domains)  # noqa: E731
     results = {"before": evaluate(Tail(student_model, args.cut)), "runs": []}
     div = Divergence("fkl", temperature=args.temperature, sparse_tail="bucket")
@@ -182,7 +183,7 @@ def experiment(args, images: ImageSet) -> dict:
             run |= {"first_loss": history[0], "last_loss": history[-1], "heldout": evaluate(tail)}
             results["runs"].append(run)
             if seed == args.seeds[0]:
-                results.setdefault("grid_top1", {})[arm] = predict(tail, feats[test[: args.grid]]).argmax(-1).tolist()
+                results.setdefault("grid_top1", {})[arm] = predict(tail, feats[shown]).argmax(-1).tolist()
             print(json.dumps({k: v for k, v in run.items() if k != "heldout"} | run["heldout"]["overall"]))
     batch_s = images.pixels(test[:8], lite_preprocess(224))
     batch_t = images.pixels(test[:8], lite_preprocess(260))
@@ -190,9 +191,17 @@ def experiment(args, images: ImageSet) -> dict:
     pair = {"student": (student_model, batch_s[:1]), "teacher": (teacher_model, batch_t[:1])}
     results["ms_per_image_batch1"] = ms_per_image(pair, rounds=9)
     results["split"] = {"train": len(train), "heldout": len(test)}
-    results["grid_top1"] |= {"teacher": labels[test[: args.grid]].tolist(), "images": test[: args.grid]}
-    results["grid_top1"]["teacher_p"] = targets.logprobs[test[: args.grid], 0].exp().tolist()
+    results["grid_top1"] |= {"teacher": labels[shown].tolist(), "images": shown}
+    results["grid_top1"]["teacher_p"] = targets.logprobs[shown, 0].exp().tolist()
     return results
+
+
+def _one_per_domain(images: ImageSet, indices: list[int]) -> list[int]:
+    """The first of `indices` in each domain (the grid shows one held-out image per domain)."""
+    first: dict[str, int] = {}
+    for i in indices:
+        first.setdefault(images.domains[i], i)
+    return list(first.values())
 
 
 def draw_grid(images: ImageSet, grid: dict, path: Path) -> None:
@@ -279,13 +288,13 @@ def main() -> None:
     print(f"teacher cache ready after {time.perf_counter() - started:.0f} s")
     if args.stage == "cache":
         return
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    results = experiment(args, images) | {"date": stamp, "load_before": os.getloadavg()}
+    stamp, load_before = datetime.now(timezone.utc).isoformat(timespec="seconds"), os.getloadavg()
+    results = experiment(args, images) | {"date": stamp, "load_before": load_before}
     results |= {"load_after": os.getloadavg(), "wall_s": time.perf_counter() - started, "args": vars(args)}
     results["images"] = images.summary()
-    write_json_atomic(args.work / "results.json", json.loads(json.dumps(results, default=str)))
+    write_json_atomic(args.work / f"results-lr{args.lr:g}.json", json.loads(json.dumps(results, default=str)))
     print(table(results))
-    draw_grid(images, results["grid_top1"], args.work / "grid.png")
+    draw_grid(images, results["grid_top1"], args.work / f"grid-lr{args.lr:g}.png")
     print(f"date {stamp}, wall {results['wall_s']:.0f} s, load {results['load_before']} -> {results['load_after']}")
 
 

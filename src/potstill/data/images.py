@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -210,8 +211,10 @@ def scan_images(
 
 def _check(path: Path, max_pixels: int | None) -> None:
     """Raise if the image is larger than max_pixels or does not decode."""
-    with _pil().open(path) as img:
-        width, height = img.size
+    with warnings.catch_warnings():  # the size is checked here, against max_pixels: Pillow's warning adds nothing
+        warnings.simplefilter("ignore", _pil().DecompressionBombWarning)
+        with _pil().open(path) as img:
+            width, height = img.size
     if max_pixels is not None and width * height > max_pixels:
         raise ValueError(f"{width} x {height} pixels is more than max_pixels={max_pixels}")
     open_rgb(path)
