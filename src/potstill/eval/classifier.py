@@ -49,11 +49,10 @@ def agreement(
         "top5_overlap": (top5_s[:, :, None] == top5_t[:, None, :]).any(-1).double().sum(-1) / 5,
         "kl_to_teacher": kl.double(),
     }
-    groups = {"overall": torch.ones(len(s), dtype=torch.bool)}
-    names = sorted(set(domains or ()))
-    by_domain = {d: torch.tensor([x == d for x in domains]) for d in names}
     summarize = lambda m: {"items": int(m.sum()), **{k: float(v[m].mean()) for k, v in per_item.items()}}  # noqa: E731
-    return {"overall": summarize(groups["overall"]), "domains": {d: summarize(m) for d, m in by_domain.items()}}
+    by_domain = {d: torch.tensor([x == d for x in domains]) for d in sorted(set(domains or ()))}
+    overall = summarize(torch.ones(len(s), dtype=torch.bool))
+    return {"overall": overall, "domains": {d: summarize(m) for d, m in by_domain.items()}}
 
 
 @torch.inference_mode()
