@@ -207,7 +207,7 @@ def _prepare(
         "samples": samples if targets == "sampled" else None,
         "temperature": None if targets == "hidden" else temperature,
         "encoding": {"sampled": "exact-counts", "hidden": "bf16"}.get(targets, encoding),
-        "values": _VALUES[targets if targets in ("sampled", "hidden") else encoding],
+        "values": VALUES[targets if targets in ("sampled", "hidden") else encoding],
         "seq_len": seq_len,
         "add_bos": add_bos,
         "positions": "scored",
@@ -216,14 +216,14 @@ def _prepare(
         "sequences_per_shard": max(1, shard_tokens // seq_len),
         "seed": seed,
     }
-    if not _claim(out, settings, overwrite):
+    if not claim(out, settings, overwrite):
         return None, None
     codec = Codec(targets, encoding, width, vocab, seq_len)
     plan = _Plan(out, settings, codec, dataset, settings["sequences_per_shard"])
     return plan, _Scorer(OnlineTeacher(model, id_map=id_map), codec, temperature, seed)
 
 
-_VALUES = {
+VALUES = {
     "lossless": "int32 ids, float32 log-probs and tail",
     "compact": "top-1 id exact + float32 log-prob; other ids sorted, delta byte planes; log-probs uint8 steps below "
     "the top-1 (float16 step per position); float16 tail; zstd per sequence",
@@ -232,7 +232,7 @@ _VALUES = {
 }
 
 
-def _claim(out: Path, settings: dict, overwrite: bool) -> bool:
+def claim(out: Path, settings: dict, overwrite: bool) -> bool:
     """Make `out` this build's directory. False: it already holds the complete cache for these settings.
 
     The temporary files of a killed build (a shard or the manifest caught between write and rename) are deleted.
@@ -321,8 +321,13 @@ def _write_shard(plan: _Plan, scorer: _Scorer, j: int, batch_size: int, bar) -> 
         records = scorer.records(batch, stored[start - indices.start : stop - indices.start], generator)
         frames += records
         bar.update((stop - start) * plan.codec.seq_len)
+    write_shard_file(plan.out / shard_name(j), frames)
+
+
+def write_shard_file(path: Path, frames: list[bytes]) -> None:
+    """One shard (atomically): MAGIC | uint64 n | uint64 offsets[n + 1] | the n frames."""
     offsets = np.cumsum([0, *map(len, frames)], dtype=np.uint64)
-    write_bytes_atomic(plan.out / shard_name(j), [MAGIC, struct.pack("<Q", len(frames)), offsets.tobytes(), *frames])
+    write_bytes_atomic(path, [MAGIC, struct.pack("<Q", len(frames)), offsets.tobytes(), *frames])
 
 
 def finalize(plan: _Plan) -> Path:
