@@ -26,6 +26,7 @@ def _run(student, teacher, data, out, *extra):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_rkl_topk_over_an_endpoint_equals_the_teacher_in_memory(tmp_path, make_model_dir, tiny_tokenizer):
     """The endpoint's top-20 with exact log-probs gives the run of the in-memory teacher's top-20."""
     rng = random.Random(0)

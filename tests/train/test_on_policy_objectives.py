@@ -75,7 +75,7 @@ def test_rkl_topk_with_k_the_vocabulary_is_the_dense_reverse_kl(pair, prompts, t
     assert 0 <= small[0]["kd"] < dense_log[0]["kd"]  # the first step samples the same completions
 
 
-@pytest.mark.parametrize("baseline", ["batch", "running"])
+@pytest.mark.parametrize("baseline", ["batch", pytest.param("running", marks=pytest.mark.slow)])
 def test_a_baseline_changes_the_gradient_not_the_value_and_logs_reward_statistics(pair, prompts, tmp_path, baseline):
     opts = ("train.max_steps=2", "on_policy.objective=rkl_sampled")
     none, plain = _run(pair, prompts, tmp_path / "none", *opts)
@@ -127,7 +127,7 @@ def test_mixed_rollout_draws_from_the_mixture(prompts, tiny_tokenizer, make_mode
         assert greedy[row, n : n + len(want)].tolist() == want
 
 
-@pytest.mark.parametrize("mix", [0.0, 0.3])
+@pytest.mark.parametrize("mix", [pytest.param(0.0, marks=pytest.mark.slow), 0.3])
 def test_minillm_run_and_its_loss_falls(pair, prompts, tmp_path, tiny_tokenizer, mix):
     """MiniLLM towards a teacher that is the student with a sharper head (a target the tiny student can reach): the
     per-token reverse KL (the single-step value) falls over the run."""
