@@ -14,7 +14,7 @@ from potstill.config import OnPolicyConfig, load_config
 from potstill.errors import UserError
 from potstill.train.on_policy import PromptDataset
 from potstill.train.recipes import run_distill
-from potstill.train.rollouts import mixed_rollout
+from potstill.train.rollouts import mixed_rollout, rollout
 
 WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
 
@@ -157,6 +157,7 @@ def test_minillm_run_and_its_loss_falls(pair, prompts, tmp_path, tiny_tokenizer,
         (("on_policy.teacher_mix=0.2", "on_policy.objective=minillm", "on_policy.top_p=0.9"), "set on_policy.top_p=1"),
         (("on_policy.adaptive=true",), "set data.eval"),
         (("on_policy.iw_clip=0",), "on_policy.iw_clip"),
+        (("on_policy.stop=['']",), "on_policy.stop: a stop string must not be empty"),
         (
             ("on_policy.objective=minillm", "teacher.source=endpoint", "teacher.endpoint.base_url=http://x/v1",
              "teacher.endpoint.model=m"),
@@ -179,3 +180,36 @@ def test_top_k_above_the_vocabulary_is_refused_before_training(pair, prompts, tm
     with pytest.raises(UserError, match=r"on_policy.top_k: 100000 is more than the student's vocabulary"):
         _run(pair, prompts, tmp_path / "big", "on_policy.objective=rkl_topk", "on_policy.top_k=100000")
     assert not (tmp_path / "big" / "student").exists()
+
+
+def test_stop_strings_end_rollouts_after_the_token_that_completes_them(prompts, tiny_tokenizer, make_model):
+    """The same seed with and without a stop string: each completion is the unstopped one, cut after the first
+    token whose text completes the stop string (marked stopped); in the plain and the teacher-mixed sampler."""
+    ds = PromptDataset([str(prompts)], tiny_tokenizer, seq_len=40, max_new_tokens=8)
+    batch = {key: torch.stack([ds[i][key] for i in range(4)]) for key in ("input_ids", "attention_mask", "prompt_len")}
+    model, teacher = make_model(seed=3), make_model(seed=4)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    for mix in (0.0, 0.5):
+
+        def sample(stop, mix=mix):
+            cfg = OnPolicyConfig(max_new_tokens=8, temperature=1.5, teacher_mix=mix, stop=stop)
+            if mix:
+                return mixed_rollout(model, teacher, batch, cfg, pad, eos, seed=5, tokenizer=tiny_tokenizer)
+            return rollout(model, batch, cfg, pad, eos, seed=5, tokenizer=tiny_tokenizer)
+
+        free = sample([])
+        completions = [
+            free["input_ids"][row, n : n + k].tolist()
+            for row, (n, k) in enumerate(zip(free["prompt_len"].tolist(), free["completion_len"].tolist(), strict=True))
+        ]
+        stop = tiny_tokenizer.decode(completions[0][2:3])  # the text of row 0's third sampled token
+        cut = sample([stop])
+        n_stopped = 0
+        for row, tokens in enumerate(completions):
+            texts = [tiny_tokenizer.decode(tokens[:i]) for i in range(1, len(tokens) + 1)]
+            k = next((i + 1 for i, text in enumerate(texts) if stop in text), len(tokens))
+            n, got = int(cut["prompt_len"][row]), int(cut["completion_len"][row])
+            assert cut["input_ids"][row, n : n + got].tolist() == tokens[:k]
+            assert bool(cut["stopped"][row]) == (k < len(tokens) or bool(free["stopped"][row]) or stop in texts[-1])
+            n_stopped += k < len(tokens)
+        assert int(cut["completion_len"][0]) <= 3 and n_stopped >= 1

@@ -371,6 +371,11 @@ class OnPolicyConfig(Section):
         " (sequence-level KD, GKD's seq_kd) instead of the data's completions",
     )
     max_new_tokens: int = Field(default=32, gt=0, description="tokens the student samples per prompt (at most)")
+    stop: list[str] = Field(
+        default_factory=list,
+        description="stop strings: a rollout also ends with the token that completes one of them (kept and scored;"
+        " no <eos> is added); [] = stop at <eos> only",
+    )
     temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the rollouts")
     top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling of the rollouts (1 = off)")
     min_eos_rate: float = Field(
@@ -435,6 +440,8 @@ class DistillConfig(Section):
     def _on_policy_problem(self) -> str | None:
         """What keeps the on_policy section of a run from working, or None."""
         op = self.on_policy
+        if any(not stop for stop in op.stop):
+            return "on_policy.stop: a stop string must not be empty"
         if op.adaptive and not self.data.eval:
             return "on_policy.adaptive: the student-generated fraction adapts to a validation loss; set data.eval"
         if op.replay_size > 0 and op.objective in ("rkl_sampled", "minillm"):

@@ -140,11 +140,15 @@ class OnPolicyTrainer(DistillTrainer):
         on_policy: the on_policy config section.
         pad_id, eos_id: padding id and the id rollouts stop at.
         val_data: held-out prompt/completion rows (`PromptDataset`) for the adaptive fraction, or None.
+        tokenizer: the student's tokenizer (stop strings are matched on decoded samples).
     """
 
-    def __init__(self, *args, on_policy: OnPolicyConfig, pad_id: int, eos_id: int, val_data=None, **kwargs):
+    def __init__(
+        self, *args, on_policy: OnPolicyConfig, pad_id: int, eos_id: int, val_data=None, tokenizer=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.on_policy, self.pad_id, self.eos_id, self.val_data = on_policy, pad_id, eos_id, val_data
+        self.tokenizer = tokenizer  # decodes rollouts for on_policy.stop
         self.add_callback(OnPolicyState(on_policy.lmbda, replay_size=on_policy.replay_size))
         self._health = dict.fromkeys(_HEALTH, 0)
         self._val: float | None = None  # the validation loss measured since the last log
@@ -177,14 +181,17 @@ class OnPolicyTrainer(DistillTrainer):
                 self._health["replayed"] += 1
             elif on_policy:
                 if cfg.teacher_mix > 0:
-                    batch = mixed_rollout(student, self.teacher.model, moved, cfg, self.pad_id, self.eos_id, seed + 1)
+                    teacher = self.teacher.model
+                    batch = mixed_rollout(
+                        student, teacher, moved, cfg, self.pad_id, self.eos_id, seed + 1, self.tokenizer
+                    )
                 else:
-                    batch = rollout(student, moved, cfg, self.pad_id, self.eos_id, seed + 1)
+                    batch = rollout(student, moved, cfg, self.pad_id, self.eos_id, seed + 1, self.tokenizer)
                 self._note(batch)
                 if state.buffer.size:
                     state.buffer.push(batch)
             elif cfg.seq_kd:  # the teacher writes the completion (its vocabulary is the student's)
-                batch = rollout(self.teacher.model, moved, cfg, self.pad_id, self.eos_id, seed + 1)
+                batch = rollout(self.teacher.model, moved, cfg, self.pad_id, self.eos_id, seed + 1, self.tokenizer)
             out.append(batch)
         return out
 
@@ -387,6 +394,7 @@ class OnPolicyRecipe:
             pad_id=dataset.pad_id,
             eos_id=stop,
             val_data=val,
+            tokenizer=tok,
         )
 
     def finish(self, trainer: OnPolicyTrainer, cfg: DistillConfig, models: Models, out: Path, data: None) -> dict:

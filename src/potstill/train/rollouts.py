@@ -2,7 +2,7 @@
 DistiLLM's replay buffer of them.
 
 - `rollout`: Hugging Face `generate` on one model (the bare student, or the teacher for seq-KD): KV cache,
-  left-padded prompts, stop at `<eos>`, `max_new_tokens`, `temperature`, `top_p`.
+  left-padded prompts, stop at `<eos>` or a stop string, `max_new_tokens`, `temperature`, `top_p`.
 - `mixed_rollout`: MiniLLM's teacher-mixed sampling, each token drawn from `mix p_teacher + (1 - mix) q_student`
   at the sampling temperature; a decode loop of our own, since `generate` samples one model: both models keep a
   KV cache, the positions follow the left padding.
@@ -11,7 +11,8 @@ DistiLLM's replay buffer of them.
 
 Every function leaves the global RNG as it was: its randomness comes from the `seed` it is given. A rollout batch
 is right-padded again (`input_ids`, `attention_mask`, `labels` [B, L']: labels only on the completion, up to and
-including `<eos>`), with `completion_len` [B] and `stopped` [B] (ended at `<eos>`).
+including `<eos>`, or up to the token that completes a stop string), with `completion_len` [B] and `stopped` [B]
+(ended at `<eos>` or a stop string).
 """
 
 from __future__ import annotations
@@ -66,27 +67,50 @@ def laid_out(
     }
 
 
-def _cut(batch: dict[str, Any], new: torch.Tensor, pad_id: int, eos_id: int) -> dict[str, Any]:
-    """Lay out sampled tokens `new` [B, N] after the batch's prompts, each cut after its first `<eos>`."""
+def _cut(
+    batch: dict[str, Any], new: torch.Tensor, pad_id: int, eos_id: int, stop: list[str], tokenizer=None
+) -> dict[str, Any]:
+    """Lay out sampled tokens `new` [B, N] after the batch's prompts, each cut after its first `<eos>` or after the
+    first token that completes one of the `stop` strings (decoded with `tokenizer`)."""
     stopped = (new == eos_id).any(dim=1)
     n_new = torch.where(stopped, (new == eos_id).int().argmax(dim=1) + 1, new.shape[1]).tolist()
+    completions = [new[row, :k] for row, k in enumerate(n_new)]
+    if stop:
+        completions = [c[: _stop_point(c.tolist(), tokenizer, stop)] for c in completions]
     lens = batch["prompt_len"].tolist()
     prompts = [batch["input_ids"][row, :n] for row, n in enumerate(lens)]
-    return laid_out(batch, prompts, [new[row, :k] for row, k in enumerate(n_new)], pad_id, eos_id)
+    out = laid_out(batch, prompts, completions, pad_id, eos_id)
+    out["stopped"] = out["stopped"] | torch.tensor([len(c) < k for c, k in zip(completions, n_new, strict=True)])
+    return out
+
+
+def _stop_point(ids: list[int], tokenizer, stop: list[str]) -> int:
+    """The shortest prefix of `ids` whose text holds a stop string (its length), else len(ids).
+
+    Whether a prefix holds one only grows with its length, so a bisection needs about log2(len) decodes.
+    """
+    if not any(s in tokenizer.decode(ids) for s in stop):
+        return len(ids)
+    low, high = 0, len(ids)  # the prefix of length `high` holds a stop string, that of length `low` does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if any(s in tokenizer.decode(ids[:mid]) for s in stop) else (mid, high)
+    return high
 
 
 @torch.no_grad()
 def rollout(
-    model: nn.Module, batch: dict[str, Any], cfg: OnPolicyConfig, pad_id: int, eos_id: int, seed: int
+    model: nn.Module, batch: dict[str, Any], cfg: OnPolicyConfig, pad_id: int, eos_id: int, seed: int, tokenizer=None
 ) -> dict[str, Any]:
     """Replace a batch's completions by the model's samples: the same prompts, new completions, new labels.
 
     Args:
         model: the bare student, or the teacher (seq-KD) (eval mode is set for sampling and restored after).
         batch: `input_ids`, `attention_mask` [B, L] (right-padded), `prompt_len` [B].
-        cfg: the on_policy section (max_new_tokens, temperature, top_p).
+        cfg: the on_policy section (max_new_tokens, temperature, top_p, stop).
         pad_id, eos_id: the tokenizer's padding and end-of-sequence ids.
         seed: seeds the sampling (the global RNG is left as it was).
+        tokenizer: decodes the samples for `cfg.stop` (needed only with stop strings).
 
     Returns:
         The batch with `input_ids`, `attention_mask`, `labels` [B, L'] (right-padded, L' = longest prompt +
@@ -107,9 +131,10 @@ def rollout(
             max_new_tokens=cfg.max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=eos_id,
+            **({"stop_strings": cfg.stop, "tokenizer": tokenizer} if cfg.stop else {}),
         )
     model.train(was_training)
-    return _cut(batch, out[:, prompts.shape[1] :], pad_id, eos_id)
+    return _cut(batch, out[:, prompts.shape[1] :], pad_id, eos_id, cfg.stop, tokenizer)
 
 
 @torch.no_grad()
@@ -121,6 +146,7 @@ def mixed_rollout(
     pad_id: int,
     eos_id: int,
     seed: int,
+    tokenizer=None,
 ) -> dict[str, Any]:
     """`rollout` with each token drawn from `cfg.teacher_mix * p + (1 - cfg.teacher_mix) * q` (MiniLLM).
 
@@ -130,8 +156,8 @@ def mixed_rollout(
     Args:
         student: the bare student (eval mode for sampling, restored after).
         teacher: the teacher model, on the same device and over the same vocabulary.
-        batch, pad_id, eos_id, seed: as for `rollout`.
-        cfg: the on_policy section (max_new_tokens, temperature, teacher_mix).
+        batch, pad_id, eos_id, seed, tokenizer: as for `rollout` (stop strings cut the samples after the loop).
+        cfg: the on_policy section (max_new_tokens, temperature, teacher_mix, stop).
     """
     prompts, mask = _left_padded(batch, pad_id)
     was_training = student.training
@@ -161,7 +187,7 @@ def mixed_rollout(
         ids, positions = token[:, None], positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     student.train(was_training)
-    return _cut(batch, torch.stack(new, dim=1), pad_id, eos_id)
+    return _cut(batch, torch.stack(new, dim=1), pad_id, eos_id, cfg.stop, tokenizer)
 
 
 class ReplayBuffer:
