@@ -2,22 +2,33 @@
 
 Off-policy KD trains the student on text it would never write; at generation time it drifts off the teacher's
 path where it was never taught (exposure bias). Here, for each micro-batch of prompt/completion rows, with
-probability `on_policy.lmbda` the data's completions are replaced by the student's own samples (GKD, Agarwal et
-al. 2024), drawn from the current student (HF `generate`: KV cache, left-padded prompts, stop at `<eos>`,
-`max_new_tokens`, `temperature`, `top_p`); with `seq_kd` the other micro-batches are completed by the teacher's
-samples instead of the data's (sequence-level KD). The prompt is never scored. The teacher then grades the completion:
+probability lambda the data's completions are replaced by the student's own samples (GKD, Agarwal et al. 2024;
+`potstill.train.rollouts`: HF `generate` with a KV cache, left-padded prompts, stop at `<eos>` or a stop string;
+MiniLLM's teacher-mixed sampler); with `seq_kd` the other micro-batches are completed by the teacher's samples
+instead of the data's (sequence-level KD). The prompt is never scored. The teacher then grades the completion:
 
 - `objective: gkd`: the `loss.name` divergence on every completion token (full distributions, through the same
   KD step as off-policy training: fused or dense, online teacher), weighted as `alpha * T^2 * D + (1 - alpha) CE`;
+- `objective: rkl_topk`: the reverse KL over the teacher's top-k tokens (+ a rest bucket or renormalized,
+  `loss.sparse_tail`) at every completion token (`losses.sparse`; exact at k = vocabulary);
 - `objective: rkl_sampled`: reverse KL on the sampled tokens only, by policy gradient with the per-token reward
-  `log p_teacher(y_t) - log q_student(y_t)` (`potstill.losses.policy`; Qwen3 / Thinking Machines 2025).
+  `log p_teacher(y_t) - log q_student(y_t)` (`potstill.losses.policy`; Qwen3 / Thinking Machines 2025);
+- `objective: minillm`: MiniLLM's sequence-level policy gradient (length-normalized future reward, single-step
+  decomposition, importance weights for teacher-mixed samples; `losses.policy.minillm_surrogate`).
+
+The two policy-gradient objectives take a baseline (`on_policy.baseline`: none, the micro-batch's mean advantage,
+or a running mean). DistiLLM (Ko et al. 2024): with `adaptive`, lambda rises when the validation loss on
+`data.eval` stalls; with `replay_size`, the student's samples go into a replay buffer that later micro-batches
+reuse. Lambda, the last validation loss, the running baseline and the buffer are an `OnPolicyState`, saved in
+every checkpoint.
 
 Rollouts happen in `get_batch_samples`, before the step's token count, so the objective stays normalized by the
-global count of scored completion tokens of the optimizer step. Their randomness (the lambda draw and the
-sampling) comes from a generator seeded by (train.seed, step, micro-batch, rank), so a resumed run samples
-exactly what the uninterrupted one did. Logged every logging step: `on_policy_fraction`, `rollout_len` (mean
-completion tokens), `rollout_eos_rate` (share that stopped at `<eos>`), `rollout_distinct2` (distinct bigrams /
-bigrams: repetition) and, with `rkl_sampled`, `kd` is the sampled reverse KL per token. `on_policy.min_eos_rate` /
+global count of scored completion tokens of the optimizer step. Their randomness (the lambda draw, the replay
+draw and the sampling) comes from generators seeded by (train.seed, step, micro-batch, rank), so a resumed run
+samples exactly what the uninterrupted one did. Logged every logging step: `on_policy_fraction`, `rollout_len`
+(mean completion tokens of fresh samples), `rollout_eos_rate` (share that stopped at `<eos>` or a stop string),
+`rollout_distinct2` (distinct bigrams / bigrams: repetition), the reward and advantage statistics of the
+policy-gradient objectives, `replay_fraction`, and `lmbda` / `val_loss` with `adaptive`. `on_policy.min_eos_rate` /
 `min_distinct2` stop the run when the rollouts collapse (length explosion, repetition), with the reason logged and
 in `summary.json` (`stop_reason`).
 """
