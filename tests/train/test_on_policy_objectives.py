@@ -127,7 +127,8 @@ def test_mixed_rollout_draws_from_the_mixture(prompts, tiny_tokenizer, make_mode
         assert greedy[row, n : n + len(want)].tolist() == want
 
 
-@pytest.mark.parametrize("mix", [pytest.param(0.0, marks=pytest.mark.slow), 0.3])
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", [0.0, 0.3])
 def test_minillm_run_and_its_loss_falls(pair, prompts, tmp_path, tiny_tokenizer, mix):
     """MiniLLM towards a teacher that is the student with a sharper head (a target the tiny student can reach): the
     per-token reverse KL (the single-step value) falls over the run."""
