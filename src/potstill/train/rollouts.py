@@ -170,7 +170,7 @@ def mixed_rollout(
     for _ in range(cfg.max_new_tokens):
         q, p = (
             torch.softmax(
-                model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+                model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
                 .logits[:, -1]
                 .float()
                 / cfg.temperature,
