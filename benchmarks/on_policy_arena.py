@@ -17,7 +17,10 @@ exactly one row in each sequence of `data.seq_len` 11, as the on_policy recipe d
    - `seq_kd`: sequence-level KD (on_policy recipe, `lmbda=0`, `seq_kd=true`: the teacher samples the completions,
      graded by fkl);
    - `gkd_jsd`: GKD (on_policy, `lmbda=0.5`, `objective=gkd`, `loss.name=jsd`, beta 0.5);
-   - `rkl_onpolicy`: on-policy sampled reverse KL (on_policy, `lmbda=1`, `objective=rkl_sampled`).
+   - `rkl_onpolicy`: on-policy sampled reverse KL (on_policy, `lmbda=1`, `objective=rkl_sampled`);
+   - `rkl_baseline`: the same with `baseline=batch` (the micro-batch's mean advantage subtracted);
+   - `rkl_topk4`: on-policy reverse KL over the teacher's top-4 tokens + the rest bucket (`objective=rkl_topk`);
+   - `minillm`: MiniLLM (`objective=minillm`: single step, length normalization, `teacher_mix=0.2`, batch baseline).
 
 Metric: the student's greedy exact-match accuracy on the held-out prompts (answer tokens up to `<eos>` equal to the
 true answer), and the wall seconds of each training run (load + train + save, without the evaluation).
@@ -54,6 +57,28 @@ ARMS = {
         "on_policy.objective=gkd",
     ],
     "rkl_onpolicy": ["train.recipe=on_policy", "loss.alpha=1", "on_policy.lmbda=1", "on_policy.objective=rkl_sampled"],
+    "rkl_baseline": [
+        "train.recipe=on_policy",
+        "loss.alpha=1",
+        "on_policy.lmbda=1",
+        "on_policy.objective=rkl_sampled",
+        "on_policy.baseline=batch",
+    ],
+    "rkl_topk4": [
+        "train.recipe=on_policy",
+        "loss.alpha=1",
+        "on_policy.lmbda=1",
+        "on_policy.objective=rkl_topk",
+        "on_policy.top_k=4",
+    ],
+    "minillm": [
+        "train.recipe=on_policy",
+        "loss.alpha=1",
+        "on_policy.lmbda=1",
+        "on_policy.objective=minillm",
+        "on_policy.teacher_mix=0.2",
+        "on_policy.baseline=batch",
+    ],
 }
 SEQ_LEN = 11  # <bos> + "ab+cd=" + "xyz" + <eos>
 ANSWER_LEN = 3

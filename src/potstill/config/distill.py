@@ -301,11 +301,69 @@ class OnPolicyConfig(Section):
         description="GKD's lambda: the share of micro-batches whose completions the student samples (the rest"
         " train on the data's completions); 1 = fully on-policy",
     )
-    objective: Literal["gkd", "rkl_sampled"] = Field(
+    objective: Literal["gkd", "rkl_sampled", "rkl_topk", "minillm"] = Field(
         default="gkd",
         description="'gkd' = the loss.name divergence on every completion token (full distributions; TRL's"
         " GKDTrainer uses jsd, beta 0.5); 'rkl_sampled' = reverse KL on the sampled tokens only, by policy"
-        " gradient with the per-token reward log p_teacher(y_t) - log q_student(y_t) (Qwen3 / Thinking Machines)",
+        " gradient with the per-token reward log p_teacher(y_t) - log q_student(y_t) (Qwen3 / Thinking Machines);"
+        " 'rkl_topk' = the full reverse KL over the teacher's top_k tokens (+ loss.sparse_tail) at every sampled"
+        " position; 'minillm' = MiniLLM's sequence-level reverse-KL policy gradient (docs/on_policy.md)",
+    )
+    top_k: int = Field(
+        default=64,
+        ge=1,
+        description="rkl_topk: teacher tokens kept per position (at most the vocabulary; = vocabulary size: the exact"
+        " reverse KL); the rest of the mass is one bucket or dropped, as loss.sparse_tail says",
+    )
+    baseline: Literal["none", "batch", "running"] = Field(
+        default="none",
+        description="rkl_sampled / minillm: subtracted from the policy-gradient advantage (the value is unchanged):"
+        " 'batch' = the micro-batch's mean advantage, 'running' = a running mean over past micro-batches"
+        " (baseline_decay; saved in checkpoints)",
+    )
+    baseline_decay: float = Field(
+        default=0.9, ge=0, lt=1, description="baseline=running: b <- decay b + (1 - decay) mean advantage"
+    )
+    teacher_mix: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="minillm: sample the student's completions from teacher_mix p_teacher + (1 - teacher_mix)"
+        " q_student (MiniLLM used 0.2), with per-token importance weights q / mixture (0 = the student alone)",
+    )
+    iw_clip: float = Field(default=2.0, gt=0, description="minillm: the largest importance weight")
+    length_norm: bool = Field(
+        default=True, description="minillm: the future reward is the mean of the future per-token rewards (not the sum)"
+    )
+    single_step: bool = Field(
+        default=True,
+        description="minillm: each step's own reward is replaced by the exact reverse KL over the vocabulary at that"
+        " step (its gradient in closed form); the policy gradient keeps only the future rewards",
+    )
+    adaptive: bool = Field(
+        default=False,
+        description="DistiLLM's adaptive student-generated fraction: lmbda is the starting fraction and rises by"
+        " adaptive_step whenever the validation loss on data.eval (every adaptive_every steps) fails to improve by"
+        " more than adaptive_threshold (saved in checkpoints)",
+    )
+    adaptive_every: int = Field(default=50, gt=0, description="adaptive: optimizer steps between validations")
+    adaptive_step: float = Field(default=0.1, gt=0, le=1, description="adaptive: how much lmbda rises at a time")
+    adaptive_threshold: float = Field(
+        default=0.0,
+        description="adaptive: lmbda rises when validation loss >= previous validation loss - adaptive_threshold",
+    )
+    replay_size: int = Field(
+        default=0,
+        ge=0,
+        description="DistiLLM's replay buffer: the student's latest sampled sequences kept (FIFO; saved in"
+        " checkpoints); once full, a share replay_ratio of the student's micro-batches reuse them (0 = off)",
+    )
+    replay_ratio: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="share of the student's micro-batches taken from the full replay buffer instead of sampled"
+        " fresh; null = DistiLLM's schedule, step / max_steps (rises from 0 to 1 over the run)",
     )
     seq_kd: bool = Field(
         default=False,
@@ -313,6 +371,11 @@ class OnPolicyConfig(Section):
         " (sequence-level KD, GKD's seq_kd) instead of the data's completions",
     )
     max_new_tokens: int = Field(default=32, gt=0, description="tokens the student samples per prompt (at most)")
+    stop: list[str] = Field(
+        default_factory=list,
+        description="stop strings: a rollout also ends with the token that completes one of them (kept and scored;"
+        " no <eos> is added); [] = stop at <eos> only",
+    )
     temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the rollouts")
     top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling of the rollouts (1 = off)")
     min_eos_rate: float = Field(
@@ -368,8 +431,32 @@ class DistillConfig(Section):
             return "teacher.source: a teacher cache cannot score the student's new samples; use an online teacher"
         if self.train.recipe == "on_policy" and self.teacher_kind is None:
             return "loss.alpha: train.recipe=on_policy needs a teacher (alpha > 0)"
+        if self.train.recipe == "on_policy" and (problem := self._on_policy_problem()):
+            return problem
         if self.teacher_kind == "endpoint":
             return self._endpoint_problem()
+        return None
+
+    def _on_policy_problem(self) -> str | None:
+        """What keeps the on_policy section of a run from working, or None."""
+        op = self.on_policy
+        if any(not stop for stop in op.stop):
+            return "on_policy.stop: a stop string must not be empty"
+        if op.adaptive and not self.data.eval:
+            return "on_policy.adaptive: the student-generated fraction adapts to a validation loss; set data.eval"
+        if op.replay_size > 0 and op.objective in ("rkl_sampled", "minillm"):
+            return (
+                f"on_policy.replay_size: replayed samples come from an older student, which biases the policy"
+                f" gradient of objective {op.objective}; use gkd or rkl_topk, or replay_size=0"
+            )
+        if op.teacher_mix > 0 and op.objective != "minillm":
+            return "on_policy.teacher_mix: teacher-mixed sampling belongs to objective=minillm"
+        if op.teacher_mix > 0 and (op.top_p < 1 or op.temperature != self.loss.temperature):
+            return (
+                "on_policy.teacher_mix: teacher-mixed sampling draws from the whole mixture at loss.temperature (the"
+                " importance weights are computed there): set on_policy.top_p=1 and on_policy.temperature equal to"
+                " loss.temperature"
+            )
         return None
 
     def _endpoint_problem(self) -> str | None:
@@ -382,6 +469,17 @@ class DistillConfig(Section):
             return "loss.temperature: an endpoint returns log-probs at temperature 1; set loss.temperature=1"
         if self.on_policy.seq_kd:
             return "on_policy.seq_kd: an endpoint teacher scores but does not sample here; set on_policy.seq_kd=false"
+        op = self.on_policy
+        if op.objective == "minillm" and (op.teacher_mix > 0 or op.single_step):
+            return (
+                "on_policy.objective: minillm with an endpoint teacher needs on_policy.teacher_mix=0 (the endpoint"
+                " cannot sample token by token) and on_policy.single_step=false (it gives no full distribution)"
+            )
+        if op.objective == "rkl_topk" and op.top_k > self.teacher.endpoint.top_k:
+            return (
+                f"on_policy.top_k: {op.top_k} teacher tokens per position, but teacher.endpoint.top_k asks the"
+                f" endpoint for {self.teacher.endpoint.top_k}"
+            )
         return None
 
     def check_runnable(self) -> DistillConfig:

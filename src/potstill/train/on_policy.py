@@ -2,22 +2,33 @@
 
 Off-policy KD trains the student on text it would never write; at generation time it drifts off the teacher's
 path where it was never taught (exposure bias). Here, for each micro-batch of prompt/completion rows, with
-probability `on_policy.lmbda` the data's completions are replaced by the student's own samples (GKD, Agarwal et
-al. 2024), drawn from the current student (HF `generate`: KV cache, left-padded prompts, stop at `<eos>`,
-`max_new_tokens`, `temperature`, `top_p`); with `seq_kd` the other micro-batches are completed by the teacher's
-samples instead of the data's (sequence-level KD). The prompt is never scored. The teacher then grades the completion:
+probability lambda the data's completions are replaced by the student's own samples (GKD, Agarwal et al. 2024;
+`potstill.train.rollouts`: HF `generate` with a KV cache, left-padded prompts, stop at `<eos>` or a stop string;
+MiniLLM's teacher-mixed sampler); with `seq_kd` the other micro-batches are completed by the teacher's samples
+instead of the data's (sequence-level KD). The prompt is never scored. The teacher then grades the completion:
 
 - `objective: gkd`: the `loss.name` divergence on every completion token (full distributions, through the same
   KD step as off-policy training: fused or dense, online teacher), weighted as `alpha * T^2 * D + (1 - alpha) CE`;
+- `objective: rkl_topk`: the reverse KL over the teacher's top-k tokens (+ a rest bucket or renormalized,
+  `loss.sparse_tail`) at every completion token (`losses.sparse`; exact at k = vocabulary);
 - `objective: rkl_sampled`: reverse KL on the sampled tokens only, by policy gradient with the per-token reward
-  `log p_teacher(y_t) - log q_student(y_t)` (`potstill.losses.policy`; Qwen3 / Thinking Machines 2025).
+  `log p_teacher(y_t) - log q_student(y_t)` (`potstill.losses.policy`; Qwen3 / Thinking Machines 2025);
+- `objective: minillm`: MiniLLM's sequence-level policy gradient (length-normalized future reward, single-step
+  decomposition, importance weights for teacher-mixed samples; `losses.policy.minillm_surrogate`).
+
+The two policy-gradient objectives take a baseline (`on_policy.baseline`: none, the micro-batch's mean advantage,
+or a running mean). DistiLLM (Ko et al. 2024): with `adaptive`, lambda rises when the validation loss on
+`data.eval` stalls; with `replay_size`, the student's samples go into a replay buffer that later micro-batches
+reuse. Lambda, the last validation loss, the running baseline and the buffer are an `OnPolicyState`, saved in
+every checkpoint.
 
 Rollouts happen in `get_batch_samples`, before the step's token count, so the objective stays normalized by the
-global count of scored completion tokens of the optimizer step. Their randomness (the lambda draw and the
-sampling) comes from a generator seeded by (train.seed, step, micro-batch, rank), so a resumed run samples
-exactly what the uninterrupted one did. Logged every logging step: `on_policy_fraction`, `rollout_len` (mean
-completion tokens), `rollout_eos_rate` (share that stopped at `<eos>`), `rollout_distinct2` (distinct bigrams /
-bigrams: repetition) and, with `rkl_sampled`, `kd` is the sampled reverse KL per token. `on_policy.min_eos_rate` /
+global count of scored completion tokens of the optimizer step. Their randomness (the lambda draw, the replay
+draw and the sampling) comes from generators seeded by (train.seed, step, micro-batch, rank), so a resumed run
+samples exactly what the uninterrupted one did. Logged every logging step: `on_policy_fraction`, `rollout_len`
+(mean completion tokens of fresh samples), `rollout_eos_rate` (share that stopped at `<eos>` or a stop string),
+`rollout_distinct2` (distinct bigrams / bigrams: repetition), the reward and advantage statistics of the
+policy-gradient objectives, `replay_fraction`, and `lmbda` / `val_loss` with `adaptive`. `on_policy.min_eos_rate` /
 `min_distinct2` stop the run when the rollouts collapse (length explosion, repetition), with the reason logged and
 in `summary.json` (`stop_reason`).
 """
@@ -31,22 +42,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from potstill.config import DistillConfig, OnPolicyConfig
 from potstill.data import collate, read_many
 from potstill.data.chat import render_chat
 from potstill.data.packing import tokenize
 from potstill.errors import UserError
-from potstill.losses import IGNORE_INDEX, KDTerms, scored_mask
-from potstill.losses.policy import sampled_reverse_kl
-from potstill.teacher.scoring import sampled_teacher_logprobs
+from potstill.losses import IGNORE_INDEX, KDTerms, kd_weights, scored_mask
+from potstill.losses.divergences import rkl
+from potstill.losses.policy import minillm_surrogate, sampled_reverse_kl
+from potstill.losses.sparse import SparseTargets, topk_targets
+from potstill.teacher.scoring import EndpointScorer, sampled_teacher_logprobs
+from potstill.train.rollouts import ReplayBuffer, mixed_rollout, rollout
 from potstill.train.setup import Models, training_args
+from potstill.train.step import kd_micro_step, loss_terms, student_head, student_outputs
 from potstill.train.trainer import DistillTrainer
 
 logger = logging.getLogger(__name__)
 
-_HEALTH = ("rollouts", "rollout_tokens", "rollout_eos", "bigrams", "distinct_bigrams", "micro", "on_policy")
+_HEALTH = (
+    *("rollouts", "rollout_tokens", "rollout_eos", "bigrams", "distinct_bigrams", "micro", "on_policy", "replayed"),
+    *("pg_tokens", "reward_sum", "reward_sq", "advantage_sum", "advantage_sq"),
+)
 
 
 class PromptDataset(Dataset):
@@ -95,97 +115,123 @@ class PromptDataset(Dataset):
         }
 
 
-@torch.no_grad()
-def rollout(
-    model: nn.Module, batch: dict[str, Any], cfg: OnPolicyConfig, pad_id: int, eos_id: int, seed: int
-) -> dict[str, Any]:
-    """Replace a batch's completions by the student's samples: the same prompts, new completions, new labels.
+class OnPolicyState(TrainerCallback, ExportableState):
+    """What an on-policy run carries from step to step, stored in every checkpoint's `trainer_state.json`, so a
+    resumed run continues exactly: the student-generated fraction (lambda; DistiLLM's adaptive schedule moves it),
+    the last validation loss, the running baseline, and the replay buffer's sequences.
 
     Args:
-        model: the bare student (eval mode is set for sampling and restored after).
-        batch: `input_ids`, `attention_mask` [B, L] (right-padded), `prompt_len` [B].
-        cfg: the on_policy section (max_new_tokens, temperature, top_p).
-        pad_id, eos_id: the tokenizer's padding and end-of-sequence ids.
-        seed: seeds the sampling (the global RNG is left as it was).
-
-    Returns:
-        The batch with `input_ids`, `attention_mask`, `labels` [B, L'] (right-padded, L' = longest prompt +
-        completion) and `completion_len` [B], `stopped` [B] bool (ended with `<eos>`).
+        lmbda: the current share of micro-batches the student completes.
+        previous_val: the last validation loss (adaptive), or None.
+        baseline: the running mean advantage (baseline=running), or None before the first batch.
+        replay_size: the replay buffer's capacity (0 = none).
+        replay: its sequences, oldest first ([prompt ids, completion ids] each).
     """
-    ids, lens = batch["input_ids"], batch["prompt_len"].tolist()
-    width = max(lens)
-    prompts = ids.new_full((len(lens), width), pad_id)
-    mask = torch.zeros_like(prompts)
-    for row, n in enumerate(lens):  # left padding: generation continues right after each prompt
-        prompts[row, width - n :], mask[row, width - n :] = ids[row, :n], 1
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[ids.device] if ids.is_cuda else []):
-        torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=prompts,
-            attention_mask=mask,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=0,
-            max_new_tokens=cfg.max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-        )
-    model.train(was_training)
-    new = out[:, width:]
-    stopped = (new == eos_id).any(dim=1)
-    n_new = torch.where(
-        stopped, (new == eos_id).int().argmax(dim=1) + 1, torch.full_like(stopped, new.shape[1], dtype=torch.long)
-    )
-    total = max(n + int(k) for n, k in zip(lens, n_new.tolist(), strict=True))
-    seq = ids.new_full((len(lens), total), pad_id)
-    labels = torch.full_like(seq, IGNORE_INDEX)
-    attn = torch.zeros_like(seq)
-    for row, (n, k) in enumerate(zip(lens, n_new.tolist(), strict=True)):
-        seq[row, :n], seq[row, n : n + k] = ids[row, :n], new[row, :k]
-        labels[row, n : n + k], attn[row, : n + k] = new[row, :k], 1
-    return {
-        **batch,
-        "input_ids": seq,
-        "attention_mask": attn,
-        "labels": labels,
-        "completion_len": n_new,
-        "stopped": stopped,
-    }
+
+    def __init__(
+        self,
+        lmbda: float,
+        previous_val: float | None = None,
+        baseline: float | None = None,
+        replay_size: int = 0,
+        replay: list | None = None,
+    ):
+        self.lmbda, self.previous_val, self.baseline = lmbda, previous_val, baseline
+        self.buffer = ReplayBuffer(replay_size, replay)
+
+    def state(self) -> dict:
+        args = {"lmbda": self.lmbda, "previous_val": self.previous_val, "baseline": self.baseline}
+        return {"args": args | {"replay_size": self.buffer.size, "replay": self.buffer.rows}, "attributes": {}}
 
 
 class OnPolicyTrainer(DistillTrainer):
-    """`DistillTrainer` whose micro-batches are, with probability lambda, completed by the student first."""
+    """`DistillTrainer` whose micro-batches are, with probability lambda, completed by the student first.
 
-    def __init__(self, *args, on_policy: OnPolicyConfig, pad_id: int, eos_id: int, **kwargs):
+    Args:
+        on_policy: the on_policy config section.
+        pad_id, eos_id: padding id and the id rollouts stop at.
+        val_data: held-out prompt/completion rows (`PromptDataset`) for the adaptive fraction, or None.
+        tokenizer: the student's tokenizer (stop strings are matched on decoded samples).
+    """
+
+    def __init__(
+        self, *args, on_policy: OnPolicyConfig, pad_id: int, eos_id: int, val_data=None, tokenizer=None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
-        self.on_policy, self.pad_id, self.eos_id = on_policy, pad_id, eos_id
+        self.on_policy, self.pad_id, self.eos_id, self.val_data = on_policy, pad_id, eos_id, val_data
+        self.tokenizer = tokenizer  # decodes rollouts for on_policy.stop
+        self.add_callback(OnPolicyState(on_policy.lmbda, replay_size=on_policy.replay_size))
         self._health = dict.fromkeys(_HEALTH, 0)
+        self._val: float | None = None  # the validation loss measured since the last log
         self.stop_reason: str | None = None  # why the run stopped early (on_policy.min_eos_rate / min_distinct2)
 
+    @property
+    def carried(self) -> OnPolicyState:
+        """The run's `OnPolicyState` (looked up: restoring a checkpoint replaces the callback object)."""
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, OnPolicyState))
+
     def prepare_step(self, batches: list[dict], device: torch.device) -> list[dict]:
-        """Complete the chosen micro-batches by the student (probability lambda each, seeded per step and batch)."""
+        """Complete the chosen micro-batches by the student, fresh or from the replay buffer (seeded per step and
+        micro-batch); with `adaptive`, first validate and raise lambda when the validation loss stalls."""
+        cfg, state, step = self.on_policy, self.carried, self.state.global_step
+        if cfg.adaptive and step % cfg.adaptive_every == 0:
+            self._adapt(state)
         student = self.accelerator.unwrap_model(self.model)
-        step = self.state.global_step
+        # DistiLLM: a share `ratio` of the student's micro-batches replays stored samples once the buffer is full
+        ratio = cfg.replay_ratio if cfg.replay_ratio is not None else step / max(self.state.max_steps, 1)
         out = []
         for i, batch in enumerate(batches):
             seed = ((self.args.seed * 1_000_003 + step) * 4096 + i) * 1024 + self.args.process_index
             self._health["micro"] += 1
-            on_policy = torch.rand((), generator=torch.Generator().manual_seed(seed)).item() < self.on_policy.lmbda
-            # the student samples the completion, or with seq_kd the teacher does (its vocabulary is the student's)
-            writer = student if on_policy else self.teacher.model if self.on_policy.seq_kd else None
-            if writer is not None:
-                moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                batch = rollout(writer, moved, self.on_policy, self.pad_id, self.eos_id, seed + 1)
-            if on_policy:
+            draw = torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
+            on_policy = draw < state.lmbda
+            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            if on_policy and state.buffer.full and draw >= state.lmbda * (1 - ratio):
+                batch = state.buffer.draw(moved, self.pad_id, self.eos_id, seed + 2)
+                self._health["on_policy"] += 1
+                self._health["replayed"] += 1
+            elif on_policy:
+                if cfg.teacher_mix > 0:
+                    teacher = self.teacher.model
+                    batch = mixed_rollout(
+                        student, teacher, moved, cfg, self.pad_id, self.eos_id, seed + 1, self.tokenizer
+                    )
+                else:
+                    batch = rollout(student, moved, cfg, self.pad_id, self.eos_id, seed + 1, self.tokenizer)
                 self._note(batch)
+                if state.buffer.size:
+                    state.buffer.push(batch)
+            elif cfg.seq_kd:  # the teacher writes the completion (its vocabulary is the student's)
+                batch = rollout(self.teacher.model, moved, cfg, self.pad_id, self.eos_id, seed + 1, self.tokenizer)
             out.append(batch)
         return out
 
+    def _adapt(self, state: OnPolicyState) -> None:
+        """DistiLLM: raise lambda by `adaptive_step` when the validation loss did not improve by the threshold."""
+        cfg = self.on_policy
+        self._val = val = self.validation_loss()
+        if state.previous_val is not None and val >= state.previous_val - cfg.adaptive_threshold:
+            state.lmbda = min(1.0, state.lmbda + cfg.adaptive_step)
+            logger.info("step %d: validation loss %.4g: lambda -> %.2f", self.state.global_step, val, state.lmbda)
+        state.previous_val = val
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """The `loss.name` divergence per token from the teacher on `val_data`'s own completions (teacher-forced)."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        loader = DataLoader(self.val_data, batch_size=self.args.per_device_train_batch_size, collate_fn=collate)
+        for batch in loader:
+            moved = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            terms, _ = kd_micro_step(model, model, moved, self.teacher, self.loss_cfg, None, None, plan_weights=False)
+            total, count = total + float(terms.kd) * terms.n_tokens, count + terms.n_tokens
+        model.train(was_training)
+        return total / max(count, 1)
+
     def _note(self, batch: dict[str, Any]) -> None:
-        """Add a rollout batch to the health sums (length, eos, repetition)."""
+        """Add a fresh rollout batch to the health sums (length, eos, repetition)."""
         h = self._health
         h["on_policy"] += 1
         h["rollouts"] += len(batch["completion_len"])
@@ -200,21 +246,83 @@ class OnPolicyTrainer(DistillTrainer):
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None
     ):
-        """`gkd`: the KD step of `DistillTrainer`; `rkl_sampled`: policy-gradient reverse KL on the sampled tokens."""
-        if self.on_policy.objective == "gkd":
+        """`gkd`: the KD step of `DistillTrainer`; `rkl_topk`: reverse KL on the teacher's top-k support;
+        `rkl_sampled` / `minillm`: the policy-gradient reverse KL on the sampled tokens."""
+        objective = self.on_policy.objective
+        if objective == "gkd":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]
+        if objective == "rkl_topk":
+            terms, outputs = self._topk_terms(model, inputs, num_items_in_batch)
+        else:
+            terms, outputs = self._policy_terms(model, inputs, num_items_in_batch)
+        return self.finish_loss(model, terms, outputs, return_outputs, num_items_in_batch)
+
+    def _topk_terms(self, model: nn.Module, inputs: dict[str, Any], num_items) -> tuple[KDTerms, Any]:
+        """KL(q || p) over the teacher's top-k ids (+ the rest as one bucket, or renormalized: loss.sparse_tail)."""
+        loss = self.loss_cfg.model_copy(update={"name": "rkl"})
+        dense = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        head = None if dense else student_head(self.accelerator.unwrap_model(model), loss)
+        ids, mask, k = inputs["input_ids"], inputs["attention_mask"], self.on_policy.top_k
+        if isinstance(self.teacher, EndpointScorer):  # its top-k, most probable first, at temperature 1
+            full = self.teacher.score(ids, mask).targets
+            kept = full.logprobs[..., :k]
+            tail = (-torch.expm1(torch.logsumexp(kept, dim=-1))).clamp_min(0.0)
+            targets = SparseTargets(ids=full.ids[..., :k], logprobs=kept, tail=tail)
+        else:
+            targets = topk_targets(self.teacher.logits(ids, mask), k, loss.temperature)
+        outputs = student_outputs(model, inputs, fused=head is not None)
+        alpha = self.alpha
+        weights = kd_weights(alpha, loss.temperature) if alpha is not None and not self._measuring(model) else None
+        return loss_terms(outputs, inputs["labels"], targets, head, loss, num_items, weights), outputs
+
+    def _policy_terms(self, model: nn.Module, inputs: dict[str, Any], num_items) -> tuple[KDTerms, Any]:
+        """`rkl_sampled` or `minillm` on one micro-batch (dense: the student's logits at the scored positions)."""
+        cfg, labels = self.on_policy, inputs["labels"]
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         mask = scored_mask(labels)
         targets = labels[:, 1:][mask]
         student = outputs.logits[:, :-1][mask].float()  # [n, V]: the scored positions only
         temperature = self.loss_cfg.temperature
         log_q = F.log_softmax(student / temperature, -1).gather(1, targets[:, None])[:, 0]
-        log_p = sampled_teacher_logprobs(self.teacher, inputs, mask, temperature)
-        denom = torch.as_tensor(mask.sum() if num_items_in_batch is None else num_items_in_batch).clamp_min(1)
+        state = self.carried
+        baseline = {"none": 0.0, "batch": "batch", "running": state.baseline or 0.0}[cfg.baseline]
+        token_rkl = None
+        if cfg.objective == "minillm" and cfg.single_step:  # the exact reverse KL at each step needs p over V
+            teacher = self.teacher.logits(inputs["input_ids"], inputs["attention_mask"])[:, :-1][mask].float()
+            log_p = F.log_softmax(teacher / temperature, -1).gather(1, targets[:, None])[:, 0]
+            token_rkl = rkl(student, teacher, temperature)
+        else:
+            log_p = sampled_teacher_logprobs(self.teacher, inputs, mask, temperature)
+        if cfg.objective == "rkl_sampled":
+            per_token, advantage = sampled_reverse_kl(log_q, log_p, baseline)
+        else:  # on [B, T - 1] grids, where the rewards run along each completion
+
+            def grid(x: torch.Tensor) -> torch.Tensor:
+                return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask, x)
+
+            kl = None if token_rkl is None else grid(token_rkl)
+            per_grid, adv_grid = minillm_surrogate(
+                grid(log_q), grid(log_p), mask, kl, cfg.teacher_mix, cfg.iw_clip, cfg.length_norm, baseline
+            )
+            per_token, advantage = per_grid[mask], adv_grid[mask]
+        if model.training:
+            self._note_rewards(log_p - log_q.detach(), advantage, baseline)
+        denom = torch.as_tensor(mask.sum() if num_items is None else num_items).clamp_min(1)
         ce = F.cross_entropy(student, targets, reduction="sum") / denom
-        terms = KDTerms(kd=sampled_reverse_kl(log_q, log_p).sum() / denom, ce=ce, n_tokens=int(mask.sum()))
-        return self.finish_loss(model, terms, outputs, return_outputs, num_items_in_batch)
+        return KDTerms(kd=per_token.sum() / denom, ce=ce, n_tokens=int(mask.sum())), outputs
+
+    def _note_rewards(self, reward: torch.Tensor, advantage: torch.Tensor, baseline: float | str) -> None:
+        """Add a micro-batch's rewards and advantages to the health sums; move the running baseline."""
+        h, n = self._health, reward.numel()
+        h["pg_tokens"] += n
+        h["reward_sum"] += float(reward.sum())
+        h["reward_sq"] += float((reward**2).sum())
+        h["advantage_sum"] += float(advantage.sum())
+        h["advantage_sq"] += float((advantage**2).sum())
+        if self.on_policy.baseline == "running" and n:
+            state, decay = self.carried, self.on_policy.baseline_decay
+            mean = float(advantage.sum()) / n + float(baseline)  # the batch's advantage before the baseline
+            state.baseline = mean if state.baseline is None else decay * state.baseline + (1 - decay) * mean
 
     def _check_collapse(self, logs: dict[str, float]) -> None:
         """Stop training (after this step; the student is saved) when the rollouts collapsed, saying why."""
@@ -234,10 +342,21 @@ class OnPolicyTrainer(DistillTrainer):
             self.control.should_training_stop = True
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the rollouts' health (since the last log) to a training log."""
+        """Add the rollouts' health, rewards and schedule (since the last log) to a training log."""
         h = self._health
         if "loss" in logs and h["micro"]:
             logs["on_policy_fraction"] = h["on_policy"] / h["micro"]
+            if self.on_policy.replay_size:
+                logs["replay_fraction"] = h["replayed"] / h["micro"]
+            if self.on_policy.adaptive:
+                logs["lmbda"] = self.carried.lmbda
+                if self._val is not None:
+                    logs["val_loss"], self._val = self._val, None
+            if h["pg_tokens"]:
+                logs.update(_moments("reward", h["reward_sum"], h["reward_sq"], h["pg_tokens"]))
+                logs.update(_moments("advantage", h["advantage_sum"], h["advantage_sq"], h["pg_tokens"]))
+                if self.on_policy.baseline == "running":
+                    logs["baseline"] = self.carried.baseline
             if h["rollouts"]:
                 logs["rollout_len"] = h["rollout_tokens"] / h["rollouts"]
                 logs["rollout_eos_rate"] = h["rollout_eos"] / h["rollouts"]
@@ -247,6 +366,12 @@ class OnPolicyTrainer(DistillTrainer):
         super().log(logs, start_time)
 
 
+def _moments(name: str, total: float, squares: float, count: int) -> dict[str, float]:
+    """`{name}_mean` and `{name}_std` from a sum, a sum of squares and a count."""
+    mean = total / count
+    return {f"{name}_mean": mean, f"{name}_std": max(squares / count - mean * mean, 0.0) ** 0.5}
+
+
 class OnPolicyRecipe:
     """`train.recipe: on_policy` (see the module docstring)."""
 
@@ -254,15 +379,20 @@ class OnPolicyRecipe:
         return None  # the prompts are read with the student's tokenizer, in `trainer`
 
     def trainer(self, cfg: DistillConfig, models: Models, out: Path, data: None) -> OnPolicyTrainer:
-        tok = models.tokenizer
+        tok, op = models.tokenizer, cfg.on_policy
         if tok.eos_token_id is None:
             raise UserError(f"{cfg.model.student}: the student's tokenizer has no <eos>: its samples could never stop")
-        if cfg.on_policy.seq_kd and models.teacher.id_map is not None:
-            raise UserError(
-                f"{cfg.model.student}: on_policy.seq_kd needs the teacher's vocabulary; this student has a trimmed one"
-                " (an id map), so the teacher's samples could hold tokens it cannot read"
-            )
-        dataset = PromptDataset(cfg.data.train, tok, cfg.data.seq_len, cfg.on_policy.max_new_tokens, cfg.data.add_bos)
+        for wanted, key in ((op.seq_kd, "on_policy.seq_kd"), (op.teacher_mix > 0, "on_policy.teacher_mix")):
+            if wanted and models.teacher.id_map is not None:
+                raise UserError(
+                    f"{cfg.model.student}: {key} needs the teacher's vocabulary; this student has a trimmed one"
+                    " (an id map), so the teacher's samples could hold tokens it cannot read"
+                )
+        vocab = models.student.get_output_embeddings().weight.shape[0]
+        if op.objective == "rkl_topk" and op.top_k > vocab:
+            raise UserError(f"on_policy.top_k: {op.top_k} is more than the student's vocabulary of {vocab} tokens")
+        dataset = PromptDataset(cfg.data.train, tok, cfg.data.seq_len, op.max_new_tokens, cfg.data.add_bos)
+        val = PromptDataset(cfg.data.eval, tok, cfg.data.seq_len, 0, cfg.data.add_bos) if op.adaptive else None
         stop = models.specials.stop_id if models.specials is not None else tok.eos_token_id
         return OnPolicyTrainer(
             model=models.student,
@@ -271,11 +401,13 @@ class OnPolicyRecipe:
             data_collator=collate,
             teacher=models.teacher,
             loss_cfg=cfg.loss,
-            on_policy=cfg.on_policy,
+            on_policy=op,
             pad_id=dataset.pad_id,
             eos_id=stop,
+            val_data=val,
+            tokenizer=tok,
         )
 
     def finish(self, trainer: OnPolicyTrainer, cfg: DistillConfig, models: Models, out: Path, data: None) -> dict:
-        summary = {"objective": cfg.on_policy.objective, "lmbda": cfg.on_policy.lmbda}
+        summary = {"objective": cfg.on_policy.objective, "lmbda": trainer.carried.lmbda}
         return summary if trainer.stop_reason is None else summary | {"stop_reason": trainer.stop_reason}
