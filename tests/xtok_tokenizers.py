@@ -1,4 +1,5 @@
-"""Two tiny tokenizers (cached: one of each per session; read them, do not change them) of different families for the cross-tokenizer tests (built in the session, no downloads).
+"""Two tiny tokenizers of different families for the cross-tokenizer tests (built in the session, no downloads;
+cached: one of each per session, read them, do not change them).
 
 - `byte_level_bpe(vocab_size)`: GPT-2 style (`Ġ` for a space, every byte a character), `<bos>`/`<eos>`/`<pad>`;
 - `metaspace_bpe(vocab_size)`: SentencePiece style (`▁` for a space, `<0xNN>` byte fallback for characters it
@@ -46,7 +47,7 @@ def metaspace_bpe(vocab_size: int = 200, texts: tuple[str, ...] = tuple(TEXTS)):
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.Replace(" ", "▁")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>", "<s>", "<pad>"], show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<s>"], show_progress=False)
     tok.train_from_iterator(texts, trainer)
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
@@ -56,5 +57,5 @@ def metaspace_bpe(vocab_size: int = 200, texts: tuple[str, ...] = tuple(TEXTS)):
     fallback = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
     fallback.normalizer = normalizers.Replace(" ", "▁")
     fallback.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    fallback.add_special_tokens(["</s>", "<s>", "<pad>"])
+    fallback.add_special_tokens(["<pad>", "</s>", "<s>"])
     return PreTrainedTokenizerFast(tokenizer_object=fallback, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from xtok_tokenizers import TEXTS, byte_level_bpe, metaspace_bpe
 
 from potstill.data.crossbatch import CrossTokenizer
 from potstill.data.packing import pack
@@ -14,6 +13,7 @@ from potstill.data.sources import Record
 from potstill.losses import Divergence, kd_terms
 from potstill.losses.align import CrossTargets, align_groups, binary_kl, cross_tokenizer_terms
 from potstill.losses.fused import TeacherHead
+from xtok_tokenizers import TEXTS, byte_level_bpe, metaspace_bpe
 
 
 def test_align_groups_by_hand():
@@ -67,7 +67,7 @@ def _naive(s_hidden, s_weight, targets: CrossTargets, T: float, seq_weight: floa
     t_logp = torch.log_softmax(head.hidden @ head.weight.T, -1)
     s_logp_t = torch.log_softmax(s_hidden @ s_weight.T / T, -1)
     t_logp_t = torch.log_softmax(head.hidden @ head.weight.T / T, -1)
-    ce = sum(-s_logp[r, i] for r, i, ok in zip(al.s_rows, al.s_ids, al.s_ok) if ok)
+    ce = sum(-s_logp[r, i] for r, i, ok in zip(al.s_rows, al.s_ids, al.s_ok, strict=True) if ok)
     kd = torch.zeros((), dtype=torch.float64)
     for g in range(al.n_groups):
         s = [j for j in range(len(al.s_group)) if al.s_group[j] == g]

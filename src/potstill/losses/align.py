@@ -126,9 +126,7 @@ def _softcapped(z: torch.Tensor, cap: float | None) -> torch.Tensor:
     return z if not cap else torch.tanh(z / cap) * cap
 
 
-def _teacher_views(
-    teacher: TeacherHead, rows: torch.Tensor, shared: torch.Tensor, temperature: float
-) -> SparseTargets:
+def _teacher_views(teacher: TeacherHead, rows: torch.Tensor, shared: torch.Tensor, temperature: float) -> SparseTargets:
     """The teacher's next-token distribution at `rows` on its shared ids + rest, as [n, K] sparse targets."""
     logits = teacher.rows(rows).logits()
     ids = shared.expand(rows.numel(), -1)

@@ -49,7 +49,6 @@ class CrossTokenizerTeacher:
             )
         self.model = model.eval()
         self.model.requires_grad_(False)
-        self._weight, self._softcap = head[0].detach(), head[1]
         limit = getattr(model.config, "max_position_embeddings", None)
         self.tokens = CrossTokenizer(student_tok, teacher_tok, max_length=limit)
 
@@ -63,11 +62,14 @@ class CrossTokenizerTeacher:
         Returns:
             CrossTargets with teacher hidden states [B * Lt, H] on the batch's device.
         """
-        ids, mask, align = self.tokens.teacher_batch(inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"])
+        ids, mask, align = self.tokens.teacher_batch(
+            inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
+        )
         hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        weight, softcap = head_of(self.model)  # looked up per batch: the trainer may have moved the model
         device = inputs["input_ids"].device
         return CrossTargets(
-            teacher=TeacherHead(hidden=hidden.reshape(-1, hidden.shape[-1]), weight=self._weight, softcap=self._softcap),
+            teacher=TeacherHead(hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight.detach(), softcap=softcap),
             align=align,
             student_shared=self.tokens.student_shared.to(device),
             teacher_shared=self.tokens.teacher_shared.to(device),
