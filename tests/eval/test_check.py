@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from xtok_tokenizers import TEXTS, byte_level_bpe, metaspace_bpe
 
 from potstill.eval.check import check_pair, format_check
+from xtok_tokenizers import TEXTS, byte_level_bpe, metaspace_bpe
 
 
 @pytest.fixture(scope="module")
