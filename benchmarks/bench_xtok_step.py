@@ -65,6 +65,7 @@ def main() -> None:
     for rep in range(args.reps + 1):  # the first repetition warms up
         for name in arms if rep % 2 else reversed(arms):
             seconds = _time_step(student, arms[name], batch, loss_cfg)
+            print(f"rep {rep} {name}: {seconds:.1f} s", flush=True)
             if rep:
                 times[name].append(seconds)
     same, cross = (statistics.median(times[n]) for n in ("same", "cross"))

@@ -67,20 +67,22 @@ def _naive(s_hidden, s_weight, targets: CrossTargets, T: float, seq_weight: floa
     t_logp = torch.log_softmax(head.hidden @ head.weight.T, -1)
     s_logp_t = torch.log_softmax(s_hidden @ s_weight.T / T, -1)
     t_logp_t = torch.log_softmax(head.hidden @ head.weight.T / T, -1)
-    ce = sum(-s_logp[r, i] for r, i, ok in zip(al.s_rows, al.s_ids, al.s_ok, strict=True) if ok)
+    s_rows, s_ids, s_ok, s_group = (x.tolist() for x in (al.s_rows, al.s_ids, al.s_ok, al.s_group))
+    t_rows, t_ids, t_ok, t_group = (x.tolist() for x in (al.t_rows, al.t_ids, al.t_ok, al.t_group))
+    ce = sum(-s_logp[r, i] for r, i, ok in zip(s_rows, s_ids, s_ok, strict=True) if ok)
     kd = torch.zeros((), dtype=torch.float64)
     for g in range(al.n_groups):
-        s = [j for j in range(len(al.s_group)) if al.s_group[j] == g]
-        t = [j for j in range(len(al.t_group)) if al.t_group[j] == g]
-        if not s or not t or not all(al.s_ok[j] for j in s) or not all(al.t_ok[j] for j in t):
+        s = [j for j, group in enumerate(s_group) if group == g]
+        t = [j for j, group in enumerate(t_group) if group == g]
+        if not s or not t or not all(s_ok[j] for j in s) or not all(t_ok[j] for j in t):
             continue
-        lq = sum(s_logp[al.s_rows[j], al.s_ids[j]] for j in s)
-        lp = sum(t_logp[al.t_rows[j], al.t_ids[j]] for j in t)
+        lq = sum(s_logp[s_rows[j], s_ids[j]] for j in s)
+        lp = sum(t_logp[t_rows[j], t_ids[j]] for j in t)
         p, q = lp.exp().clamp_max(1 - 1e-12), lq.exp().clamp_max(1 - 1e-12)
         kd = kd + seq_weight * (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q)))
         if len(s) == 1 and len(t) == 1:
-            qs = s_logp_t[al.s_rows[s[0]]].exp()
-            pt = t_logp_t[al.t_rows[t[0]]].exp()
+            qs = s_logp_t[s_rows[s[0]]].exp()
+            pt = t_logp_t[t_rows[t[0]]].exp()
             qv = torch.cat([qs[targets.student_shared], (1 - qs[targets.student_shared].sum())[None]])
             pv = torch.cat([pt[targets.teacher_shared], (1 - pt[targets.teacher_shared].sum())[None]])
             kd = kd + (pv * (pv / qv).log()).sum()

@@ -126,12 +126,16 @@ def _softcapped(z: torch.Tensor, cap: float | None) -> torch.Tensor:
     return z if not cap else torch.tanh(z / cap) * cap
 
 
-def _teacher_views(teacher: TeacherHead, rows: torch.Tensor, shared: torch.Tensor, temperature: float) -> SparseTargets:
-    """The teacher's next-token distribution at `rows` on its shared ids + rest, as [n, K] sparse targets."""
-    logits = teacher.rows(rows).logits()
-    ids = shared.expand(rows.numel(), -1)
+def _token_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[n] float64 log-softmax of `logits` [n, V] at `ids` [n] (T = 1)."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, None]).squeeze(-1).double()
+
+
+def _teacher_views(logits: torch.Tensor, shared: torch.Tensor, temperature: float) -> SparseTargets:
+    """The teacher's next-token distributions (logits [n, V]) on its shared ids + rest, as [n, K] sparse targets."""
+    ids = shared.expand(logits.shape[0], -1)
     # the bucket view of `sparse_views` on the teacher's own logits (the placeholder targets' values are unused)
-    kept = SparseTargets(ids=ids, logprobs=logits.new_zeros(ids.shape), tail=logits.new_zeros(rows.numel()))
+    kept = SparseTargets(ids=ids, logprobs=logits.new_zeros(ids.shape), tail=logits.new_zeros(logits.shape[0]))
     view, _ = sparse_views(logits, kept, temperature, "bucket")
     return SparseTargets(ids=ids, logprobs=view[:, :-1], tail=view[:, -1].exp(), temperature=temperature)
 
@@ -198,26 +202,29 @@ def cross_tokenizer_terms(
     denom = max(float(n_scored if num_tokens is None else num_tokens), 1.0)
     vocab = max(student_weight.shape[0], teacher.weight.shape[0])
     chunk = chunk_size or default_chunk_size(vocab)
-    # teacher log-probs of its tokens in scored groups (no grad, chunked)
-    t_index = (scored[al.t_group] & al.t_ok).nonzero().squeeze(-1)
-    t_logp = torch.zeros(al.t_ids.numel(), dtype=torch.float64, device=al.t_ids.device)
-    with torch.no_grad():
-        for part in t_index.split(chunk):
-            logits = teacher.rows(al.t_rows[part]).logits()
-            t_logp[part] = torch.log_softmax(logits, dim=-1).gather(-1, al.t_ids[part, None]).squeeze(-1).double()
     # 1:1 groups: the teacher token of each (scatter works: each such group has exactly one token per side)
     t_of_group = torch.zeros(al.n_groups, dtype=torch.long, device=al.t_ids.device)
     t_of_group[al.t_group] = torch.arange(al.t_ids.numel(), device=al.t_ids.device)
     is_pair = one[al.s_group[s_index]]
+    # teacher log-probs of its tokens in scored groups (no grad, chunked); those of 1:1 groups come with their
+    # distributions in the student's loop below, so each teacher row goes through the 262k head once
+    t_logp = torch.zeros(al.t_ids.numel(), dtype=torch.float64, device=al.t_ids.device)
+    t_index = (scored[al.t_group] & al.t_ok & ~one[al.t_group]).nonzero().squeeze(-1)
+    with torch.no_grad():
+        for part in t_index.split(chunk):
+            t_logp[part] = _token_logp(teacher.rows(al.t_rows[part]).logits(), al.t_ids[part])
     log_q = []
     div_sum = student_hidden.new_zeros((), dtype=torch.float32)
     fn = partial(_student_chunk, div=div, softcap=softcap)
     for start in range(0, n_scored, chunk):
         part = s_index[start : start + chunk]
         pairs = is_pair[start : start + chunk].nonzero().squeeze(-1)
-        t_rows = al.t_rows[t_of_group[al.s_group[part[pairs]]]]
+        t_tokens = t_of_group[al.s_group[part[pairs]]]
         with torch.no_grad():
-            view = _teacher_views(teacher, t_rows, targets.teacher_shared, div.temperature)
+            logits = teacher.rows(al.t_rows[t_tokens]).logits()
+            t_logp[t_tokens] = _token_logp(logits, al.t_ids[t_tokens])
+            view = _teacher_views(logits, targets.teacher_shared, div.temperature)
+            del logits
         lq, d = checkpoint(
             fn,
             student_hidden[al.s_rows[part]],
