@@ -9,6 +9,7 @@ COMMANDS = [
     ["distill"],
     ["eval"],
     ["losses"],
+    ["check"],
     ["teacher"],
     ["teacher", "prepare"],
     ["student"],

@@ -130,6 +130,21 @@ def eval_cmd(
     typer.echo(f"wrote {evaluate_cli(**cfg.model_dump())}")
 
 
+@app.command("check")
+def check_cmd(
+    teacher: Path = typer.Argument(..., help="HF directory (or .gguf) of the teacher."),
+    student: Path = typer.Argument(..., help="HF directory (or .gguf) of the student."),
+    data: list[Path] = typer.Option(None, "--data", help="JSONL file(s): alignment figures on a sample of them."),
+    samples: int = typer.Option(16, "--samples", min=1, help="Packed student sequences of the sample."),
+    seq_len: int = typer.Option(256, "--seq-len", min=2, help="Student tokens per packed sequence."),
+) -> None:
+    """Pre-flight check of a teacher/student pair: vocabularies, special tokens, templates, soft-capping, alignment on
+    the data, and which KD applies (same-tokenizer or cross-tokenizer)."""
+    from potstill.eval.check import check_pair, format_check
+
+    typer.echo(format_check(check_pair(teacher, student, data or None, samples=samples, seq_len=seq_len)))
+
+
 @app.command("losses")
 def losses_cmd() -> None:
     """List the divergences in the loss registry with their formulas."""

@@ -105,6 +105,18 @@ class LossConfig(Section):
         ge=1,
         description="fused loss: tokens per chunk (null = about 2^24 logits per chunk: 64 tokens at V = 262k)",
     )
+    cross_tokenizer: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="a teacher with another tokenizer: 'auto' = cross-tokenizer KD when the tokenizers differ (the"
+        " teacher reads the same text through its own tokenizer; docs/cross_tokenizer.md), 'always' = even when they"
+        " are the same, 'never' = refuse a teacher whose tokenizer differs",
+    )
+    cross_seq_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="cross-tokenizer KD: weight of the group-likelihood term beside the shared-vocabulary"
+        " distribution term (kd = distribution + cross_seq_weight * group likelihood)",
+    )
 
     @field_validator("alpha")
     @classmethod

@@ -121,12 +121,14 @@ class KDTerms:
         n_tokens: unmasked (scored) tokens in this batch.
         hidden: scalar hidden-state term (`losses.hidden.hidden_term`), None when intermediate layers are not
             distilled.
+        stats: figures of this batch to log beside the terms (cross-tokenizer KD: align ratio and coverage).
     """
 
     kd: torch.Tensor | None
     ce: torch.Tensor
     n_tokens: int
     hidden: torch.Tensor | None = None
+    stats: dict[str, float] | None = None
 
 
 def per_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, div: Divergence) -> torch.Tensor:

@@ -28,6 +28,7 @@ from potstill.config import DistillConfig
 from potstill.errors import UserError
 from potstill.fileio import disk_problem, write_json_atomic
 from potstill.models.load import quiet_hf_progress
+from potstill.teacher.cross import CrossTokenizerTeacher
 from potstill.train.hidden import detach_projections, hidden_plan
 from potstill.train.on_policy import OnPolicyRecipe
 from potstill.train.rundir import LOG_FILE, STUDENT_DIR, SUMMARY_FILE, resume_point, save_student, start_run_dir
@@ -67,10 +68,11 @@ class KDRecipe:
         if cfg.data.mixing is not None:
             from potstill.train.mixing import setup_mixing
 
-            mixing = setup_mixing(cfg, train_ds, data.eval_ds, models.teacher, out)
+            teacher = models.teacher if _same_ids(models.teacher) else None  # DDK with another tokenizer: refused
+            mixing = setup_mixing(cfg, train_ds, data.eval_ds, teacher, out)
             train_ds = mixing.train_ds
         cache = open_cache(cfg, models.tokenizer, train_ds)
-        plan = hidden_plan(cfg, models.student, models.teacher.model) if models.teacher is not None else None
+        plan = hidden_plan(cfg, models.student, models.teacher.model) if _same_ids(models.teacher) else None
         trainer = DistillTrainer(
             model=models.student,
             args=training_args(cfg),
@@ -90,11 +92,15 @@ class KDRecipe:
             from potstill.eval.metrics import evaluate, write_eval_json
 
             model = trainer.accelerator.unwrap_model(trainer.model).eval()
-            result = evaluate(
-                model, data.eval_ds, teacher=models.teacher, batch_size=cfg.train.batch_size, progress=False
-            )
+            teacher = models.teacher if _same_ids(models.teacher) else None  # KL / agreement need the same ids
+            result = evaluate(model, data.eval_ds, teacher=teacher, batch_size=cfg.train.batch_size, progress=False)
             write_eval_json(out, str(out / STUDENT_DIR), cfg.model.teacher, result)
         return {"alpha": trainer.alpha, "alpha_rule": "auto" if cfg.loss.alpha == "auto" else "fixed"}
+
+
+def _same_ids(teacher) -> bool:
+    """Whether the run's teacher scores the student's token ids (not None, not a teacher of another tokenizer)."""
+    return teacher is not None and not isinstance(teacher, CrossTokenizerTeacher)
 
 
 RECIPES: dict[str, Recipe] = {"distill": KDRecipe(), "step_by_step": StepByStepRecipe(), "on_policy": OnPolicyRecipe()}

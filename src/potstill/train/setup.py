@@ -24,6 +24,7 @@ from potstill.launch import world_size
 from potstill.models.load import load_model, load_tokenizer
 from potstill.models.specials import Specials, apply_specials, check_specials, eos_ids
 from potstill.models.vocab import ID_MAP_FILE, load_id_map
+from potstill.teacher.cross import CrossTokenizerTeacher, same_tokenizer
 from potstill.teacher.endpoint import EndpointClient
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
 from potstill.teacher.scoring import EndpointScorer
@@ -38,22 +39,25 @@ class Models:
     Attributes:
         student: the student (trainable, in `model.dtype`).
         tokenizer: the student's tokenizer.
-        teacher: the frozen online teacher over the student's vocabulary, or the endpoint that scores for it
-            (None for a cache or CE only).
+        teacher: the frozen online teacher over the student's vocabulary, a teacher with another tokenizer
+            (`CrossTokenizerTeacher`, `loss.cross_tokenizer`), or the endpoint that scores for it (None for a cache or
+            CE only).
         specials: the student's `<eos>`, stop token and chat template, checked against the teacher's
             (`potstill.models.specials`; None for CE only or a cache without chat data or `model.stop_token`).
     """
 
     student: nn.Module
     tokenizer: Any
-    teacher: OnlineTeacher | EndpointScorer | None
+    teacher: OnlineTeacher | CrossTokenizerTeacher | EndpointScorer | None
     specials: Specials | None = None
 
 
 def load_models(cfg: DistillConfig) -> Models:
     """The student (+ tokenizer) and, for an online teacher, the teacher; checks their vocabularies agree.
 
-    The teacher reads the student's id map (a student with a trimmed vocabulary) when it has one. The pair's
+    The teacher reads the student's id map (a student with a trimmed vocabulary) when it has one. A teacher whose
+    tokenizer differs is a `CrossTokenizerTeacher` (per `loss.cross_tokenizer`; only the student's special tokens are
+    checked then: the teacher reads the text, not the student's ids). The pair's
     special tokens and chat template are checked (`check_specials`) and written into the student
     (`apply_specials`); an endpoint teacher passes its self-test first.
 
@@ -66,6 +70,11 @@ def load_models(cfg: DistillConfig) -> Models:
     teacher_model = teacher_tok = teacher = None
     if kind == "online":
         teacher_model, teacher_tok = load_model(cfg.model.teacher, dtype=cfg.model.teacher_load_dtype)
+        if cross_tokenizer(cfg, tokenizer, teacher_tok, id_map):
+            teacher = CrossTokenizerTeacher(teacher_model, tokenizer, teacher_tok)
+            teacher_model = teacher_tok = None  # the teacher's specials are its own: only the student's are checked
+            log.info("cross-tokenizer KD: %d shared tokens", teacher.tokens.student_shared.numel())
+    if teacher_model is not None:
         check_tokenizers(tokenizer, teacher_tok, id_map=id_map, specials=False)  # specials: check_specials below
         check_vocab_sizes(student, teacher_model, id_map, cfg)
     elif kind == "endpoint":
@@ -74,7 +83,7 @@ def load_models(cfg: DistillConfig) -> Models:
     specials = None
     # step_by_step reads its own records (input / label / rationale), never chat rows
     chat = cfg.train.recipe != "step_by_step" and holds_chat([*cfg.data.train, *cfg.data.eval])
-    if kind in ("online", "endpoint") or chat or cfg.model.stop_token is not None:
+    if kind == "endpoint" or teacher_model is not None or chat or cfg.model.stop_token is not None:
         specials = check_specials(
             tokenizer,
             teacher_tok,
@@ -87,9 +96,32 @@ def load_models(cfg: DistillConfig) -> Models:
         apply_specials(tokenizer, student, specials)
         for note in specials.notes:
             log.info("student/teacher: %s", note)
-    if teacher_model is not None:
+    if teacher_model is not None and teacher is None:
         teacher = OnlineTeacher(teacher_model, id_map=id_map)
     return Models(student, tokenizer, teacher, specials)
+
+
+def cross_tokenizer(cfg: DistillConfig, tokenizer, teacher_tok, id_map) -> bool:
+    """Whether the run distills through the teacher's own tokenizer (`loss.cross_tokenizer`).
+
+    Raises:
+        UserError: a feature that needs the teacher on the student's ids (hidden-state term, DDK, other recipes).
+    """
+    mode = cfg.loss.cross_tokenizer
+    if mode == "never" or (mode == "auto" and (id_map is not None or same_tokenizer(tokenizer, teacher_tok))):
+        return False
+    needs_ids = {
+        "hidden.weight": cfg.hidden.weight > 0,
+        "data.mixing.mode=ddk": cfg.data.mixing is not None and cfg.data.mixing.mode == "ddk",
+        f"train.recipe={cfg.train.recipe}": cfg.train.recipe != "distill",
+    }
+    for key, used in needs_ids.items():
+        if used:
+            raise UserError(
+                f"{key}: not available with a teacher of another tokenizer (cross-tokenizer KD, loss.cross_tokenizer="
+                f"{mode}); it needs the teacher on the student's token ids"
+            )
+    return True
 
 
 def endpoint_scorer(cfg: DistillConfig, tokenizer, id_map) -> EndpointScorer:

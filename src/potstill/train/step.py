@@ -27,15 +27,18 @@ import torch
 from torch import nn
 
 from potstill.config import LossConfig
+from potstill.errors import UserError
 from potstill.losses import Divergence, KDTerms, kd_terms, kd_weights, scored_mask
+from potstill.losses.align import CrossTargets, cross_tokenizer_terms
 from potstill.losses.fused import TeacherHead, fused_kd_terms
 from potstill.losses.hidden import hidden_term
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
 from potstill.models.heads import head_of
+from potstill.teacher.cross import CrossTokenizerTeacher
 from potstill.teacher.scoring import EndpointScorer
 from potstill.train.hidden import HiddenPlan
 
-Targets = TeacherHead | SparseTargets | torch.Tensor | None
+Targets = TeacherHead | SparseTargets | CrossTargets | torch.Tensor | None
 Head = tuple[torch.Tensor, float | None]
 
 
@@ -66,6 +69,8 @@ def teacher_targets(teacher, inputs: dict[str, Any], fused: bool, layers: Sequen
     """
     if teacher is None:
         return None
+    if isinstance(teacher, CrossTokenizerTeacher):  # another tokenizer: the same text through its own
+        return teacher.targets_for(inputs)
     ids = inputs["input_ids"]
     if isinstance(teacher, EndpointScorer):  # a teacher behind a server: its top-k, aligned like a cache's
         return teacher.score(ids, inputs.get("attention_mask")).targets
@@ -117,6 +122,24 @@ def loss_terms(
         weights: (w_kd, w_ce) the caller will weight the terms with (fused path: gradients computed in the forward).
     """
     div = divergence(loss)
+    if isinstance(targets, CrossTargets):
+        if head is None:
+            raise UserError(
+                "cross-tokenizer KD applies the student's head in chunks: it needs a plain linear output head and"
+                " a run without FSDP / DeepSpeed sharding"
+            )
+        weight, softcap = head
+        hidden = outputs.hidden_states[-1]
+        return cross_tokenizer_terms(
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            targets,
+            div,
+            num_tokens=num_tokens,
+            chunk_size=loss.chunk_size,
+            softcap=softcap,
+            seq_weight=loss.cross_seq_weight,
+        )
     if head is None:
         if isinstance(targets, SparseTargets):
             return sparse_kd_terms(outputs.logits, targets, labels, div, num_tokens=num_tokens)
@@ -168,7 +191,8 @@ def kd_micro_step(
         dense: force the dense path (sharded weights under FSDP / DeepSpeed cannot be chunked).
         hidden: the run's hidden-state term (`train.hidden.hidden_plan`; needs an online teacher), or None.
     """
-    head = None if dense else student_head(unwrapped, loss)
+    cross = isinstance(teacher, CrossTokenizerTeacher)  # always chunked: its head is needed whatever loss.fused says
+    head = None if dense else head_of(unwrapped) if cross else student_head(unwrapped, loss)
     targets = teacher_targets(teacher, inputs, fused=head is not None, layers=hidden.teacher_layers if hidden else ())
     targets, teacher_states = targets if hidden else (targets, None)
     fused = takes_fused_path(head, targets)

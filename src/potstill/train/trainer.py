@@ -45,6 +45,7 @@ from transformers.trainer_callback import ExportableState
 from potstill.config import LossConfig
 from potstill.errors import UserError
 from potstill.losses import KDTerms, combine, kd_weights, scored_mask
+from potstill.teacher.cross import CrossTokenizerTeacher
 from potstill.teacher.online import OnlineTeacher
 from potstill.teacher.scoring import EndpointScorer
 from potstill.train.hidden import HiddenPlan
@@ -147,7 +148,7 @@ class DistillTrainer(Trainer):
             raise UserError("model.teacher: required unless loss.alpha=0 (CE only)")
         self.teacher = teacher
         self.teacher_cache = teacher_cache
-        if isinstance(teacher, OnlineTeacher):  # an endpoint teacher has no model here
+        if isinstance(teacher, (OnlineTeacher, CrossTokenizerTeacher)):  # an endpoint teacher has no model here
             teacher.model.to(self.args.device)
         if hasattr(teacher_cache, "to"):  # a hidden-state cache's teacher head
             teacher_cache.to(self.args.device)
@@ -156,6 +157,8 @@ class DistillTrainer(Trainer):
         self.add_callback(AlphaState(None if loss_cfg.alpha == "auto" else float(loss_cfg.alpha)))
         self._sums = torch.zeros(3, dtype=torch.float64)  # kd, ce, hidden summed over the steps since the last log
         self._steps = 0  # optimizer steps since the last log
+        self._stats: dict[str, float] = {}  # sums of the terms' stats (cross-tokenizer KD) since the last log
+        self._stat_batches = 0
         self._micro = 0  # micro-batch index inside the current optimizer step
         # unweighted [||grad kd T^2||, ||grad ce||, ||grad hidden||] of this log interval
         self._norms: torch.Tensor | None = None
@@ -255,6 +258,9 @@ class DistillTrainer(Trainer):
             parts = [_value(terms.kd, terms.ce), terms.ce.detach().double(), _value(terms.hidden, terms.ce)]
             parts = torch.stack(parts)
             self._sums = self._sums.to(parts.device) + parts  # stays on device: no sync per micro-step
+            for key, value in (terms.stats or {}).items():
+                self._stats[key] = self._stats.get(key, 0.0) + value
+            self._stat_batches += 1 if terms.stats else 0
             self._micro += 1
         if self.args.world_size > 1 and num_items_in_batch is not None:
             loss = loss * self.args.world_size
@@ -303,8 +309,11 @@ class DistillTrainer(Trainer):
                     self._warn_if_negligible(logs["grad_ratio"])
                 if len(self._norms) == 3 and kd_norm > 0:
                     logs["hidden_grad_ratio"] = self.hidden_weight * self._norms[2].item() / kd_norm
+            if self._stat_batches:  # this rank's micro-batches (figures of the data, not summed over ranks)
+                logs.update({key: value / self._stat_batches for key, value in self._stats.items()})
             self._sums = torch.zeros_like(self._sums)
             self._steps, self._norms = 0, None
+            self._stats, self._stat_batches = {}, 0
         super().log(logs, start_time)
 
     def _warn_if_negligible(self, ratio: float) -> None:

@@ -1,0 +1,211 @@
+"""The teacher's tokenization of a student batch: the same bytes through the teacher's tokenizer, aligned.
+
+A packed student row is a stream of text tokens and special tokens (`<bos>`, `<eos>` between documents, padding
+after). `CrossTokenizer.teacher_batch` writes each run of text tokens back as bytes (`token_byte_table`), has the
+teacher's tokenizer tokenize that text (its byte offsets say where each teacher token ends), and puts the teacher's
+token of the same role in place of each special token (`special_map`). Both sides then end tokens at offsets of one
+byte stream, in which every special token counts as one byte of its own, and `losses.align.align_groups` groups
+them.
+
+A run of text whose bytes are not valid UTF-8 at its ends (a window of the packer cut inside a character spelled
+in byte tokens) gives the teacher the valid middle; the cut bytes become placeholder teacher tokens that the teacher
+never reads or predicts, so the groups holding them are not scored. A student special token the teacher has no
+counterpart for is such a placeholder too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from potstill.data.packing import token_bytes
+from potstill.data.tokenbytes import shared_vocab, special_map, token_byte_table
+from potstill.errors import UserError
+from potstill.losses import IGNORE_INDEX
+from potstill.losses.align import Alignment, align_groups
+
+
+def _utf8_cut(data: bytes) -> tuple[int, int]:
+    """(bytes to drop at the start, at the end) so that the rest is valid UTF-8 (a cut character at either end)."""
+    head = 0
+    while head < min(3, len(data)) and 0x80 <= data[head] < 0xC0:  # continuation bytes of a character cut before
+        head += 1
+    tail = 0
+    for back in range(1, min(4, len(data) - head) + 1):  # a lead byte whose character is cut after
+        byte = data[-back]
+        if byte < 0x80:
+            break
+        if byte >= 0xC0:
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            tail = back if need > back else 0
+            break
+    return head, tail
+
+
+@dataclass
+class _Row:
+    """One row's teacher side while it is built: fed token ids, and per stream token (end, id, position or -1)."""
+
+    fed: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+
+    def add(self, end: int, token: int | None) -> None:
+        self.ends.append(end)
+        self.ids.append(0 if token is None else token)
+        self.pos.append(-1 if token is None else len(self.fed))
+        if token is not None:
+            self.fed.append(token)
+
+
+class CrossTokenizer:
+    """Turns student batches into the teacher's tokenization of the same text, with the alignment.
+
+    Args:
+        student_tok, teacher_tok: fast HF tokenizers (the teacher's gives byte offsets).
+        max_length: the teacher's context length (longer teacher rows are refused), or None.
+
+    Raises:
+        UserError: a slow tokenizer on either side.
+    """
+
+    def __init__(self, student_tok, teacher_tok, max_length: int | None = None):
+        if not getattr(teacher_tok, "is_fast", False):
+            raise UserError(
+                f"{teacher_tok.name_or_path}: the teacher's tokenizer is a slow one (no byte offsets): cross-tokenizer"
+                " KD cannot align it; give the teacher a fast tokenizer (tokenizer.json, e.g. AutoTokenizer with"
+                " use_fast=True and save_pretrained)"
+            )
+        self.student_table = token_byte_table(student_tok)
+        self.teacher_tok = teacher_tok
+        self.specials = special_map(student_tok, teacher_tok)
+        self.student_shared, self.teacher_shared = shared_vocab(student_tok, teacher_tok)
+        self.max_length = max_length
+        self.pad_id = next((t for t in (teacher_tok.pad_token_id, teacher_tok.eos_token_id) if t is not None), 0)
+
+    def teacher_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Alignment]:
+        """The teacher's rows for a student batch, and the alignment of both.
+
+        Args:
+            input_ids: [B, L] student ids; attention_mask: [B, L] (0 = padding, not in the stream) or None.
+            labels: [B, L] unshifted student labels (-100 = not scored).
+
+        Returns:
+            (teacher ids [B, Lt], teacher attention mask [B, Lt], Alignment) on the inputs' device.
+
+        Raises:
+            UserError: a teacher row longer than the teacher's context length.
+        """
+        ids = input_ids.cpu().numpy()
+        keep = np.ones_like(ids, dtype=bool) if attention_mask is None else attention_mask.cpu().numpy() > 0
+        ok_label = labels.cpu().numpy() != IGNORE_INDEX
+        B, L = ids.shape
+        s_rows, s_ids, s_ok, s_ends, rows, cursor = [], [], [], [], [], 0
+        pieces: list[bytes] = []  # every text run, tokenized in one call below
+        layout: list[list[tuple[str, object]]] = []  # per row: ("text", piece index) or ("special", student id)
+        for b in range(B):
+            plan, run = [], []
+            for i in np.flatnonzero(keep[b]):
+                token = int(ids[b, i])
+                s_rows.append(b * L + max(i - 1, 0))
+                s_ids.append(token)
+                s_ok.append(bool(i >= 1 and ok_label[b, i]))
+                data = self.student_table[token] if token < len(self.student_table) else None
+                if data is None:
+                    if run:
+                        plan.append(("text", len(pieces)))
+                        pieces.append(b"".join(run))
+                        run = []
+                    cursor += 1
+                    s_ends.append(cursor)
+                    plan.append(("special", token))
+                else:
+                    run.append(data)
+                    cursor += len(data)
+                    s_ends.append(cursor)
+            if run:
+                plan.append(("text", len(pieces)))
+                pieces.append(b"".join(run))
+            cursor += 1  # a gap byte between rows: no group spans two rows
+            layout.append(plan)
+        t_parts = self._tokenize(pieces)
+        cursor = 0
+        for b in range(B):
+            row = _Row()
+            for kind, value in layout[b]:
+                if kind == "special":
+                    cursor += 1
+                    row.add(cursor, self.specials.get(value))
+                    continue
+                data = pieces[value]
+                head, tail, t_ids, t_nbytes = t_parts[value]
+                if head:
+                    row.add(cursor + head, None)
+                for token, end in zip(t_ids, cursor + head + np.cumsum(t_nbytes), strict=True):
+                    row.add(int(end), token)
+                if tail:
+                    row.add(cursor + len(data), None)
+                cursor += len(data)
+            cursor += 1
+            rows.append(row)
+        return self._assemble(rows, s_rows, s_ids, s_ok, s_ends, input_ids.device)
+
+    def _tokenize(self, texts: list[bytes]) -> list[tuple[int, int, list[int], np.ndarray]]:
+        """Per text: (cut bytes at the start, at the end, teacher ids, bytes each teacher token covers)."""
+        cuts = [_utf8_cut(data) for data in texts]
+        middles = [data[h : len(data) - t] for data, (h, t) in zip(texts, cuts, strict=True)]
+        strings = [m.decode("utf-8", errors="replace") for m in middles]
+        if not strings:
+            return []
+        enc = self.teacher_tok(strings, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for data, middle, (head, tail), text, t_ids, offsets in zip(
+            texts, middles, cuts, strings, enc["input_ids"], enc["offset_mapping"], strict=True
+        ):
+            if len(text.encode()) != len(middle):  # invalid UTF-8 inside: the whole run is a placeholder
+                out.append((len(data), 0, [], np.zeros(0, dtype=np.int64)))
+            else:
+                out.append((head, tail, t_ids, token_bytes(text, offsets)))
+        return out
+
+    def _assemble(self, rows: list[_Row], s_rows, s_ids, s_ok, s_ends, device) -> tuple:
+        """Pad the teacher rows into tensors and build the `Alignment`."""
+        length = max((len(r.fed) for r in rows), default=0) or 1
+        if self.max_length is not None and length > self.max_length:
+            raise UserError(
+                f"the teacher's tokenization of a training sequence is {length} tokens, longer than its context length"
+                f" {self.max_length}: lower data.seq_len (the student's tokens per sequence)"
+            )
+        t_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        t_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        t_rows, t_tok, t_ok, t_ends = [], [], [], []
+        for b, row in enumerate(rows):
+            t_ids[b, : len(row.fed)] = torch.tensor(row.fed, dtype=torch.long)
+            t_mask[b, : len(row.fed)] = 1
+            pos = np.asarray(row.pos, dtype=np.int64)
+            t_rows.extend((b * length + np.maximum(pos - 1, 0)).tolist())
+            t_ok.extend((pos >= 1).tolist())
+            t_tok.extend(row.ids)
+            t_ends.extend(row.ends)
+        s_group, t_group, n = align_groups(_long(s_ends), _long(t_ends))
+        align = Alignment(
+            s_rows=_long(s_rows),
+            s_ids=_long(s_ids),
+            s_ok=torch.tensor(s_ok, dtype=torch.bool),
+            s_group=s_group,
+            t_rows=_long(t_rows),
+            t_ids=_long(t_tok),
+            t_ok=torch.tensor(t_ok, dtype=torch.bool),
+            t_group=t_group,
+            n_groups=n,
+        )
+        return t_ids.to(device), t_mask.to(device), align.to(device)
+
+
+def _long(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
