@@ -11,7 +11,7 @@ from potstill.errors import UserError
 from potstill.models.vocab import ID_MAP_FILE, load_id_map
 from potstill.student.init import STUDENT_FILE, init_student, init_student_cli
 from potstill.student.layers import build_student, evenly_spaced, layer_scores
-from potstill.student.vocab import tokenization_mismatch
+from potstill.student.vocab import tokenization_mismatch, vocabulary_to_keep
 
 MORE_TEXTS = [
     "class Teacher:\n    def forward(self, x):\n        return self.head(self.body(x))\n",
@@ -233,3 +233,18 @@ def test_cli_reads_a_config_file_with_overrides_and_options(gemma_teacher, tmp_p
     proc = run_main("student", "init", "-c", cfg, "layers=2", "selection=even", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / STUDENT_FILE).read_text())["kept_layers"] == [0, 3]
+
+
+def test_vocabulary_to_keep_skips_byte_tokens_the_tokenizer_lacks(texts):
+    """A byte-level BPE trained without the full byte alphabet (SmolLM2 lacks some control bytes) used to KeyError."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    assert "Ė" not in tokenizer.get_vocab()  # byte 0x16 never occurs in the texts
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:4]]
+    keep = vocabulary_to_keep(tokenizer, ids)
+    assert {i for row in ids for i in row} <= set(keep) <= set(range(len(tokenizer)))

@@ -43,7 +43,7 @@ def vocabulary_to_keep(tokenizer, corpus_ids: Sequence[Sequence[int]]) -> list[i
     keep = set(used)
     for i in used - added:
         keep.update(vocab[t] for t in _bpe_pieces(inverse[i], ranks) if t in vocab)
-    keep.update(vocab[t] for t in _byte_tokens(spec))
+    keep.update(vocab[t] for t in _byte_tokens(spec) if t in vocab)  # some byte-level BPEs lack rare bytes (SmolLM2)
     keep.update(tokenizer.all_special_ids)
     return sorted(keep)
 
