@@ -24,8 +24,6 @@ def load_whisper(path: str | Path):
     Raises:
         UserError: the directory is missing or its config is not a Whisper model.
     """
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
     path = Path(path)
     config = path / "config.json"
     if not config.is_file():
@@ -36,6 +34,8 @@ def load_whisper(path: str | Path):
         raise UserError(f"{config}: not JSON ({err})") from None
     if model_type != "whisper":
         raise UserError(f"{path}: not a Whisper model (config.json model_type is {model_type!r}, expected 'whisper')")
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
     model = WhisperForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32).eval()
     return model, WhisperProcessor.from_pretrained(path)
 

@@ -78,16 +78,24 @@ def records_fingerprint(records: list[AudioRecord]) -> str:
     return digest.hexdigest()
 
 
-def transcribe(model, processor, records: list[AudioRecord], batch_size: int = 4, return_logits: bool = False):
-    """Greedy transcripts (token ids) of records, in batches; with return_logits also the step logits."""
+def transcribe(
+    model, processor, records: list[AudioRecord], batch_size: int = 4, return_logits: bool = False, cap: bool = False
+):
+    """Greedy transcripts (token ids) of records, in batches; with return_logits also the step logits.
+
+    With `cap`, decoding stops after 2 x (tokens of the known transcript) + 8 tokens: a longer transcript is a
+    loop the WER filter drops anyway, and on a slow CPU it would cost most of the teacher's time.
+    """
     from tqdm.auto import tqdm
 
     prompt = decoder_prompt(model, processor.tokenizer)
     ids, logits = [], []
-    for start in tqdm(range(0, len(records), batch_size), desc="transcribe", leave=False):
+    for start in tqdm(range(0, len(records), batch_size), desc="transcribe"):
         batch = records[start : start + batch_size]
         features = log_mel(processor.feature_extractor, [load_audio(r.audio) for r in batch], input_frames(model))
-        out = greedy_decode(model, features, prompt, return_logits=return_logits)
+        longest = max(len(processor.tokenizer(" " + r.text, add_special_tokens=False).input_ids) for r in batch)
+        limit = 2 * longest + 8 if cap else 96
+        out = greedy_decode(model, features, prompt, max_new_tokens=limit, return_logits=return_logits)
         ids += out[0] if return_logits else out
         logits += out[1] if return_logits else []
     return (ids, logits) if return_logits else ids
@@ -113,7 +121,7 @@ def build_speech_targets(
         if saved.meta == meta:
             return saved
     model, processor = load_whisper(teacher_dir)
-    ids, logits = transcribe(model, processor, records, return_logits=True)
+    ids, logits = transcribe(model, processor, records, return_logits=True, cap=True)
     texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
     kept = SpeechTargets([], [], [], [], 0, meta)
     for rec, seq, rows, text in zip(records, ids, logits, texts, strict=True):
