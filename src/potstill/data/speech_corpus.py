@@ -85,6 +85,19 @@ def _add_noise(path: Path, rng: random.Random) -> None:
     soundfile.write(str(path), np.clip(clip + noise, -1, 1).astype(np.float32), 16_000, subtype="PCM_16")
 
 
+def choose_sentences(n_train: int, n_heldout: int, seed: int = 0, heldout_frac: float = 0.25) -> dict[str, list[str]]:
+    """The first sentences of each split; a sentence's split is decided by a hash of its lower-cased text."""
+    want = {"train": n_train, "heldout": n_heldout}
+    chosen: dict[str, list[str]] = {"train": [], "heldout": []}
+    for text in sentences():
+        split = "heldout" if split_score(seed, text.lower()) < heldout_frac else "train"
+        if len(chosen[split]) < want[split]:
+            chosen[split].append(text)
+        if all(len(chosen[s]) >= want[s] for s in want):
+            break
+    return chosen
+
+
 def check_tools() -> None:
     """Raise a one-line error when a synthesis tool is missing."""
     missing = [tool for tool in ("espeak-ng", "flite", "sox") if shutil.which(tool) is None]
@@ -107,14 +120,7 @@ def synthesize_corpus(
     check_tools()
     out_dir = Path(out_dir)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
-    want = {"train": n_train, "heldout": n_heldout}
-    chosen: dict[str, list[str]] = {"train": [], "heldout": []}
-    for text in sentences():
-        split = "heldout" if split_score(seed, text.lower()) < heldout_frac else "train"
-        if len(chosen[split]) < want[split]:
-            chosen[split].append(text)
-        if all(len(chosen[s]) >= want[s] for s in want):
-            break
+    chosen = choose_sentences(n_train, n_heldout, seed, heldout_frac)
     paths = {}
     with tqdm(total=n_train + n_heldout, desc="synthesize") as bar:
         for split, texts in chosen.items():
