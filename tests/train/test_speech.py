@@ -111,3 +111,18 @@ def test_training_on_pseudo_labels_lowers_the_loss(tmp_path, freeze_encoder):
     assert summary["loss_last_epoch"] < 0.7 * summary["loss_first"]
     assert (tmp_path / "run" / DONE).is_file() and (tmp_path / "run" / "config.json").is_file()
     assert train_speech_student(student_dir, targets, tmp_path / "run", cfg) == summary  # done: not redone
+
+
+def test_student_with_another_tokenizer_is_refused(tmp_path):
+    from potstill.teacher.cache.format import tokenizer_fingerprint
+    from speech_helpers import tiny_whisper_tokenizer
+
+    student_dir = tiny_whisper_dir(tmp_path / "student")
+    tokenizer = tiny_whisper_tokenizer()
+    tokenizer.add_tokens(["<|other|>"])
+    records = [AudioRecord(str(write_wav(tmp_path / "a.wav", 0.5)), "x")]
+    targets = SpeechTargets(records, [[40]], [topk_targets(torch.randn(2, 261), 4)], [0.0], 0, {})
+    targets.meta["tokenizer"] = tokenizer_fingerprint(tokenizer)
+    with pytest.raises(UserError, match="tokenizer is not the teacher's"):
+        train_speech_student(student_dir, targets, tmp_path / "run", SpeechTrainConfig(epochs=1))
+    assert not (tmp_path / "run").exists()

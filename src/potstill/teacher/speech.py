@@ -21,7 +21,7 @@ from potstill.errors import UserError
 from potstill.fileio import atomic_path
 from potstill.losses.sparse import SparseTargets, topk_targets
 from potstill.models.whisper import decoder_prompt, greedy_decode, input_frames, load_whisper
-from potstill.teacher.cache.format import teacher_fingerprint
+from potstill.teacher.cache.format import teacher_fingerprint, tokenizer_fingerprint
 
 
 @dataclass
@@ -34,7 +34,7 @@ class SpeechTargets:
         targets: per record, SparseTargets [len(ids) + 1, k] predicting each id and the end token.
         wer: per record, the teacher's WER against the known transcript.
         dropped: records removed by the WER filter.
-        meta: what the file was built from (teacher fingerprint, records fingerprint, k, max_wer).
+        meta: what the file was built from (teacher and tokenizer fingerprints, records fingerprint, k, max_wer).
     """
 
     records: list[AudioRecord]
@@ -118,9 +118,10 @@ def build_speech_targets(
     }
     if out.is_file():
         saved = torch.load(out, weights_only=False)
-        if saved.meta == meta:
+        if {key: saved.meta.get(key) for key in meta} == meta:
             return saved
     model, processor = load_whisper(teacher_dir)
+    meta["tokenizer"] = tokenizer_fingerprint(processor.tokenizer)
     ids, logits = transcribe(model, processor, records, return_logits=True, cap=True)
     texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
     kept = SpeechTargets([], [], [], [], 0, meta)

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from potstill.data.audio import load_audio, log_mel
+from potstill.errors import UserError
 from potstill.fileio import atomic_path, write_json_atomic
 from potstill.losses import IGNORE_INDEX, Divergence, KDTerms, combine
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
 from potstill.models.whisper import decoder_prompt, input_frames, load_whisper
 from potstill.student.speech import trainable_parameters
+from potstill.teacher.cache.format import tokenizer_fingerprint
 from potstill.teacher.speech import SpeechTargets
 
 DONE = "speech_train.json"
@@ -104,6 +106,20 @@ def student_inputs(processor, model, targets: SpeechTargets, freeze_encoder: boo
         )
 
 
+def check_tokenizer(tokenizer, targets: SpeechTargets, student_dir: str | Path) -> None:
+    """The pseudo-labels are token ids of the teacher's tokenizer: the student must have the very same one.
+
+    Raises:
+        UserError: the student's tokenizer differs from the one the targets were made with.
+    """
+    made_with = targets.meta.get("tokenizer")
+    if made_with is not None and tokenizer_fingerprint(tokenizer) != made_with:
+        raise UserError(
+            f"{student_dir}: its tokenizer is not the teacher's that wrote the pseudo-labels; "
+            "make the student from this teacher (init_speech_student) or rebuild the targets"
+        )
+
+
 def train_speech_student(
     student_dir: str | Path, targets: SpeechTargets, out_dir: str | Path, cfg: SpeechTrainConfig
 ) -> dict:
@@ -122,6 +138,7 @@ def train_speech_student(
         return json.loads((out_dir / DONE).read_text())
     torch.manual_seed(cfg.seed)
     model, processor = load_whisper(student_dir)
+    check_tokenizer(processor.tokenizer, targets, student_dir)
     model.train()
     inputs_per_clip = student_inputs(processor, model, targets, cfg.freeze_encoder)
     prompt, eos = decoder_prompt(model, processor.tokenizer), model.config.eos_token_id
