@@ -8,7 +8,14 @@ import shutil
 import numpy as np
 import pytest
 
-from potstill.data.audio import AudioRecord, load_audio, log_mel, read_audio_jsonl, write_audio_jsonl
+from potstill.data.audio import (
+    AudioRecord,
+    load_audio,
+    log_mel,
+    read_audio_jsonl,
+    word_error_rate,
+    write_audio_jsonl,
+)
 from potstill.errors import UserError
 from speech_helpers import write_wav
 
@@ -63,8 +70,6 @@ def test_log_mel_pads_to_the_window():
 
 
 def test_wer_normalizes_case_punctuation_and_numbers():
-    from potstill.teacher.speech import word_error_rate
-
     assert word_error_rate(["ten of clubs"], [" 10 of Clubs."]) == 0.0
     assert word_error_rate(["he was not an ill disposed young man"], ["He was not an ill-disposed young man."]) < 0.3
     assert word_error_rate(["a b c d"], ["a x c"]) == 0.5

@@ -4,7 +4,8 @@
 optional ("default"). `load_audio` decodes any format libsndfile reads (wav, flac, ogg, raw is not
 accepted), mixes to mono and resamples to the feature extractor's rate; `log_mel` pads or cuts to the
 encoder's window. A clip that does not decode, is empty or silent-length, or has a sample rate outside
-[1 kHz, 384 kHz] is a one-line error naming the file.
+[1 kHz, 384 kHz] is a one-line error naming the file. `word_error_rate` scores transcripts (Whisper's English
+normalizer, then jiwer's edit counts).
 """
 
 from __future__ import annotations
@@ -128,3 +129,27 @@ def log_mel(feature_extractor, clips: list[np.ndarray], frames: int) -> torch.Te
         max_length=samples,
     ).input_features
     return features[..., :frames]
+
+
+def normalizer():
+    """Whisper's English text normalizer (numbers spelled as digits, punctuation and case removed)."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer({})
+
+
+def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus WER of normalized texts (an empty normalized reference counts its hypothesis words as insertions)."""
+    import jiwer
+
+    norm = normalizer()
+    refs, hyps = [norm(r) for r in references], [norm(h) for h in hypotheses]
+    errors = words = 0
+    for ref, hyp in zip(refs, hyps, strict=True):
+        if ref.strip():
+            out = jiwer.process_words(ref, hyp)
+            errors += out.substitutions + out.deletions + out.insertions
+            words += len(ref.split())
+        else:
+            errors += len(hyp.split())
+    return errors / max(words, 1)

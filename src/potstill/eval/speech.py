@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from potstill.data.audio import AudioRecord, load_audio, log_mel
+from potstill.data.audio import AudioRecord, load_audio, log_mel, word_error_rate
 from potstill.eval.bench import param_count
 from potstill.models.whisper import decoder_prompt, greedy_decode, input_frames, load_whisper
-from potstill.teacher.speech import word_error_rate
 
 
 def evaluate_speech(model_dir: str | Path, records: list[AudioRecord], rate: int = 16_000) -> dict:

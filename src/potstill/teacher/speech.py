@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from potstill.data.audio import AudioRecord, load_audio, log_mel
+from potstill.data.audio import AudioRecord, load_audio, log_mel, word_error_rate
 from potstill.errors import UserError
 from potstill.fileio import atomic_path
 from potstill.losses.sparse import SparseTargets, topk_targets
@@ -43,30 +43,6 @@ class SpeechTargets:
     wer: list[float]
     dropped: int
     meta: dict
-
-
-def normalizer():
-    """Whisper's English text normalizer (numbers spelled as digits, punctuation and case removed)."""
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
-    return EnglishTextNormalizer({})
-
-
-def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
-    """Corpus WER of normalized texts (an empty normalized reference counts its hypothesis words as insertions)."""
-    import jiwer
-
-    norm = normalizer()
-    refs, hyps = [norm(r) for r in references], [norm(h) for h in hypotheses]
-    errors = words = 0
-    for ref, hyp in zip(refs, hyps, strict=True):
-        if ref.strip():
-            out = jiwer.process_words(ref, hyp)
-            errors += out.substitutions + out.deletions + out.insertions
-            words += len(ref.split())
-        else:
-            errors += len(hyp.split())
-    return errors / max(words, 1)
 
 
 def records_fingerprint(records: list[AudioRecord]) -> str:
