@@ -228,6 +228,25 @@ def serve_cmd(
     serve(model, host=host, port=port, name=name)
 
 
+@app.command("export")
+def export_cmd(
+    model: Path = typer.Argument(..., help="HF model directory (a student, or a Llama / Gemma 3 model)."),
+    format: str = typer.Option(..., "--format", help="gguf (llama.cpp) or onnx (onnxruntime)."),
+    out: Path = typer.Option(..., "--out", help="The file to write (refused if it exists, unless --overwrite)."),
+    quant: str | None = typer.Option(
+        None, "--quant", help="gguf: f32, f16 (default), bf16, q8_0, q5_0, q5_1, q4_0, q4_1; onnx: f32 (default), int8."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Export to GGUF or ONNX, check that the file loads back with matching logits, then write it."""
+    import json
+
+    from potstill.export import export_model
+
+    report = export_model(model, format, out, quant=quant, overwrite=overwrite)
+    typer.echo(json.dumps(report, indent=2))
+
+
 @cache_app.command("build")
 def cache_build_cmd(
     config: Path | None = _config_option(
