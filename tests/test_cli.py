@@ -22,6 +22,8 @@ COMMANDS = [
     ["serve"],
     ["report"],
     ["plan"],
+    ["export"],
+    ["bench"],
 ]
 
 

@@ -25,7 +25,12 @@ TOKENIZER_FILES = ("tokenizer.json",)
 
 
 def export_model(
-    model_dir: str | Path, format: str, out: str | Path, quant: str | None = None, overwrite: bool = False
+    model_dir: str | Path,
+    format: str,
+    out: str | Path,
+    quant: str | None = None,
+    overwrite: bool = False,
+    max_error: float | None = None,
 ) -> dict:
     """Export, check, and atomically write one file.
 
@@ -35,6 +40,8 @@ def export_model(
         out: the file to write.
         quant: one of `QUANTS[format]` (default `DEFAULT_QUANT[format]`).
         overwrite: replace an existing `out`.
+        max_error: the largest relative logit error the check accepts (default: the quantization's documented
+            tolerance, `potstill.export.check.TOLERANCES`); raise it knowingly for models that quantize worse.
 
     Returns:
         A report: {"file", "format", "quant", "bytes", "seconds", "check": {...}, ...writer details}.
@@ -43,7 +50,7 @@ def export_model(
         UserError: unknown format / quantization / architecture, missing model or tokenizer, existing `out`
             without `overwrite`, or a failed round-trip check (nothing is written then).
     """
-    from potstill.export.check import check_gguf, check_onnx, probe_ids
+    from potstill.export.check import TOLERANCES, check_gguf, check_onnx, probe_ids
     from potstill.models.load import enable_progress_log, load_model, quiet_hf_progress
 
     enable_progress_log()
@@ -55,6 +62,9 @@ def export_model(
         raise UserError(f"{out}: output file exists (pass --overwrite to replace it)")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: output directory does not exist")
+    if max_error is not None and not max_error > 0:
+        raise UserError(f"--max-error {max_error}: expected a number > 0")
+    tolerance = TOLERANCES[quant] if max_error is None else max_error
     start = time.perf_counter()
     with quiet_hf_progress():
         model, tokenizer = load_model(src)
@@ -65,14 +75,14 @@ def export_model(
                 from potstill.export.gguf import write_gguf
 
                 details = write_gguf(model, tokenizer, tmp, quant, name=src.name)
-                check = check_gguf(tmp, model, tokenizer, quant)
+                check = check_gguf(tmp, model, tokenizer, tolerance)
             else:
                 import torch
 
                 from potstill.export.onnx import write_onnx
 
                 details = write_onnx(model, tmp, quant, torch.tensor([probe_ids(tokenizer)]))
-                check = check_onnx(tmp, model, tokenizer, quant)
+                check = check_onnx(tmp, model, tokenizer, tolerance)
             size = tmp.stat().st_size
     seconds = time.perf_counter() - start
     log.info("wrote %s (%.1f MB) in %.1f s", out, size / 1e6, seconds)
