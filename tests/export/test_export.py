@@ -28,6 +28,10 @@ MORE_TEXTS = [
 ]
 
 
+# weights drawn 10x wider than the default 0.02: attention and logits then depend on every tensor's layout
+INIT = {"initializer_range": 0.2}
+
+
 @pytest.fixture(scope="module")
 def texts(tiny_corpus) -> list[str]:
     """The Gemma-like tokenizer's training texts and the student's calibration corpus."""
@@ -40,11 +44,13 @@ def models(tmp_path_factory, build_model, tiny_tokenizer, texts):
     from potstill.student.init import init_student
 
     root = tmp_path_factory.mktemp("export-models")
-    build_model(tiny_tokenizer, 0, arch="llama", layers=2, kv_heads=1, max_positions=256, save_to=root / "llama")
+    build_model(
+        tiny_tokenizer, 0, arch="llama", layers=2, kv_heads=1, max_positions=256, save_to=root / "llama", **INIT
+    )
     gemma = {"layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
              "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}  # fmt: skip
     tok = gemma_like_tokenizer(texts)
-    build_model(tok, 1, arch="gemma3", layers=4, kv_heads=1, max_positions=256, save_to=root / "gemma", **gemma)
+    build_model(tok, 1, arch="gemma3", layers=4, kv_heads=1, max_positions=256, save_to=root / "gemma", **gemma, **INIT)
     init_student(root / "gemma", 3, root / "student", texts[:6], calib_tokens=128, calib_seq_len=16)
     return root
 
@@ -64,6 +70,11 @@ def listing(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+# Random 32-wide models lose more to 4- and 5-bit weights than trained ones (0.39 and 0.46 measured at q4_0,
+# docs/export.md): those tests pass --max-error.
+MAX_ERROR = {"q4_0": 0.6, "q4_1": 0.6, "q5_0": 0.4, "q5_1": 0.4}
+
+
 # the common quantizations run by default, the rest with -m slow
 GGUF_QUANTS = [
     q if q in ("f32", "f16", "q8_0", "q4_0") else pytest.param(q, marks=pytest.mark.slow) for q in QUANTS["gguf"]
@@ -73,21 +84,18 @@ GGUF_QUANTS = [
 @pytest.mark.parametrize("quant", GGUF_QUANTS)
 def test_gguf_every_quant_loads_back_within_tolerance(models, tmp_path, quant):
     out = tmp_path / f"llama-{quant}.gguf"
-    report = export_model(models / "llama", "gguf", out, quant=quant)
+    tolerance = MAX_ERROR.get(quant, TOLERANCES[quant])
+    report = export_model(models / "llama", "gguf", out, quant=quant, max_error=MAX_ERROR.get(quant))
     assert listing(tmp_path) == [out.name] and report["bytes"] == out.stat().st_size
     want, got = source_and_back(models / "llama", out)
     error = relative_logit_error(got, want)  # measured here again, independently of the report
-    assert error <= TOLERANCES[quant] and error == pytest.approx(report["check"]["relative_logit_error"])
+    assert error <= tolerance and error == pytest.approx(report["check"]["relative_logit_error"])
     if quant == "f32":
         np.testing.assert_array_equal(got, want)
     else:
         assert error > 0  # the weights really were stored at lower precision
     if llamacpp_available():
-        assert report["check"]["llamacpp"]["relative_logit_error"] <= TOLERANCES[quant]
-
-
-# A random 32-wide Gemma loses more to 4-bit weights than a trained model (0.46 measured, docs/export.md).
-MAX_ERROR = {"q4_0": 0.6}
+        assert report["check"]["llamacpp"]["relative_logit_error"] <= tolerance
 
 
 @pytest.mark.parametrize("name", ["gemma", "student"])

@@ -36,8 +36,8 @@ PROBE = (
     "The student model learns from the teacher's soft labels. Zürich, 東京, 3.14159."
 )
 # quantization -> largest relative logit error accepted; see docs/export.md for the measurements behind them
-TOLERANCES = {"f32": 5e-3, "f16": 1e-2, "bf16": 2e-2, "q8_0": 3e-2, "q5_1": 0.1, "q5_0": 0.1, "q4_1": 0.2,
-              "q4_0": 0.2, "int8": 0.1}  # fmt: skip
+TOLERANCES = {"f32": 5e-3, "f16": 1e-2, "bf16": 3e-2, "q8_0": 5e-2, "q5_1": 0.15, "q5_0": 0.15, "q4_1": 0.3,
+              "q4_0": 0.3, "int8": 0.1}  # fmt: skip
 LLAMACPP_POSITIONS = 8
 LLAMACPP_TOP = 8
 # config fields that must survive the trip through a GGUF's metadata (as transformers reads it back)
@@ -138,7 +138,7 @@ def partial_utf8_ids(tokenizer) -> list[int]:
 
 def _check_llamacpp(path: Path, tokenizer, ids: list[int], want: np.ndarray, tolerance: float) -> dict:
     """llama.cpp's top-k next-token log-probs at the last prefixes of the probe vs the source's (module docstring)."""
-    runtime = LlamaCppModel(path, n_ctx=max(256, 2 * len(ids)), partial_ids=partial_utf8_ids(tokenizer))
+    runtime = LlamaCppModel(path, n_ctx=max(256, 2 * len(ids)), partial_ids=partial_utf8_ids(tokenizer), f32_cache=True)
     logprobs = want - np.logaddexp.reduce(want, axis=-1, keepdims=True)
     diffs, agree = [], 0
     ends = range(len(ids) - LLAMACPP_POSITIONS + 1, len(ids) + 1)

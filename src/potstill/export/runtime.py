@@ -31,7 +31,9 @@ class LlamaCppModel:
     are those of the model's raw distribution, before that bias.
     """
 
-    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int = 1, partial_ids: list[int] = ()) -> None:
+    def __init__(
+        self, path: str | Path, n_ctx: int = 512, threads: int = 1, partial_ids: list[int] = (), f32_cache: bool = False
+    ) -> None:
         try:
             import xllamacpp
         except ImportError:
@@ -44,6 +46,8 @@ class LlamaCppModel:
         params.cpuparams_batch.n_threads = threads
         params.warmup = False
         params.verbosity = -1  # llama.cpp logs every step on stderr otherwise
+        if f32_cache:  # llama.cpp keeps keys and values in f16 by default: an error of its own, not the file's
+            params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
         try:
             self.server = xllamacpp.Server(params)
         except RuntimeError as err:
