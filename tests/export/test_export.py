@@ -70,9 +70,9 @@ def listing(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-# Random 32-wide models lose more to 4- and 5-bit weights than trained ones (0.39 and 0.46 measured at q4_0,
-# docs/export.md): those tests pass --max-error.
-MAX_ERROR = {"q4_0": 0.6, "q4_1": 0.6, "q5_0": 0.4, "q5_1": 0.4}
+# Random 32-wide models lose more to 4- and 5-bit weights than trained ones (0.39 and 0.46 measured at q4_0; ONNX
+# int8 0.113, docs/export.md): those tests pass --max-error.
+MAX_ERROR = {"q4_0": 0.6, "q4_1": 0.6, "q5_0": 0.4, "q5_1": 0.4, "int8": 0.3}
 
 
 # the common quantizations run by default, the rest with -m slow
@@ -190,7 +190,7 @@ def test_onnx_loads_back_within_tolerance(models, tmp_path, name, quant):
     from potstill.export.runtime import OnnxModel
 
     out = tmp_path / f"{name}.onnx"
-    report = export_model(models / name, "onnx", out, quant=quant)
+    report = export_model(models / name, "onnx", out, quant=quant, max_error=MAX_ERROR.get(quant))
     assert listing(tmp_path) == [out.name] and report["kv_cache"] is False
     source = AutoModelForCausalLM.from_pretrained(models / name).eval()
     text = PROBE + " and a longer tail than the traced example had"  # the sequence axis is dynamic
@@ -198,7 +198,7 @@ def test_onnx_loads_back_within_tolerance(models, tmp_path, name, quant):
     with torch.no_grad():
         want = source(torch.tensor([ids])).logits[0].numpy()
     error = relative_logit_error(OnnxModel(out).logits(ids), want)
-    assert error <= TOLERANCES[quant]
+    assert error <= MAX_ERROR.get(quant, TOLERANCES[quant])
     assert (error < 1e-5) == (quant == "f32")
 
 
