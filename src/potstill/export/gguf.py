@@ -17,15 +17,12 @@ merges are written too, for readers that use them (transformers).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from potstill.errors import UserError
-
-log = logging.getLogger(__name__)
 
 # quantization name -> GGMLQuantizationType name (2-D weights); 1-D tensors (norms) always stay F32
 GGUF_QUANTS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1",

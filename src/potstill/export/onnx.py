@@ -7,15 +7,12 @@ was left for later). The sequence axis is dynamic, the batch axis is 1.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 
 import torch
 
 from potstill.errors import UserError
-
-log = logging.getLogger(__name__)
 
 ONNX_QUANTS = ("f32", "int8")
 OPSET = 18
