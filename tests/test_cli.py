@@ -23,6 +23,8 @@ COMMANDS = [
     ["serve"],
     ["report"],
     ["plan"],
+    ["export"],
+    ["bench"],
 ]
 
 

@@ -254,6 +254,59 @@ def serve_cmd(
     serve(model, host=host, port=port, name=name, limits=limits, dtype=dtype)
 
 
+@app.command("export")
+def export_cmd(
+    model: Path = typer.Argument(..., help="HF model directory (a student, or a Llama / Gemma 3 model)."),
+    format: str = typer.Option(..., "--format", help="gguf (llama.cpp) or onnx (onnxruntime)."),
+    out: Path = typer.Option(..., "--out", help="The file to write (refused if it exists, unless --overwrite)."),
+    quant: str | None = typer.Option(
+        None, "--quant", help="gguf: f32, f16 (default), bf16, q8_0, q5_0, q5_1, q4_0, q4_1; onnx: f32 (default), int8."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    max_error: float | None = typer.Option(
+        None,
+        "--max-error",
+        help="Largest relative logit error the check accepts (default: the quant's, docs/export.md).",
+    ),
+) -> None:
+    """Export to GGUF or ONNX, check that the file loads back with matching logits, then write it."""
+    import json
+
+    from potstill.export import export_model
+
+    report = export_model(model, format, out, quant=quant, overwrite=overwrite, max_error=max_error)
+    typer.echo(json.dumps(report, indent=2))
+
+
+@app.command("bench")
+def bench_cmd(
+    models: list[Path] = typer.Argument(..., help="HF model directories, .gguf files (llama.cpp), .onnx files."),
+    dtype: list[str] = typer.Option(
+        ["float32", "bfloat16"], "--dtype", help="dtypes to time each HF directory in (repeat the option)."
+    ),
+    prompt_tokens: int = typer.Option(64, "--prompt-tokens", min=8, help="Prompt length in tokens."),
+    new_tokens: int = typer.Option(32, "--new-tokens", min=2, help="Tokens generated per run."),
+    runs: int = typer.Option(3, "--runs", min=1, help="Timed runs per model (the median is reported)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="CPU threads of every runtime."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the rows as JSON to this file."),
+) -> None:
+    """Size on disk, peak memory, prompt and generation tokens/s at batch 1 of each model: one table."""
+    from potstill.eval.bench import bench_model, bench_table, bench_targets
+    from potstill.fileio import write_json_atomic
+    from potstill.models.load import DTYPES
+
+    bad = [d for d in dtype if d not in DTYPES]
+    if bad:
+        raise UserError(f"--dtype {bad[0]!r}: expected one of {', '.join(DTYPES)}")
+    rows = []
+    for path, kind, dt in bench_targets(models, dtype):
+        rows.append(bench_model(path, kind, dt, prompt_tokens, new_tokens, runs, threads))
+        typer.echo(f"timed {path} ({kind} {dt or ''})".rstrip(), err=True)
+    if out is not None:
+        write_json_atomic(out, rows)
+    typer.echo(bench_table(rows), nl=False)
+
+
 @cache_app.command("build")
 def cache_build_cmd(
     config: Path | None = _config_option(

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from gemma_tokenizer import gemma_like_tokenizer
 from potstill.errors import UserError
 from potstill.models.vocab import ID_MAP_FILE, load_id_map
 from potstill.student.init import STUDENT_FILE, init_student, init_student_cli
@@ -18,36 +19,12 @@ MORE_TEXTS = [
     "The student keeps the layers that matter most for the calibration loss.",
 ]
 UNSEEN = ["Völlig neue Wörter: Quokka, zymurgy, 🦜🍣 and 漢字かな交じり文, tabs\tand\r\nnewlines", "x=∑∫√∞ ±1 €5"]
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 
 @pytest.fixture(scope="module")
 def texts(tiny_corpus) -> list[str]:
     """The tiny tokenizer's texts and MORE_TEXTS three times: the teachers' tokenizers and calibration data."""
     return tiny_corpus + MORE_TEXTS * 3
-
-
-def gemma_like_tokenizer(texts: list[str]):
-    """A BPE with byte fallback like Gemma's: spaces -> '▁', no pre-tokenizer, `<0xNN>` byte tokens, <bos> added."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    trainer_tok.normalizer = normalizers.Replace(" ", "▁")
-    trainer_tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS))
-    trained = json.loads(trainer_tok.to_str())["model"]
-    vocab = {t: i for i, t in enumerate(SPECIALS + [f"<0x{b:02X}>" for b in range(256)])}
-    for token in sorted(trained["vocab"], key=trained["vocab"].get):
-        vocab.setdefault(token, len(vocab))
-    merges = [tuple(m) for m in trained["merges"]]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.add_special_tokens(SPECIALS)
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
 
 
 @pytest.fixture(scope="module")
