@@ -33,6 +33,7 @@ module's directory and this one on sys.path, so test basenames must stay unique.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -66,6 +67,18 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_potstill_logger():
+    """Each test starts with potstill's logger as a new process has it. An in-process command that turns on progress
+    lines (`enable_progress_log`: export, student init, GGUF conversion) adds a handler bound to that test's captured
+    stderr; left in place, a later test's INFO lines went to a closed file and broke its one-line error check."""
+    logger = logging.getLogger("potstill")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
 
 
 # ---- tokenizer and models ----

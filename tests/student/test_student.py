@@ -219,7 +219,7 @@ def test_vocabulary_to_keep_skips_byte_tokens_the_tokenizer_lacks(texts):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
     assert "Ė" not in tokenizer.get_vocab()  # byte 0x16 never occurs in the texts
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:4]]
