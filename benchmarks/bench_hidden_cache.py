@@ -15,8 +15,9 @@ alpha = 0.5, bf16 mixed precision, teacher in bf16) on the same batch of 8 x 128
 the median per arm is reported, with its ratio to the online teacher.
 
 Run: `OMP_NUM_THREADS=1 python benchmarks/bench_hidden_cache.py --work DIR` (needs the `demo` extra). On 2 cores
-at load 10 the student's layer scoring took 17 minutes, each cache 2-3, the timed steps about 10; `--work` keeps the
-corpus, student and caches, so a rerun only times the steps.
+at load 3-10 the student's layer scoring took 17 minutes, each cache 2-3, one step of 8 x 128 tokens 100-200 s
+(a round of the three arms: ~7 minutes); `--work` keeps the corpus, student and caches, so a rerun only times the
+steps.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="work directory (default: a temporary one)")
     parser.add_argument("--corpus-bytes", type=int, default=40_000, help="corpus text per domain for the student")
     parser.add_argument("--rows", type=int, default=32, help="packed rows of 128 tokens the caches cover")
-    parser.add_argument("--rounds", type=int, default=5, help="timed steps per arm (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per arm (after one warm-up)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with tempfile.TemporaryDirectory() as tmp:
