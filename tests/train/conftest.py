@@ -2,6 +2,7 @@
 
 - `ddk_dir` (one per module): models_dir's student and teacher (the same seeds and configs) and JSONL files of 3
   domains for DDK runs;
+- `pruned` (one per module): a 4-layer teacher (hidden 64) and a 2-layer student cut from it (layers 0 and 3);
 - `distill_error(*args)`: `potstill distill ARGS` in this process as a user mistake: its one error line.
 """
 
@@ -12,6 +13,8 @@ import random
 from pathlib import Path
 
 import pytest
+
+from potstill.student.init import init_student_cli
 
 WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
 
@@ -56,3 +59,13 @@ def distill_error(run_main, assert_one_line_error):
         return line
 
     return run
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, tiny_tokenizer, build_model, models_dir):
+    """A 4-layer teacher (hidden 64) and a 2-layer student cut from it (layers 0 and 3), with models_dir's data."""
+    root = tmp_path_factory.mktemp("pruned")
+    build_model(tiny_tokenizer, 1, hidden=64, layers=4, max_positions=64, save_to=root / "teacher")
+    init_student_cli(root / "teacher", 2, root / "student", [], trim_vocab=False, selection="even")
+    (root / "train.jsonl").write_text((models_dir / "train.jsonl").read_text())
+    return root

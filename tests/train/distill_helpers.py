@@ -98,3 +98,16 @@ def interrupted_run(monkeypatch, cfg: DistillConfig, step: int) -> None:
         patch.setattr(DistillTrainer, "training_step", crash)
         with pytest.raises(_Crash):
             run_distill(cfg)
+
+
+def pair_models(root: Path):
+    """(student, teacher) loaded fresh from `root`."""
+    return (AutoModelForCausalLM.from_pretrained(root / n) for n in ("student", "teacher"))
+
+
+def loss_and_grads(trainer: DistillTrainer, batches: list[dict]) -> tuple[float, list[torch.Tensor]]:
+    """One optimizer step's summed loss over `batches` (micro-batches) and the gradients it leaves."""
+    trainer.model.zero_grad(set_to_none=True)
+    got, count = trainer.get_batch_samples(iter(batches), len(batches), trainer.args.device)
+    losses = [trainer.training_step(trainer.model, b, count).item() for b in got]
+    return sum(losses), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]

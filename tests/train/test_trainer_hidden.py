@@ -8,32 +8,24 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from distill_helpers import interrupted_run, make_cfg, overrides_for, ragged_batch, read_log
+from distill_helpers import (
+    interrupted_run,
+    loss_and_grads,
+    make_cfg,
+    overrides_for,
+    pair_models,
+    ragged_batch,
+    read_log,
+)
 from potstill.config import load_config
 from potstill.losses import scored_mask
 from potstill.losses.hidden import hidden_term
-from potstill.student.init import init_student_cli
 from potstill.teacher.online import OnlineTeacher
 from potstill.train.hidden import PROJECTION_ATTR, hidden_plan, layer_map
 from potstill.train.recipes import run_distill
 from potstill.train.setup import training_args
 from potstill.train.trainer import DistillTrainer
-
-
-@pytest.fixture(scope="module")
-def pruned(tmp_path_factory, tiny_tokenizer, build_model, models_dir):
-    """A 4-layer teacher (hidden 64) and a 2-layer student cut from it (layers 0 and 3), with models_dir's data."""
-    root = tmp_path_factory.mktemp("pruned")
-    build_model(tiny_tokenizer, 1, hidden=64, layers=4, max_positions=64, save_to=root / "teacher")
-    init_student_cli(root / "teacher", 2, root / "student", [], trim_vocab=False, selection="even")
-    (root / "train.jsonl").write_text((models_dir / "train.jsonl").read_text())
-    return root
-
-
-def _models(root):
-    return (AutoModelForCausalLM.from_pretrained(root / n) for n in ("student", "teacher"))
 
 
 def test_auto_map_of_a_pruned_student_is_where_its_layers_came_from(pruned, tmp_path):
@@ -54,7 +46,7 @@ def test_auto_map_of_another_student_spreads_evenly_and_explicit_maps_are_checke
 
 def _trainer(root, tmp_path, *extra):
     cfg = make_cfg(root, tmp_path / "run", "loss.alpha=0.5", "hidden.weight=0.7", *extra)
-    student, teacher = _models(root)
+    student, teacher = pair_models(root)
     plan = hidden_plan(cfg, student, teacher)
     trainer = DistillTrainer(
         model=student,
@@ -66,19 +58,12 @@ def _trainer(root, tmp_path, *extra):
     return trainer, plan
 
 
-def _grads(trainer, batches):
-    trainer.model.zero_grad(set_to_none=True)
-    got, count = trainer.get_batch_samples(iter(batches), len(batches), trainer.args.device)
-    losses = [trainer.training_step(trainer.model, b, count).item() for b in got]
-    return sum(losses), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
-
-
 @pytest.mark.parametrize("distance", ["mse", "cosine"])
 def test_fused_and_dense_give_the_same_loss_and_gradients(pruned, tmp_path, distance):
     batch = [ragged_batch(4, seed=3)]
     fused, _ = _trainer(pruned, tmp_path, f"hidden.distance={distance}")
     dense, _ = _trainer(pruned, tmp_path, f"hidden.distance={distance}", "loss.fused=false")
-    (lf, gf), (ld, gd) = _grads(fused, batch), _grads(dense, batch)
+    (lf, gf), (ld, gd) = loss_and_grads(fused, batch), loss_and_grads(dense, batch)
     assert lf == pytest.approx(ld, rel=1e-5)
     for a, b in zip(gf, gd, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -89,10 +74,10 @@ def test_the_step_adds_weight_times_the_hidden_term(pruned, tmp_path):
     batch = ragged_batch(4, seed=4)
     with_h, plan = _trainer(pruned, tmp_path)
     without = DistillTrainer(
-        model=next(_models(pruned)), args=with_h.args, teacher=with_h.teacher, loss_cfg=with_h.loss_cfg
+        model=next(pair_models(pruned)), args=with_h.args, teacher=with_h.teacher, loss_cfg=with_h.loss_cfg
     )
-    (l_h, _), (l_0, _) = _grads(with_h, [batch]), _grads(without, [batch])
-    student, teacher = _models(pruned)
+    (l_h, _), (l_0, _) = loss_and_grads(with_h, [batch]), loss_and_grads(without, [batch])
+    student, teacher = pair_models(pruned)
     with torch.no_grad():
         s = student(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
         t = teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
@@ -104,7 +89,10 @@ def test_the_step_adds_weight_times_the_hidden_term(pruned, tmp_path):
 def test_splitting_a_step_into_micro_batches_changes_nothing(pruned, tmp_path):
     batch = ragged_batch(4, seed=5)
     halves = [{k: v[i : i + 2] for k, v in batch.items()} for i in (0, 2)]
-    (l1, g1), (l2, g2) = _grads(_trainer(pruned, tmp_path)[0], [batch]), _grads(_trainer(pruned, tmp_path)[0], halves)
+    (l1, g1), (l2, g2) = (
+        loss_and_grads(_trainer(pruned, tmp_path)[0], [batch]),
+        loss_and_grads(_trainer(pruned, tmp_path)[0], halves),
+    )
     assert l1 == pytest.approx(l2, rel=1e-5)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -147,6 +135,8 @@ def test_projection_is_checkpointed_resumed_exactly_and_dropped(models_dir, tmp_
         (["hidden.weight=1", "train.recipe=step_by_step"], "train.recipe=distill"),
         (["hidden.weight=1", "hidden.distance=l2"], "hidden.distance"),
         (["hidden.weight=1", "hidden.layers={0: 9}", "hidden.projection=true"], "hidden.layers: 0: 9"),
+        (["hidden.weight=1", "hidden.filters.steps=-1"], "hidden.filters.steps"),
+        (["hidden.weight=1", "hidden.filters.steps=2", "hidden.filters.lr=0"], "hidden.filters.lr"),
     ],
 )
 def test_bad_settings_are_one_line_errors(models_dir, tmp_path, distill_error, extra, needle):

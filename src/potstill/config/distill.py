@@ -126,6 +126,18 @@ class LossConfig(Section):
         return v
 
 
+class HiddenFiltersConfig(Section):
+    """TED's task-aware filters (Liang et al. 2023; docs/hidden.md "Task-aware filters")."""
+
+    steps: int = Field(
+        default=0,
+        ge=0,
+        description="stage-1 steps: one linear filter per mapped teacher layer is trained on next-token CE through"
+        " the frozen teacher's head, then the term matches student filters to them (0 = off: raw states)",
+    )
+    lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate of the stage-1 filters")
+
+
 class HiddenConfig(Section):
     """Intermediate-layer (hidden-state) distillation, a third term beside KD and CE (TED-like; docs/hidden.md)."""
 
@@ -150,6 +162,9 @@ class HiddenConfig(Section):
         default=False,
         description="learn a linear map student width -> teacher width per mapped layer (needed when the widths"
         " differ; trained with the student, kept in checkpoints, dropped from the final student)",
+    )
+    filters: HiddenFiltersConfig = Field(
+        default_factory=HiddenFiltersConfig, description="TED's task-aware filters (filters.steps > 0 turns them on)"
     )
 
 

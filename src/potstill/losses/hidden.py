@@ -14,8 +14,11 @@ with P the learned projection where the widths differ (identity otherwise). The 
 
 normalized like the KD and CE terms (one division by the step's global count of scored positions), so it splits
 across gradient accumulation and ranks exactly. Matching normalized intermediate states is the layer-wise part of
-TinyBERT / MiniLM-style distillation; TED (Liang et al. 2023) matches the outputs of task-aware filters instead
-(not built here: the filters' first training stage is not part of this term).
+TinyBERT / MiniLM-style distillation.
+
+TED (Liang et al. 2023) matches the outputs of task-aware filters instead: `TaskFilter` is one such filter,
+g(h) = A LN(h) + b. With filters the term is the same sum with P h_s -> g_s(h_s) and h_t -> g_t(h_t) (the teacher's
+filters frozen after their first training stage, `potstill.train.filters`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,32 @@ def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str)
     raise ValueError(f"unknown hidden-state distance {distance!r}; expected one of {DISTANCES}")
 
 
+class TaskFilter(nn.Module):
+    """TED's task-aware filter of one layer: g(h) = A LN(h) + b, LN = parameter-free layer norm over the width.
+
+    The layer norm puts every layer's residual stream on one scale (it grows with depth), so one learning rate
+    fits all filters. `A` starts as the identity when the widths agree (the filter starts as "the state itself"),
+    else as nn.Linear's default.
+
+    Args:
+        d_in: the width of the states it reads ([..., d_in]).
+        d_out: the width of its output ([..., d_out]).
+    """
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+        if d_in == d_out:
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.eye(d_in))
+                self.linear.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] -> [..., d_out], in the filter's dtype."""
+        h = h.to(self.linear.weight.dtype)
+        return self.linear(F.layer_norm(h, h.shape[-1:]))
+
+
 def hidden_term(
     student_states: Sequence[torch.Tensor],
     teacher_states: Sequence[torch.Tensor],
@@ -65,7 +94,8 @@ def hidden_term(
         mask: [B, T - 1] bool, `scored_mask(labels)`: the positions that count (the last position predicts nothing).
         distance: see `hidden_distance`.
         num_tokens: the step's global count of scored positions (None: this batch's `mask.sum()`).
-        projections: one module per pair mapping H_s -> H_t, or None (equal widths).
+        projections: one module per pair mapping H_s -> H_t (a projection or the student's `TaskFilter`), or None
+            (equal widths, raw states).
 
     Returns:
         Scalar: the sum over pairs and scored positions of the distance, / (pairs * num_tokens); 0 when nothing

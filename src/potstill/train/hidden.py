@@ -5,6 +5,10 @@ projections (None with equal widths). The projections are a submodule of the stu
 (`potstill_hidden_projection`), so the Trainer optimizes them, DDP/FSDP wrap them, and checkpoints hold them (a
 resumed run continues them exactly); `detach_projections` removes them before the final student is saved, since a
 student is used without its teacher.
+
+With TED's filters (`hidden.filters.steps > 0`) the plan also holds the teacher's filters, trained first with the
+teacher frozen (`potstill.train.filters`), and the student's filters take the projections' place (same attribute,
+so the same checkpointing, resume and removal), each initialised from its teacher filter when the widths agree.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from torch import nn
 
 from potstill.config import DistillConfig
 from potstill.errors import UserError
+from potstill.losses.hidden import TaskFilter
 from potstill.models.lineage import kept_layers
+from potstill.teacher.online import OnlineTeacher
 
 PROJECTION_ATTR = "potstill_hidden_projection"
 
@@ -28,13 +34,16 @@ class HiddenPlan:
         student_layers: student decoder layers whose outputs are matched (0-based).
         teacher_layers: the teacher layer of each.
         distance: "mse" or "cosine".
-        projections: one Linear(H_s, H_t) per pair, or None (equal widths, no projection asked for).
+        projections: one Linear(H_s, H_t) per pair, or the student's `TaskFilter`s with TED's filters, or None
+            (equal widths, no projection asked for).
+        teacher_filters: the teacher's frozen `TaskFilter` per pair (TED), or None (raw teacher states).
     """
 
     student_layers: tuple[int, ...]
     teacher_layers: tuple[int, ...]
     distance: str
     projections: nn.ModuleList | None
+    teacher_filters: nn.ModuleList | None = None
 
 
 def layer_map(cfg: DistillConfig, n_student: int, n_teacher: int) -> dict[int, int]:
@@ -67,16 +76,35 @@ def layer_map(cfg: DistillConfig, n_student: int, n_teacher: int) -> dict[int, i
     return {i: round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)}
 
 
-def hidden_plan(cfg: DistillConfig, student: nn.Module, teacher: nn.Module) -> HiddenPlan | None:
-    """The run's `HiddenPlan` (None when `hidden.weight` is 0); attaches the projections to `student`.
+def hidden_plan(
+    cfg: DistillConfig, student: nn.Module, teacher: OnlineTeacher | nn.Module, train_ds=None
+) -> HiddenPlan | None:
+    """The run's `HiddenPlan` (None when `hidden.weight` is 0); attaches the projections (or filters) to `student`.
+
+    Args:
+        cfg: the run's config.
+        student: the student model.
+        teacher: the online teacher (or its model, without `hidden.filters`).
+        train_ds: the packed training data (TED's first stage trains the teacher's filters on it).
 
     Raises:
-        UserError: see `layer_map`; widths that differ without `hidden.projection`.
+        UserError: see `layer_map`; widths that differ without `hidden.projection` or `hidden.filters`.
     """
     if cfg.hidden.weight == 0:
         return None
-    mapping = layer_map(cfg, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    h_s, h_t = student.config.hidden_size, teacher.config.hidden_size
+    model = teacher.model if isinstance(teacher, OnlineTeacher) else teacher
+    mapping = layer_map(cfg, student.config.num_hidden_layers, model.config.num_hidden_layers)
+    h_s, h_t = student.config.hidden_size, model.config.hidden_size
+    if cfg.hidden.filters.steps:
+        from potstill.train.filters import train_teacher_filters
+
+        teacher_filters, _ = train_teacher_filters(cfg, teacher, train_ds, tuple(mapping.values()))
+        projections = nn.ModuleList(TaskFilter(h_s, h_t) for _ in mapping)
+        if h_s == h_t:
+            projections.load_state_dict(teacher_filters.state_dict())
+        projections.to(device=student.device, dtype=student.dtype)
+        setattr(student, PROJECTION_ATTR, projections)
+        return HiddenPlan(tuple(mapping), tuple(mapping.values()), cfg.hidden.distance, projections, teacher_filters)
     projections = None
     if cfg.hidden.projection:
         projections = nn.ModuleList(nn.Linear(h_s, h_t, bias=False) for _ in mapping)

@@ -72,7 +72,7 @@ class KDRecipe:
             mixing = setup_mixing(cfg, train_ds, data.eval_ds, teacher, out)
             train_ds = mixing.train_ds
         cache = open_cache(cfg, models.tokenizer, train_ds)
-        plan = hidden_plan(cfg, models.student, models.teacher.model) if _same_ids(models.teacher) else None
+        plan = hidden_plan(cfg, models.student, models.teacher, train_ds) if _same_ids(models.teacher) else None
         trainer = DistillTrainer(
             model=models.student,
             args=training_args(cfg),

@@ -201,6 +201,9 @@ def kd_micro_step(
     terms = loss_terms(outputs, inputs["labels"], targets, head if fused else None, loss, num_tokens, weights)
     if hidden is not None:
         states = [outputs.hidden_states[i + 1] for i in hidden.student_layers]
+        if hidden.teacher_filters is not None:  # TED: the teacher's frozen task-aware filters
+            with torch.no_grad():
+                teacher_states = [f(t) for f, t in zip(hidden.teacher_filters, teacher_states, strict=True)]
         mask = scored_mask(inputs["labels"])
         terms.hidden = hidden_term(states, teacher_states, mask, hidden.distance, num_tokens, hidden.projections)
     return terms, outputs
