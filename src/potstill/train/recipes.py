@@ -16,7 +16,6 @@ own samples, graded by the teacher).
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from potstill.config import DistillConfig
-from potstill.errors import Stopped, UserError
+from potstill.errors import UserError
 from potstill.fileio import disk_problem, write_json_atomic
 from potstill.models.load import quiet_hf_progress
 from potstill.teacher.cross import CrossTokenizerTeacher
@@ -145,11 +144,7 @@ def run_distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -
                 result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             if stop.signum and trainer.state.global_step < trainer.state.max_steps:
                 step = trainer.state.global_step
-                raise Stopped(
-                    f"stopped by {signal.Signals(stop.signum).name} after step {step} (saved {out}/checkpoint-{step});"
-                    " rerun the same command to resume",
-                    128 + stop.signum,
-                )
+                raise stop.stopped(f"after step {step} (saved {out}/checkpoint-{step})")
             detach_projections(trainer.accelerator.unwrap_model(trainer.model))
             save_student(trainer, out / STUDENT_DIR, models.tokenizer, cfg.model.student)
         except Exception as err:  # a checkpoint cut short by a full disk: the rerun resumes from the last whole one
