@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from potstill import __version__
-from potstill.errors import UserError
+from potstill.errors import Stopped, UserError
 
 app = typer.Typer(
     name="potstill",
@@ -420,6 +420,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(f"potstill: error: {problem}", err=True)
         sys.exit(2)
+    except Stopped as err:  # a graceful stop (SIGTERM / SIGINT) that saved what a rerun resumes from
+        typer.echo(f"potstill: {err}", err=True)
+        sys.exit(err.status)
     except KeyboardInterrupt:
         typer.echo("potstill: interrupted (rerun the same command to resume)", err=True)
         sys.exit(130)

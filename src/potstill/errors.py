@@ -7,3 +7,15 @@ the process exits with status 2. Messages name the file, line, field or option a
 
 class UserError(Exception):
     """A mistake in the user's input (file, option, config value): reported in one line."""
+
+
+class Stopped(Exception):
+    """A long job stopped on request (SIGTERM / SIGINT) after saving what a rerun of the same command resumes from.
+
+    The CLI prints the message as one line and exits with `status` (128 + the signal number, as a shell reports a
+    process killed by it).
+    """
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status

@@ -110,11 +110,13 @@ def test_reference_lists_fields_types_defaults_and_options():
 
 
 def test_save_steps_is_described_as_the_trainer_does_it():
-    """0 -> save_strategy "no": no checkpoint at all (not one at the end); the student is saved either way."""
+    """0 -> save_strategy "no": no periodic checkpoint (not one at the end; only a graceful stop saves one, see
+    tests/train/test_stopping.py); the student is saved either way."""
     from potstill.config import TrainConfig
 
     desc = TrainConfig.model_fields["save_steps"].description
-    assert "0 = no checkpoints at all" in desc and "OUT/student" in desc and "only at the end" not in desc
+    assert "0 = no periodic checkpoints" in desc and "SIGTERM" in desc and "OUT/student" in desc
+    assert "only at the end" not in desc
 
 
 # ----- what a run needs: validators on DistillConfig ---------------------------------------------------------------

@@ -308,8 +308,8 @@ class TrainConfig(Section):
         default=0,
         ge=0,
         description="write a resumable checkpoint (OUT/checkpoint-N: model, optimizer, scheduler, RNG) every N"
-        " optimizer steps and after the last one, keeping the newest 2; 0 = no checkpoints at all, so an"
-        " interrupted run starts over. The trained student is saved to OUT/student at the end either way",
+        " optimizer steps and after the last one, keeping the newest 2; 0 = no periodic checkpoints, so a killed run"
+        " starts over (a SIGTERM / SIGINT still saves one and stops). OUT/student is saved at the end either way",
     )
     overwrite: bool = Field(
         default=False,

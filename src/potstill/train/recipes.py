@@ -34,6 +34,7 @@ from potstill.train.on_policy import OnPolicyRecipe
 from potstill.train.rundir import LOG_FILE, STUDENT_DIR, SUMMARY_FILE, resume_point, save_student, start_run_dir
 from potstill.train.setup import Models, load_data, load_models, open_cache, training_args
 from potstill.train.step_by_step import StepByStepRecipe
+from potstill.train.stopping import GracefulStop
 from potstill.train.trainer import DistillTrainer, IndexedDataset, JsonlLogger
 
 
@@ -132,13 +133,18 @@ def run_distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -
         models = load_models(cfg)
         trainer = recipe.trainer(cfg, models, out, data)
         trainer.remove_callback(PrinterCallback)
-        for callback in (JsonlLogger(out / LOG_FILE), *callbacks):
+        stop = GracefulStop()
+        for callback in (JsonlLogger(out / LOG_FILE), stop, *callbacks):
             trainer.add_callback(callback)
         if trainer.is_world_process_zero():
             start_run_dir(out, cfg, resume)
         trainer.accelerator.wait_for_everyone()
         try:
-            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            with stop:
+                result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            if stop.signum and trainer.state.global_step < trainer.state.max_steps:
+                step = trainer.state.global_step
+                raise stop.stopped(f"after step {step} (saved {out}/checkpoint-{step})")
             detach_projections(trainer.accelerator.unwrap_model(trainer.model))
             save_student(trainer, out / STUDENT_DIR, models.tokenizer, cfg.model.student)
         except Exception as err:  # a checkpoint cut short by a full disk: the rerun resumes from the last whole one

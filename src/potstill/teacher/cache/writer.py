@@ -25,6 +25,7 @@ from potstill.launch import world_size
 from potstill.losses import scored_mask
 from potstill.losses.sparse import topk_targets
 from potstill.models.heads import linear_head
+from potstill.signals import StopSignals
 from potstill.teacher.cache.codec import Codec
 from potstill.teacher.cache.format import (
     BUILD,
@@ -300,14 +301,21 @@ class _Scorer:
 def write_shards(
     plan: _Plan, scorer: _Scorer, batch_size: int, *, rank: int = 0, world: int = 1, progress: bool = True
 ) -> None:
-    """Write this rank's missing shards (shard j belongs to rank j % world); existing shards are complete."""
+    """Write this rank's missing shards (shard j belongs to rank j % world); existing shards are complete.
+
+    A SIGTERM / SIGINT stops it after the shard being written (`potstill.signals`): it raises `Stopped`, and a rerun
+    resumes from the next shard.
+    """
     from tqdm.auto import tqdm
 
     mine = [j for j in range(rank, plan.n_shards, world) if not (plan.out / shard_name(j)).is_file()]
     total = sum(len(plan.shard_range(j)) for j in mine) * plan.codec.seq_len
-    with tqdm(total=total, unit="tok", unit_scale=True, desc="teacher cache", disable=not progress or rank != 0) as bar:
-        for j in mine:
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="teacher cache", disable=not progress or rank != 0)
+    with StopSignals() as stop, bar:
+        for n, j in enumerate(mine, 1):
             _write_shard(plan, scorer, j, batch_size, bar)
+            if stop.signum and n < len(mine):
+                raise stop.stopped(f"after {shard_name(j)} ({n} of {len(mine)} missing shards written to {plan.out})")
 
 
 def _write_shard(plan: _Plan, scorer: _Scorer, j: int, batch_size: int, bar) -> None:
