@@ -1,7 +1,8 @@
 """Write an HF Llama or Gemma 3 causal LM (a potstill student, trimmed vocabulary included) as a GGUF file.
 
-Tensors are named by the `gguf` library's tensor-name maps and quantized by its numpy quantizers; hyperparameters
-and tokenizer metadata use llama.cpp's key names, so both llama.cpp and transformers (`gguf_file=`) read the file.
+Tensors are named by the `gguf` library's tensor-name maps and quantized by its numpy quantizers (4- and 5-bit files
+keep the token embedding and output head at q8_0, `KEEP_8BIT`); hyperparameters and tokenizer metadata use
+llama.cpp's key names, so both llama.cpp and transformers (`gguf_file=`) read the file.
 Two layout conventions of llama.cpp differ from HF and are applied here:
 
 - Llama: llama.cpp rotates interleaved pairs, HF rotates halves, so the q/k projection rows of each head are
