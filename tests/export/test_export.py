@@ -209,7 +209,7 @@ def test_partial_utf8_ids_are_the_multibyte_byte_tokens(texts):
     assert set(partial) == byte_ids
 
 
-@pytest.mark.parametrize("name", ["llama", pytest.param("gemma", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["llama", "gemma"])
 def test_4bit_keeps_the_embedding_at_8bit_and_errs_less(models, tmp_path, monkeypatch, name):
     """q4_0 with the embedding (tied: also the output head) at q8_0 vs every 2-D weight at q4_0, side by side."""
     from gguf import GGUFReader
