@@ -1,7 +1,8 @@
 """Write an HF Llama or Gemma 3 causal LM (a potstill student, trimmed vocabulary included) as a GGUF file.
 
-Tensors are named by the `gguf` library's tensor-name maps and quantized by its numpy quantizers; hyperparameters
-and tokenizer metadata use llama.cpp's key names, so both llama.cpp and transformers (`gguf_file=`) read the file.
+Tensors are named by the `gguf` library's tensor-name maps and quantized by its numpy quantizers (4- and 5-bit files
+keep the token embedding and output head at q8_0, `KEEP_8BIT`); hyperparameters and tokenizer metadata use
+llama.cpp's key names, so both llama.cpp and transformers (`gguf_file=`) read the file.
 Two layout conventions of llama.cpp differ from HF and are applied here:
 
 - Llama: llama.cpp rotates interleaved pairs, HF rotates halves, so the q/k projection rows of each head are
@@ -27,6 +28,11 @@ from potstill.errors import UserError
 # quantization name -> GGMLQuantizationType name (2-D weights); 1-D tensors (norms) always stay F32
 GGUF_QUANTS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1",
                "q4_0": "Q4_0", "q4_1": "Q4_1"}  # fmt: skip
+# 4- and 5-bit quantizations -> the type of the token embedding and output head (GGUF names below), which stay at
+# 8 bits: a tied embedding is also the output head, whose error reaches every logit directly; llama.cpp's quantizer
+# likewise keeps them higher. Measured in docs/export.md: less error at q5_0, higher top-1 agreement at q4_0
+KEEP_8BIT = {"q5_0": "Q8_0", "q5_1": "Q8_0", "q4_0": "Q8_0", "q4_1": "Q8_0"}
+EMBEDDING_TENSORS = ("token_embd", "output")
 # HF model_type -> (gguf arch name, whether norms store 1 + w, whether q/k rows are reordered for rope)
 ARCHES = {"llama": ("llama", False, True), "gemma3_text": ("gemma3", True, False)}
 # token types of llama.cpp's vocabulary
@@ -96,7 +102,7 @@ def write_gguf(model, tokenizer, out: Path, quant: str, name: str) -> dict:
         if permute_qk and base.endswith(("q_proj", "k_proj")):
             heads = config.num_attention_heads if base.endswith("q_proj") else config.num_key_value_heads
             data = _interleave_rope_rows(data, heads)
-        qtype = _tensor_type(data, quant)
+        qtype = _tensor_type(data, quant, gguf_name)
         stored = data if qtype.name == "F32" else gguf.quants.quantize(data, qtype)
         writer.add_tensor(f"{gguf_name}.{suffix}", stored, raw_dtype=qtype)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
@@ -122,13 +128,15 @@ def _file_type(quant: str) -> int:
     )
 
 
-def _tensor_type(data: np.ndarray, quant: str):
-    """The ggml type of one tensor: F32 for 1-D, the requested type for 2-D (F16 where rows miss the block)."""
+def _tensor_type(data: np.ndarray, quant: str, gguf_name: str):
+    """The ggml type of one tensor: F32 for 1-D, the requested type for 2-D (the embedding and output head of 4- and
+    5-bit files at `KEEP_8BIT`'s type; F16 where rows miss the block)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     if data.ndim < 2:
         return GGMLQuantizationType.F32
-    qtype = GGMLQuantizationType[GGUF_QUANTS[quant]]
+    kept = KEEP_8BIT.get(quant) if gguf_name in EMBEDDING_TENSORS else None
+    qtype = GGMLQuantizationType[kept or GGUF_QUANTS[quant]]
     block = GGML_QUANT_SIZES[qtype][0]
     return qtype if data.shape[-1] % block == 0 else GGMLQuantizationType.F16
 
