@@ -69,3 +69,32 @@ def pruned(tmp_path_factory, tiny_tokenizer, build_model, models_dir):
     init_student_cli(root / "teacher", 2, root / "student", [], trim_vocab=False, selection="even")
     (root / "train.jsonl").write_text((models_dir / "train.jsonl").read_text())
     return root
+
+
+def prompt_rows(n: int) -> list[dict]:
+    """n seeded prompt/completion records of a few WORDS (the first rows are the same for any n)."""
+    rng = random.Random(0)
+    return [
+        {"prompt": " ".join(rng.choice(WORDS) for _ in range(2 + i % 3)) + ":", "completion": " " + rng.choice(WORDS)}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(name="prompt_rows", scope="session")
+def prompt_rows_fixture():
+    """prompt_rows(n) -> n seeded prompt/completion records (on-policy tests)."""
+    return prompt_rows
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    """A JSONL file of the 12 first `prompt_rows`."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in prompt_rows(12)))
+    return path
+
+
+@pytest.fixture
+def pair(make_model_dir):
+    """(student dir, teacher dir): tiny models of seeds 0 and 1."""
+    return make_model_dir("student", seed=0), make_model_dir("teacher", seed=1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -15,8 +14,6 @@ from potstill.losses import IGNORE_INDEX
 from potstill.losses.policy import sampled_reverse_kl
 from potstill.train.on_policy import PromptDataset, rollout
 from potstill.train.recipes import run_distill
-
-WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
 
 
 def test_surrogate_is_the_reverse_kl_and_its_gradient_in_expectation():
@@ -33,23 +30,6 @@ def test_surrogate_is_the_reverse_kl_and_its_gradient_in_expectation():
     torch.testing.assert_close(expected, exact.detach())
     torch.testing.assert_close(g_expected, g_exact)
     assert exact.item() > 0.1  # distinct distributions: the check is not trivially 0 == 0
-
-
-@pytest.fixture
-def prompts(tmp_path):
-    rng = random.Random(0)
-    rows = [
-        {"prompt": " ".join(rng.choice(WORDS) for _ in range(2 + i % 3)) + ":", "completion": " " + rng.choice(WORDS)}
-        for i in range(12)
-    ]
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-@pytest.fixture
-def pair(make_model_dir):
-    return make_model_dir("student", seed=0), make_model_dir("teacher", seed=1)
 
 
 def test_rollout_keeps_the_prompt_scores_only_the_new_tokens_and_is_seeded(prompts, tiny_tokenizer, make_model):
@@ -158,7 +138,7 @@ def test_bad_rows_are_named_by_file_and_line(pair, tmp_path, tiny_tokenizer):
     with pytest.raises(UserError, match=r"text.jsonl:2: train.recipe=on_policy needs prompt/completion rows"):
         PromptDataset([str(text)], tiny_tokenizer, seq_len=40, max_new_tokens=6)
     long = tmp_path / "long.jsonl"
-    long.write_text(json.dumps({"prompt": " ".join(WORDS * 3), "completion": " x"}) + "\n")
+    long.write_text(json.dumps({"prompt": " ".join(["word"] * 54), "completion": " x"}) + "\n")
     with pytest.raises(UserError, match=r"long.jsonl:1: prompt of \d+ tokens \+ on_policy.max_new_tokens 6 exceeds"):
         PromptDataset([str(long)], tiny_tokenizer, seq_len=40, max_new_tokens=6)
 

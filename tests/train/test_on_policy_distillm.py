@@ -4,7 +4,6 @@ resume with both (and the running baseline) carried in checkpoints."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -13,16 +12,10 @@ from transformers import AutoModelForCausalLM, Trainer
 from potstill.config import load_config
 from potstill.train.recipes import run_distill
 
-WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
-
 
 @pytest.fixture
-def files(tmp_path, make_model_dir):
-    rng = random.Random(0)
-    rows = [
-        {"prompt": " ".join(rng.choice(WORDS) for _ in range(2 + i % 3)) + ":", "completion": " " + rng.choice(WORDS)}
-        for i in range(15)
-    ]
+def files(tmp_path, make_model_dir, prompt_rows):
+    rows = prompt_rows(15)
     train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train.write_text("".join(json.dumps(row) + "\n" for row in rows[:12]))
     held.write_text("".join(json.dumps(row) + "\n" for row in rows[12:]))

@@ -4,7 +4,6 @@ MiniLLM (teacher-mixed rollouts included), and their bad settings."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -15,25 +14,6 @@ from potstill.errors import UserError
 from potstill.train.on_policy import PromptDataset
 from potstill.train.recipes import run_distill
 from potstill.train.rollouts import mixed_rollout, rollout
-
-WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
-
-
-@pytest.fixture
-def prompts(tmp_path):
-    rng = random.Random(0)
-    rows = [
-        {"prompt": " ".join(rng.choice(WORDS) for _ in range(2 + i % 3)) + ":", "completion": " " + rng.choice(WORDS)}
-        for i in range(12)
-    ]
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-@pytest.fixture
-def pair(make_model_dir):
-    return make_model_dir("student", seed=0), make_model_dir("teacher", seed=1)
 
 
 def _opts(pair, prompts, out, *extra):
