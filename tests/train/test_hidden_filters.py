@@ -6,15 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from distill_helpers import interrupted_run, loss_and_grads, make_cfg, pair_models, ragged_batch, read_log
+from distill_helpers import loss_and_grads, make_cfg, pair_models, ragged_batch
 from potstill.data import load_dataset
 from potstill.models.load import load_tokenizer
 from potstill.teacher.online import OnlineTeacher
 from potstill.train.filters import train_teacher_filters
-from potstill.train.hidden import PROJECTION_ATTR, hidden_plan
-from potstill.train.recipes import run_distill
+from potstill.train.hidden import hidden_plan
 from potstill.train.setup import training_args
 from potstill.train.trainer import DistillTrainer
 
@@ -69,22 +67,3 @@ def test_the_filtered_term_is_the_direct_formula(pruned, tmp_path):
     direct = sum(per_pair) / 2
     assert direct > 0
     assert l_f - l_0 == pytest.approx(0.7 * direct.item(), rel=1e-4)
-
-
-@pytest.mark.parametrize("widths", ["equal", pytest.param("differ", marks=pytest.mark.slow)])
-def test_filters_resume_exactly_and_are_dropped(pruned, models_dir, tmp_path, monkeypatch, widths):
-    root = pruned if widths == "equal" else models_dir
-    opts = ("hidden.weight=1", "hidden.filters.steps=3", "train.max_steps=4", "train.save_steps=2")
-    full = run_distill(make_cfg(root, tmp_path / "full", *opts))
-    cut = make_cfg(root, tmp_path / "cut", *opts)
-    interrupted_run(monkeypatch, cut, step=3)
-    saved = load_file(tmp_path / "cut" / "checkpoint-2" / "model.safetensors")
-    assert any(k.startswith(PROJECTION_ATTR) for k in saved)
-    resumed = run_distill(cut)
-    a, b = (load_file(run / "student" / "model.safetensors") for run in (full, resumed))
-    assert not any(k.startswith(PROJECTION_ATTR) for k in a) and a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    logs = read_log(full)
-    assert all(e["hidden"] > 0 for e in logs)
-    assert [e["loss"] for e in logs] == pytest.approx([e["loss"] for e in read_log(resumed)], rel=1e-6)

@@ -112,10 +112,19 @@ def test_widths_that_differ_need_a_projection(models_dir, distill_error):
     assert "hidden.projection" in line and "32" in line and "64" in line
 
 
-def test_projection_is_checkpointed_resumed_exactly_and_dropped(models_dir, tmp_path, monkeypatch):
-    opts = ("hidden.weight=1", "hidden.projection=true", "train.max_steps=4", "train.save_steps=2")
-    full = run_distill(make_cfg(models_dir, tmp_path / "full", *opts))
-    cut = make_cfg(models_dir, tmp_path / "cut", *opts)
+@pytest.mark.parametrize(
+    "kind", ["projection", "filters", pytest.param("filters, widths differ", marks=pytest.mark.slow)]
+)
+def test_projection_or_filters_are_checkpointed_resumed_exactly_and_dropped(
+    kind, models_dir, pruned, tmp_path, monkeypatch
+):
+    """Projections (widths differ) or TED's student filters (equal widths: initialised from the teacher's; differing
+    widths: fresh) are trained with the student, kept in checkpoints, resumed exactly and removed at the end."""
+    root = pruned if kind == "filters" else models_dir
+    extra = "hidden.projection=true" if kind == "projection" else "hidden.filters.steps=3"
+    opts = ("hidden.weight=1", extra, "train.max_steps=4", "train.save_steps=2")
+    full = run_distill(make_cfg(root, tmp_path / "full", *opts))
+    cut = make_cfg(root, tmp_path / "cut", *opts)
     interrupted_run(monkeypatch, cut, step=3)
     saved = load_file(tmp_path / "cut" / "checkpoint-2" / "model.safetensors")
     assert any(k.startswith(PROJECTION_ATTR) for k in saved)
@@ -124,7 +133,9 @@ def test_projection_is_checkpointed_resumed_exactly_and_dropped(models_dir, tmp_
     assert not any(k.startswith(PROJECTION_ATTR) for k in a) and a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    assert [e["loss"] for e in read_log(full)] == pytest.approx([e["loss"] for e in read_log(resumed)], rel=1e-6)
+    logs = read_log(full)
+    assert all(e["hidden"] > 0 for e in logs)
+    assert [e["loss"] for e in logs] == pytest.approx([e["loss"] for e in read_log(resumed)], rel=1e-6)
 
 
 @pytest.mark.parametrize(
