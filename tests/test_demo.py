@@ -111,3 +111,28 @@ def test_quick_demo_end_to_end(tmp_path: Path, run_cli):
     assert all((out / p).is_file() for p in report["plots"]) and (out / "report.md").is_file()
     again = run_cli("demo", "--quick", "--out", out, timeout=600)  # finished: every step is skipped
     assert again.returncode == 0 and "skipped" in again.stderr
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_demo_runs_in_float32_where_bf16_is_emulated(fast: bool, monkeypatch, tmp_path: Path):
+    from potstill.models import load
+
+    settings = demo.load_demo_settings(quick=True)
+    assert settings.distill["train"]["mixed_precision"] == "bf16"  # demo.yaml's choice for a CPU with native bf16
+    monkeypatch.setattr(load, "bf16_is_fast", lambda: fast)
+    fitted = demo.fit_to_machine(settings)
+    if fast:
+        assert fitted == settings
+    else:
+        assert fitted.distill["model"]["teacher_dtype"] == "float32"
+        assert fitted.distill["train"]["mixed_precision"] == "no" and fitted.student.calib_dtype == "float32"
+        assert settings.distill["train"]["mixed_precision"] == "bf16"  # the loaded settings are not changed
+        for arm in ("kd", "ce"):  # each arm's config validates, in float32
+            cfg = demo.arm_config(fitted, arm, Path("out"), Path("teacher"))
+            assert cfg.train.mixed_precision == "no"
+
+
+def test_bf16_probe_answers_a_bool():
+    from potstill.models.load import bf16_is_fast
+
+    assert isinstance(bf16_is_fast(), bool)

@@ -42,6 +42,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("POTSTILL_CACHE") or Path.home() / ".cache" / "potstill")
 
 
+def bf16_is_fast() -> bool:
+    """Whether bfloat16 matmuls run here at least half as fast as float32: on a GPU, or on a CPU with native bf16
+    (AVX512-BF16 / AMX). Other CPUs emulate bf16: on an AVX2-only AMD EPYC a [512, 640] x [640, 2048] bf16 matmul
+    took 5.4 s against 60 ms in float32 (2026-12-02). A probe of about a millisecond: one small matmul in each dtype,
+    best of 3 after a warm-up."""
+    if torch.cuda.is_available():
+        return True
+    a, b = torch.randn(64, 256), torch.randn(256, 256)
+
+    def best(x: torch.Tensor, y: torch.Tensor) -> float:
+        x @ y  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(a.bfloat16(), b.bfloat16()) <= 2 * best(a, b)
+
+
 def enable_progress_log() -> None:
     """Show potstill's INFO progress lines on stderr (for CLI entry points; no-op if already configured)."""
     root = logging.getLogger("potstill")
