@@ -162,12 +162,12 @@ def run_demo(
     settings = load_demo_settings(quick)
     if teacher_cache:
         settings = settings.model_copy(update={"teacher_source": "cache"})
+    state = _open_state(out, "quick" if quick else "full", settings, overwrite)
     from potstill.models.load import enable_progress_log  # imports torch: after the quick checks
 
     enable_progress_log()
-    settings = fit_to_machine(settings)
-    state = _open_state(out, "quick" if quick else "full", settings, overwrite)
-    ctx = {"out": out, "settings": settings, "state": state}
+    # demo.yaml's settings are what the state compares (machine-independent); the steps run the machine's fit
+    ctx = {"out": out, "settings": fit_to_machine(settings), "state": state}
     steps = variant_steps(settings)
     for i, (name, step) in enumerate(steps.items(), 1):
         if name in state["done"]:
