@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer
+from transformers import AutoModelForCausalLM
 
+from distill_helpers import interrupted_run
 from potstill.config import OnPolicyConfig, load_config
 from potstill.errors import UserError
 from potstill.losses import IGNORE_INDEX
@@ -91,24 +92,10 @@ def test_lambda_zero_never_samples(pair, prompts, tmp_path, monkeypatch):
     assert all(entry["on_policy_fraction"] == 0.0 and "rollout_len" not in entry for entry in logs)
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_resumed_run_samples_and_ends_as_the_uninterrupted_one(pair, prompts, tmp_path, monkeypatch):
     opts = ("train.max_steps=4", "train.save_steps=2", "on_policy.lmbda=0.5")
     full = run_distill(_cfg(pair, prompts, tmp_path / "full", *opts))
-    original = Trainer._save_checkpoint
-
-    def killed_after_checkpoint_2(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if self.state.global_step == 2:
-            raise _Killed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_save_checkpoint", killed_after_checkpoint_2)
-        with pytest.raises(_Killed):
-            run_distill(_cfg(pair, prompts, tmp_path / "resumed", *opts))
+    interrupted_run(monkeypatch, _cfg(pair, prompts, tmp_path / "resumed", *opts), step=2)  # after checkpoint-2
     resumed = run_distill(_cfg(pair, prompts, tmp_path / "resumed", *opts))
     assert _log(resumed) == _log(full)
     assert {e["on_policy_fraction"] for e in _log(full)} == {0.0, 1.0}  # both kinds of micro-batch happened

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer
+from transformers import AutoModelForCausalLM
 
+from distill_helpers import interrupted_run
 from potstill.config import load_config
 from potstill.train.recipes import run_distill
 
@@ -22,7 +23,7 @@ def files(tmp_path, make_model_dir, prompt_rows):
     return make_model_dir("student", seed=0), make_model_dir("teacher", seed=1), train, held
 
 
-def _run(files, out, *extra):
+def _cfg(files, out, *extra):
     student, teacher, train, held = files
     opts = [
         f"model.student={student}", f"model.teacher={teacher}", f"data.train=[{train}]", f"data.eval=[{held}]",
@@ -30,7 +31,11 @@ def _run(files, out, *extra):
         "train.lr=0.003", "train.warmup_steps=0", "train.logging_steps=1", "loss.alpha=1.0", "loss.name=srkl",
         "on_policy.max_new_tokens=5", *extra,
     ]  # fmt: skip
-    run = run_distill(load_config(None, opts, run=True))
+    return load_config(None, opts, run=True)
+
+
+def _run(files, out, *extra):
+    run = run_distill(_cfg(files, out, *extra))
     return run, [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
@@ -65,10 +70,6 @@ def test_replay_buffer_serves_the_student_batches_once_full(files, tmp_path, mon
     )
 
 
-class _Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize(
     "opts",
     [
@@ -85,17 +86,7 @@ def test_resumed_run_equals_the_uninterrupted_one(files, tmp_path, monkeypatch, 
     """Killed after checkpoint 2 of 5, then resumed: the same logs (samples, lambda, replay, baseline) and weights."""
     opts = ("train.max_steps=5", "train.save_steps=2", *opts)
     full, full_log = _run(files, tmp_path / "full", *opts)
-    original = Trainer._save_checkpoint
-
-    def killed_after_checkpoint_2(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if self.state.global_step == 2:
-            raise _Killed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_save_checkpoint", killed_after_checkpoint_2)
-        with pytest.raises(_Killed):
-            _run(files, tmp_path / "resumed", *opts)
+    interrupted_run(monkeypatch, _cfg(files, tmp_path / "resumed", *opts), step=2)  # after checkpoint-2
     resumed, resumed_log = _run(files, tmp_path / "resumed", *opts)
     assert resumed_log == full_log
     if "on_policy.replay_size=4" in opts:  # the buffer was used after the resume point, lambda moved
