@@ -126,7 +126,8 @@ def means_table(results: dict, seeds: list[int]) -> str:
         return f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
     head = "| arm | seeds | overall bpb | " + " | ".join(domains) + " | worst ratio (domains) |"
-    lines = [f"Means over seeds {seeds} (± half the spread between seeds):", "", head, "|---" * (len(domains) + 4) + "|"]
+    lines = [f"Means over seeds {seeds} (± half the spread between seeds):", "", head]
+    lines.append("|---" * (len(domains) + 4) + "|")
     for arm, runs in rows.items():
         worst = sorted({r["worst_domain"] for r in runs})
         lines.append(
