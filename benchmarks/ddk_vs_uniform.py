@@ -104,8 +104,11 @@ def split_ddk_eval(data: Path, eval_tokens: int) -> list[str]:
     return sorted(need)
 
 
-def tiny_pair(data: Path, root: Path, teacher_steps: int, seq_len: int) -> tuple[Path, Path]:
-    """A BPE tokenizer on the corpus, a teacher trained CE-only on it, and a random smaller student."""
+def tiny_pair(
+    data: Path, root: Path, teacher_steps: int, seq_len: int, teacher_shape: tuple[int, int] = (128, 4)
+) -> tuple[Path, Path]:
+    """A BPE tokenizer on the corpus, a teacher (hidden, layers = `teacher_shape`) trained CE-only on it, and a
+    random smaller student."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -122,7 +125,7 @@ def tiny_pair(data: Path, root: Path, teacher_steps: int, seq_len: int) -> tuple
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
     dirs = {}
-    for name, hidden, layers in (("teacher_init", 128, 4), ("student", 48, 2)):
+    for name, hidden, layers in (("teacher_init", *teacher_shape), ("student", 48, 2)):
         torch.manual_seed(0)
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
