@@ -95,7 +95,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    started, stamp, load_before = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds"), os.getloadavg()
+    started, stamp, load_before = (
+        time.perf_counter(),
+        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        os.getloadavg(),
+    )
     tokenizer = scene_tokenizer()
     pixels, examples = make_scenes(args.train_scenes, seed=0)
     test_pixels, test_examples = make_scenes(args.test_scenes, seed=10_000)
@@ -141,14 +145,18 @@ def table(results: dict) -> str:
     keys = (("caption", "exact_match"), ("caption", "chrf"), ("vqa", "exact_match"))
     lines = ["| model | caption exact match | caption chrF | VQA accuracy |", "|---|---:|---:|---:|"]
     t = results["teacher"]
-    lines.append(f"| teacher ({results['params']['teacher']:,} params) | " + " | ".join(f"{t[a][b]:.3f}" for a, b in keys) + " |")
+    lines.append(
+        f"| teacher ({results['params']['teacher']:,} params) | " + " | ".join(f"{t[a][b]:.3f}" for a, b in keys) + " |"
+    )
     for arm in ("kd", "ce"):
         runs = [r["heldout"] for r in results["runs"] if r["arm"] == arm]
         cells = []
         for a, b in keys:
             v = [r[a][b] for r in runs]
             cells.append(f"{sum(v) / len(v):.3f} ± {(max(v) - min(v)) / 2:.3f}")
-        lines.append(f"| {arm} ({results['params']['student']:,} params, {len(runs)} seeds) | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {arm} ({results['params']['student']:,} params, {len(runs)} seeds) | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 

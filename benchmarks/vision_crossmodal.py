@@ -90,7 +90,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    started, stamp, load_before = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds"), os.getloadavg()
+    started, stamp, load_before = (
+        time.perf_counter(),
+        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        os.getloadavg(),
+    )
     local = args.work / "images"
     render_emoji(local / "emoji", args.per_domain, args.seed)
     images = scan_images([CLIPART, local], per_domain=args.per_domain, seed=args.seed)
@@ -174,7 +178,8 @@ def draw_grid(images: ImageSet, grid: dict, path: Path) -> None:
         ax.imshow(to_array(open_rgb(images.records[grid["images"][j]].path), Preprocess(160)).numpy())
         truth = grid["truth"][j]
         lines = [f"true: {truth[:36]}"] + [
-            f"{arm[:5]:5} {'=' if grid[arm][j] == truth else 'x'} {grid[arm][j][:34]}" for arm in ("contrastive", "cosine", "labels")
+            f"{arm[:5]:5} {'=' if grid[arm][j] == truth else 'x'} {grid[arm][j][:34]}"
+            for arm in ("contrastive", "cosine", "labels")
         ]
         ax.text(0, -0.03, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=8, family="monospace")
     for ax in axes.flat:

@@ -12,7 +12,9 @@ from potstill.losses.embedding import embedding_loss
 
 def _pair(seed=0, b=6, d=8):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, d, generator=g, dtype=torch.float64), F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
+    return torch.randn(b, d, generator=g, dtype=torch.float64), F.normalize(
+        torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1
+    )
 
 
 def test_cosine_and_mse_formulas():

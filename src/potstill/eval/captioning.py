@@ -16,7 +16,9 @@ def score_answers(hyps: Sequence[str], refs: Sequence[str], tasks: Sequence[str]
 
     out = {}
     for task in sorted(set(tasks)):
-        pairs = [(" ".join(h.split()), " ".join(r.split())) for h, r, t in zip(hyps, refs, tasks, strict=True) if t == task]
+        pairs = [
+            (" ".join(h.split()), " ".join(r.split())) for h, r, t in zip(hyps, refs, tasks, strict=True) if t == task
+        ]
         h, r = [p[0] for p in pairs], [p[1] for p in pairs]
         out[task] = {
             "items": len(pairs),

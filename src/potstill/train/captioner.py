@@ -23,7 +23,9 @@ def teacher_logits(
 ) -> torch.Tensor:
     """The teacher's logits [N, T, V] (float32) on padded examples ids [N, T] of images pixels[image]."""
     teacher.eval()
-    parts = [teacher(pixels[image[i : i + batch_size]], ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
+    parts = [
+        teacher(pixels[image[i : i + batch_size]], ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)
+    ]
     return torch.cat(parts).float()
 
 
@@ -68,8 +70,10 @@ def fit_captioner(
     """
     if alpha > 0 and teacher is None:
         raise UserError(f"captioning KD: alpha={alpha} needs teacher logits")
-    if labels.shape != ids.shape or image.shape != ids.shape[:1] or (
-        teacher is not None and teacher.shape != (*ids.shape, model.config.vocab_size)
+    if (
+        labels.shape != ids.shape
+        or image.shape != ids.shape[:1]
+        or (teacher is not None and teacher.shape != (*ids.shape, model.config.vocab_size))
     ):
         raise UserError(
             f"captioning KD: ids {tuple(ids.shape)}, labels {tuple(labels.shape)}, image {tuple(image.shape)} and "
