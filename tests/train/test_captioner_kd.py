@@ -46,7 +46,7 @@ def test_ce_training_fits_and_is_seeded(data):
         runs.append(fit_captioner(model, pixels, image, ids, labels, None, Divergence(), 0.0, steps=20, batch_size=8,
                                   lr=3e-3, progress=False))  # fmt: skip
     assert runs[0] == runs[1]
-    assert sum(runs[0][-5:]) / 5 < 0.6 * sum(runs[0][:5]) / 5
+    assert sum(runs[0][-5:]) / 5 < 0.75 * sum(runs[0][:5]) / 5
 
 
 def test_kd_moves_the_student_toward_the_teacher(data):
