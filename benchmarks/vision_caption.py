@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,7 +111,8 @@ def main() -> None:
     results = {"teacher": score_answers(answers(teacher, tokenizer, test_pixels, test_examples), refs, tasks)}
     results["params"] = {"teacher": sum(p.numel() for p in teacher.parameters())}
     print("teacher", json.dumps(results["teacher"]))
-    shown = list(range(0, len(test_examples), max(1, len(test_examples) // 12)))[:12]
+    per_scene = len(test_examples) // args.test_scenes  # a caption then the questions of each scene
+    shown = [per_scene * j + j % per_scene for j in range(min(12, args.test_scenes))]  # the tasks in turn
     grid = {"teacher": [answers(teacher, tokenizer, test_pixels, [test_examples[i]])[0] for i in shown]}
     div = Divergence(args.loss, temperature=args.temperature)
     w = args.student_width
@@ -176,7 +178,7 @@ def draw_grid(pixels, examples, grid: dict, path: Path) -> None:
         mark = lambda h, r=e.answer: "=" if h == r else "x"  # noqa: E731
         lines = [e.prompt.replace(" answer :", "").replace(" :", ""), f"ref: {e.answer}"]
         lines += [f"{who} {mark(grid[who][j])} {grid[who][j]}" for who in ("teacher", "kd", "ce")]
-        wrapped = "\n".join(line if len(line) < 34 else line[:33] + "\n    " + line[33:] for line in lines)
+        wrapped = "\n".join(textwrap.fill(line, 40, subsequent_indent="    ") for line in lines)
         ax.text(0, -0.03, wrapped, transform=ax.transAxes, va="top", fontsize=8, family="monospace")
     for ax in axes.flat:
         ax.axis("off")
