@@ -42,3 +42,14 @@ def test_unit_vectors_independent_of_padding(encoder_dir):
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         TextEncoderTeacher(tmp_path)
+
+
+@pytest.mark.integration
+def test_real_minilm_places_related_captions_together(tmp_path):
+    pytest.importorskip("all_minilm_l6_v2")
+    from potstill.teacher.text_encoder import minilm_dir
+
+    teacher = TextEncoderTeacher(minilm_dir(tmp_path))
+    e = teacher.embed(["animals bugs: ladybug", "a red ladybug", "science astronomy: jupiter"])
+    assert teacher.dim == 384
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.3
