@@ -59,7 +59,7 @@ def fit_captioner(
         steps: optimizer steps.
         batch_size: examples per step.
         lr: peak AdamW learning rate.
-        seed: seed of the initial weights' batch order.
+        seed: seed of the batch order (the initial weights are the caller's).
         progress: show a progress bar.
 
     Returns:
