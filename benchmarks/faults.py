@@ -231,11 +231,13 @@ JOBS = {
 }
 
 
-def torchrun(args: list[str], signal_after: float | None = None) -> tuple[int, float, str]:
-    """`torchrun --standalone --nproc_per_node 2 -m potstill.cli ARGS`; SIGTERM the agent after `signal_after` s.
+def torchrun(args: list[str], out: Path, signal_after: float | None = None) -> tuple[int, float, float | None, str]:
+    """`torchrun --standalone --nproc_per_node 2 -m potstill.cli ARGS` writing `out`; SIGTERM the agent after
+    `signal_after` s.
 
     Returns:
-        (exit status, wall seconds, the last line of stderr starting "potstill:", or "").
+        (exit status, wall seconds, seconds until `out` first existed or None, the last stderr line starting
+        "potstill:" or "").
     """
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT / "src")}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -244,30 +246,35 @@ def torchrun(args: list[str], signal_after: float | None = None) -> tuple[int, f
         proc = subprocess.Popen(
             [*launcher, "-m", "potstill.cli", *args], stdout=subprocess.DEVNULL, stderr=err, env=env
         )
-        try:
-            proc.wait(timeout=signal_after)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
+        first = None
+        while proc.poll() is None:
+            now = time.perf_counter() - start
+            if first is None and out.exists():
+                first = now
+            if signal_after is not None and now >= signal_after:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+                break
+            time.sleep(0.02)
         err.seek(0)
         lines = [ln for ln in err.read().decode(errors="replace").splitlines() if ln.startswith("potstill:")]
-    return proc.returncode, time.perf_counter() - start, lines[-1] if lines else ""
+    return proc.returncode, time.perf_counter() - start, first, lines[-1] if lines else ""
 
 
 def torchrun_sigterm(root: Path, trials: int, seed: int) -> None:
     """SIGTERM trials of a 2-process `potstill distill` (see the module docstring)."""
     ref = root / "torchrun-ref"
-    status, wall, _ = torchrun(distill_cmd(root, ref))
+    status, wall, first, _ = torchrun(distill_cmd(root, ref), ref)
     assert status == 0, "torchrun_sigterm: the reference run failed"
-    print(f"torchrun_sigterm: reference {wall:.1f} s", flush=True)
+    print(f"torchrun_sigterm: reference {wall:.1f} s (output from {first:.1f} s)", flush=True)
     rng = random.Random(seed)
     recovered = 0
     for trial in range(1, trials + 1):
         out = root / f"torchrun-{trial}"
-        delay = rng.uniform(0.3 * wall, wall)
-        status, took, line = torchrun(distill_cmd(root, out), signal_after=delay)
+        delay = rng.uniform(first, wall)
+        status, _, _, line = torchrun(distill_cmd(root, out), out, signal_after=delay)
         left = half_written(out)
-        rerun, rerun_wall, _ = torchrun(distill_cmd(root, out))
+        rerun, rerun_wall, _, _ = torchrun(distill_cmd(root, out), out)
         problem = f"rerun exited {rerun}" if rerun != 0 else same_distill(ref, out)
         recovered += problem is None
         print(f"  SIGTERM {trial}: at {delay:.1f} s, exit {status} ({line or 'no potstill line'}), half-written: "

@@ -137,6 +137,26 @@ def test_on_policy_under_torchrun_equals_one_process(models_dir, tmp_path, run_c
 
 
 @pytest.mark.slow
+def test_cross_tokenizer_under_torchrun_equals_one_process(tmp_path, build_model, run_cli):
+    """A teacher of another tokenizer family: the same losses and weights, and the alignment figures of the data
+    (`xtok_*`) averaged over both ranks' micro-batches, as one process averages over its two."""
+    from xtok_tokenizers import TEXTS, byte_level_bpe, metaspace_bpe
+
+    build_model(byte_level_bpe(), 0, hidden=32, max_positions=64, save_to=tmp_path / "student")
+    build_model(metaspace_bpe(), 1, hidden=48, max_positions=64, save_to=tmp_path / "teacher")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 4))
+    opts = ("data.seq_len=24", "train.max_steps=3", "train.batch_size=2", "train.save_steps=0", "loss.alpha=0.5")
+    ddp_out, ref_out = tmp_path / "ddp", tmp_path / "ref"
+    proc = run_cli("distill", *overrides_for(tmp_path, ddp_out, *opts), nproc=2, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run_distill(load_config(None, overrides_for(tmp_path, ref_out, *opts, "train.grad_accum=2")))
+    xtok = [key for key in read_log(ref_out)[0] if key.startswith("xtok_")]
+    assert xtok
+    assert_same_run(ddp_out, ref_out, steps=3, keys=(*COMPARED, *xtok))
+
+
+@pytest.mark.slow
 def test_cache_build_under_torchrun_writes_the_same_cache(models_dir, tmp_path, run_cli):
     """2 processes (shard j by rank j % 2, rank 0 the manifest) write the bytes one process writes."""
     args = ("cache", "build", "--teacher", models_dir / "teacher", "--data", models_dir / "train.jsonl", "--k", "8",
