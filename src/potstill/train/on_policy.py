@@ -190,7 +190,8 @@ class OnPolicyTrainer(DistillTrainer):
         out, fresh = [], []
         for i, batch in enumerate(batches):
             # seeded by the micro-batch's place in the global batch (rank r's i-th is the (i * world + r)-th, as
-            # accelerate deals batches round-robin), so N ranks draw what one process with N x grad_accum does
+            # accelerate deals batches round-robin), so N ranks draw what one process with N x grad_accum does;
+            # (x 1024: a single process keeps the seeds of earlier versions, which added the rank there)
             micro = i * self.args.world_size + self.args.process_index
             seed = ((self.args.seed * 1_000_003 + step) * 4096 + micro) * 1024
             self._health["micro"] += 1
@@ -377,7 +378,8 @@ class OnPolicyTrainer(DistillTrainer):
         """Add the rollouts' health, rewards and schedule (since the last log) to a training log."""
         if "loss" in logs and self.args.world_size > 1:  # every rank's rollouts (all ranks log together)
             sums = self.accelerator.reduce(
-                torch.tensor([float(v) for v in self._health.values()], device=self.args.device), reduction="sum"
+                torch.tensor([float(v) for v in self._health.values()], dtype=torch.float64, device=self.args.device),
+                reduction="sum",
             )
             self._health = dict(zip(_HEALTH, sums.tolist(), strict=True))
         h = self._health
