@@ -157,6 +157,30 @@ def test_cross_tokenizer_under_torchrun_equals_one_process(tmp_path, build_model
 
 
 @pytest.mark.slow
+def test_fsdp_full_shard_on_gloo_kd_steps_equal_one_process(models_dir, tmp_path):
+    """FSDP2 full shard over 2 gloo ranks (each decoder layer and the root sharded), 3 AdamW steps of the dense KD
+    step with the global-count normalization: the gathered weights equal one process's with both micro-batches.
+    accelerate runs FSDP only on GPUs, so this checks potstill's loss under sharding, not the Trainer's wiring."""
+    import fsdp_kd_worker as worker
+
+    out = tmp_path / "fsdp.pt"
+    script = Path(worker.__file__)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    args = [str(script), str(models_dir / "student"), str(models_dir / "teacher"), str(out)]
+    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    student = AutoModelForCausalLM.from_pretrained(models_dir / "student")
+    vocab = student.config.vocab_size
+    worker.train(student, str(models_dir / "teacher"), worker.micro_batches(vocab), 1, vocab)
+    sharded, start = torch.load(out, weights_only=True), AutoModelForCausalLM.from_pretrained(models_dir / "student")
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(sharded[key], value, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(sharded["lm_head.weight"], start.state_dict()["lm_head.weight"])  # it did train
+
+
+@pytest.mark.slow
 def test_cache_build_under_torchrun_writes_the_same_cache(models_dir, tmp_path, run_cli):
     """2 processes (shard j by rank j % 2, rank 0 the manifest) write the bytes one process writes."""
     args = ("cache", "build", "--teacher", models_dir / "teacher", "--data", models_dir / "train.jsonl", "--k", "8",
