@@ -99,6 +99,11 @@ def xtok_cmd(root: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def sigterm_cmd(root: Path, out: Path) -> list[str]:
+    """`distill_cmd` with 60 steps, a checkpoint every 5: most of a signal's window is training, not teardown."""
+    return [*distill_cmd(root, out), "train.max_steps=60", "train.save_steps=5"]
+
+
 def generate_cmd(root: Path, out: Path) -> list[str]:
     """Greedy completions of 48 prompts by the local teacher, one prompt per batch (`out` is the JSONL file)."""
     return [
@@ -233,13 +238,14 @@ JOBS = {
 
 
 def torchrun(args: list[str], out: Path, signal_after: float | None = None) -> tuple[int | None, float, float, str]:
-    """`torchrun --standalone --nproc_per_node 2 -m potstill.cli ARGS` writing `out`; SIGTERM the agent
-    `signal_after` s after `out` first exists (the models are loaded then: fresh processes vary by tens of seconds
-    in their imports and loads on a loaded machine).
+    """`torchrun --standalone --nproc_per_node 2 -m potstill.cli ARGS` writing the run directory `out`; SIGTERM the
+    agent `signal_after` s after `out` first exists (the models are loaded then: fresh processes vary by tens of
+    seconds in their imports and loads on a loaded machine).
 
     Returns:
-        (exit status, None when it ended before its signal; wall seconds; seconds until `out` first existed; the
-        last stderr line starting "potstill:", or "").
+        (exit status, None when the run finished its work (`summary.json`) before its signal; seconds from `out`
+        appearing to `summary.json` appearing; seconds until `out` first existed; the last stderr line starting
+        "potstill:", or "").
     """
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT / "src")}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -248,44 +254,50 @@ def torchrun(args: list[str], out: Path, signal_after: float | None = None) -> t
         proc = subprocess.Popen(
             [*launcher, "-m", "potstill.cli", *args], stdout=subprocess.DEVNULL, stderr=err, env=env
         )
-        first, signalled = None, signal_after is None
+        first, finished, signalled = None, None, signal_after is None
         while proc.poll() is None:
             now = time.perf_counter() - start
             if first is None and out.exists():
                 first = now
-            if not signalled and first is not None and now >= first + signal_after:
+            if finished is None and (out / "summary.json").exists():
+                finished = now
+            if not signalled and finished is None and first is not None and now >= first + signal_after:
                 proc.send_signal(signal.SIGTERM)
                 signalled = True
             time.sleep(0.02)
         err.seek(0)
         lines = [ln for ln in err.read().decode(errors="replace").splitlines() if ln.startswith("potstill:")]
-    return proc.returncode if signalled else None, time.perf_counter() - start, first or 0.0, lines[-1] if lines else ""
+    work = (finished or 0.0) - (first or 0.0)
+    return proc.returncode if signalled else None, work, first or 0.0, lines[-1] if lines else ""
 
 
 def torchrun_sigterm(root: Path, trials: int, seed: int) -> None:
     """SIGTERM trials of a 2-process `potstill distill` (see the module docstring)."""
     ref = root / "torchrun-ref"
-    status, wall, first, _ = torchrun(distill_cmd(root, ref), ref)
+    status, work, first, _ = torchrun(sigterm_cmd(root, ref), ref)
     assert status == 0, "torchrun_sigterm: the reference run failed"
-    print(f"torchrun_sigterm: reference {wall:.1f} s (output from {first:.1f} s)", flush=True)
+    print(f"torchrun_sigterm: reference: output from {first:.1f} s, training and saves {work:.1f} s", flush=True)
     rng = random.Random(seed)
     recovered = signals = attempt = ended = 0
     while signals < trials and attempt < 3 * trials:
         attempt += 1
         out = root / f"torchrun-{attempt}"
-        delay = rng.uniform(0, wall - first)  # after the output appeared: during training and the final save
-        status, _, _, line = torchrun(distill_cmd(root, out), out, signal_after=delay)
+        delay = rng.uniform(0, work)  # after the output appeared: during training, checkpoints and the final save
+        status, _, _, line = torchrun(sigterm_cmd(root, out), out, signal_after=delay)
         if status is None:  # it finished first: not a trial
             ended += 1
             continue
         signals += 1
         left = half_written(out)
-        rerun, rerun_wall, _, _ = torchrun(distill_cmd(root, out), out)
+        if (out / "summary.json").exists():  # the signal came after the run's work (teardown): nothing to resume
+            rerun, rerun_wall = 0, 0.0
+        else:
+            rerun, rerun_wall, _, _ = torchrun(sigterm_cmd(root, out), out)
         problem = f"rerun exited {rerun}" if rerun != 0 else same_distill(ref, out)
         recovered += problem is None
         print(f"  SIGTERM {signals}: {delay:.1f} s after the output appeared, exit {status} "
-              f"({line or 'no potstill line'}), half-written: {', '.join(left) or 'none'}; rerun {rerun_wall:.1f} s: "
-              f"{problem or 'equal'}", flush=True)  # fmt: skip
+              f"({line or 'no potstill line'}), half-written: {', '.join(left) or 'none'}; rerun (training "
+              f"{rerun_wall:.1f} s): {problem or 'equal'}", flush=True)  # fmt: skip
     print(f"torchrun_sigterm: {recovered}/{signals} recovered ({ended} run(s) ended before their signal)", flush=True)
 
 
