@@ -296,8 +296,8 @@ def torchrun_sigterm(root: Path, trials: int, seed: int) -> None:
         problem = f"rerun exited {rerun}" if rerun != 0 else same_distill(ref, out)
         recovered += problem is None
         print(f"  SIGTERM {signals}: {delay:.1f} s after the output appeared, exit {status} "
-              f"({line or 'no potstill line'}), half-written: {', '.join(left) or 'none'}; rerun (training "
-              f"{rerun_wall:.1f} s): {problem or 'equal'}", flush=True)  # fmt: skip
+              f"({line or 'no potstill line'}), half-written: {', '.join(left) or 'none'}; rerun "
+              f"{rerun_wall:.1f} s from its output to its summary: {problem or 'equal'}", flush=True)  # fmt: skip
     print(f"torchrun_sigterm: {recovered}/{signals} recovered ({ended} run(s) ended before their signal)", flush=True)
 
 
