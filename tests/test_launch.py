@@ -24,13 +24,14 @@ def test_sharded_engine_without_gpus_is_refused(monkeypatch, variable, engine):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without GPUs")
 def test_distill_under_an_fsdp_config_is_one_line_and_writes_nothing(
-    models_dir, tmp_path, monkeypatch, run_main, assert_one_line_error
+    tmp_path, monkeypatch, run_main, assert_one_line_error
 ):
+    """Refused before any model or data is read (these paths do not even exist)."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
     out = tmp_path / "run"
     proc = run_main(
-        "distill", f"model.student={models_dir / 'student'}", f"model.teacher={models_dir / 'teacher'}",
-        f"data.train=[{models_dir / 'train.jsonl'}]", f"train.output_dir={out}",
+        "distill", f"model.student={tmp_path / 'student'}", f"model.teacher={tmp_path / 'teacher'}",
+        f"data.train=[{tmp_path / 'train.jsonl'}]", f"train.output_dir={out}",
     )  # fmt: skip
     assert_one_line_error(proc, "distributed_type FSDP", "ddp.yaml")
     assert proc.returncode == 2 and not out.exists()
