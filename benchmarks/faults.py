@@ -1,22 +1,32 @@
 """Fault injection: SIGKILL a long job at random moments, rerun it, and compare with an uninterrupted run.
 
-For each job (a tiny `potstill distill` with checkpoints, a `potstill cache build` of several shards) the harness
+For each job (a tiny `potstill distill` with checkpoints, the same with the on-policy recipe and with a teacher of
+another tokenizer, a `potstill cache build` of several shards, a `potstill generate` of many records) the harness
 runs the command once uninterrupted (the reference), then N seeded trials: start the command, SIGKILL it after a
 random delay drawn uniformly between the moment the reference first wrote its output and the reference's end (so
-kills land while checkpoints, shards, the final save and the manifest are written, not during Python's imports),
-rerun the same command to the end, and compare:
+kills land while checkpoints, shards, records, the final save and the manifest are written, not during Python's
+imports), rerun the same command to the end, and compare:
 
-- distill: the final student's tensors bitwise equal to the reference's, and `log.jsonl` holding each logged step
-  exactly once with the reference's values;
+- distill, on_policy, xtok: the final student's tensors bitwise equal to the reference's, and `log.jsonl` holding
+  each logged step exactly once with the reference's values;
 - cache build: every shard byte-identical to the reference's, the manifest equal but for its `created` time (and so
-  its checksum), and `potstill cache verify` passing.
+  its checksum), and `potstill cache verify` passing;
+- generate (greedy, one prompt per batch): the records equal the reference's but for their provenance time, in the
+  same order, none lost, none twice.
+
+`--jobs torchrun_sigterm` runs another kind of trial: `potstill distill` under `torchrun --nproc_per_node 2` (gloo),
+sent SIGTERM (to the torchrun agent, which forwards it to both ranks) at a random moment between its output
+directory appearing (the models are loaded) and the reference's end; its exit status and `potstill:` line are
+printed (the one-line stop after a saved checkpoint, or a normal end when the signal came in the last step), and
+the trial passes when the rerun under torchrun ends with the uninterrupted 2-process run's weights and log. These
+runs are fresh processes (torchrun cannot fork from the harness), a minute each on a loaded machine.
 
 A run that ends before its kill time does not count (the upper bound of the delays shrinks to its length). A
 trial passes when the rerun exits 0 and its outputs are equal. Prints one line per trial and "N/N recovered" per
 job. The models are tiny random Llamas (tests/conftest.py), so a run takes seconds; everything happens in a
 temporary directory.
 
-    OMP_NUM_THREADS=1 python benchmarks/faults.py --trials 10 [--seed 0] [--jobs distill cache]
+    OMP_NUM_THREADS=1 python benchmarks/faults.py --trials 10 [--seed 0] [--jobs distill cache ...]
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,14 +50,23 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def workspace(root: Path) -> None:
-    """A tiny student and teacher (the test suite's builders) and a 48-line corpus."""
+    """A tiny student and teacher (the test suite's builders), a 48-line corpus, 48 prompt/completion rows, and a
+    student / teacher pair of two tokenizer families with their corpus (xtok/)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import build_model, build_tokenizer, write_corpus
+    from conftest import WORDS, build_model, build_tokenizer, write_corpus
+    from xtok_tokenizers import TEXTS, byte_level_bpe, metaspace_bpe
 
     tokenizer = build_tokenizer()
     build_model(tokenizer, 0, hidden=32, max_positions=64, save_to=root / "student")
     build_model(tokenizer, 1, hidden=64, max_positions=64, save_to=root / "teacher")
     write_corpus(root / "train.jsonl", 48)
+    rng = random.Random(0)
+    rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(3)) + ":", "completion": " " + rng.choice(WORDS)}
+            for _ in range(48)]  # fmt: skip
+    (root / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    build_model(byte_level_bpe(), 0, hidden=32, max_positions=64, save_to=root / "xtok" / "student")
+    build_model(metaspace_bpe(), 1, hidden=48, max_positions=64, save_to=root / "xtok" / "teacher")
+    (root / "xtok" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 4))
 
 
 def distill_cmd(root: Path, out: Path) -> list[str]:
@@ -54,6 +74,41 @@ def distill_cmd(root: Path, out: Path) -> list[str]:
         "distill", f"model.student={root / 'student'}", f"model.teacher={root / 'teacher'}",
         f"data.train=[{root / 'train.jsonl'}]", "data.seq_len=16", f"train.output_dir={out}", "train.batch_size=2",
         "train.max_steps=12", "train.save_steps=2", "train.logging_steps=1", "train.lr=0.003", "train.warmup_steps=0",
+    ]  # fmt: skip
+
+
+def on_policy_cmd(root: Path, out: Path) -> list[str]:
+    """The on-policy recipe with DistiLLM's replay buffer (carried in checkpoints) and fresh samples each step."""
+    return [
+        "distill", f"model.student={root / 'student'}", f"model.teacher={root / 'teacher'}",
+        f"data.train=[{root / 'prompts.jsonl'}]", "data.seq_len=40", f"train.output_dir={out}", "train.batch_size=2",
+        "train.max_steps=12", "train.save_steps=2", "train.logging_steps=1", "train.lr=0.003", "train.warmup_steps=0",
+        "train.recipe=on_policy", "loss.alpha=1.0", "loss.name=srkl", "on_policy.max_new_tokens=4",
+        "on_policy.lmbda=0.7", "on_policy.replay_size=4", "on_policy.replay_ratio=0.5",
+    ]  # fmt: skip
+
+
+def xtok_cmd(root: Path, out: Path) -> list[str]:
+    """Cross-tokenizer KD: the teacher reads the text with its own tokenizer."""
+    x = root / "xtok"
+    return [
+        "distill", f"model.student={x / 'student'}", f"model.teacher={x / 'teacher'}",
+        f"data.train=[{x / 'train.jsonl'}]", "data.seq_len=24", f"train.output_dir={out}", "train.batch_size=2",
+        "train.max_steps=12", "train.save_steps=2", "train.logging_steps=1", "train.lr=0.01", "train.warmup_steps=0",
+        "loss.alpha=0.5",
+    ]  # fmt: skip
+
+
+def sigterm_cmd(root: Path, out: Path) -> list[str]:
+    """`distill_cmd` with 60 steps, a checkpoint every 5: most of a signal's window is training, not teardown."""
+    return [*distill_cmd(root, out), "train.max_steps=60", "train.save_steps=5"]
+
+
+def generate_cmd(root: Path, out: Path) -> list[str]:
+    """Greedy completions of 48 prompts by the local teacher, one prompt per batch (`out` is the JSONL file)."""
+    return [
+        "generate", "mode=complete", f"inputs=[{root / 'prompts.jsonl'}]", f"output={out}",
+        f"teacher.model={root / 'teacher'}", "teacher.batch_size=1", "sampling.max_tokens=8",
     ]  # fmt: skip
 
 
@@ -111,7 +166,10 @@ def run(args: list[str], out: Path, kill_after: float | None = None) -> tuple[in
 
 
 def half_written(out: Path) -> list[str]:
-    """What a kill left unfinished in `out`: temporary files, checkpoints without trainer_state.json (written last)."""
+    """What a kill left unfinished in `out`: temporary files, checkpoints without trainer_state.json (written last),
+    a JSONL output whose last record has no newline."""
+    if out.is_file():
+        return ["torn last record"] if not out.read_bytes().endswith(b"\n") else []
     if not out.exists():
         return []
     temps = [p.name for p in out.rglob("*") if is_temp(p.name)]
@@ -154,29 +212,119 @@ def same_cache(ref: Path, out: Path) -> str | None:
     return None
 
 
-JOBS = {"distill": (distill_cmd, same_distill), "cache": (cache_cmd, same_cache)}
+def same_generate(ref: Path, out: Path) -> str | None:
+    """None when `out` holds the reference's records (provenance times aside) in order, each once."""
+
+    def records(path: Path) -> list[dict]:
+        rows = [json.loads(line) for line in path.read_bytes().decode().split("\n") if line]
+        return [row | {"provenance": {**row["provenance"], "time": None}} for row in rows]
+
+    want, got = records(ref), records(out)
+    keys = [(row["source"], row["sample"]) for row in got]
+    if len(set(keys)) != len(keys):
+        return f"{len(keys) - len(set(keys))} record(s) twice"
+    if len(got) != len(want):
+        return f"{len(got)} records, the reference has {len(want)}"
+    return None if got == want else "records differ"
+
+
+JOBS = {
+    "distill": (distill_cmd, same_distill),
+    "cache": (cache_cmd, same_cache),
+    "generate": (generate_cmd, same_generate),
+    "on_policy": (on_policy_cmd, same_distill),
+    "xtok": (xtok_cmd, same_distill),
+}
+
+
+def torchrun(args: list[str], out: Path, signal_after: float | None = None) -> tuple[int | None, float, float, str]:
+    """`torchrun --standalone --nproc_per_node 2 -m potstill.cli ARGS` writing the run directory `out`; SIGTERM the
+    agent `signal_after` s after `out` first exists (the models are loaded then: fresh processes vary by tens of
+    seconds in their imports and loads on a loaded machine).
+
+    Returns:
+        (exit status, None when the run finished its work (`summary.json`) before its signal; seconds from `out`
+        appearing to `summary.json` appearing; seconds until `out` first existed; the last stderr line starting
+        "potstill:", or "").
+    """
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT / "src")}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [*launcher, "-m", "potstill.cli", *args], stdout=subprocess.DEVNULL, stderr=err, env=env
+        )
+        first, finished, signalled = None, None, signal_after is None
+        while proc.poll() is None:
+            now = time.perf_counter() - start
+            if first is None and out.exists():
+                first = now
+            if finished is None and (out / "summary.json").exists():
+                finished = now
+            if not signalled and finished is None and first is not None and now >= first + signal_after:
+                proc.send_signal(signal.SIGTERM)
+                signalled = True
+            time.sleep(0.02)
+        err.seek(0)
+        lines = [ln for ln in err.read().decode(errors="replace").splitlines() if ln.startswith("potstill:")]
+    work = (finished or 0.0) - (first or 0.0)
+    return proc.returncode if signalled else None, work, first or 0.0, lines[-1] if lines else ""
+
+
+def torchrun_sigterm(root: Path, trials: int, seed: int) -> None:
+    """SIGTERM trials of a 2-process `potstill distill` (see the module docstring)."""
+    ref = root / "torchrun-ref"
+    status, work, first, _ = torchrun(sigterm_cmd(root, ref), ref)
+    assert status == 0, "torchrun_sigterm: the reference run failed"
+    print(f"torchrun_sigterm: reference: output from {first:.1f} s, training and saves {work:.1f} s", flush=True)
+    rng = random.Random(seed)
+    recovered = signals = attempt = ended = 0
+    while signals < trials and attempt < 3 * trials:
+        attempt += 1
+        out = root / f"torchrun-{attempt}"
+        delay = rng.uniform(0, work)  # after the output appeared: during training, checkpoints and the final save
+        status, _, _, line = torchrun(sigterm_cmd(root, out), out, signal_after=delay)
+        if status is None:  # it finished first: not a trial
+            ended += 1
+            continue
+        signals += 1
+        left = half_written(out)
+        if (out / "summary.json").exists():  # the signal came after the run's work (teardown): nothing to resume
+            rerun, rerun_wall = 0, 0.0
+        else:
+            rerun, rerun_wall, _, _ = torchrun(sigterm_cmd(root, out), out)
+        problem = f"rerun exited {rerun}" if rerun != 0 else same_distill(ref, out)
+        recovered += problem is None
+        print(f"  SIGTERM {signals}: {delay:.1f} s after the output appeared, exit {status} "
+              f"({line or 'no potstill line'}), half-written: {', '.join(left) or 'none'}; rerun "
+              f"{rerun_wall:.1f} s from its output to its summary: {problem or 'equal'}", flush=True)  # fmt: skip
+    print(f"torchrun_sigterm: {recovered}/{signals} recovered ({ended} run(s) ended before their signal)", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10, help="kill trials per job")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
+    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=[*JOBS, "torchrun_sigterm"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="potstill-faults-") as tmp:
         root = Path(tmp)
         workspace(root)
         preload()
         for job in args.jobs:
+            if job == "torchrun_sigterm":
+                torchrun_sigterm(root, args.trials, args.seed)
+                continue
             command, same = JOBS[job]
-            ref = root / f"{job}-ref"
+            suffix = ".jsonl" if job == "generate" else ""
+            ref = root / f"{job}-ref{suffix}"
             status, wall, first = run(command(root, ref), ref)
             assert status == 0, f"{job}: the reference run failed"
             print(f"{job}: reference {wall:.1f} s (output from {first:.1f} s)", flush=True)
             rng = random.Random(args.seed)
             kills = recovered = attempt = ended = cut = 0
             while kills < args.trials and attempt < 3 * args.trials:
-                out = root / f"{job}-{attempt}"
+                out = root / f"{job}-{attempt}{suffix}"
                 attempt += 1
                 delay = rng.uniform(first, wall)
                 status, took, _ = run(command(root, out), out, kill_after=delay)

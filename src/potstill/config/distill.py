@@ -345,7 +345,7 @@ class OnPolicyConfig(Section):
     baseline: Literal["none", "batch", "running"] = Field(
         default="none",
         description="rkl_sampled / minillm: subtracted from the policy-gradient advantage (the value is unchanged):"
-        " 'batch' = the micro-batch's mean advantage, 'running' = a running mean over past micro-batches"
+        " 'batch' = the micro-batch's mean advantage, 'running' = a running mean over past optimizer steps"
         " (baseline_decay; saved in checkpoints)",
     )
     baseline_decay: float = Field(

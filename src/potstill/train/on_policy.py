@@ -24,8 +24,13 @@ every checkpoint.
 
 Rollouts happen in `get_batch_samples`, before the step's token count, so the objective stays normalized by the
 global count of scored completion tokens of the optimizer step. Their randomness (the lambda draw, the replay
-draw and the sampling) comes from generators seeded by (train.seed, step, micro-batch, rank), so a resumed run
-samples exactly what the uninterrupted one did. Logged every logging step: `on_policy_fraction`, `rollout_len`
+draw and the sampling) comes from generators seeded by (train.seed, step, the micro-batch's place in the global
+batch), so a resumed run samples exactly what the uninterrupted one did, and N ranks what one process with N times
+the grad_accum does. What is carried across steps is the same on every rank: the replay buffer takes every rank's
+fresh samples at the end of a step, the running baseline moves once per optimizer step by the mean advantage over
+all ranks, and the logged health figures are sums over ranks.
+
+Logged every logging step: `on_policy_fraction`, `rollout_len`
 (mean completion tokens of fresh samples), `rollout_eos_rate` (share that stopped at `<eos>` or a stop string),
 `rollout_distinct2` (distinct bigrams / bigrams: repetition), the reward and advantage statistics of the
 policy-gradient objectives, `replay_fraction`, and `lmbda` / `val_loss` with `adaptive`. `on_policy.min_eos_rate` /
@@ -41,6 +46,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import TrainerCallback
@@ -162,6 +168,8 @@ class OnPolicyTrainer(DistillTrainer):
         self.tokenizer = tokenizer  # decodes rollouts for on_policy.stop
         self.add_callback(OnPolicyState(on_policy.lmbda, replay_size=on_policy.replay_size))
         self._health = dict.fromkeys(_HEALTH, 0)
+        self._advantages = torch.zeros(2, dtype=torch.float64)  # this step's [sum, count] before the baseline
+        self.add_callback(_StepEnd(self))
         self._val: float | None = None  # the validation loss measured since the last log
         self.stop_reason: str | None = None  # why the run stopped early (on_policy.min_eos_rate / min_distinct2)
 
@@ -179,9 +187,13 @@ class OnPolicyTrainer(DistillTrainer):
         student = self.accelerator.unwrap_model(self.model)
         # DistiLLM: a share `ratio` of the student's micro-batches replays stored samples once the buffer is full
         ratio = cfg.replay_ratio if cfg.replay_ratio is not None else step / max(self.state.max_steps, 1)
-        out = []
+        out, fresh = [], []
         for i, batch in enumerate(batches):
-            seed = ((self.args.seed * 1_000_003 + step) * 4096 + i) * 1024 + self.args.process_index
+            # seeded by the micro-batch's place in the global batch (rank r's i-th is the (i * world + r)-th, as
+            # accelerate deals batches round-robin), so N ranks draw what one process with N x grad_accum does;
+            # (x 1024: a single process keeps the seeds of earlier versions, which added the rank there)
+            micro = i * self.args.world_size + self.args.process_index
+            seed = ((self.args.seed * 1_000_003 + step) * 4096 + micro) * 1024
             self._health["micro"] += 1
             draw = torch.rand((), generator=torch.Generator().manual_seed(seed)).item()
             on_policy = draw < state.lmbda
@@ -199,12 +211,21 @@ class OnPolicyTrainer(DistillTrainer):
                 else:
                     batch = rollout(student, moved, cfg, self.pad_id, self.eos_id, seed + 1, self.tokenizer)
                 self._note(batch)
-                if state.buffer.size:
-                    state.buffer.push(batch)
+                fresh.append((micro, state.buffer.sequences(batch) if state.buffer.size else []))
             elif cfg.seq_kd:  # the teacher writes the completion (its vocabulary is the student's)
                 batch = rollout(self.teacher.model, moved, cfg, self.pad_id, self.eos_id, seed + 1, self.tokenizer)
             out.append(batch)
+        if state.buffer.size:
+            self._store(fresh)
         return out
+
+    def _store(self, fresh: list[tuple[int, list]]) -> None:
+        """Add this step's fresh samples of every rank to the replay buffer, in global micro-batch order: all ranks
+        keep the same buffer (the one rank 0's checkpoints save), the one a single process would hold."""
+        if self.args.world_size > 1:
+            fresh = gather_object(fresh)
+        for _, rows in sorted(fresh, key=lambda item: item[0]):
+            self.carried.buffer.push(rows)
 
     def _adapt(self, state: OnPolicyState) -> None:
         """DistiLLM: raise lambda by `adaptive_step` when the validation loss did not improve by the threshold."""
@@ -312,17 +333,29 @@ class OnPolicyTrainer(DistillTrainer):
         return KDTerms(kd=per_token.sum() / denom, ce=ce, n_tokens=int(mask.sum())), outputs
 
     def _note_rewards(self, reward: torch.Tensor, advantage: torch.Tensor, baseline: float | str) -> None:
-        """Add a micro-batch's rewards and advantages to the health sums; move the running baseline."""
+        """Add a micro-batch's rewards and advantages to the health sums and to this step's advantages."""
         h, n = self._health, reward.numel()
         h["pg_tokens"] += n
         h["reward_sum"] += float(reward.sum())
         h["reward_sq"] += float((reward**2).sum())
         h["advantage_sum"] += float(advantage.sum())
         h["advantage_sq"] += float((advantage**2).sum())
-        if self.on_policy.baseline == "running" and n:
+        if self.on_policy.baseline == "running" and n:  # the advantages before the baseline
+            self._advantages += torch.tensor([float(advantage.sum()) + float(baseline) * n, n], dtype=torch.float64)
+
+    def end_step(self) -> None:
+        """After each optimizer step (before the Trainer logs and saves): move the running baseline by the step's
+        mean advantage over all ranks, so every rank holds the value rank 0's checkpoint saves."""
+        if self.on_policy.baseline != "running":
+            return
+        sums = self._advantages.to(self.args.device)
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        total, n = sums.tolist()
+        self._advantages.zero_()
+        if n:
             state, decay = self.carried, self.on_policy.baseline_decay
-            mean = float(advantage.sum()) / n + float(baseline)  # the batch's advantage before the baseline
-            state.baseline = mean if state.baseline is None else decay * state.baseline + (1 - decay) * mean
+            state.baseline = total / n if state.baseline is None else decay * state.baseline + (1 - decay) * total / n
 
     def _check_collapse(self, logs: dict[str, float]) -> None:
         """Stop training (after this step; the student is saved) when the rollouts collapsed, saying why."""
@@ -343,6 +376,12 @@ class OnPolicyTrainer(DistillTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the rollouts' health, rewards and schedule (since the last log) to a training log."""
+        if "loss" in logs and self.args.world_size > 1:  # every rank's rollouts (all ranks log together)
+            sums = self.accelerator.reduce(
+                torch.tensor([float(v) for v in self._health.values()], dtype=torch.float64, device=self.args.device),
+                reduction="sum",
+            )
+            self._health = dict(zip(_HEALTH, sums.tolist(), strict=True))
         h = self._health
         if "loss" in logs and h["micro"]:
             logs["on_policy_fraction"] = h["on_policy"] / h["micro"]
@@ -364,6 +403,16 @@ class OnPolicyTrainer(DistillTrainer):
                 self._check_collapse(logs)
             self._health = dict.fromkeys(_HEALTH, 0)
         super().log(logs, start_time)
+
+
+class _StepEnd(TrainerCallback):
+    """Calls `OnPolicyTrainer.end_step` at the end of each optimizer step (on every rank)."""
+
+    def __init__(self, trainer: OnPolicyTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.end_step()
 
 
 def _moments(name: str, total: float, squares: float, count: int) -> dict[str, float]:

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from potstill.config import DistillConfig
 from potstill.errors import UserError
 from potstill.fileio import disk_problem, write_json_atomic
+from potstill.launch import check_engine
 from potstill.models.load import quiet_hf_progress
 from potstill.teacher.cross import CrossTokenizerTeacher
 from potstill.train.hidden import detach_projections, hidden_plan
@@ -126,6 +128,7 @@ def run_distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -
         The run directory.
     """
     recipe = RECIPES[cfg.check_runnable().train.recipe]
+    check_engine(gpus=torch.cuda.is_available())
     data = recipe.read(cfg)
     out = Path(cfg.train.output_dir)
     with quiet_hf_progress():
@@ -154,6 +157,11 @@ def run_distill(cfg: DistillConfig, callbacks: Sequence[TrainerCallback] = ()) -
             raise UserError(problem) from None
         if trainer.is_world_process_zero():
             summary = {"recipe": cfg.train.recipe, "global_step": trainer.state.global_step}
+            # how it ran: accelerate's engine (NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED) and the processes
+            summary["engine"] = {
+                "type": trainer.accelerator.distributed_type.value,
+                "processes": trainer.args.world_size,
+            }
             summary |= {"train_loss": result.training_loss, **recipe.finish(trainer, cfg, models, out, data)}
             write_json_atomic(out / SUMMARY_FILE, summary)
         trainer.accelerator.wait_for_everyone()

@@ -205,11 +205,18 @@ class ReplayBuffer:
     def full(self) -> bool:
         return self.size > 0 and len(self.rows) >= self.size
 
-    def push(self, batch: dict[str, Any]) -> None:
-        """Store each sequence of a rollout batch, dropping the oldest beyond `size`."""
+    @staticmethod
+    def sequences(batch: dict[str, Any]) -> list[list[list[int]]]:
+        """A rollout batch's sequences as buffer rows ([prompt ids, completion ids] each)."""
+        rows = []
         for row, n in enumerate(batch["prompt_len"].tolist()):
             k = int(batch["completion_len"][row])
-            self.rows.append([batch["input_ids"][row, :n].tolist(), batch["input_ids"][row, n : n + k].tolist()])
+            rows.append([batch["input_ids"][row, :n].tolist(), batch["input_ids"][row, n : n + k].tolist()])
+        return rows
+
+    def push(self, rows: list[list[list[int]]]) -> None:
+        """Store rows (from `sequences`), dropping the oldest beyond `size`."""
+        self.rows.extend(rows)
         del self.rows[: max(0, len(self.rows) - self.size)]
 
     def draw(self, batch: dict[str, Any], pad_id: int, eos_id: int, seed: int) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -309,8 +310,15 @@ class DistillTrainer(Trainer):
                     self._warn_if_negligible(logs["grad_ratio"])
                 if len(self._norms) == 3 and kd_norm > 0:
                     logs["hidden_grad_ratio"] = self.hidden_weight * self._norms[2].item() / kd_norm
-            if self._stat_batches:  # this rank's micro-batches (figures of the data, not summed over ranks)
-                logs.update({key: value / self._stat_batches for key, value in self._stats.items()})
+            stats, batches = self._stats, self._stat_batches
+            if self.args.world_size > 1:  # every rank's micro-batches (all ranks log together)
+                stats, batches = {}, 0
+                for rank_stats, rank_batches in gather_object([(self._stats, self._stat_batches)]):
+                    batches += rank_batches
+                    for key, value in rank_stats.items():
+                        stats[key] = stats.get(key, 0.0) + value
+            if batches:  # mean per micro-batch of figures of the data (cross-tokenizer alignment)
+                logs.update({key: value / batches for key, value in stats.items()})
             self._sums = torch.zeros_like(self._sums)
             self._steps, self._norms = 0, None
             self._stats, self._stat_batches = {}, 0
