@@ -1,0 +1,140 @@
+"""Several teachers and `potstill teacher select` on a tiny CE-trained ladder (issue 16, measures (b) and (c)).
+
+Data: the demo's corpus (`code`, `docstrings`, `docs` from the Python standard library) and a non-code domain
+(`licenses`), built and split as in `ddk_vs_uniform.py` (OUT/data: fit.jsonl to train on, ddk_eval.jsonl = the
+last records of each domain's training text, what `teacher select` measures on, heldout.jsonl = the final
+evaluation, never seen by any run or by select).
+
+Models (one byte-level BPE of 512 ids, shared by all): a ladder of teachers trained CE-only on fit.jsonl for
+the same steps (`t32x1`, `t64x2`, `t128x4`, `t256x4`: hidden x layers), two specialists of the `t128x4` shape
+trained on two domains each (`code`: code + docstrings, `prose`: docs + licenses), and one random student
+(hidden 48, 2 layers) that every arm starts from.
+
+Phases (each reuses what an earlier run left in OUT):
+- `teachers`: data, tokenizer, ladder and specialists;
+- `full`: (c) the student distilled from each ladder teacher and CE-only, `--steps` steps, `--seeds` data orders,
+  held-out bpb per domain; the full runs' ranking;
+- `select`: (c) `potstill teacher select` over the ladder with short probes; its ranking set against `full`'s;
+- `multi`: (b) two specialists routed per domain, and the two summed (weights 0.5 / 0.5), against each specialist
+  alone, same budget and seeds.
+
+    python benchmarks/teacher_ladder.py --out /work/runs/teachers/ladder --phase teachers full select multi
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddk_vs_uniform import add_licenses, split_ddk_eval, tiny_pair  # noqa: E402
+
+from potstill.config import load_config  # noqa: E402
+from potstill.data import load_dataset  # noqa: E402
+from potstill.data.corpus import build_corpus  # noqa: E402
+from potstill.eval.metrics import evaluate  # noqa: E402
+from potstill.fileio import write_text_atomic  # noqa: E402
+from potstill.models.load import load_model  # noqa: E402
+from potstill.train.recipes import run_distill  # noqa: E402
+
+LADDER = {"t32x1": (32, 1), "t64x2": (64, 2), "t128x4": (128, 4), "t256x4": (256, 4)}
+SPECIALISTS = {"code": ("code", "docstrings"), "prose": ("docs", "licenses")}
+DOMAINS = ("code", "docstrings", "docs", "licenses")
+
+
+def new_model(path: Path, tokenizer_dir: Path, hidden: int, layers: int, seq_len: int) -> Path:
+    """A random Llama of this shape with the shared tokenizer (seed 0)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq_len,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def distill(out: Path, student: Path, overrides: list[str], args, steps: int, seed: int = 1) -> dict:
+    """One `potstill distill` run (skipped when OUT/summary.json exists); returns its student dir and wall time."""
+    began = time.perf_counter()
+    if not (out / "summary.json").is_file():
+        run_distill(load_config(None, [
+            f"model.student={student}", f"data.train=[{args.out / 'data' / 'fit.jsonl'}]",
+            f"data.seq_len={args.seq_len}", f"train.output_dir={out}", f"train.max_steps={steps}",
+            f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.warmup_steps=10",
+            "train.logging_steps=50", "train.overwrite=true", f"train.seed={seed}", *overrides,
+        ]))  # fmt: skip
+    return {"student": str(out / "student"), "seconds": time.perf_counter() - began}
+
+
+def phase_teachers(args) -> dict:
+    """Data, tokenizer, the ladder and the two specialists (CE-only, `--teacher-steps` each)."""
+    data = args.out / "data"
+    if not (data / "fit.jsonl").is_file():
+        build_corpus(data, seed=0, train_bytes=args.train_bytes, heldout_bytes=args.train_bytes // 10)
+        add_licenses(data, max_bytes=args.train_bytes)
+        split_ddk_eval(data, args.eval_tokens)
+    models = args.out / "models"
+    t128, student = tiny_pair(data, models, args.teacher_steps, args.seq_len)  # tokenizer, t128x4, the student
+    teachers = {"t128x4": str(t128)}
+    ce = ["loss.alpha=0", "train.batch_size=16", "train.lr=0.003"]
+    for name, (hidden, layers) in LADDER.items():
+        if name != "t128x4":
+            init = new_model(models / f"{name}_init", student, hidden, layers, args.seq_len)
+            teachers[name] = distill(models / name, init, ce, args, args.teacher_steps, seed=0)["student"]
+    for name, keep in SPECIALISTS.items():
+        weights = ", ".join(f"{d}: {1 if d in keep else 0}" for d in DOMAINS)
+        mixing = ["data.mixing.mode=fixed", f"data.mixing.weights={{{weights}}}"]
+        init = new_model(models / "t128x4_init_spec", student, 128, 4, args.seq_len)
+        teachers[name] = distill(models / f"spec_{name}", init, ce + mixing, args, args.teacher_steps, seed=0)[
+            "student"
+        ]
+    evals = {name: score(Path(path), args) for name, path in teachers.items()}
+    return {"student": str(student), "teachers": teachers, "evals": evals}
+
+
+def score(model_dir: Path, args) -> dict:
+    """Held-out (heldout.jsonl) bpb per domain and overall."""
+    model, tokenizer = load_model(str(model_dir))
+    ds = load_dataset([args.out / "data" / "heldout.jsonl"], tokenizer, args.seq_len, add_bos=True)
+    ev = evaluate(model, ds, batch_size=8, progress=False)
+    return {"bpb": ev["overall"]["bpb"], **{d: ev["domains"][d]["bpb"] for d in ev["domains"]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/teacher_ladder"))
+    parser.add_argument("--phase", nargs="+", default=["teachers"], choices=["teachers", "full", "select", "multi"])
+    parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="student steps of a full run")
+    parser.add_argument("--probe-steps", type=int, default=30, help="student steps of a select probe")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-tokens", type=int, default=2048)
+    parser.add_argument("--train-bytes", type=int, default=150_000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for phase in args.phase:
+        began = time.perf_counter()
+        results[phase] = globals()[f"phase_{phase}"](args) | {"phase_seconds": time.perf_counter() - began}
+        write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
+        print(json.dumps({phase: results[phase]}, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
