@@ -60,7 +60,11 @@ class TeacherSet:
     def shares(self, domain: str) -> dict[int, float]:
         """teacher index -> share_k(domain) for the teachers with a positive weight there."""
         if domain not in self._shares:
-            here = {k: w for k, (w, ds) in enumerate(zip(self.weights, self.domains, strict=True)) if ds is None or domain in ds}
+            here = {
+                k: w
+                for k, (w, ds) in enumerate(zip(self.weights, self.domains, strict=True))
+                if ds is None or domain in ds
+            }
             total = sum(here.values())
             self._shares[domain] = {k: w / total for k, w in here.items() if w > 0} if total > 0 else {}
         return self._shares[domain]

@@ -236,7 +236,8 @@ def several_terms(
     head = None if dense else head_of(unwrapped) if cross else student_head(unwrapped, loss)
     subs = [{key: _take(value, r.rows) for key, value in inputs.items()} for r in routes]
     targets = [
-        teacher_targets(teachers.members[r.teacher], sub, fused=head is not None) for r, sub in zip(routes, subs, strict=True)
+        teacher_targets(teachers.members[r.teacher], sub, fused=head is not None)
+        for r, sub in zip(routes, subs, strict=True)
     ]
     fused = head is not None and not any(isinstance(t, torch.Tensor) for t in targets)
     if not fused:  # one teacher's head cannot be chunked: every same-tokenizer route takes the dense path
