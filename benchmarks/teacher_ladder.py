@@ -11,7 +11,8 @@ trained on two domains each (`code`: code + docstrings, `prose`: docs + licenses
 (hidden 48, 2 layers) that every arm starts from.
 
 Phases (each reuses what an earlier run left in OUT):
-- `teachers`: data, tokenizer, ladder and specialists;
+- `teachers`: data, tokenizer, the student and the ladder;
+- `specialists`: the two specialists;
 - `full`: (c) the student distilled from each ladder teacher and CE-only, `--steps` steps, `--seeds` data orders,
   held-out bpb per domain; the full runs' ranking;
 - `select`: (c) `potstill teacher select` over the ladder with short probes; its ranking set against `full`'s;
@@ -45,6 +46,7 @@ from potstill.train.recipes import run_distill  # noqa: E402
 LADDER = {"t32x1": (32, 1), "t64x2": (64, 2), "t128x4": (128, 4), "t256x4": (256, 4)}
 SPECIALISTS = {"code": ("code", "docstrings"), "prose": ("docs", "licenses")}
 DOMAINS = ("code", "docstrings", "docs", "licenses")
+CE_TEACHER = ["loss.alpha=0", "train.batch_size=16", "train.lr=0.003"]
 
 
 def new_model(path: Path, tokenizer_dir: Path, hidden: int, layers: int, seq_len: int) -> Path:
@@ -79,7 +81,7 @@ def distill(out: Path, student: Path, overrides: list[str], args, steps: int, se
 
 
 def phase_teachers(args) -> dict:
-    """Data, tokenizer, the ladder and the two specialists (CE-only, `--teacher-steps` each)."""
+    """Data, tokenizer, the student and the ladder (CE-only, `--teacher-steps` each)."""
     data = args.out / "data"
     if not (data / "fit.jsonl").is_file():
         build_corpus(data, seed=0, train_bytes=args.train_bytes, heldout_bytes=args.train_bytes // 10)
@@ -88,20 +90,28 @@ def phase_teachers(args) -> dict:
     models = args.out / "models"
     t128, student = tiny_pair(data, models, args.teacher_steps, args.seq_len)  # tokenizer, t128x4, the student
     teachers = {"t128x4": str(t128)}
-    ce = ["loss.alpha=0", "train.batch_size=16", "train.lr=0.003"]
     for name, (hidden, layers) in LADDER.items():
         if name != "t128x4":
             init = new_model(models / f"{name}_init", student, hidden, layers, args.seq_len)
-            teachers[name] = distill(models / name, init, ce, args, args.teacher_steps, seed=0)["student"]
+            teachers[name] = distill(models / name, init, CE_TEACHER, args, args.teacher_steps, seed=0)["student"]
+    return {
+        "student": str(student),
+        "teachers": teachers,
+        "evals": {n: score(Path(p), args) for n, p in teachers.items()},
+    }
+
+
+def phase_specialists(args) -> dict:
+    """Two teachers of the t128x4 shape trained CE-only on two domains each, `--teacher-steps` steps."""
+    models = args.out / "models"
+    teachers = {}
     for name, keep in SPECIALISTS.items():
         weights = ", ".join(f"{d}: {1 if d in keep else 0}" for d in DOMAINS)
         mixing = ["data.mixing.mode=fixed", f"data.mixing.weights={{{weights}}}"]
-        init = new_model(models / "t128x4_init_spec", student, 128, 4, args.seq_len)
-        teachers[name] = distill(models / f"spec_{name}", init, ce + mixing, args, args.teacher_steps, seed=0)[
-            "student"
-        ]
-    evals = {name: score(Path(path), args) for name, path in teachers.items()}
-    return {"student": str(student), "teachers": teachers, "evals": evals}
+        init = new_model(models / "t128x4_init_spec", models / "student", 128, 4, args.seq_len)
+        run = distill(models / f"specialist_{name}", init, CE_TEACHER + mixing, args, args.teacher_steps, seed=0)
+        teachers[name] = run["student"]
+    return {"teachers": teachers, "evals": {n: score(Path(p), args) for n, p in teachers.items()}}
 
 
 def score(model_dir: Path, args) -> dict:
@@ -115,7 +125,9 @@ def score(model_dir: Path, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/teacher_ladder"))
-    parser.add_argument("--phase", nargs="+", default=["teachers"], choices=["teachers", "full", "select", "multi"])
+    parser.add_argument(
+        "--phase", nargs="+", default=["teachers"], choices=["teachers", "specialists", "full", "select", "multi"]
+    )
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=300, help="student steps of a full run")
     parser.add_argument("--probe-steps", type=int, default=30, help="student steps of a select probe")

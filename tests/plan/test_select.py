@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from potstill.plan.select import select_teachers
+from potstill.plan.select import select_teachers, short_names
 from xtok_tokenizers import metaspace_bpe
 
 WORDS = "the cat sat on a mat with some dog and bird over there in here while it rains".split()
@@ -59,10 +59,14 @@ def test_select_measures_probes_ranks_and_reports(select_dir, tmp_path):
     assert json.loads((out / "select.json").read_text())["recommendation"] == result["recommendation"]
 
 
+def test_candidates_are_named_by_their_shortest_distinct_path_ends():
+    assert short_names([Path("/r/a/student"), Path("/r/b/student"), Path("/r/c")]) == ["a/student", "b/student", "c"]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("--candidates", "{root}/big", "--candidates", "{root}/big"), "share the name 'big'"),
+        (("--candidates", "{root}/big", "--candidates", "{root}/big"), "big is given twice"),
         (("--candidates", "{root}/missing"), "missing"),
         (("--candidates", "{root}/big", "--data", "{one}"), "domain 'solo' has one record"),
     ],

@@ -49,6 +49,20 @@ def _reset_peak() -> None:
         pass
 
 
+def _resolved(path) -> Path:
+    return Path(path).resolve()
+
+
+def short_names(paths: list[Path]) -> list[str]:
+    """Each path's shortest trailing part that no other path ends with (`t64/student`, `t128/student`)."""
+    parts = [Path(p).resolve().parts for p in paths]
+
+    def unique(i: int, depth: int) -> bool:
+        return depth >= len(parts[i]) or all(q[-depth:] != parts[i][-depth:] for j, q in enumerate(parts) if j != i)
+
+    return ["/".join(q[-next(d for d in range(1, len(q) + 1) if unique(i, d)) :]) for i, q in enumerate(parts)]
+
+
 def split_data(data: list[Path], eval_files: list[Path], out: Path, eval_bytes: int) -> tuple[Path, Path]:
     """The probes' training file and the held-out file (OUT/data/{train,heldout}.jsonl).
 
@@ -156,7 +170,7 @@ def probe(base, name: str, teacher: str | None, train: Path, out: Path) -> dict:
     from potstill.config import load_config
     from potstill.train.recipes import run_distill
 
-    run = out / "probes" / name
+    run = out / "probes" / name.replace("/", "_")
     overrides = [
         f"model.student={base['student']}",
         f"data.train=[{train}]",
@@ -192,11 +206,12 @@ def select_teachers(
     from potstill.models.load import load_model, quiet_hf_progress
     from potstill.models.vocab import load_id_map
 
-    names = [Path(c).name for c in candidates]
     if not candidates:
         raise UserError("--candidates: give at least one teacher")
-    if len(set(names)) < len(names):
-        raise UserError(f"--candidates: two candidates share the name {names[0]!r}; give directories of other names")
+    twice = next((c for i, c in enumerate(candidates) if Path(c).resolve() in map(_resolved, candidates[:i])), None)
+    if twice is not None:
+        raise UserError(f"--candidates: {twice} is given twice")
+    names = short_names(candidates)
     out.mkdir(parents=True, exist_ok=True)
     train, heldout = split_data(data, list(eval_files), out, eval_bytes)
     settings = [
