@@ -114,6 +114,91 @@ def phase_specialists(args) -> dict:
     return {"teachers": teachers, "evals": {n: score(Path(p), args) for n, p in teachers.items()}}
 
 
+KD = ["loss.name=fkl", "loss.alpha=0.5"]
+
+
+def arms_of(args) -> dict[str, list[str]]:
+    """The full runs of (c): CE-only and KD from each ladder teacher (`--teachers` limits them)."""
+    models = args.out / "models"
+    paths = {n: models / ("teacher_run" if n == "t128x4" else n) / "student" for n in LADDER}
+    arms = {"ce": ["loss.alpha=0"]}
+    arms |= {n: [*KD, f"model.teacher={p}"] for n, p in paths.items() if n in (args.teachers or LADDER)}
+    return arms
+
+
+def run_arms(args, group: str, arms: dict[str, list[str]], steps: int) -> dict:
+    """Each arm once per seed (OUT/<group>/<arm>/seed<s>), scored on heldout.jsonl; mean and spread per arm."""
+    student = args.out / "models" / "student"
+    out = {}
+    for name, overrides in arms.items():
+        runs = [
+            distill(args.out / group / name / f"seed{s}", student, overrides, args, steps, seed=s) for s in args.seeds
+        ]
+        scores = [score(Path(r["student"]), args) for r in runs]
+        out[name] = {
+            "bpb": sum(x["bpb"] for x in scores) / len(scores),
+            "spread": max(x["bpb"] for x in scores) - min(x["bpb"] for x in scores),
+            "by_domain": {d: sum(x[d] for x in scores) / len(scores) for d in DOMAINS},
+            "seeds": scores,
+            "seconds": [r["seconds"] for r in runs],
+        }
+        print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
+def phase_full(args) -> dict:
+    """(c) the full runs: the student from CE only and from each ladder teacher; their ranking by held-out bpb."""
+    arms = run_arms(args, "full", arms_of(args), args.steps)
+    ranking = sorted((n for n in arms if n != "ce"), key=lambda n: arms[n]["bpb"])
+    return {"arms": arms, "ranking": ranking, "steps": args.steps, "seeds": args.seeds}
+
+
+def phase_select(args) -> dict:
+    """(c) `potstill teacher select` over the ladder (probes of `--probe-steps` on fit.jsonl, measured on
+    ddk_eval.jsonl: never the final held-out text), set against the full runs' ranking."""
+    from potstill.plan.select import select_teachers
+
+    data = args.out / "data"
+    teachers = {n: o[-1].split("=", 1)[1] for n, o in arms_of(args).items() if n != "ce"}
+    began = time.perf_counter()
+    result = select_teachers(
+        [Path(p) for p in teachers.values()], args.out / "models" / "student", [data / "fit.jsonl"],
+        args.out / "select", eval_files=[data / "ddk_eval.jsonl"], probe_steps=args.probe_steps,
+        seq_len=args.seq_len, batch_size=args.batch_size,
+        overrides=[*KD, f"train.lr={args.lr}", "train.warmup_steps=10", "train.logging_steps=50", "train.seed=1"],
+    )  # fmt: skip
+    names = dict(zip(result["candidates"], teachers, strict=True))  # select's names -> ladder names
+    out = {"ranking": [names[n] for n in result["ranking"]], "by_gain": sorted(
+        teachers, key=lambda n: -result["candidates"][next(k for k, v in names.items() if v == n)]["gain"]),
+        "select_seconds": time.perf_counter() - began, "recommendation": result["recommendation"]}  # fmt: skip
+    results_path = args.out / "results.json"
+    full = json.loads(results_path.read_text()).get("full") if results_path.is_file() else None
+    if full:
+        costs = {names[n]: c["ms_per_kb"] for n, c in result["candidates"].items()}
+        gains = {n: full["arms"]["ce"]["bpb"] - full["arms"][n]["bpb"] for n in full["ranking"]}
+        out["full_by_gain"] = sorted(gains, key=lambda n: -gains[n])
+        out["full_by_gain_per_cost"] = sorted(gains, key=lambda n: -gains[n] / costs[n])
+        out["agrees_by_gain"] = out["by_gain"] == out["full_by_gain"]
+        out["agrees_by_gain_per_cost"] = out["ranking"] == out["full_by_gain_per_cost"]
+    return out
+
+
+def phase_multi(args) -> dict:
+    """(b) two specialists routed per domain, and summed (0.5 / 0.5), against each alone: same budget and seeds."""
+    models = args.out / "models"
+    code, prose = (models / f"specialist_{n}" / "student" for n in SPECIALISTS)
+    routed = f"model.teachers=[{{path: {code}, domains: [{', '.join(SPECIALISTS['code'])}]}},"
+    routed += f" {{path: {prose}, domains: [{', '.join(SPECIALISTS['prose'])}]}}]"
+    arms = {
+        "code_only": [*KD, f"model.teacher={code}"],
+        "prose_only": [*KD, f"model.teacher={prose}"],
+        "routed": [*KD, routed],
+        "summed": [*KD, f"model.teachers=[{{path: {code}}}, {{path: {prose}}}]"],
+    }
+    arms = run_arms(args, "multi", {n: a for n, a in arms.items() if n in (args.arms or arms)}, args.steps)
+    return {"arms": arms, "steps": args.steps, "seeds": args.seeds}
+
+
 def score(model_dir: Path, args) -> dict:
     """Held-out (heldout.jsonl) bpb per domain and overall."""
     model, tokenizer = load_model(str(model_dir))
@@ -137,15 +222,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--train-bytes", type=int, default=150_000)
+    parser.add_argument("--teachers", nargs="+", help="full / select: these ladder teachers only")
+    parser.add_argument("--arms", nargs="+", help="multi: these arms only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results_path = args.out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for phase in args.phase:
         began = time.perf_counter()
-        results[phase] = globals()[f"phase_{phase}"](args) | {"phase_seconds": time.perf_counter() - began}
+        got = globals()[f"phase_{phase}"](args) | {"phase_seconds": time.perf_counter() - began}
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}  # other phases may run
+        results[phase] = got
         write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
-        print(json.dumps({phase: results[phase]}, indent=1), flush=True)
+        print(json.dumps({phase: got}, indent=1), flush=True)
 
 
 if __name__ == "__main__":
