@@ -40,7 +40,9 @@ def test_select_measures_probes_ranks_and_reports(select_dir, tmp_path):
         probe_steps=2, seq_len=16, batch_size=4, eval_bytes=200,
     )  # fmt: skip
     assert sorted(result["ranking"]) == sorted(names)
-    scores = [result["candidates"][n]["score"] for n in result["ranking"]]
+    helped = [n for n in result["ranking"] if result["candidates"][n]["gain"] > 0]
+    assert result["ranking"][: len(helped)] == helped  # those that beat the CE probe first, by gain per cost
+    scores = [result["candidates"][n]["score"] for n in helped]
     assert scores == sorted(scores, reverse=True)
     ce = result["ce_probe"]["bpb"]
     for name in names:

@@ -14,9 +14,9 @@ carved off so no probe trains on them):
   candidate's probe (bits per byte the teacher's signal took off in the probe); `gap closed` = gain / (CE probe's
   bpb - teacher's bpb), the project's `gap_closed`.
 
-Ranking signal: gain per unit of cost (`gain / teacher ms per kB`), the issue's "gap closure per unit of cost";
-absolute gain, not the closed fraction, since the fraction favours weak teachers close to the student
-(docs/teachers.md). The best gain regardless of cost is named too. Writes OUT/select.json, OUT/select.md,
+Ranking signal: gain per unit of cost (`gain / teacher ms per kB`), the issue's "gap closure per unit of cost"
+(candidates that did not beat the CE probe come last, by gain); absolute gain, not the closed fraction, since the
+fraction favours weak teachers close to the student (docs/teachers.md). The best gain regardless of cost is named too. Writes OUT/select.json, OUT/select.md,
 OUT/plots/teacher_select.png.
 """
 
@@ -248,7 +248,14 @@ def select_teachers(
         t["gain_by_domain"] = {d: probes["ce"]["bpb_by_domain"][d] - b for d, b in probes[n]["bpb_by_domain"].items()}
         t["gap_closed"] = gap_closed(ce, probes[n]["bpb"], t["bpb"])
         t["score"] = t["gain"] / t["ms_per_kb"]
-    ranked = sorted(teachers, key=lambda n: -teachers[n]["score"])
+    # candidates that helped, by gain per cost; then the others by gain (a loss per cost would favour the dearest)
+    ranked = sorted(
+        teachers,
+        key=lambda n: (
+            teachers[n]["gain"] <= 0,
+            -teachers[n]["score"] if teachers[n]["gain"] > 0 else -teachers[n]["gain"],
+        ),
+    )
     result = {
         "student": {
             "path": str(student),
