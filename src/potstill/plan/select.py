@@ -16,8 +16,8 @@ carved off so no probe trains on them):
 
 Ranking signal: gain per unit of cost (`gain / teacher ms per kB`), the issue's "gap closure per unit of cost"
 (candidates that did not beat the CE probe come last, by gain); absolute gain, not the closed fraction, since the
-fraction favours weak teachers close to the student (docs/teachers.md). The best gain regardless of cost is named too. Writes OUT/select.json, OUT/select.md,
-OUT/plots/teacher_select.png.
+fraction favours weak teachers close to the student (docs/teachers.md). The best gain regardless of cost is named
+too. Writes OUT/select.json, OUT/select.md, OUT/plots/teacher_select.png.
 """
 
 from __future__ import annotations
