@@ -6,7 +6,7 @@ last records of each domain's training text, what `teacher select` measures on, 
 evaluation, never seen by any run or by select).
 
 Models (one byte-level BPE of 512 ids, shared by all): a ladder of teachers trained CE-only on fit.jsonl for
-the same steps (`t32x1`, `t64x2`, `t128x4`, `t256x4`: hidden x layers), two specialists of the `t128x4` shape
+the same steps (`t32x1`, `t64x2`, `t128x4`: hidden x layers), two specialists of the `t128x4` shape
 trained on two domains each (`code`: code + docstrings, `prose`: docs + licenses), and one random student
 (hidden 48, 2 layers) that every arm starts from.
 
@@ -16,6 +16,7 @@ Phases (each reuses what an earlier run left in OUT):
 - `full`: (c) the student distilled from each ladder teacher and CE-only, `--steps` steps, `--seeds` data orders,
   held-out bpb per domain; the full runs' ranking;
 - `select`: (c) `potstill teacher select` over the ladder with short probes; its ranking set against `full`'s;
+- `compare`: (c) select's rankings against the full runs';
 - `multi`: (b) two specialists routed per domain, and the two summed (weights 0.5 / 0.5), against each specialist
   alone, same budget and seeds.
 
@@ -43,7 +44,7 @@ from potstill.fileio import write_text_atomic  # noqa: E402
 from potstill.models.load import load_model  # noqa: E402
 from potstill.train.recipes import run_distill  # noqa: E402
 
-LADDER = {"t32x1": (32, 1), "t64x2": (64, 2), "t128x4": (128, 4), "t256x4": (256, 4)}
+LADDER = {"t32x1": (32, 1), "t64x2": (64, 2), "t128x4": (128, 4)}
 SPECIALISTS = {"code": ("code", "docstrings"), "prose": ("docs", "licenses")}
 DOMAINS = ("code", "docstrings", "docs", "licenses")
 CE_TEACHER = ["loss.alpha=0", "train.batch_size=16", "train.lr=0.003"]
@@ -154,8 +155,8 @@ def phase_full(args) -> dict:
 
 
 def phase_select(args) -> dict:
-    """(c) `potstill teacher select` over the ladder (probes of `--probe-steps` on fit.jsonl, measured on
-    ddk_eval.jsonl: never the final held-out text), set against the full runs' ranking."""
+    """(c) `potstill teacher select` over the ladder: probes of `--probe-steps` on fit.jsonl, measured on
+    ddk_eval.jsonl (never the final held-out text)."""
     from potstill.plan.select import select_teachers
 
     data = args.out / "data"
@@ -168,19 +169,31 @@ def phase_select(args) -> dict:
         overrides=[*KD, f"train.lr={args.lr}", "train.warmup_steps=10", "train.logging_steps=50", "train.seed=1"],
     )  # fmt: skip
     names = dict(zip(result["candidates"], teachers, strict=True))  # select's names -> ladder names
-    out = {"ranking": [names[n] for n in result["ranking"]], "by_gain": sorted(
-        teachers, key=lambda n: -result["candidates"][next(k for k, v in names.items() if v == n)]["gain"]),
-        "select_seconds": time.perf_counter() - began, "recommendation": result["recommendation"]}  # fmt: skip
-    results_path = args.out / "results.json"
-    full = json.loads(results_path.read_text()).get("full") if results_path.is_file() else None
-    if full:
-        costs = {names[n]: c["ms_per_kb"] for n, c in result["candidates"].items()}
-        gains = {n: full["arms"]["ce"]["bpb"] - full["arms"][n]["bpb"] for n in full["ranking"]}
-        out["full_by_gain"] = sorted(gains, key=lambda n: -gains[n])
-        out["full_by_gain_per_cost"] = sorted(gains, key=lambda n: -gains[n] / costs[n])
-        out["agrees_by_gain"] = out["by_gain"] == out["full_by_gain"]
-        out["agrees_by_gain_per_cost"] = out["ranking"] == out["full_by_gain_per_cost"]
-    return out
+    return {
+        "ranking": [names[n] for n in result["ranking"]],
+        "by_gain": sorted(
+            teachers, key=lambda n: -next(c["gain"] for k, c in result["candidates"].items() if names[k] == n)
+        ),
+        "cost_ms_per_kb": {names[k]: c["ms_per_kb"] for k, c in result["candidates"].items()},
+        "select_seconds": time.perf_counter() - began,
+        "recommendation": result["recommendation"],
+    }
+
+
+def phase_compare(args) -> dict:
+    """(c) select's rankings against the full runs': by gain over CE, and by gain per unit of (select's) cost."""
+    results = json.loads((args.out / "results.json").read_text())
+    full, sel = results["full"], results["select"]
+    gains = {n: full["arms"]["ce"]["bpb"] - full["arms"][n]["bpb"] for n in full["ranking"]}
+    by_gain = sorted(gains, key=lambda n: -gains[n])
+    per_cost = sorted(
+        gains, key=lambda n: (gains[n] <= 0, -gains[n] / sel["cost_ms_per_kb"][n] if gains[n] > 0 else -gains[n])
+    )
+    return {
+        "full_gains": gains, "full_by_gain": by_gain, "full_by_gain_per_cost": per_cost,
+        "select_by_gain": sel["by_gain"], "select_ranking": sel["ranking"],
+        "agrees_by_gain": sel["by_gain"] == by_gain, "agrees_by_gain_per_cost": sel["ranking"] == per_cost,
+    }  # fmt: skip
 
 
 def phase_multi(args) -> dict:
@@ -211,10 +224,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/teacher_ladder"))
     parser.add_argument(
-        "--phase", nargs="+", default=["teachers"], choices=["teachers", "specialists", "full", "select", "multi"]
+        "--phase",
+        nargs="+",
+        default=["teachers"],
+        choices=["teachers", "specialists", "full", "select", "multi", "compare"],
     )
     parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=300, help="student steps of a full run")
+    parser.add_argument("--steps", type=int, default=150, help="student steps of a full run")
     parser.add_argument("--probe-steps", type=int, default=30, help="student steps of a select probe")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=8)
