@@ -47,6 +47,7 @@ from potstill.train.recipes import run_distill  # noqa: E402
 LADDER = {"t32x1": (32, 1), "t64x2": (64, 2), "t128x4": (128, 4)}
 SPECIALISTS = {"code": ("code", "docstrings"), "prose": ("docs", "licenses")}
 DOMAINS = ("code", "docstrings", "docs", "licenses")
+SELECT_DIR = lambda seed: "select" if seed == 1 else f"select_seed{seed}"  # noqa: E731
 CE_TEACHER = ["loss.alpha=0", "train.batch_size=16", "train.lr=0.003"]
 
 
@@ -107,12 +108,18 @@ def phase_specialists(args) -> dict:
     models = args.out / "models"
     teachers = {}
     for name, keep in SPECIALISTS.items():
+        if args.only and name not in args.only:
+            continue
         weights = ", ".join(f"{d}: {1 if d in keep else 0}" for d in DOMAINS)
         mixing = ["data.mixing.mode=fixed", f"data.mixing.weights={{{weights}}}"]
         init = new_model(models / "t128x4_init_spec", models / "student", 128, 4, args.seq_len)
         run = distill(models / f"specialist_{name}", init, CE_TEACHER + mixing, args, args.teacher_steps, seed=0)
         teachers[name] = run["student"]
-    return {"teachers": teachers, "evals": {n: score(Path(p), args) for n, p in teachers.items()}}
+    return {
+        "teachers": teachers,
+        "evals": {n: score(Path(p), args) for n, p in teachers.items()},
+        "steps": args.teacher_steps,
+    }
 
 
 KD = ["loss.name=fkl", "loss.alpha=0.5"]
@@ -164,9 +171,10 @@ def phase_select(args) -> dict:
     began = time.perf_counter()
     result = select_teachers(
         [Path(p) for p in teachers.values()], args.out / "models" / "student", [data / "fit.jsonl"],
-        args.out / "select", eval_files=[data / "ddk_eval.jsonl"], probe_steps=args.probe_steps,
+        args.out / SELECT_DIR(args.probe_seed), eval_files=[data / "ddk_eval.jsonl"], probe_steps=args.probe_steps,
         seq_len=args.seq_len, batch_size=args.batch_size,
-        overrides=[*KD, f"train.lr={args.lr}", "train.warmup_steps=10", "train.logging_steps=50", "train.seed=1"],
+        overrides=[*KD, f"train.lr={args.lr}", "train.warmup_steps=10", "train.logging_steps=50",
+                   f"train.seed={args.probe_seed}"],
     )  # fmt: skip
     names = dict(zip(result["candidates"], teachers, strict=True))  # select's names -> ladder names
     return {
@@ -233,6 +241,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="student steps of a full run")
     parser.add_argument("--probe-steps", type=int, default=30, help="student steps of a select probe")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--probe-seed", type=int, default=1, help="select: the probes' data-order seed")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -240,6 +249,7 @@ def main() -> None:
     parser.add_argument("--train-bytes", type=int, default=150_000)
     parser.add_argument("--teachers", nargs="+", help="full / select: these ladder teachers only")
     parser.add_argument("--arms", nargs="+", help="multi: these arms only")
+    parser.add_argument("--only", nargs="+", choices=list(SPECIALISTS), help="specialists: these only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results_path = args.out / "results.json"
@@ -247,7 +257,7 @@ def main() -> None:
         began = time.perf_counter()
         got = globals()[f"phase_{phase}"](args) | {"phase_seconds": time.perf_counter() - began}
         results = json.loads(results_path.read_text()) if results_path.is_file() else {}  # other phases may run
-        results[phase] = got
+        results[SELECT_DIR(args.probe_seed) if phase == "select" else phase] = got
         write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
         print(json.dumps({phase: got}, indent=1), flush=True)
 
