@@ -189,18 +189,29 @@ def phase_select(args) -> dict:
 
 
 def phase_compare(args) -> dict:
-    """(c) select's rankings against the full runs': by gain over CE, and by gain per unit of (select's) cost."""
-    results = json.loads((args.out / "results.json").read_text())
-    full, sel = results["full"], results["select"]
-    gains = {n: full["arms"]["ce"]["bpb"] - full["arms"][n]["bpb"] for n in full["ranking"]}
-    by_gain = sorted(gains, key=lambda n: -gains[n])
-    per_cost = sorted(
-        gains, key=lambda n: (gains[n] <= 0, -gains[n] / sel["cost_ms_per_kb"][n] if gains[n] > 0 else -gains[n])
-    )
+    """(c) select's rankings (each probe seed, and their mean gain) against the full runs': by gain over CE, and by
+    gain per unit of select's cost (ms/kB of the teacher's forward)."""
+    full = json.loads((args.out / "results.json").read_text())["full"]
+    ladder = {"t128x4": "teacher_run"} | {n: n for n in LADDER if n != "t128x4"}
+    sels = [json.loads(p.read_text()) for p in sorted(args.out.glob("select*/select.json"))]
+
+    def of(sel: dict, name: str) -> dict:
+        return next(c for k, c in sel["candidates"].items() if k.split("/")[0] == ladder[name])
+
+    cost = {n: of(sels[0], n)["ms_per_kb"] for n in ladder}
+    probe = {n: [of(sel, n)["gain"] for sel in sels] for n in ladder}
+    mean = {n: sum(g) / len(g) for n, g in probe.items()}
+    gains = {n: full["arms"]["ce"]["bpb"] - full["arms"][n]["bpb"] for n in ladder}
+
+    def rank(g: dict, per_cost: bool) -> list[str]:
+        return sorted(g, key=lambda n: (g[n] <= 0, -(g[n] / cost[n] if per_cost and g[n] > 0 else g[n])))
+
     return {
-        "full_gains": gains, "full_by_gain": by_gain, "full_by_gain_per_cost": per_cost,
-        "select_by_gain": sel["by_gain"], "select_ranking": sel["ranking"],
-        "agrees_by_gain": sel["by_gain"] == by_gain, "agrees_by_gain_per_cost": sel["ranking"] == per_cost,
+        "full_gains": gains, "probe_gains": probe, "probe_mean_gain": mean, "cost_ms_per_kb": cost,
+        "full_by_gain": rank(gains, False), "full_by_gain_per_cost": rank(gains, True),
+        "select_by_gain": [rank({n: g[i] for n, g in probe.items()}, False) for i in range(len(sels))],
+        "select_by_gain_per_cost": [rank({n: g[i] for n, g in probe.items()}, True) for i in range(len(sels))],
+        "mean_by_gain": rank(mean, False), "mean_by_gain_per_cost": rank(mean, True),
     }  # fmt: skip
 
 
