@@ -226,6 +226,12 @@ def phase_multi(args) -> dict:
         "prose_only": [*KD, f"model.teacher={prose}"],
         "routed": [*KD, routed],
         "summed": [*KD, f"model.teachers=[{{path: {code}}}, {{path: {prose}}}]"],
+        # two generalists of the ladder summed, against the better of them alone (full runs: t64x2)
+        "ladder_summed": [
+            *KD,
+            f"model.teachers=[{{path: {models / 't64x2' / 'student'}}}, "
+            f"{{path: {models / 'teacher_run' / 'student'}}}]",
+        ],
     }
     arms = run_arms(args, "multi", {n: a for n, a in arms.items() if n in (args.arms or arms)}, args.steps)
     return {"arms": arms, "steps": args.steps, "seeds": args.seeds}
