@@ -15,12 +15,13 @@ Phases (each reuses what an earlier run left in OUT):
 - `specialists`: the two specialists;
 - `full`: (c) the student distilled from each ladder teacher and CE-only, `--steps` steps, `--seeds` data orders,
   held-out bpb per domain; the full runs' ranking;
-- `select`: (c) `potstill teacher select` over the ladder with short probes; its ranking set against `full`'s;
+- `select`: (c) `potstill teacher select` over the ladder with short probes (`--probe-seed`: their data order);
 - `compare`: (c) select's rankings against the full runs';
 - `multi`: (b) two specialists routed per domain, and the two summed (weights 0.5 / 0.5), against each specialist
-  alone, same budget and seeds.
+  alone; and two generalists of the ladder summed (`ladder_summed`: t64x2 + t128x4) against the better one alone
+  (its `full` run); same budget and seeds.
 
-    python benchmarks/teacher_ladder.py --out /work/runs/teachers/ladder --phase teachers full select multi
+    python benchmarks/teacher_ladder.py --out runs/ladder --phase teachers specialists full select compare multi
 """
 
 from __future__ import annotations
