@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distill_helpers import ddk_opts, read_log, read_mixing
 from potstill.config import LossConfig, load_config
 from potstill.data import collate, load_dataset
-from potstill.losses import kd_terms
+from potstill.losses import combine, kd_terms
 from potstill.teacher.cross import CrossTokenizerTeacher
 from potstill.teacher.online import OnlineTeacher
 from potstill.teacher.several import TeacherSet
@@ -97,6 +97,10 @@ def test_routed_teachers_sum_their_terms_on_their_rows(multi_dir):
     assert both.kd.item() == pytest.approx((part_a.kd + part_b.kd).item(), rel=1e-5)
     assert both.ce.item() == pytest.approx((part_a.ce + part_b.ce).item(), rel=1e-5)
     assert both.stats["kd/t0"] == pytest.approx(part_a.kd.item(), rel=1e-5)
+    # and the same gradient (the fused loss computes it in the forward for each route's planned weights)
+    (grad_both,) = torch.autograd.grad(combine(both, 0.5, 2.0), student.lm_head.weight)
+    (grad_parts,) = torch.autograd.grad(combine(part_a, 0.5, 2.0) + combine(part_b, 0.5, 2.0), student.lm_head.weight)
+    torch.testing.assert_close(grad_both, grad_parts, rtol=1e-5, atol=1e-7)
 
 
 def test_summed_forward_kl_has_the_mixed_distributions_gradient(multi_dir):
