@@ -17,6 +17,7 @@ Phases (each reuses what an earlier run left in OUT):
   held-out bpb per domain; the full runs' ranking;
 - `select`: (c) `potstill teacher select` over the ladder with short probes (`--probe-seed`: their data order);
 - `compare`: (c) select's rankings against the full runs';
+- `cross`: a teacher of another tokenizer (1024-id BPE, 64x2): full runs from it, and select over it and t64x2;
 - `multi`: (b) two specialists routed per domain, and the two summed (weights 0.5 / 0.5), against each specialist
   alone; and two generalists of the ladder summed (`ladder_summed`: t64x2 + t128x4) against the better one alone
   (its `full` run); same budget and seeds.
@@ -238,6 +239,40 @@ def phase_multi(args) -> dict:
     return {"arms": arms, "steps": args.steps, "seeds": args.seeds}
 
 
+def phase_cross(args) -> dict:
+    """A teacher of another tokenizer (byte-level BPE of 1024 ids, 64x2, CE-only like the ladder): `teacher select`
+    over it and t64x2 (its KL on 1:1 positions), and full runs from it to set select's ranking against."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from potstill.plan.select import select_teachers
+
+    data, root = args.out / "data", args.out / "models"
+    tok_dir = root / "bpe1024"
+    if not (tok_dir / "tokenizer.json").is_file():
+        texts = [json.loads(line)["text"] for line in (data / "fit.jsonl").read_text().splitlines()]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+        tok.train_from_iterator(texts, trainer)
+        PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                unk_token="<unk>").save_pretrained(tok_dir)  # fmt: skip
+    init = new_model(root / "x64x2_init", tok_dir, 64, 2, 4 * args.seq_len)  # its rows of the same text differ
+    teacher = Path(distill(root / "x64x2", init, CE_TEACHER, args, args.teacher_steps, seed=0)["student"])
+    full = run_arms(args, "full", {"x64x2": [*KD, f"model.teacher={teacher}"]}, args.steps)
+    result = select_teachers(
+        [root / "t64x2" / "student", teacher], root / "student", [data / "fit.jsonl"], args.out / "select_cross",
+        eval_files=[data / "ddk_eval.jsonl"], probe_steps=args.probe_steps, seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        overrides=[*KD, f"train.lr={args.lr}", "train.warmup_steps=10", "train.logging_steps=50", "train.seed=1"],
+    )  # fmt: skip
+    return {"full": full, "teacher": score(teacher, args), "select": {n: {k: c[k] for k in (
+        "tokenizer", "bpb", "kl_start", "kl_positions", "ms_per_kb", "gain")} for n, c in result["candidates"].items()},
+        "ranking": result["ranking"], "recommendation": result["recommendation"]}  # fmt: skip
+
+
 def score(model_dir: Path, args) -> dict:
     """Held-out (heldout.jsonl) bpb per domain and overall."""
     model, tokenizer = load_model(str(model_dir))
@@ -253,7 +288,7 @@ def main() -> None:
         "--phase",
         nargs="+",
         default=["teachers"],
-        choices=["teachers", "specialists", "full", "select", "multi", "compare"],
+        choices=["teachers", "specialists", "full", "select", "multi", "compare", "cross"],
     )
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=150, help="student steps of a full run")
