@@ -21,7 +21,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-teacher_app = typer.Typer(help="Prepare teacher models (GGUF -> cached HF directory).", no_args_is_help=True)
+teacher_app = typer.Typer(
+    help="Prepare teacher models (GGUF -> cached HF directory); choose among candidates by measured fit.",
+    no_args_is_help=True,
+)
 student_app = typer.Typer(help="Create students (pruned from a teacher, trimmed vocabulary).", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(student_app, name="student")
@@ -165,6 +168,34 @@ def teacher_prepare_cmd(
 
     path = prepare_teacher(gguf, check=check)
     typer.echo(str(path))
+
+
+@teacher_app.command("select")
+def teacher_select_cmd(
+    candidates: list[Path] = typer.Option(..., "--candidates", help="Candidate teachers (HF dirs or .gguf)."),
+    student: Path = typer.Option(..., "--student", help="HF directory of the student (its starting point)."),
+    data: list[Path] = typer.Option(..., "--data", help="JSONL file(s) the student will be distilled on."),
+    out: Path = typer.Option(Path("teacher-select"), "--out", help="Directory for the probes and the report."),
+    eval_files: list[Path] = typer.Option(
+        None, "--eval", help="Held-out JSONL (default: the last records of each domain of --data, held out)."
+    ),
+    config: Path | None = _config_option("a distill YAML whose loss / train settings the probes use"),
+    overrides: list[str] = _overrides_argument("loss.name=jsd train.lr=1e-3"),
+    probe_steps: int = typer.Option(30, "--probe-steps", min=1, help="Student steps of each probe distillation."),
+    seq_len: int = typer.Option(256, "--seq-len", min=8, help="Student tokens per packed sequence."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per step and per forward pass."),
+    eval_bytes: int = typer.Option(20_000, "--eval-bytes", min=1, help="Held-out text per domain without --eval."),
+) -> None:
+    """Rank candidate teachers for this student on this data: bpb per domain, cost, KL at the start, and a short
+    probe distillation each (gain over CE-only per unit of cost) -> OUT/select.md, select.json, plots/."""
+    from potstill.plan.select import select_teachers
+
+    result = select_teachers(
+        candidates, student, data, out, eval_files or [], config, overrides or [],
+        probe_steps=probe_steps, seq_len=seq_len, batch_size=batch_size, eval_bytes=eval_bytes,
+    )  # fmt: skip
+    typer.echo(f"ranking: {', '.join(result['ranking'])}")
+    typer.echo(f"recommendation: {result['recommendation']}\nreport: {out / 'select.md'}")
 
 
 @student_app.command("init")

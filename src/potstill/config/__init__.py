@@ -34,6 +34,7 @@ from potstill.config.distill import (
     OnPolicyConfig,
     TeacherConfig,
     TeacherEndpointConfig,
+    TeacherEntry,
     TrainConfig,
 )
 from potstill.config.generate import GenerateConfig, SamplingConfig, TeacherSourceConfig
@@ -63,6 +64,7 @@ __all__ = [
     "StudentInitConfig",
     "TeacherConfig",
     "TeacherEndpointConfig",
+    "TeacherEntry",
     "TeacherSourceConfig",
     "TrainConfig",
     "apply_overrides",

@@ -193,7 +193,7 @@ def _locate(model: type[BaseModel], loc: tuple) -> tuple[str, FieldInfo | None]:
     """The dotted config key of an error location and its field (union-member tags dropped)."""
     parts: list[str] = []
     cls: type[BaseModel] | None = model
-    info = None
+    info = item = None
     container = False
     for part in loc:
         if cls is not None and isinstance(part, str) and part in cls.model_fields:
@@ -201,9 +201,10 @@ def _locate(model: type[BaseModel], loc: tuple) -> tuple[str, FieldInfo | None]:
             parts.append(part)
             cls = section_of(info.annotation)
             container = cls is None and get_origin(info.annotation) in (list, dict)
+            item = section_of(get_args(info.annotation)[-1]) if container else None  # a list of sections
         elif container:  # a list index or dict key inside a field, e.g. data.mixing.weights.code
             parts.append(str(part))
-            container = False
+            container, cls = False, item
         else:
             break
     return ".".join(parts), info

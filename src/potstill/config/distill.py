@@ -19,6 +19,25 @@ from potstill.errors import UserError
 LOSS_NAMES = get_args(LossName)
 
 
+class TeacherEntry(Section):
+    """One teacher of several (`model.teachers`; docs/teachers.md)."""
+
+    path: str = Field(
+        description="HF directory (or .gguf) of this teacher; its tokenizer may differ from the student's"
+    )
+    weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="weight of this teacher's KD term where it applies; at each position the weights of the teachers"
+        " that apply are normalized to sum to 1",
+    )
+    domains: list[str] | None = Field(
+        default=None,
+        description="the training domains this teacher distills (null: every domain); a domain named here must be"
+        " in the training data",
+    )
+
+
 class ModelConfig(Section):
     """Where the student and teacher come from (HF directories)."""
 
@@ -31,6 +50,12 @@ class ModelConfig(Section):
         default=None,
         description="HF directory (or .gguf) of the teacher; required unless loss.alpha=0 (then never loaded) or"
         " teacher.source=cache. Its tokenizer must match the student's (same tokens and ids, or the id map)",
+    )
+    teachers: list[TeacherEntry] = Field(
+        default_factory=list,
+        description="several teachers instead of model.teacher: [{path, weight, domains}]; the KD term is the sum of"
+        " the per-teacher terms, weighted and routed per domain (online teachers, train.recipe=distill;"
+        " docs/teachers.md)",
     )
     dtype: Dtype = Field(
         default="float32",
@@ -56,6 +81,27 @@ class ModelConfig(Section):
         " refuses a teacher whose template differs, 'student' keeps the student's anyway, 'teacher' renders with the"
         " teacher's and saves it with the student (a base student without a template)",
     )
+
+    @field_validator("teachers")
+    @classmethod
+    def _teachers_valid(cls, v: list[TeacherEntry]) -> list[TeacherEntry]:
+        if v and sum(t.weight for t in v) <= 0:
+            raise ValueError("the teachers' weights sum to zero; give at least one teacher a positive weight")
+        empty = next((i for i, t in enumerate(v) if t.domains is not None and not t.domains), None)
+        if empty is not None:
+            raise ValueError(f"teachers[{empty}].domains is empty; list its domains, or null for every domain")
+        return v
+
+    @model_validator(mode="after")
+    def _one_teacher_form(self) -> ModelConfig:
+        if self.teacher is not None and self.teachers:
+            raise ValueError("model.teacher and model.teachers are both set; give one teacher or the list")
+        return self
+
+    @property
+    def teacher_paths(self) -> list[str]:
+        """Every teacher's path: model.teacher, or those of model.teachers (empty: none)."""
+        return [t.path for t in self.teachers] or ([self.teacher] if self.teacher else [])
 
     @property
     def teacher_load_dtype(self) -> str:
@@ -444,8 +490,10 @@ class DistillConfig(Section):
 
     def run_problem(self) -> str | None:
         """What keeps this config from starting a run (`key: why`), or None."""
-        if self.teacher_kind == "online" and self.model.teacher is None:
+        if self.teacher_kind == "online" and not self.model.teacher_paths:
             return "model.teacher: required unless loss.alpha=0 (CE only) or teacher.source=cache"
+        if self.model.teachers and (problem := self._teachers_problem()):
+            return problem
         if self.teacher_kind == "cache" and self.teacher.cache is None:
             return "teacher.cache: required with teacher.source=cache (a `potstill cache build` dir)"
         if not self.data.train:
@@ -462,6 +510,18 @@ class DistillConfig(Section):
             return problem
         if self.teacher_kind == "endpoint":
             return self._endpoint_problem()
+        return None
+
+    def _teachers_problem(self) -> str | None:
+        """What keeps several teachers (`model.teachers`) from working in this run, or None."""
+        if self.teacher.source != "online":
+            return (
+                f"model.teachers: several teachers run online; teacher.source={self.teacher.source} takes one teacher"
+            )
+        if self.train.recipe != "distill":
+            return f"model.teachers: several teachers are built for train.recipe=distill, not {self.train.recipe}"
+        if self.hidden.weight > 0:
+            return "model.teachers: the hidden-state term compares one teacher's layers; set hidden.weight=0"
         return None
 
     def _on_policy_problem(self) -> str | None:

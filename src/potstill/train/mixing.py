@@ -11,7 +11,8 @@ checks the domains and builds the sampler over the training sequences; `.attach(
   uninterrupted one would have.
 - `MixingCallback`: with mode `ddk`, scores the student on each domain's held-out sequences (at most
   `eval_tokens` scored tokens per domain) before the first step (Eq. 1) and every `interval` steps (Eq. 2);
-  the teacher's per-domain figures are measured once. With `warmup` W > 0 the mix stays uniform for the
+  the teacher's per-domain figures are measured once (several teachers, `model.teachers`: each domain against its
+  own teachers, their figures averaged in log space by share). With `warmup` W > 0 the mix stays uniform for the
   first W steps (the step-0 gaps are still measured and logged, rule `warmup`), Eq. 1 runs after step W and
   Eq. 2 every `interval` steps after that: a freshly pruned student's gaps say nothing yet about where it
   will lag (on Gemma its ppl ratios were ~1e9 to 1e10 and Eq. 1 put all weight on one domain).
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,7 @@ from potstill.errors import UserError
 from potstill.eval.metrics import evaluate
 from potstill.launch import world_size
 from potstill.teacher.online import OnlineTeacher
+from potstill.teacher.several import TeacherSet
 from potstill.train.rundir import MIXING_FILE, truncate_log
 
 logger = logging.getLogger(__name__)
@@ -152,8 +155,9 @@ class MixingCallback(TrainerCallback):
         began = time.perf_counter()
         if self.saved.teacher is None:
             self.saved.teacher = self._teacher_figures()
-        teacher = self.teacher if self.cfg.gap == "kl" else None
-        student = {d: _figures(model, ds, teacher, self.batch_size) for d, ds in self.heldout.items()}
+        kl = self.cfg.gap == "kl"
+        student = {d: _figures(model, ds, self._teacher_of(d) if kl else None, self.batch_size)
+                   for d, ds in self.heldout.items()}  # fmt: skip
         gaps = domain_gaps(student, self.saved.teacher, self.cfg.gap)
         figures = {d: s[_GAP_KEY[self.cfg.gap]] for d, s in student.items()}
         return gaps, figures, time.perf_counter() - began
@@ -171,9 +175,25 @@ class MixingCallback(TrainerCallback):
         """The teacher's per-domain ppl or bpb on the held-out data (None for gap=kl: KL needs no such figure)."""
         if self.cfg.gap == "kl":
             return None
-        wrapped = _TeacherModel(self.teacher)
         key = _GAP_KEY[self.cfg.gap]
-        return {d: _figures(wrapped, ds, None, self.batch_size)[key] for d, ds in self.heldout.items()}
+        if not isinstance(self.teacher, TeacherSet):
+            wrapped = _TeacherModel(self.teacher)
+            return {d: _figures(wrapped, ds, None, self.batch_size)[key] for d, ds in self.heldout.items()}
+        # several teachers: each domain against its own teachers, their figures averaged in log space by share
+        # (ppl: a geometric mean; bpb is already a log): the teachers the domain is distilled from
+        figures = {}
+        for d, ds in self.heldout.items():
+            shares = self.teacher.shares(d)
+            logs = {k: _figures(_TeacherModel(self.teacher.members[k]), ds, None, self.batch_size)[key] for k in shares}
+            mean = sum(shares[k] * (math.log(v) if key == "ppl" else v) for k, v in logs.items())
+            figures[d] = math.exp(mean) if key == "ppl" else mean
+        return figures
+
+    def _teacher_of(self, domain: str) -> OnlineTeacher:
+        """The teacher a domain's KL gap is measured against (several teachers: its one teacher, `setup_mixing`)."""
+        if not isinstance(self.teacher, TeacherSet):
+            return self.teacher
+        return self.teacher.members[next(iter(self.teacher.shares(domain)))]
 
 
 def _figures(model: nn.Module, dataset, teacher: OnlineTeacher | None, batch_size: int) -> dict:
@@ -222,14 +242,16 @@ class Mixing:
         trainer.callback_handler.callbacks.insert(0, self.callback)
 
 
-def setup_mixing(cfg: DistillConfig, train_ds, eval_ds, teacher: OnlineTeacher | None, out: Path) -> Mixing:
+def setup_mixing(
+    cfg: DistillConfig, train_ds, eval_ds, teacher: OnlineTeacher | TeacherSet | None, out: Path
+) -> Mixing:
     """Check the domains, split held-out data, build the sampler and the callback.
 
     Args:
         cfg: the run config (`data.mixing` set).
         train_ds: packed training sequences (a `PackedDataset`).
         eval_ds: packed `data.eval` sequences, or None.
-        teacher: the online teacher (None in a CE-only run).
+        teacher: the online teacher, or several (DDK: each domain's gap against its own teachers; None: CE only).
         out: the run directory.
 
     Returns:
@@ -249,6 +271,12 @@ def setup_mixing(cfg: DistillConfig, train_ds, eval_ds, teacher: OnlineTeacher |
     if mix.mode == "ddk":
         if teacher is None:
             raise UserError("config: data.mixing.mode=ddk: needs an online teacher (model.teacher, loss.alpha > 0)")
+        several = next((d for d in domains if isinstance(teacher, TeacherSet) and len(teacher.shares(d)) > 1), None)
+        if mix.gap == "kl" and several is not None:
+            raise UserError(
+                f"config: data.mixing.gap=kl: domain {several!r} is distilled from several teachers; the KL gap is"
+                " measured against one (route each domain to one teacher, or use gap ppl, logppl or bpb)"
+            )
         train_ds, heldout = split_heldout(train_ds, eval_ds, mix.eval_tokens, cfg.data.eval)
     sizes = {d: train_ds.domains.count(d) for d in domains}
     draws = t.max_steps * t.batch_size * t.grad_accum * world_size()

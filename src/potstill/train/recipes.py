@@ -31,6 +31,7 @@ from potstill.fileio import disk_problem, write_json_atomic
 from potstill.launch import check_engine
 from potstill.models.load import quiet_hf_progress
 from potstill.teacher.cross import CrossTokenizerTeacher
+from potstill.teacher.several import TeacherSet
 from potstill.train.hidden import detach_projections, hidden_plan
 from potstill.train.on_policy import OnPolicyRecipe
 from potstill.train.rundir import LOG_FILE, STUDENT_DIR, SUMMARY_FILE, resume_point, save_student, start_run_dir
@@ -67,11 +68,14 @@ class KDRecipe:
         from potstill.data import collate
 
         train_ds, data.eval_ds = load_data(cfg, models.tokenizer)
+        if isinstance(models.teacher, TeacherSet):
+            models.teacher.check_domains(train_ds.domain_names)
         mixing = None
         if cfg.data.mixing is not None:
             from potstill.train.mixing import setup_mixing
 
-            teacher = models.teacher if _same_ids(models.teacher) else None  # DDK with another tokenizer: refused
+            # DDK with another tokenizer: refused (`train.setup.cross_tokenizer`)
+            teacher = models.teacher if _same_ids(models.teacher) or isinstance(models.teacher, TeacherSet) else None
             mixing = setup_mixing(cfg, train_ds, data.eval_ds, teacher, out)
             train_ds = mixing.train_ds
         cache = open_cache(cfg, models.tokenizer, train_ds)
@@ -102,8 +106,9 @@ class KDRecipe:
 
 
 def _same_ids(teacher) -> bool:
-    """Whether the run's teacher scores the student's token ids (not None, not a teacher of another tokenizer)."""
-    return teacher is not None and not isinstance(teacher, CrossTokenizerTeacher)
+    """Whether the run's teacher is one that scores the student's token ids (not None, not a teacher of another
+    tokenizer, not several)."""
+    return teacher is not None and not isinstance(teacher, (CrossTokenizerTeacher, TeacherSet))
 
 
 RECIPES: dict[str, Recipe] = {"distill": KDRecipe(), "step_by_step": StepByStepRecipe(), "on_policy": OnPolicyRecipe()}

@@ -28,6 +28,7 @@ from potstill.teacher.cross import CrossTokenizerTeacher, same_tokenizer
 from potstill.teacher.endpoint import EndpointClient
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
 from potstill.teacher.scoring import EndpointScorer
+from potstill.teacher.several import TeacherSet
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,15 @@ class Models:
         student: the student (trainable, in `model.dtype`).
         tokenizer: the student's tokenizer.
         teacher: the frozen online teacher over the student's vocabulary, a teacher with another tokenizer
-            (`CrossTokenizerTeacher`, `loss.cross_tokenizer`), or the endpoint that scores for it (None for a cache or
-            CE only).
+            (`CrossTokenizerTeacher`, `loss.cross_tokenizer`), several (`TeacherSet`, `model.teachers`), or the
+            endpoint that scores for it (None for a cache or CE only).
         specials: the student's `<eos>`, stop token and chat template, checked against the teacher's
             (`potstill.models.specials`; None for CE only or a cache without chat data or `model.stop_token`).
     """
 
     student: nn.Module
     tokenizer: Any
-    teacher: OnlineTeacher | CrossTokenizerTeacher | EndpointScorer | None
+    teacher: OnlineTeacher | CrossTokenizerTeacher | TeacherSet | EndpointScorer | None
     specials: Specials | None = None
 
 
@@ -68,15 +69,10 @@ def load_models(cfg: DistillConfig) -> Models:
     student, tokenizer = load_model(cfg.model.student, dtype=cfg.model.dtype)
     kind, id_map = cfg.teacher_kind, load_id_map(cfg.model.student)
     teacher_model = teacher_tok = teacher = None
-    if kind == "online":
-        teacher_model, teacher_tok = load_model(cfg.model.teacher, dtype=cfg.model.teacher_load_dtype)
-        if cross_tokenizer(cfg, tokenizer, teacher_tok, id_map):
-            teacher = CrossTokenizerTeacher(teacher_model, tokenizer, teacher_tok)
-            teacher_model = teacher_tok = None  # the teacher's specials are its own: only the student's are checked
-            log.info("cross-tokenizer KD: %d shared tokens", teacher.tokens.student_shared.numel())
-    if teacher_model is not None:
-        check_tokenizers(tokenizer, teacher_tok, id_map=id_map, specials=False)  # specials: check_specials below
-        check_vocab_sizes(student, teacher_model, id_map, cfg)
+    if kind == "online" and cfg.model.teachers:
+        teacher, teacher_model, teacher_tok = load_teacher_set(cfg, student, tokenizer, id_map)
+    elif kind == "online":
+        teacher, teacher_model, teacher_tok = load_teacher(cfg, cfg.model.teacher, student, tokenizer, id_map)
     elif kind == "endpoint":
         teacher_tok = load_tokenizer(cfg.model.teacher) if cfg.model.teacher else None
         teacher = endpoint_scorer(cfg, tokenizer, id_map)
@@ -96,9 +92,55 @@ def load_models(cfg: DistillConfig) -> Models:
         apply_specials(tokenizer, student, specials)
         for note in specials.notes:
             log.info("student/teacher: %s", note)
-    if teacher_model is not None and teacher is None:
-        teacher = OnlineTeacher(teacher_model, id_map=id_map)
     return Models(student, tokenizer, teacher, specials)
+
+
+def load_teacher(cfg: DistillConfig, path: str, student: nn.Module, tokenizer, id_map):
+    """One online teacher: `(teacher, model, tokenizer)`; model and tokenizer are None for a teacher of another
+    tokenizer (`CrossTokenizerTeacher`: only the student's special tokens are checked then, the teacher reads the
+    text, not the student's ids), else they are the pair `check_specials` compares."""
+    teacher_model, teacher_tok = load_model(path, dtype=cfg.model.teacher_load_dtype)
+    if cross_tokenizer(cfg, tokenizer, teacher_tok, id_map):
+        teacher = CrossTokenizerTeacher(teacher_model, tokenizer, teacher_tok)
+        log.info("cross-tokenizer KD (%s): %d shared tokens", path, teacher.tokens.student_shared.numel())
+        return teacher, None, None
+    check_tokenizers(tokenizer, teacher_tok, id_map=id_map, specials=False)  # specials: check_specials
+    check_vocab_sizes(student, teacher_model, id_map, cfg, path)
+    return OnlineTeacher(teacher_model, id_map=id_map), teacher_model, teacher_tok
+
+
+def load_teacher_set(cfg: DistillConfig, student: nn.Module, tokenizer, id_map):
+    """`model.teachers`: a `TeacherSet`, and the first same-tokenizer teacher's model and tokenizer (the pair
+    `check_specials` compares; the others must have the same `<bos>`, `<eos>`, `<unk>`), or (None, None).
+
+    Raises:
+        UserError: a teacher that cannot be loaded or paired, or one whose context is shorter than a student row.
+    """
+    members, first, contexts = [], (None, None), {}
+    for k, entry in enumerate(cfg.model.teachers):
+        teacher, model, tok = load_teacher(cfg, entry.path, student, tokenizer, id_map)
+        context = getattr(teacher.model.config, "max_position_embeddings", None)
+        contexts[entry.path] = context
+        if model is not None and context is not None and cfg.data.seq_len > context:
+            raise UserError(
+                f"config: model.teachers.{k} ({entry.path}): context length {context} < data.seq_len"
+                f" {cfg.data.seq_len}; every teacher reads the student's rows, lower data.seq_len"
+            )
+        if model is not None and first[0] is None:
+            first = (model, tok)
+        elif model is not None:
+            check_tokenizers(tokenizer, tok, id_map=id_map, specials=True)
+        members.append(teacher)
+    if len(set(contexts.values())) > 1:
+        log.warning(
+            "model.teachers: context lengths differ (%s); each reads rows of data.seq_len=%d student tokens (a teacher"
+            " of another tokenizer: the same text in its own tokens, refused where longer than its context)",
+            ", ".join(f"{p}: {c}" for p, c in contexts.items()),
+            cfg.data.seq_len,
+        )
+    names = [t.path for t in cfg.model.teachers]
+    weights = [t.weight for t in cfg.model.teachers]
+    return TeacherSet(members, names, weights, [t.domains for t in cfg.model.teachers]), *first
 
 
 def cross_tokenizer(cfg: DistillConfig, tokenizer, teacher_tok, id_map) -> bool:
@@ -139,8 +181,10 @@ def endpoint_scorer(cfg: DistillConfig, tokenizer, id_map) -> EndpointScorer:
     return scorer
 
 
-def check_vocab_sizes(student: nn.Module, teacher: nn.Module, id_map: torch.Tensor | None, cfg: DistillConfig):
-    """The teacher's logits must cover exactly the student's output rows."""
+def check_vocab_sizes(
+    student: nn.Module, teacher: nn.Module, id_map: torch.Tensor | None, cfg: DistillConfig, path: str | None
+):
+    """The teacher's (at `path`) logits must cover exactly the student's output rows."""
     s_rows = student.get_output_embeddings().weight.shape[0]
     t_rows = teacher.get_output_embeddings().weight.shape[0]
     if id_map is not None:
@@ -148,7 +192,7 @@ def check_vocab_sizes(student: nn.Module, teacher: nn.Module, id_map: torch.Tens
             raise UserError(f"{cfg.model.student}: {ID_MAP_FILE} maps {len(id_map)} ids, the student has {s_rows}")
     elif s_rows != t_rows:
         raise UserError(
-            f"{cfg.model.teacher}: teacher vocabulary has {t_rows} ids, student {cfg.model.student} has {s_rows} "
+            f"{path}: teacher vocabulary has {t_rows} ids, student {cfg.model.student} has {s_rows} "
             f"(they must share a tokenizer, or the student must carry {ID_MAP_FILE})"
         )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields, replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from potstill.losses.sparse import SparseTargets, sparse_kd_terms
 from potstill.models.heads import head_of
 from potstill.teacher.cross import CrossTokenizerTeacher
 from potstill.teacher.scoring import EndpointScorer
+from potstill.teacher.several import TeacherSet
 from potstill.train.hidden import HiddenPlan
 
 Targets = TeacherHead | SparseTargets | CrossTargets | torch.Tensor | None
@@ -191,6 +193,8 @@ def kd_micro_step(
         dense: force the dense path (sharded weights under FSDP / DeepSpeed cannot be chunked).
         hidden: the run's hidden-state term (`train.hidden.hidden_plan`; needs an online teacher), or None.
     """
+    if isinstance(teacher, TeacherSet):
+        return several_terms(model, unwrapped, inputs, teacher, loss, alpha, num_tokens, plan_weights, dense)
     cross = isinstance(teacher, CrossTokenizerTeacher)  # always chunked: its head is needed whatever loss.fused says
     head = None if dense else head_of(unwrapped) if cross else student_head(unwrapped, loss)
     targets = teacher_targets(teacher, inputs, fused=head is not None, layers=hidden.teacher_layers if hidden else ())
@@ -207,6 +211,64 @@ def kd_micro_step(
         mask = scored_mask(inputs["labels"])
         terms.hidden = hidden_term(states, teacher_states, mask, hidden.distance, num_tokens, hidden.projections)
     return terms, outputs
+
+
+def several_terms(
+    model: nn.Module,
+    unwrapped: nn.Module,
+    inputs: dict[str, Any],
+    teachers: TeacherSet,
+    loss: LossConfig,
+    alpha: float | None,
+    num_tokens: torch.Tensor | int | None,
+    plan_weights: bool = True,
+    dense: bool = False,
+) -> tuple[KDTerms, Any]:
+    """Steps 1-4 with several teachers (`model.teachers`): one student forward, one teacher forward per route.
+
+    kd = sum over routes of share x (that teacher's KD term on the route's rows); ce = the CE of every row, taken
+    from one route per row (`teacher.several`). Each route's term is the one-teacher term of its path (fused,
+    dense, or cross-tokenizer), normalized by the step's `num_tokens` like every term. Logged per teacher k:
+    `kd/t{k}` (its unweighted term on its rows) and, for a teacher of another tokenizer, its alignment figures.
+    """
+    routes = teachers.routes(inputs["domain"])
+    cross = any(isinstance(t, CrossTokenizerTeacher) for t in teachers.members)
+    head = None if dense else head_of(unwrapped) if cross else student_head(unwrapped, loss)
+    subs = [{key: _take(value, r.rows) for key, value in inputs.items()} for r in routes]
+    targets = [
+        teacher_targets(teachers.members[r.teacher], sub, fused=head is not None)
+        for r, sub in zip(routes, subs, strict=True)
+    ]
+    fused = head is not None and not any(isinstance(t, torch.Tensor) for t in targets)
+    if not fused:  # one teacher's head cannot be chunked: every same-tokenizer route takes the dense path
+        targets = [t.logits() if isinstance(t, TeacherHead) else t for t in targets]
+    outputs = student_outputs(model, inputs, fused)
+    w_kd, w_ce = kd_weights(alpha, loss.temperature) if alpha is not None and plan_weights else (None, None)
+    kd = ce = 0.0
+    stats: dict[str, float] = {}
+    for route, sub, target in zip(routes, subs, targets, strict=True):
+        index = torch.tensor(route.rows, device=inputs["input_ids"].device)
+        part = SimpleNamespace(
+            hidden_states=None if not fused else (outputs.hidden_states[-1][index],),
+            logits=None if fused else outputs.logits[index],
+        )
+        weights = None if w_kd is None else (w_kd * route.share, w_ce if route.ce else 0.0)
+        terms = loss_terms(part, sub["labels"], target, head if fused else None, loss, num_tokens, weights)
+        kd = kd + route.share * terms.kd
+        ce = ce + terms.ce if route.ce else ce
+        key = f"kd/t{route.teacher}"
+        stats[key] = stats.get(key, 0.0) + float(terms.kd.detach())
+        for name, value in (terms.stats or {}).items():  # cross-tokenizer alignment figures, per teacher
+            stats[f"{name}/t{route.teacher}"] = value
+    n_tokens = int(scored_mask(inputs["labels"]).sum())
+    return KDTerms(kd=kd, ce=ce, n_tokens=n_tokens, stats=stats), outputs
+
+
+def _take(value, rows: list[int]):
+    """Rows of one batch entry: a [B, ...] tensor or a list of B items (`domain`)."""
+    if isinstance(value, torch.Tensor):
+        return value[torch.tensor(rows, device=value.device)]
+    return [value[i] for i in rows]
 
 
 def _shifted(targets: SparseTargets) -> SparseTargets:

@@ -49,6 +49,7 @@ from potstill.losses import KDTerms, combine, kd_weights, scored_mask
 from potstill.teacher.cross import CrossTokenizerTeacher
 from potstill.teacher.online import OnlineTeacher
 from potstill.teacher.scoring import EndpointScorer
+from potstill.teacher.several import TeacherSet
 from potstill.train.hidden import HiddenPlan
 from potstill.train.rundir import truncate_log
 from potstill.train.step import kd_micro_step
@@ -118,8 +119,8 @@ class DistillTrainer(Trainer):
 
     Args:
         *args: passed to `transformers.Trainer` (model = the student, args, train_dataset, data_collator...).
-        teacher: the frozen online teacher, the endpoint that scores for it (`teacher.source: endpoint`), or None
-            (CE only, or a cache).
+        teacher: the frozen online teacher, several (`TeacherSet`, `model.teachers`), the endpoint that scores for it
+            (`teacher.source: endpoint`), or None (CE only, or a cache).
         loss_cfg: divergence, alpha (float or "auto"), temperature, divergence parameters, fused/chunk_size.
         teacher_cache: an object with `.targets(indices [B]) -> SparseTargets [B, L, k]` (a `TeacherCache`)
             used instead of `teacher`; batches then need `index` [B] (wrap the dataset in `IndexedDataset`).
@@ -138,7 +139,7 @@ class DistillTrainer(Trainer):
     def __init__(
         self,
         *args,
-        teacher: OnlineTeacher | EndpointScorer | None,
+        teacher: OnlineTeacher | TeacherSet | EndpointScorer | None,
         loss_cfg: LossConfig,
         teacher_cache=None,
         hidden: tuple[HiddenPlan, float] | None = None,
@@ -149,8 +150,9 @@ class DistillTrainer(Trainer):
             raise UserError("model.teacher: required unless loss.alpha=0 (CE only)")
         self.teacher = teacher
         self.teacher_cache = teacher_cache
-        if isinstance(teacher, (OnlineTeacher, CrossTokenizerTeacher)):  # an endpoint teacher has no model here
-            teacher.model.to(self.args.device)
+        for member in teacher.members if isinstance(teacher, TeacherSet) else [teacher]:
+            if isinstance(member, (OnlineTeacher, CrossTokenizerTeacher)):  # an endpoint teacher has no model here
+                member.model.to(self.args.device)
         if hasattr(teacher_cache, "to"):  # a hidden-state cache's teacher head
             teacher_cache.to(self.args.device)
         self.loss_cfg = loss_cfg
