@@ -171,7 +171,7 @@ def make_student(out: Path, teacher: Path, corpus: Path, layers: int) -> tuple[P
     if (student / "config.json").exists():
         return student, 0.0
     _, wall = cli("student", "init", "--teacher", str(teacher), "--layers", str(layers), "--corpus", str(corpus),
-                  "--calib-dtype", "bfloat16", "--out", str(student), "calib_tokens=2048",
+                  "--calib-dtype", "bfloat16", "--out", str(student), "calib_tokens=512",
                   env={"OMP_NUM_THREADS": "1"})  # fmt: skip
     return student, wall
 
@@ -186,20 +186,20 @@ def train_args(arm: str, seed: int, student: Path, teacher: Path, chats: Path, r
         "data.seq_len=256",
         f"train.output_dir={run}",
         f"train.max_steps={steps}",
-        "train.batch_size=8",
-        "train.lr=5e-4",
-        "train.warmup_steps=10",
+        "train.batch_size=4",
+        "train.lr=1e-3",
+        "train.warmup_steps=4",
         "train.mixed_precision=bf16",
         f"train.seed={seed}",
-        "train.logging_steps=10",
+        "train.logging_steps=5",
         "train.save_steps=0",
     ]
     return args + (["loss.name=fkl", "loss.alpha=0.5"] if arm == "kd" else ["loss.alpha=0"])
 
 
 def train_arms(out: Path, arms: list[str], seeds: list[int], student: Path, teacher: Path, chats: Path,
-               steps: int) -> dict[str, dict]:  # fmt: skip
-    """Every (arm, seed) run, two at a time (each single-threaded); {run name: summary + wall_s}."""
+               steps: int, parallel: int) -> dict[str, dict]:  # fmt: skip
+    """Every (arm, seed) run, `parallel` at a time (each single-threaded); {run name: summary + wall_s}."""
     pending, results = [], {}
     for seed in seeds:
         for arm in arms:
@@ -208,16 +208,20 @@ def train_arms(out: Path, arms: list[str], seeds: list[int], student: Path, teac
                 results[run.name] = json.loads((run / "summary.json").read_text())
             else:
                 pending.append((run, train_args(arm, seed, student, teacher, chats, run, steps)))
-    for i in range(0, len(pending), 2):
-        procs = []
-        for run, args in pending[i : i + 2]:
+    running: list[tuple[Path, float, subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            run, args = pending.pop(0)
             run.parent.mkdir(parents=True, exist_ok=True)
             log = (run.parent / f"{run.name}.log").open("w")
             cmd = [sys.executable, "-m", "potstill.cli", "distill", *args, "--overwrite"]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            procs.append((run, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
-        for run, start, proc in procs:
-            if proc.wait() != 0:
+            running.append((run, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(5)
+        for item in [r for r in running if r[2].poll() is not None]:
+            running.remove(item)
+            run, start, proc = item
+            if proc.returncode != 0:
                 sys.exit(f"potstill distill failed for {run.name}; see {run.parent / (run.name + '.log')}")
             summary = json.loads((run / "summary.json").read_text()) | {"wall_s": round(time.time() - start, 1)}
             (run / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -316,7 +320,7 @@ def evaluate_all(out: Path, teacher: Path, students: dict[str, Path], held_answe
         cached = out / "eval" / f"{name}.json"
         if not cached.exists():
             if teacher_model is None:
-                teacher_model, _ = load_model(teacher)
+                teacher_model, _ = load_model(teacher, dtype="bfloat16")  # as in training
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(evaluate_student(path, teacher_model, rows, refs, max_new), indent=2))
         results[name] = json.loads(cached.read_text())
@@ -425,12 +429,13 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, required=True, help="SmolLM2-135M-Instruct HF directory")
     ap.add_argument("--teacher-gguf", type=Path, default=None, help="the teacher's GGUF too, for the bench table")
     ap.add_argument("--out", type=Path, default=Path("runs/chat"))
-    ap.add_argument("--train", type=int, default=256, help="training questions the teacher answers")
+    ap.add_argument("--train", type=int, default=192, help="training questions the teacher answers")
     ap.add_argument("--heldout", type=int, default=48, help="held-out questions (other packages)")
     ap.add_argument("--max-tokens", type=int, default=64, help="answer length (teacher and students)")
-    ap.add_argument("--layers", type=int, default=8, help="decoder layers of the student (the teacher has 30)")
-    ap.add_argument("--steps", type=int, default=120, help="optimizer steps per arm (batch 8)")
+    ap.add_argument("--layers", type=int, default=6, help="decoder layers of the student (the teacher has 30)")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per arm (batch 4)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--parallel", type=int, default=2, help="training runs at once (each on one thread)")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -445,7 +450,7 @@ def main() -> None:
     results["student"] = json.loads((student / "potstill_student.json").read_text())
     print(f"student: {results['student']['params']:,} params, vocab {results['student']['vocab_size']}", flush=True)
 
-    runs = train_arms(out, ["kd", "sft"], args.seeds, student, args.teacher, chats, args.steps)
+    runs = train_arms(out, ["kd", "sft"], args.seeds, student, args.teacher, chats, args.steps, args.parallel)
     results["runs"] = runs
     students = {"init (untrained)": student} | {name: out / "runs" / name for name in runs}
     evals = evaluate_all(out, args.teacher, students, held_answers, args.max_tokens)
