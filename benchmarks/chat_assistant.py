@@ -309,11 +309,13 @@ def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str
     }
 
 
-def evaluate_all(out: Path, teacher: Path, students: dict[str, Path], held_answers: Path, max_new: int) -> dict:
-    """`evaluate_student` for each student (cached in OUT/eval/NAME.json)."""
+def evaluate_all(
+    out: Path, teacher: Path, students: dict[str, Path], held_answers: Path, max_new: int, rows_limit: int
+) -> dict:
+    """`evaluate_student` of each student on the first `rows_limit` held-out questions (cached: OUT/eval/NAME.json)."""
     from potstill.models.load import load_model
 
-    rows = read_jsonl(held_answers)
+    rows = read_jsonl(held_answers)[:rows_limit]
     refs = [whole_sentences(r["completion"]) for r in rows]
     teacher_model, results = None, {}
     for name, path in students.items():
@@ -435,6 +437,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the student (the teacher has 30)")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per arm (batch 4)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--eval-rows", type=int, default=32, help="held-out questions the students are measured on")
     ap.add_argument("--parallel", type=int, default=2, help="training runs at once (each on one thread)")
     args = ap.parse_args()
     out = args.out
@@ -452,8 +455,8 @@ def main() -> None:
 
     runs = train_arms(out, ["kd", "sft"], args.seeds, student, args.teacher, chats, args.steps, args.parallel)
     results["runs"] = runs
-    students = {"init (untrained)": student} | {name: out / "runs" / name for name in runs}
-    evals = evaluate_all(out, args.teacher, students, held_answers, args.max_tokens)
+    students = {name: out / "runs" / name for name in runs}
+    evals = evaluate_all(out, args.teacher, students, held_answers, args.max_tokens, args.eval_rows)
     results["eval"] = evals
     print(quality_table(evals, runs), flush=True)
     for arm in ("kd", "sft"):
