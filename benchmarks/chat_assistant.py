@@ -455,7 +455,7 @@ def main() -> None:
 
     runs = train_arms(out, ["kd", "sft"], args.seeds, student, args.teacher, chats, args.steps, args.parallel)
     results["runs"] = runs
-    students = {name: out / "runs" / name for name in runs}
+    students = {name: out / "runs" / name / "student" for name in runs}
     evals = evaluate_all(out, args.teacher, students, held_answers, args.max_tokens, args.eval_rows)
     results["eval"] = evals
     print(quality_table(evals, runs), flush=True)
@@ -473,7 +473,7 @@ def main() -> None:
     }  # fmt: skip
     print(json.dumps({"means": means, "kd_beats_sft": results["kd_beats_sft"]}, indent=2), flush=True)
 
-    chosen = out / "runs" / f"kd_s{args.seeds[0]}"
+    chosen = out / "runs" / f"kd_s{args.seeds[0]}" / "student"
     user = read_jsonl(held_prompts)[0]["prompt"]
     results["serve"] = served_conversation(out, chosen, user, args.max_tokens)
     files = export_files(out, chosen)
