@@ -102,12 +102,12 @@ def cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Compl
 class Server:
     """`potstill serve MODEL` in a subprocess on a free port; waits (bounded) until /v1/models answers."""
 
-    def __init__(self, model: Path, log: Path, threads: int):
+    def __init__(self, model: Path, log: Path, threads: int, name: str = "smollm2"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log.open("w")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        cmd = [sys.executable, "-m", "potstill.cli", "serve", str(model), "--port", str(self.port), "--name", "smollm2"]
+        cmd = [sys.executable, "-m", "potstill.cli", "serve", str(model), "--port", str(self.port), "--name", name]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def __enter__(self) -> Server:

@@ -122,8 +122,9 @@ def test_gguf_gemma_and_trimmed_student(models, tmp_path, name, quant):
 def test_wrong_rope_layout_fails_the_check_and_leaves_no_file(models, tmp_path, monkeypatch):
     """The check catches a real layout bug: Llama q/k rows written in HF order instead of llama.cpp's."""
     monkeypatch.setattr(gguf_module, "_interleave_rope_rows", lambda weight, heads: weight)
-    with pytest.raises(UserError, match="check failed"):
+    with pytest.raises(UserError, match="check failed") as err:
         export_model(models / "llama", "gguf", tmp_path / "bad.gguf", quant="f32")
+    assert str(err.value).startswith(f"{tmp_path / 'bad.gguf'}: ")  # the file asked for, not the temporary one
     assert listing(tmp_path) == []
 
 

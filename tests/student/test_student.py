@@ -225,3 +225,26 @@ def test_vocabulary_to_keep_skips_byte_tokens_the_tokenizer_lacks(texts):
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:4]]
     keep = vocabulary_to_keep(tokenizer, ids)
     assert {i for row in ids for i in row} <= set(keep) <= set(range(len(tokenizer)))
+
+
+def test_trimmed_tokenizer_keeps_the_teachers_chat_template(llama_teacher, texts):
+    from transformers import AutoTokenizer
+
+    from potstill.student.vocab import trim_tokenizer
+
+    teacher_tok = AutoTokenizer.from_pretrained(llama_teacher)
+    teacher_tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    keep = vocabulary_to_keep(teacher_tok, [teacher_tok(t, add_special_tokens=False)["input_ids"] for t in texts])
+    student_tok, _ = trim_tokenizer(teacher_tok, keep, texts)
+    turns = [{"role": "user", "content": "hi"}]
+    assert student_tok.apply_chat_template(turns, tokenize=False) == "<user>hi\n"
+
+
+def test_calib_tokens_sets_how_much_corpus_scores_the_layers(gemma_teacher, tmp_path, write_jsonl, texts):
+    from potstill.config import StudentInitConfig, load_config
+
+    corpus = write_jsonl("corpus.jsonl", [{"text": t} for t in texts * 20])  # more than 512 tokens, less than 4096
+    flags = {"teacher": str(gemma_teacher), "layers": 2, "out": str(tmp_path / "s"), "corpus": [str(corpus)]}
+    cfg = load_config(None, ["calib_tokens=512"], StudentInitConfig, flags=flags)
+    init_student_cli(**cfg.model_dump())
+    assert json.loads((tmp_path / "s" / STUDENT_FILE).read_text())["calib_tokens"] == 512  # 2 windows of 256

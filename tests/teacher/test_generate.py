@@ -229,3 +229,19 @@ def test_cli_missing_api_key(rows_file, tmp_path, run_cli, assert_one_line_error
         cwd=tmp_path,
     )
     assert_one_line_error(proc, "POTSTILL_NO_SUCH_KEY is not set")
+
+
+def test_local_backend_runs_in_the_configured_dtype(tiny_model_dir, write_jsonl, tmp_path, monkeypatch):
+    from potstill.teacher import generate as generate_module
+
+    seen = []
+    real = generate_module.hf_generate
+    monkeypatch.setattr(generate_module, "hf_generate", lambda model, *a: seen.append(model.dtype) or real(model, *a))
+    rows = write_jsonl("prompts.jsonl", [{"prompt": "def add(a, b):"}])
+    cfg = {"inputs": [str(rows)], "output": str(tmp_path / "o.jsonl"), "sampling": {"max_tokens": 3},
+           "teacher": {"model": str(tiny_model_dir), "dtype": "bfloat16"}}  # fmt: skip
+    out = run_generate(validate_config(cfg, GenerateConfig))
+    import torch
+
+    assert seen == [torch.bfloat16]
+    assert json.loads(out.read_text().splitlines()[0])["provenance"]["params"]["dtype"] == "bfloat16"

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from potstill.config.base import Section, Seed, flag
+from potstill.config.base import Dtype, Section, Seed, flag
 
 
 class TeacherSourceConfig(Section):
@@ -21,6 +21,7 @@ class TeacherSourceConfig(Section):
     chat: bool = Field(default=False, description="send the prompt as a chat message (chat template / chat API)")
     system: str | None = Field(default=None, description="chat: optional system message")
     batch_size: int = Field(default=8, ge=1, description="local: prompts per generate() call")
+    dtype: Dtype = Field(default="float32", description="local: the model's dtype (bfloat16: faster where native)")
     concurrency: int = Field(default=4, ge=1, description="endpoint: requests in flight at once")
     timeout: float = Field(default=60.0, gt=0, description="endpoint: seconds per request before it counts as failed")
     max_retries: int = Field(default=5, ge=0, description="endpoint: retries on 429/5xx/timeouts/bad responses")

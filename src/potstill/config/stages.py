@@ -144,6 +144,9 @@ class StudentInitConfig(Section):
         " (null: only what the corpus needs)",
         json_schema_extra=flag("--vocab-size"),
     )
+    calib_tokens: int = Field(
+        default=4096, ge=1, description="corpus tokens the layer scores are measured on (fewer: faster, noisier)"
+    )
     calib_dtype: Dtype = Field(
         default="float32",
         description="dtype of the teacher copy that scores layers (bfloat16: ~2x faster on CPUs with AVX512-BF16);"

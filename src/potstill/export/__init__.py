@@ -75,19 +75,27 @@ def export_model(
                 from potstill.export.gguf import write_gguf
 
                 details = write_gguf(model, tokenizer, tmp, quant, name=src.name)
-                check = check_gguf(tmp, model, tokenizer, tolerance)
+                check = _named(out, tmp, check_gguf, model, tokenizer, tolerance)
             else:
                 import torch
 
                 from potstill.export.onnx import write_onnx
 
                 details = write_onnx(model, tmp, quant, torch.tensor([probe_ids(tokenizer)]))
-                check = check_onnx(tmp, model, tokenizer, tolerance)
+                check = _named(out, tmp, check_onnx, model, tokenizer, tolerance)
             size = tmp.stat().st_size
     seconds = time.perf_counter() - start
     log.info("wrote %s (%.1f MB) in %.1f s", out, size / 1e6, seconds)
     return {"file": str(out), "format": fmt, "quant": quant, "bytes": size, "seconds": round(seconds, 1),
             "check": check, **details}  # fmt: skip
+
+
+def _named(out: Path, tmp: Path, check, *args) -> dict:
+    """`check(tmp, *args)`, its error naming `out` (the file the user asked for), not the temporary name."""
+    try:
+        return check(tmp, *args)
+    except UserError as err:
+        raise UserError(str(err).replace(str(tmp), str(out))) from None
 
 
 def _check_options(format: str, quant: str | None) -> tuple[str, str]:

@@ -128,6 +128,7 @@ def init_student_cli(
     selection: str = "measured",
     vocab_size: int | None = None,
     calib_dtype: str = "float32",
+    calib_tokens: int = 4096,
 ) -> Path:
     """`potstill student init`: read the corpus JSONL files (text, or prompt + completion) and call `init_student`.
 
@@ -150,6 +151,7 @@ def init_student_cli(
         vocab_size=vocab_size,
         selection=selection,
         calib_dtype=calib_dtype,
+        calib_tokens=calib_tokens,
         overwrite=overwrite,
     )
 

@@ -265,7 +265,7 @@ class LocalBackend:
     def __init__(self, cfg: TeacherSourceConfig, sampling: SamplingConfig):
         from potstill.models.load import load_model
 
-        self.model, self.tokenizer = load_model(cfg.model)
+        self.model, self.tokenizer = load_model(cfg.model, dtype=cfg.dtype)
         if cfg.chat:
             chat_prompt(self.tokenizer, "", cfg.system, cfg.model)  # fails early when there is no template
         self.cfg, self.params = cfg, sampling_params(sampling)
@@ -343,7 +343,9 @@ def run_generate(cfg: GenerateConfig) -> Path:
         "teacher": backend.name,
         "backend": cfg.teacher.backend,
         "template": f"{template.source}#{template.digest}",
-        "params": sampling_params(cfg.sampling) | {"chat": cfg.teacher.chat},
+        "params": sampling_params(cfg.sampling)
+        | {"chat": cfg.teacher.chat}
+        | ({"dtype": cfg.teacher.dtype} if cfg.teacher.backend == "local" else {}),
         "mode": cfg.mode,
     }
     counts: Counter = Counter()

@@ -1,0 +1,497 @@
+"""A distilled chat assistant end to end: a Debian help desk taught by SmolLM2-135M-Instruct, measured.
+
+Every step is the user-facing CLI run as a subprocess (docs/chat.md explains each one); a step whose output exists
+is skipped, so a rerun resumes:
+
+1. prompts: questions about the Debian packages installed here (`/var/lib/dpkg/status`: name and description), a
+   help desk of a real product; held-out packages are never trained on (split by a hash of the name).
+2. teacher: `potstill generate` (mode complete, local backend, chat template, greedy) writes the answers.
+3. student: `potstill student init` prunes the teacher to `--layers` layers, vocabulary trimmed to the conversations.
+4. train: `potstill distill` on the chat records: KD (`loss.alpha=1`, fkl) and its SFT twin (CE on the teacher's
+   answers, `loss.alpha=0`), same steps, batch, lr and seed; `--seeds` seeds each.
+5. eval: every student answers the held-out questions (greedy, the chat template): ROUGE-L F1 to the teacher's answers
+   (`rouge_score`) and the teacher-scored reverse KL: mean over the student's answer tokens of
+   KL(q_student || p_teacher) over the student's vocabulary (the teacher renormalized over the kept ids).
+6. serve: `potstill serve` the best KD student, one held-out conversation streamed through the `openai` client.
+7. export: `potstill export` to GGUF f16 / q8_0 (and ONNX int8); the same conversation answered by llama.cpp
+   (`xllamacpp`), greedy, through the GGUF's own chat template.
+8. bench: `potstill bench` on the teacher and every student format, side by side in one run.
+
+Writes OUT/results.json and prints the tables. Needs `potstill[generate,export,chat]`.
+Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--train 320] [--heldout 48]
+[--layers 8] [--steps 150] [--seeds 0 1]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from smollm2_rationales import Server, cli, read_jsonl, write_jsonl  # noqa: E402 - the shared CLI / server helpers
+
+STATUS = Path("/var/lib/dpkg/status")
+SYSTEM = "You are the help desk of a Debian system. Answer in two or three short sentences."
+QUESTIONS = [
+    "What is the Debian package {name} for?",
+    "Do I need {name} on my system? Why would I install it?",
+    "Explain in simple words what {name} does.",
+    "A colleague told me to install {name}. What does it give me?",
+]
+DESCRIPTION_CHARS = 280  # of the long description: keeps prompts near 100 tokens
+
+
+def dpkg_packages(path: Path = STATUS) -> list[dict[str, str]]:
+    """(name, description) of each package paragraph of a dpkg status file; one per distinct short description."""
+    seen, out = set(), []
+    for para in path.read_text(errors="replace").split("\n\n"):
+        fields, key = {}, None
+        for line in para.splitlines():
+            if line[:1] in (" ", "\t") and key:
+                fields[key] += "\n" + line[1:]
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if "Package" in fields and "Description" in fields:
+            short, _, long = fields["Description"].partition("\n")
+            if short not in seen:
+                seen.add(short)
+                out.append({"name": fields["Package"], "short": short, "long": long})
+    return out
+
+
+def question(pkg: dict[str, str]) -> str:
+    """The user's message: the package's description (the help desk's documentation) and one question about it."""
+    digest = int(hashlib.sha1(pkg["name"].encode()).hexdigest(), 16)
+    long = " ".join(line for line in pkg["long"].splitlines() if line.strip() != ".")
+    long = " ".join(long.split())
+    if len(long) > DESCRIPTION_CHARS:
+        long = long[:DESCRIPTION_CHARS].rsplit(" ", 1)[0] + " ..."
+    ask = QUESTIONS[digest % len(QUESTIONS)].format(name=pkg["name"])
+    return f"Package: {pkg['name']}\nDescription: {pkg['short']}\n{long}\n\n{ask}"
+
+
+def build_prompts(out: Path, n_train: int, n_heldout: int) -> tuple[Path, Path]:
+    """OUT/data/{train,heldout}_prompts.jsonl: held-out = packages whose name hashes to 0 mod 8."""
+    data = out / "data"
+    train, held = data / "train_prompts.jsonl", data / "heldout_prompts.jsonl"
+    if train.exists() and held.exists():
+        return train, held
+    data.mkdir(parents=True, exist_ok=True)
+    pkgs = sorted(dpkg_packages(), key=lambda p: hashlib.sha1(p["name"].encode()).hexdigest())
+    is_held = [int(hashlib.sha1(p["name"].encode()).hexdigest(), 16) % 8 == 0 for p in pkgs]
+    rows = [{"prompt": question(p), "package": p["name"], "domain": "debian"} for p in pkgs]
+    held_rows = [r for r, h in zip(rows, is_held, strict=True) if h][:n_heldout]
+    train_rows = [r for r, h in zip(rows, is_held, strict=True) if not h][:n_train]
+    write_jsonl(held, held_rows)
+    write_jsonl(train, train_rows)
+    return train, held
+
+
+def teacher_answers(out: Path, teacher: Path, prompts: Path, max_tokens: int) -> tuple[Path, float]:
+    """`potstill generate` (complete, local, chat template, greedy) on `prompts` -> OUT/data/NAME_teacher.jsonl."""
+    name = prompts.stem.replace("_prompts", "")
+    answers = out / "data" / f"{name}_teacher.jsonl"
+    summary = answers.with_name(answers.name + ".summary.json")
+    if summary.exists():
+        return answers, json.loads(summary.read_text()).get("wall_s", 0.0)
+    config = {
+        "mode": "complete",
+        "inputs": [str(prompts)],
+        "output": str(answers),
+        "teacher": {
+            "backend": "local",
+            "model": str(teacher),
+            "chat": True,
+            "system": SYSTEM,
+            "batch_size": 16,
+            "dtype": "bfloat16",
+        },
+        "sampling": {"temperature": 0.0, "max_tokens": max_tokens},
+    }
+    cfg = out / "data" / f"generate_{name}.yaml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    _, wall = cli("generate", "-c", str(cfg), env={"OMP_NUM_THREADS": "1"})
+    summary.write_text(json.dumps(json.loads(summary.read_text()) | {"wall_s": round(wall, 1)}, indent=2))
+    return answers, wall
+
+
+def whole_sentences(text: str) -> str:
+    """An answer cut by max_tokens ends at its last complete sentence (a student should not learn to stop mid-word)."""
+    text = text.strip()
+    if re.search(r"[.!?)`]$", text):
+        return text
+    ends = [m.end() for m in re.finditer(r"[.!?](\s|$)", text)]
+    return text[: ends[-1]].strip() if ends else text
+
+
+def repetitive(text: str, min_distinct2: float = 0.6) -> bool:
+    """Whether an answer loops ("a, and highly-secure, and highly-secure, ..."): few distinct word bigrams."""
+    words = text.split()
+    pairs = list(zip(words, words[1:], strict=False))
+    return len(pairs) >= 8 and len(set(pairs)) / len(pairs) < min_distinct2
+
+
+def chat_records(answers: Path, out_path: Path, drop_loops: bool) -> tuple[Path, int]:
+    """Teacher answers -> chat records {"messages": [system, user, assistant]} (what `potstill distill` trains on),
+    each answer cut to whole sentences; with `drop_loops` the answers that loop are left out. (path, dropped)."""
+    rows, dropped = [], 0
+    for r in read_jsonl(answers):
+        answer = whole_sentences(r["completion"])
+        if drop_loops and repetitive(answer):
+            dropped += 1
+            continue
+        turns = [("system", SYSTEM), ("user", r["prompt"]), ("assistant", answer)]
+        rows.append({"messages": [{"role": a, "content": b} for a, b in turns], "domain": "debian"})
+    return write_jsonl(out_path, rows), dropped
+
+
+def vocab_corpus(chats: Path, teacher: Path, out_path: Path) -> Path:
+    """The conversations as the chat template renders them ({"text"} rows): the student's vocabulary and calibration
+    text (so the template's own tokens, <|im_start|> and <|im_end|>, are kept)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    rows = [{"text": tok.apply_chat_template(r["messages"], tokenize=False)} for r in read_jsonl(chats)]
+    return write_jsonl(out_path, rows)
+
+
+def make_student(out: Path, teacher: Path, corpus: Path, layers: int) -> tuple[Path, float]:
+    """`potstill student init`: `layers` layers chosen on the conversations (measured), vocabulary trimmed to them."""
+    student = out / "student_init"
+    if (student / "config.json").exists():
+        return student, 0.0
+    _, wall = cli("student", "init", "--teacher", str(teacher), "--layers", str(layers), "--corpus", str(corpus),
+                  "--calib-dtype", "bfloat16", "--out", str(student), "calib_tokens=512",
+                  env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    return student, wall
+
+
+def train_args(arm: str, seed: int, student: Path, teacher: Path, chats: Path, run: Path, steps: int) -> list[str]:
+    """`potstill distill` overrides of one arm: KD (fkl, alpha 0.5: the demo's recipe) or SFT (CE only)."""
+    args = [
+        f"model.student={student}",
+        f"model.teacher={teacher}",
+        "model.teacher_dtype=bfloat16",
+        f"data.train=[{chats}]",
+        "data.seq_len=256",
+        f"train.output_dir={run}",
+        f"train.max_steps={steps}",
+        "train.batch_size=4",
+        "train.lr=1e-3",
+        "train.warmup_steps=4",
+        "train.mixed_precision=bf16",
+        f"train.seed={seed}",
+        "train.logging_steps=5",
+        "train.save_steps=0",
+    ]
+    return args + (["loss.name=fkl", "loss.alpha=0.5"] if arm == "kd" else ["loss.alpha=0"])
+
+
+def train_arms(out: Path, arms: list[str], seeds: list[int], student: Path, teacher: Path, chats: Path,
+               steps: int, parallel: int) -> dict[str, dict]:  # fmt: skip
+    """Every (arm, seed) run, `parallel` at a time (each single-threaded); {run name: summary + wall_s}."""
+    pending, results = [], {}
+    for seed in seeds:
+        for arm in arms:
+            run = out / "runs" / f"{arm}_s{seed}"
+            if (run / "summary.json").exists():
+                results[run.name] = json.loads((run / "summary.json").read_text())
+            else:
+                pending.append((run, train_args(arm, seed, student, teacher, chats, run, steps)))
+    running: list[tuple[Path, float, subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            run, args = pending.pop(0)
+            run.parent.mkdir(parents=True, exist_ok=True)
+            log = (run.parent / f"{run.name}.log").open("w")
+            cmd = [sys.executable, "-m", "potstill.cli", "distill", *args, "--overwrite"]
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            running.append((run, time.time(), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(5)
+        for item in [r for r in running if r[2].poll() is not None]:
+            running.remove(item)
+            run, start, proc = item
+            if proc.returncode != 0:
+                sys.exit(f"potstill distill failed for {run.name}; see {run.parent / (run.name + '.log')}")
+            summary = json.loads((run / "summary.json").read_text()) | {"wall_s": round(time.time() - start, 1)}
+            (run / "summary.json").write_text(json.dumps(summary, indent=2))
+            results[run.name] = summary
+    return results
+
+
+# --- evaluation: agreement with the teacher on held-out questions ------------------------------------------------
+
+
+def answer_ids(
+    model, tok, prompts: list[str], max_new: int, batch: int = 16
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy answers to each user prompt through the chat template: (prompt ids, answer ids up to and including the
+    end-of-turn token when the model wrote one)."""
+    import torch
+
+    from potstill.teacher.generate import adds_bos, chat_prompt, generation_kwargs
+
+    texts = [chat_prompt(tok, p, SYSTEM, "eval") for p in prompts]
+    prompt_ids = [tok(t, add_special_tokens=adds_bos(texts, tok))["input_ids"] for t in texts]
+    eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    answers = []
+    for start in range(0, len(texts), batch):
+        ids = prompt_ids[start : start + batch]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=mask,
+                                 **generation_kwargs({"temperature": 0.0, "max_tokens": max_new}, tok))  # fmt: skip
+        for row in out[:, width:].tolist():
+            answers.append(row[: row.index(eos) + 1] if eos in row else row)
+    return prompt_ids, answers
+
+
+def reverse_kl(student, teacher, prompt_ids: list[list[int]], answers: list[list[int]]) -> tuple[float, int]:
+    """Teacher-scored reverse KL of the student's own answers: the sum over answer tokens y_t of
+    KL(q_student(.|y<t) || p_teacher(.|y<t)) over the student's vocabulary, and the token count.
+
+    Args:
+        student: the student causal LM; teacher: `OnlineTeacher` over the student's ids (renormalized there).
+        prompt_ids, answers: per example, the prompt's and the answer's student token ids.
+    """
+    import torch
+
+    from potstill.losses.divergences import rkl
+
+    total, tokens = 0.0, 0
+    for p, a in zip(prompt_ids, answers, strict=True):
+        if not a:
+            continue
+        ids = torch.tensor([p + a])
+        at = slice(len(p) - 1, len(p) + len(a) - 1)  # the positions that predict the answer's tokens
+        with torch.no_grad():
+            q = student(input_ids=ids).logits[0, at].float()
+            p_t = teacher.logits(ids)[0, at]
+        total += float(rkl(q, p_t).sum())
+        tokens += len(a)
+    return total, tokens
+
+
+def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str], max_new: int) -> dict:
+    """ROUGE-L F1 of the student's greedy answers to the teacher's, and the teacher-scored reverse KL per token."""
+    from rouge_score import rouge_scorer
+
+    from potstill.models.load import load_model
+    from potstill.models.vocab import load_id_map
+    from potstill.teacher.online import OnlineTeacher
+
+    model, tok = load_model(path)
+    start = time.time()
+    prompt_ids, answers = answer_ids(model, tok, [r["prompt"] for r in rows], max_new)
+    texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [scorer.score(ref, text)["rougeL"].fmeasure for ref, text in zip(refs, texts, strict=True)]
+    kl, tokens = reverse_kl(model, OnlineTeacher(teacher_model, load_id_map(path)), prompt_ids, answers)
+    return {
+        "rougeL_f1": sum(rouge) / len(rouge),
+        "reverse_kl_per_token": kl / tokens,
+        "answer_tokens_mean": tokens / len(answers),
+        "ended_share": sum(bool(a) and a[-1] == tok.eos_token_id for a in answers) / len(answers),
+        "eval_s": round(time.time() - start, 1),
+        "answers": texts,
+    }
+
+
+def evaluate_all(
+    out: Path, teacher: Path, students: dict[str, Path], held_answers: Path, max_new: int, rows_limit: int
+) -> dict:
+    """`evaluate_student` of each student on the first `rows_limit` held-out questions (cached: OUT/eval/NAME.json)."""
+    from potstill.models.load import load_model
+
+    rows = read_jsonl(held_answers)[:rows_limit]
+    refs = [whole_sentences(r["completion"]) for r in rows]
+    teacher_model, results = None, {}
+    for name, path in students.items():
+        cached = out / "eval" / f"{name}.json"
+        if not cached.exists():
+            if teacher_model is None:
+                teacher_model, _ = load_model(teacher, dtype="bfloat16")  # as in training
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(evaluate_student(path, teacher_model, rows, refs, max_new), indent=2))
+        results[name] = json.loads(cached.read_text())
+    return results
+
+
+# --- serve, export, llama.cpp, bench ---------------------------------------------------------------------------
+
+
+def served_conversation(out: Path, student: Path, user: str, max_tokens: int) -> dict:
+    """`potstill serve STUDENT`, one conversation streamed through the official `openai` client (greedy)."""
+    from openai import OpenAI
+
+    with Server(student, out / "serve.log", threads=1, name="student") as server:
+        client = OpenAI(base_url=server.url, api_key="unused")
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+        start, first, chunks = time.time(), None, []
+        stream = client.chat.completions.create(model="student", messages=messages, max_tokens=max_tokens,
+                                                temperature=0, stream=True)  # fmt: skip
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first if first is not None else time.time() - start
+                chunks.append(chunk.choices[0].delta.content)
+        whole = client.chat.completions.create(model="student", messages=messages, max_tokens=max_tokens,
+                                               temperature=0)  # fmt: skip
+    return {
+        "user": user,
+        "streamed": "".join(chunks),
+        "chunks": len(chunks),
+        "first_chunk_s": round(first or 0.0, 3),
+        "stream_s": round(time.time() - start, 1),
+        "not_streamed_equal": whole.choices[0].message.content == "".join(chunks),
+    }
+
+
+def export_files(out: Path, student: Path) -> dict[str, dict]:
+    """`potstill export` GGUF f16 / q8_0 and ONNX int8, each checked by the command itself; a file the check
+    refuses is recorded with its message and then written with `--max-error 10` (marked `forced`)."""
+    files = {}
+    for fmt, quant, name in (("gguf", "f16", "student-f16.gguf"), ("gguf", "q8_0", "student-q8_0.gguf"),
+                             ("onnx", "int8", "student-int8.onnx")):  # fmt: skip
+        path, record = out / "export" / name, out / "export" / f"{name}.json"
+        if not record.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            args = ["export", str(student), "--format", fmt, "--quant", quant, "--out", str(path), "--overwrite"]
+            start = time.time()
+            proc = subprocess.run([sys.executable, "-m", "potstill.cli", *args], capture_output=True, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+            info = {"refused": None, "forced": False}
+            if proc.returncode != 0:
+                info["refused"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else str(proc.returncode)
+                cli(*args, "--max-error", "10", env={"OMP_NUM_THREADS": "1"})
+                info["forced"] = True
+                report = {}
+            else:
+                report = json.loads(proc.stdout)
+            record.write_text(json.dumps(info | {"report": report, "wall_s": round(time.time() - start, 1)}, indent=2))
+        files[name] = json.loads(record.read_text()) | {"path": str(path)}
+    return files
+
+
+def llamacpp_conversation(gguf: Path, user: str, max_tokens: int) -> str:
+    """The same conversation answered by llama.cpp (`xllamacpp`) from the GGUF alone (its chat template), greedy."""
+    from potstill.export.runtime import LlamaCppModel
+
+    model = LlamaCppModel(gguf, n_ctx=1024)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    result = model.server.handle_chat_completions({"messages": messages, "max_tokens": max_tokens, "temperature": 0})
+    return result["choices"][0]["message"]["content"]
+
+
+def bench(out: Path, models: list[Path]) -> list[dict]:
+    """`potstill bench` on every model, side by side in one run (a chat-sized prompt: 128 tokens, 64 generated)."""
+    path = out / "bench.json"
+    if not path.exists():
+        cli("bench", *map(str, models), "--prompt-tokens", "128", "--new-tokens", "64", "--runs", "3",
+            "--out", str(path), env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    return json.loads(path.read_text())
+
+
+def targets(rows: list[dict], teacher: Path) -> dict:
+    """The issue's speed / size target: the q8_0 student in llama.cpp vs the teacher's faster HF row."""
+    by = {(Path(r["model"]).name, r["dtype"]): r for r in rows}
+    teacher_hf = max((r for r in rows if r["model"] == str(teacher)), key=lambda r: r["gen_tok_s"])
+    q8 = by[("student-q8_0.gguf", None)]
+    return {
+        "teacher_hf_best": f"{teacher_hf['dtype']}: {teacher_hf['gen_tok_s']:.1f} tok/s",
+        "speed_ratio": q8["gen_tok_s"] / teacher_hf["gen_tok_s"],
+        "size_ratio": q8["bytes"] / teacher_hf["bytes"],
+        "met": q8["gen_tok_s"] >= 3 * teacher_hf["gen_tok_s"] and q8["bytes"] <= 0.3 * teacher_hf["bytes"],
+    }
+
+
+def quality_table(evals: dict[str, dict], runs: dict[str, dict]) -> str:
+    lines = ["| student | ROUGE-L F1 to teacher | reverse KL / token (teacher-scored) | answer tokens | ended |"
+             " train s |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, e in evals.items():
+        wall = runs.get(name, {}).get("wall_s", "")
+        lines.append(f"| {name} | {e['rougeL_f1']:.4f} | {e['reverse_kl_per_token']:.4f} | "
+                     f"{e['answer_tokens_mean']:.1f} | {e['ended_share']:.2f} | {wall} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", type=Path, required=True, help="SmolLM2-135M-Instruct HF directory")
+    ap.add_argument("--teacher-gguf", type=Path, default=None, help="the teacher's GGUF too, for the bench table")
+    ap.add_argument("--out", type=Path, default=Path("runs/chat"))
+    ap.add_argument("--train", type=int, default=192, help="training questions the teacher answers")
+    ap.add_argument("--heldout", type=int, default=48, help="held-out questions (other packages)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="answer length (teacher and students)")
+    ap.add_argument("--layers", type=int, default=6, help="decoder layers of the student (the teacher has 30)")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per arm (batch 4)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--eval-rows", type=int, default=32, help="held-out questions the students are measured on")
+    ap.add_argument("--parallel", type=int, default=2, help="training runs at once (each on one thread)")
+    args = ap.parse_args()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+
+    train_prompts, held_prompts = build_prompts(out, args.train, args.heldout)
+    held_answers, results["teacher_heldout_s"] = teacher_answers(out, args.teacher, held_prompts, args.max_tokens)
+    train_answers, results["teacher_train_s"] = teacher_answers(out, args.teacher, train_prompts, args.max_tokens)
+    chats, results["dropped_loops"] = chat_records(train_answers, out / "data" / "train_chat.jsonl", drop_loops=True)
+    corpus = vocab_corpus(chats, args.teacher, out / "data" / "corpus.jsonl")
+    student, results["student_init_s"] = make_student(out, args.teacher, corpus, args.layers)
+    results["student"] = json.loads((student / "potstill_student.json").read_text())
+    print(f"student: {results['student']['params']:,} params, vocab {results['student']['vocab_size']}", flush=True)
+
+    runs = train_arms(out, ["kd", "sft"], args.seeds, student, args.teacher, chats, args.steps, args.parallel)
+    results["runs"] = runs
+    students = {name: out / "runs" / name / "student" for name in runs}
+    evals = evaluate_all(out, args.teacher, students, held_answers, args.max_tokens, args.eval_rows)
+    results["eval"] = evals
+    print(quality_table(evals, runs), flush=True)
+    for arm in ("kd", "sft"):
+        for key in ("rougeL_f1", "reverse_kl_per_token"):
+            values = [evals[f"{arm}_s{s}"][key] for s in args.seeds]
+            results.setdefault("means", {})[f"{arm}.{key}"] = {"mean": sum(values) / len(values),
+                                                               "spread": max(values) - min(values)}  # fmt: skip
+    means = results["means"]
+    results["kd_beats_sft"] = {
+        "reverse_kl": means["kd.reverse_kl_per_token"]["mean"] < means["sft.reverse_kl_per_token"]["mean"],
+        "rougeL": means["kd.rougeL_f1"]["mean"] > means["sft.rougeL_f1"]["mean"],
+        "every_seed": all(evals[f"kd_s{s}"]["reverse_kl_per_token"] < evals[f"sft_s{s}"]["reverse_kl_per_token"]
+                          and evals[f"kd_s{s}"]["rougeL_f1"] > evals[f"sft_s{s}"]["rougeL_f1"] for s in args.seeds),
+    }  # fmt: skip
+    print(json.dumps({"means": means, "kd_beats_sft": results["kd_beats_sft"]}, indent=2), flush=True)
+
+    chosen = out / "runs" / f"kd_s{args.seeds[0]}" / "student"
+    user = read_jsonl(held_prompts)[0]["prompt"]
+    results["serve"] = served_conversation(out, chosen, user, args.max_tokens)
+    files = export_files(out, chosen)
+    results["export"] = files
+    results["llamacpp"] = {q: llamacpp_conversation(Path(files[q]["path"]), user, args.max_tokens)
+                           for q in ("student-f16.gguf", "student-q8_0.gguf")}  # fmt: skip
+    print(json.dumps({"serve": results["serve"], "llamacpp": results["llamacpp"]}, indent=2), flush=True)
+
+    models = [args.teacher, *([args.teacher_gguf] if args.teacher_gguf else []), chosen]
+    models += [Path(files[n]["path"]) for n in ("student-f16.gguf", "student-q8_0.gguf", "student-int8.onnx")]
+    rows = bench(out, models)
+    results["bench"], results["targets"] = rows, targets(rows, args.teacher)
+    from potstill.eval.bench import bench_table
+
+    print(bench_table(rows), json.dumps(results["targets"], indent=2), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
