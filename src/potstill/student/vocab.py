@@ -132,6 +132,8 @@ def trim_tokenizer(tokenizer, keep_ids: list[int], check_texts: Sequence[str] = 
     backend = Tokenizer.from_str(json.dumps(spec))
     specials = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str) and v in kept}
     student_tok = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+    # An instruct teacher's chat template is text over the kept special tokens: the student writes the same turns.
+    student_tok.chat_template = getattr(tokenizer, "chat_template", None)
     id_map = torch.tensor(keep_ids, dtype=torch.long)
     bad, n_docs = tokenization_mismatch(student_tok, tokenizer, id_map, check_texts)
     if bad:
