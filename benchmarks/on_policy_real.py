@@ -20,7 +20,7 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
    - `rkl_sampled`: on-policy sampled reverse KL with the batch-mean baseline (lmbda 1);
    - `gkd`: GKD, lmbda 0.5, jsd beta 0.5 (on the data's answers or the student's samples).
 4. Metrics on the held-out prompts: the per-token reverse KL KL(q_student || p_teacher), exact over the student's
-   vocabulary at every position of the student's own samples (2 per prompt, temperature 1, seeded; p is the
+   vocabulary at every position of the student's own samples (`--samples` per prompt, temperature 1, seeded; p is the
    teacher's full-vocabulary distribution, read at the student's ids), ROUGE-L F1 of the student's greedy answers
    against the teacher's greedy answers (rouge_score, whitespace tokens), chrF of the greedy answers against the
    catalog (sacrebleu).
@@ -131,7 +131,9 @@ def answer_text(tok, ids: list[int]) -> str:
 
 
 @torch.no_grad()
-def evaluate(student_dir: Path, teacher, held: list[tuple[str, str]], teacher_answers: list[str], max_new: int):
+def evaluate(
+    student_dir: Path, teacher, held: list[tuple[str, str]], teacher_answers: list[str], max_new: int, samples: int
+):
     """{rkl, rouge_l, chrf} of one student on the held-out pairs (see the module docstring)."""
     import sacrebleu
     from rouge_score import rouge_scorer
@@ -147,7 +149,7 @@ def evaluate(student_dir: Path, teacher, held: list[tuple[str, str]], teacher_an
     )
     chrf = sacrebleu.corpus_chrf(greedy, [[de for _, de in held]]).score
     kl_sum, n = 0.0, 0
-    for prompt, completion in complete(model, tok, [en for en, _ in held], max_new, samples=2):
+    for prompt, completion in complete(model, tok, [en for en, _ in held], max_new, samples=samples):
         if not completion:
             continue
         ids = torch.tensor([prompt + completion])
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50, help="optimizer steps of every arm")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--samples", type=int, default=2, help="student samples per held-out prompt (reverse KL)")
     p.add_argument("--top-k", type=int, default=8, help="rkl_topk's K")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds to train (none: only the table)")
     p.add_argument("--arms", nargs="+", default=["ce", "kd", "seq_kd", "rkl_topk"], choices=list(ARMS))
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = [f"model.student={sft / 'student'}", f"data.train=[{data}]", *common, *ARMS[arm]]
                 run += [f"train.seed={seed}", f"train.max_steps={args.steps}", f"train.lr={args.lr}"]
                 secs = train(out, run)
-            row = evaluate(out / "student", teacher, held, held_answers, args.max_new_tokens)
+            row = evaluate(out / "student", teacher, held, held_answers, args.max_new_tokens, args.samples)
             result.write_text(json.dumps({**row, "seconds": secs}, ensure_ascii=False))
             print(f"{arm} seed {seed}: {row} in {secs:.0f} s", flush=True)
 
