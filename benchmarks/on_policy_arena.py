@@ -1,14 +1,18 @@
-"""The on-policy baseline arena: five ways to train the same small student on a task with checkable answers.
+"""The on-policy baseline arena: several ways to train the same small student on a task with checkable answers.
 
 Task: 2-digit addition at character level, `"12+34="` -> `"046"` (the sum zero-padded to 3 digits, so every row
 has the same length: `<bos>` + 6 prompt + 3 answer + `<eos>` = 11 tokens, and the distill recipe's packing puts
 exactly one row in each sequence of `data.seq_len` 11, as the on_policy recipe does). The operand pairs
-(10..99)^2 are split into training prompts and held-out prompts.
+(10..99)^2 are split into held-out prompts, a 200-pair validation split (`data.eval`: DistiLLM's validation loss)
+and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers (60,000 sampled pairs).
 
 1. A teacher (Llama, hidden 128 x 4 layers) is trained here by CE (`train.recipe=distill`, `loss.alpha=0`) and
    its greedy exact-match accuracy on the held-out prompts is printed (cached in the work dir; `--retrain-teacher`).
-2. A smaller student (Llama, hidden 48 x 2 layers; the same random init per seed for every arm) is trained by each
-   arm on the same training prompts, with the same `train.max_steps`, `train.batch_size`, `train.lr`:
+2. A smaller student (Llama, hidden 48 x 2 layers by default, `--student`; the same random init per seed for every
+   arm) is trained by each arm on the same training prompts, with the same `train.max_steps`, `train.batch_size`,
+   `train.lr`. With `--sft-steps N`, the init is first trained by CE for N steps, and every arm of the seed starts
+   from that supervised checkpoint (the setting of GKD, MiniLLM and DistiLLM). The teacher's mean entropy and
+   p(true token) at the answer positions are printed, to show how soft it is (`--teacher-steps` sets how trained):
 
    - `ce`: CE on the data (distill recipe, `loss.alpha=0`);
    - `kd_fkl`: off-policy KD on the data's completions (distill recipe, `loss.alpha=1`, `loss.name=fkl`);
@@ -20,12 +24,17 @@ exactly one row in each sequence of `data.seq_len` 11, as the on_policy recipe d
    - `rkl_onpolicy`: on-policy sampled reverse KL (on_policy, `lmbda=1`, `objective=rkl_sampled`);
    - `rkl_baseline`: the same with `baseline=batch` (the micro-batch's mean advantage subtracted);
    - `rkl_topk4`: on-policy reverse KL over the teacher's top-4 tokens + the rest bucket (`objective=rkl_topk`);
-   - `minillm`: MiniLLM (`objective=minillm`: single step, length normalization, `teacher_mix=0.2`, batch baseline).
+   - `rkl_topk2`: the same with K = 2;
+   - `minillm`: MiniLLM (`objective=minillm`: single step, length normalization, `teacher_mix=0.2`, batch baseline);
+   - `distillm`: DistiLLM (`objective=gkd` with `loss.name=srkl`, skew 0.1; lmbda from 0, adaptive every 50 steps on
+     the validation split; replay buffer of 1,000).
 
 Metric: the student's greedy exact-match accuracy on the held-out prompts (answer tokens up to `<eos>` equal to the
 true answer), and the wall seconds of each training run (load + train + save, without the evaluation).
 
-    python benchmarks/on_policy_arena.py                  # the table of benchmarks/README.md
+    python benchmarks/on_policy_arena.py                  # the from-scratch table of benchmarks/README.md
+    python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 300 --steps 300 --seeds 2 \
+        --arms ce kd_fkl seq_kd gkd_jsd rkl_baseline rkl_topk4 minillm distillm     # from an SFT start, soft teacher
     python benchmarks/on_policy_arena.py --quick          # a smoke run (tiny teacher budget, 20 student steps)
 """
 
