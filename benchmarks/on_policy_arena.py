@@ -1,14 +1,18 @@
-"""The on-policy baseline arena: five ways to train the same small student on a task with checkable answers.
+"""The on-policy baseline arena: several ways to train the same small student on a task with checkable answers.
 
 Task: 2-digit addition at character level, `"12+34="` -> `"046"` (the sum zero-padded to 3 digits, so every row
 has the same length: `<bos>` + 6 prompt + 3 answer + `<eos>` = 11 tokens, and the distill recipe's packing puts
 exactly one row in each sequence of `data.seq_len` 11, as the on_policy recipe does). The operand pairs
-(10..99)^2 are split into training prompts and held-out prompts.
+(10..99)^2 are split into held-out prompts, a 200-pair validation split (`data.eval`: DistiLLM's validation loss)
+and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers (60,000 sampled pairs).
 
 1. A teacher (Llama, hidden 128 x 4 layers) is trained here by CE (`train.recipe=distill`, `loss.alpha=0`) and
    its greedy exact-match accuracy on the held-out prompts is printed (cached in the work dir; `--retrain-teacher`).
-2. A smaller student (Llama, hidden 48 x 2 layers; the same random init per seed for every arm) is trained by each
-   arm on the same training prompts, with the same `train.max_steps`, `train.batch_size`, `train.lr`:
+2. A smaller student (Llama, hidden 48 x 2 layers by default, `--student`; the same random init per seed for every
+   arm) is trained by each arm on the same training prompts, with the same `train.max_steps`, `train.batch_size`,
+   `train.lr`. With `--sft-steps N`, the init is first trained by CE for N steps, and every arm of the seed starts
+   from that supervised checkpoint (the setting of GKD, MiniLLM and DistiLLM). The teacher's mean entropy and
+   p(true token) at the answer positions are printed, to show how soft it is (`--teacher-steps` sets how trained):
 
    - `ce`: CE on the data (distill recipe, `loss.alpha=0`);
    - `kd_fkl`: off-policy KD on the data's completions (distill recipe, `loss.alpha=1`, `loss.name=fkl`);
@@ -20,12 +24,17 @@ exactly one row in each sequence of `data.seq_len` 11, as the on_policy recipe d
    - `rkl_onpolicy`: on-policy sampled reverse KL (on_policy, `lmbda=1`, `objective=rkl_sampled`);
    - `rkl_baseline`: the same with `baseline=batch` (the micro-batch's mean advantage subtracted);
    - `rkl_topk4`: on-policy reverse KL over the teacher's top-4 tokens + the rest bucket (`objective=rkl_topk`);
-   - `minillm`: MiniLLM (`objective=minillm`: single step, length normalization, `teacher_mix=0.2`, batch baseline).
+   - `rkl_topk2`: the same with K = 2;
+   - `minillm`: MiniLLM (`objective=minillm`: single step, length normalization, `teacher_mix=0.2`, batch baseline);
+   - `distillm`: DistiLLM (`objective=gkd` with `loss.name=srkl`, skew 0.1; lmbda from 0, adaptive every 50 steps on
+     the validation split; replay buffer of 1,000).
 
 Metric: the student's greedy exact-match accuracy on the held-out prompts (answer tokens up to `<eos>` equal to the
 true answer), and the wall seconds of each training run (load + train + save, without the evaluation).
 
-    python benchmarks/on_policy_arena.py                  # the table of benchmarks/README.md
+    python benchmarks/on_policy_arena.py                  # the from-scratch table of benchmarks/README.md
+    python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 300 --steps 300 --seeds 2 \
+        --arms ce kd_fkl seq_kd gkd_jsd rkl_baseline rkl_topk4 minillm distillm     # from an SFT start, soft teacher
     python benchmarks/on_policy_arena.py --quick          # a smoke run (tiny teacher budget, 20 student steps)
 """
 
@@ -71,6 +80,24 @@ ARMS = {
         "on_policy.objective=rkl_topk",
         "on_policy.top_k=4",
     ],
+    "rkl_topk2": [
+        "train.recipe=on_policy",
+        "loss.alpha=1",
+        "on_policy.lmbda=1",
+        "on_policy.objective=rkl_topk",
+        "on_policy.top_k=2",
+    ],
+    "distillm": [
+        "train.recipe=on_policy",
+        "loss.alpha=1",
+        "loss.name=srkl",
+        "loss.skew=0.1",
+        "on_policy.objective=gkd",
+        "on_policy.lmbda=0",
+        "on_policy.adaptive=true",
+        "on_policy.adaptive_every=50",
+        "on_policy.replay_size=1000",
+    ],
     "minillm": [
         "train.recipe=on_policy",
         "loss.alpha=1",
@@ -80,8 +107,6 @@ ARMS = {
         "on_policy.baseline=batch",
     ],
 }
-SEQ_LEN = 11  # <bos> + "ab+cd=" + "xyz" + <eos>
-ANSWER_LEN = 3
 
 
 def build_tokenizer():
@@ -118,32 +143,45 @@ def build_model(tokenizer, out: Path, seed: int, hidden: int, layers: int, heads
     return out
 
 
-def make_task(work: Path, n_eval: int, n_train: int | None, seed: int = 0) -> tuple[Path, list[tuple[str, str]]]:
-    """Write the training prompts (prompt/completion JSONL); return its path and the held-out (prompt, answer)s."""
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
-    random.Random(seed).shuffle(pairs)
-    held, train = pairs[:n_eval], pairs[n_eval:]
-    train = train if n_train is None else train[:n_train]
-    path = work / "train.jsonl"
-    with path.open("w") as f:
-        for a, b in train:
-            f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": f"{a + b:03d}"}) + "\n")
-    return path, [(f"{a}+{b}=", f"{a + b:03d}") for a, b in held]
+def make_task(work: Path, digits: int, n_eval: int, n_val: int) -> tuple[Path, Path, list[tuple[str, str]]]:
+    """Write the training and validation prompts (prompt/completion JSONL); return both paths and the held-out
+    (prompt, answer) pairs. Operands have `digits` digits; the sum is zero-padded to `digits + 1`."""
+    lo, hi = 10 ** (digits - 1), 10**digits
+    if digits <= 2:
+        pairs = [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
+    else:  # (900^2 pairs at 3 digits: a random sample keeps the files small)
+        rng = random.Random(1)
+        pairs = list({(rng.randrange(lo, hi), rng.randrange(lo, hi)) for _ in range(60_000)})
+        pairs.sort()
+    random.Random(0).shuffle(pairs)
+    held, val, train = pairs[:n_eval], pairs[n_eval : n_eval + n_val], pairs[n_eval + n_val :]
+    rows = {}
+    for name, split in (("train", train), ("val", val)):
+        rows[name] = work / f"{name}.jsonl"
+        with rows[name].open("w") as f:
+            for a, b in split:
+                f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": f"{a + b:0{digits + 1}d}"}) + "\n")
+    return rows["train"], rows["val"], [(f"{a}+{b}=", f"{a + b:0{digits + 1}d}") for a, b in held]
+
+
+def _held_ids(tok, held: list[tuple[str, str]]) -> torch.Tensor:
+    """[N, 1 + prompt] `<bos>` + prompt ids of the held-out prompts (all the same length)."""
+    return torch.tensor([[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p, _ in held])
 
 
 @torch.no_grad()
 def accuracy(model_dir: Path, held: list[tuple[str, str]]) -> float:
-    """Greedy exact match: the tokens generated before `<eos>` (at most ANSWER_LEN + 1) spell the true answer."""
+    """Greedy exact match: the tokens generated before `<eos>` (at most the answer + 1) spell the true answer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = torch.tensor([[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p, _ in held])
+    ids = _held_ids(tok, held)
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         do_sample=False,
-        max_new_tokens=ANSWER_LEN + 1,
+        max_new_tokens=len(held[0][1]) + 1,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )[:, ids.shape[1] :]
@@ -152,6 +190,23 @@ def accuracy(model_dir: Path, held: list[tuple[str, str]]) -> float:
         row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
         right += row == tok(answer, add_special_tokens=False)["input_ids"]
     return right / len(held)
+
+
+@torch.no_grad()
+def teacher_softness(model_dir: Path, held: list[tuple[str, str]]) -> tuple[float, float]:
+    """The teacher's mean entropy (nats) and mean probability of the true token, over the answer positions of the
+    held-out rows, teacher-forced on the true answer: how much its distributions carry beyond the label."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    answers = torch.tensor([tok(a, add_special_tokens=False)["input_ids"] for _, a in held])
+    prompts = _held_ids(tok, held)
+    ids = torch.cat([prompts, answers], dim=1)
+    logp = model(input_ids=ids).logits[:, prompts.shape[1] - 1 : -1].float().log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1).mean().item()
+    p_true = logp.gather(-1, answers.unsqueeze(-1)).exp().mean().item()
+    return entropy, p_true
 
 
 def train(out: Path, overrides: list[str]) -> float:
@@ -167,10 +222,14 @@ def train(out: Path, overrides: list[str]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--digits", type=int, default=2, help="digits per operand (the answer has one more)")
     p.add_argument("--steps", type=int, default=1500, help="student optimizer steps, every arm")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (student init and train.seed)")
     p.add_argument("--batch-size", type=int, default=32, help="student train.batch_size, every arm")
     p.add_argument("--lr", type=float, default=2e-3, help="student train.lr, every arm")
+    p.add_argument("--sft-steps", type=int, default=0, help="CE steps from random init before every arm (0: none)")
+    p.add_argument("--sft-lr", type=float, default=2e-3, help="train.lr of the SFT stage")
+    p.add_argument("--student", default="48x2", help="student hidden x layers")
     p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--eval", type=int, default=500, help="held-out prompts")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -181,13 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.teacher_steps, args.eval = 20, 1, 200, 200
+        args.sft_steps = min(args.sft_steps, 20)
         args.work = args.work.with_name(args.work.name + "_quick")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    data, held = make_task(args.work, args.eval, None)
-    common = [f"data.train=[{data}]", f"data.seq_len={SEQ_LEN}", "train.logging_steps=50", "train.warmup_steps=20"]
-    common += [f"on_policy.max_new_tokens={ANSWER_LEN + 1}", "on_policy.temperature=1.0"]
+    data, val, held = make_task(args.work, args.digits, args.eval, n_val=200)
+    answer_len = args.digits + 1
+    seq_len = 1 + 2 * args.digits + 2 + answer_len + 1  # <bos> + "a+b=" + answer + <eos>
+    common = [f"data.train=[{data}]", f"data.eval=[{val}]", f"data.seq_len={seq_len}", "train.logging_steps=50"]
+    common += ["train.warmup_steps=20", f"on_policy.max_new_tokens={answer_len + 1}", "on_policy.temperature=1.0"]
 
     teacher = args.work / "teacher" / "student"
     if args.retrain_teacher or not (teacher / "config.json").exists():
@@ -205,11 +267,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"teacher trained in {secs:.0f} s", flush=True)
     teacher_acc = accuracy(teacher, held)
-    print(f"teacher (128x4) held-out greedy exact match: {teacher_acc:.3f}", flush=True)
+    entropy, p_true = teacher_softness(teacher, held)
+    print(
+        f"teacher (128x4) held-out greedy exact match: {teacher_acc:.3f}; answer positions: entropy {entropy:.3f}"
+        f" nats, p(true token) {p_true:.3f}",
+        flush=True,
+    )
 
+    hidden, layers = (int(x) for x in args.student.split("x"))
     results: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
+    sft_acc = []
     for seed in range(args.seeds):
-        init = build_model(tok, args.work / f"student_init_{seed}", seed=seed, hidden=48, layers=2, heads=2)
+        init = build_model(tok, args.work / f"student_init_{seed}", seed=seed, hidden=hidden, layers=layers, heads=2)
+        if args.sft_steps:  # every arm of this seed starts from the same supervised student
+            sft = args.work / f"sft_s{seed}"
+            if not (sft / "student" / "config.json").exists():
+                sft_run = [f"train.seed={seed}", f"train.max_steps={args.sft_steps}", f"train.lr={args.sft_lr}"]
+                sft_run += [f"train.batch_size={args.batch_size}"]
+                train(sft, [f"model.student={init}", *common, *ARMS["ce"], *sft_run])
+            init = sft / "student"
+            sft_acc.append(accuracy(init, held))
+            print(f"SFT start seed {seed}: acc {sft_acc[-1]:.3f}", flush=True)
         for arm in args.arms:
             out = args.work / f"{arm}_s{seed}"
             secs = train(
@@ -229,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             results[arm].append((acc, secs))
             print(f"{arm} seed {seed}: acc {acc:.3f} in {secs:.1f} s", flush=True)
 
-    print(f"\nteacher 128x4: {teacher_acc:.3f} held-out exact match ({len(held)} prompts)")
-    print(f"student 48x2, {args.steps} steps x batch {args.batch_size}, lr {args.lr}\n")
+    print(f"\nteacher 128x4: {teacher_acc:.3f} held-out exact match ({len(held)} prompts, {args.digits} digits)")
+    start = f"from the CE student of its seed ({args.sft_steps} steps, acc {sft_acc})" if sft_acc else "from init"
+    print(f"student {args.student}, {args.steps} steps x batch {args.batch_size}, lr {args.lr}, {start}\n")
     seeds = " | ".join(f"seed {s}" for s in range(args.seeds))
     print(f"| arm | {seeds} | mean | spread (max - min) | seconds (mean) |")
     print("|---|" + "---:|" * (args.seeds + 3))

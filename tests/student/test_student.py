@@ -106,6 +106,25 @@ def test_trimmed_tokenizer_matches_teacher_and_round_trips(teacher_name, request
     assert vocab["teacher_vocab_size"] == len(teacher_tok)
 
 
+def test_trimmed_student_keeps_the_teachers_chat_template(llama_teacher, tmp_path, texts):
+    from transformers import AutoTokenizer
+
+    template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    teacher_dir = tmp_path / "instruct"
+    teacher_tok = AutoTokenizer.from_pretrained(llama_teacher)
+    teacher_tok.chat_template = template
+    for name in ("config.json", "model.safetensors"):
+        (teacher_dir / name).parent.mkdir(exist_ok=True)
+        (teacher_dir / name).write_bytes((llama_teacher / name).read_bytes())
+    teacher_tok.save_pretrained(teacher_dir)
+    turns = [{"role": "user", "content": "The student keeps"}, {"role": "assistant", "content": "the layers"}]
+    rendered = teacher_tok.apply_chat_template(turns, tokenize=False)
+    out = init_student(teacher_dir, 1, tmp_path / "s", [*texts[:6], rendered], calib_tokens=128, calib_seq_len=16)
+    student_tok = AutoTokenizer.from_pretrained(out)
+    assert student_tok.chat_template == template
+    assert student_tok.apply_chat_template(turns, tokenize=False) == rendered
+
+
 @pytest.mark.parametrize("teacher_name", ["gemma_teacher", "llama_teacher"])
 def test_all_layers_kept_gives_teacher_logits_at_kept_ids(teacher_name, request, tmp_path, texts):
     teacher_dir = request.getfixturevalue(teacher_name)
@@ -225,19 +244,6 @@ def test_vocabulary_to_keep_skips_byte_tokens_the_tokenizer_lacks(texts):
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:4]]
     keep = vocabulary_to_keep(tokenizer, ids)
     assert {i for row in ids for i in row} <= set(keep) <= set(range(len(tokenizer)))
-
-
-def test_trimmed_tokenizer_keeps_the_teachers_chat_template(llama_teacher, texts):
-    from transformers import AutoTokenizer
-
-    from potstill.student.vocab import trim_tokenizer
-
-    teacher_tok = AutoTokenizer.from_pretrained(llama_teacher)
-    teacher_tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    keep = vocabulary_to_keep(teacher_tok, [teacher_tok(t, add_special_tokens=False)["input_ids"] for t in texts])
-    student_tok, _ = trim_tokenizer(teacher_tok, keep, texts)
-    turns = [{"role": "user", "content": "hi"}]
-    assert student_tok.apply_chat_template(turns, tokenize=False) == "<user>hi\n"
 
 
 def test_calib_tokens_sets_how_much_corpus_scores_the_layers(gemma_teacher, tmp_path, write_jsonl, texts):

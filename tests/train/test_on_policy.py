@@ -119,6 +119,13 @@ def test_bad_settings_are_one_line_errors(pair, prompts, tmp_path, extra, needle
         _cfg(pair, prompts, tmp_path / "bad", *extra)
 
 
+def test_a_context_shorter_than_seq_len_is_refused(make_model_dir, prompts, tmp_path):
+    short = make_model_dir("short", seed=1, max_positions=32)
+    pair = (make_model_dir("student", seed=0), short)
+    with pytest.raises(UserError, match=r"data.seq_len: 40 is longer than the teacher's context of 32 tokens"):
+        run_distill(_cfg(pair, prompts, tmp_path / "run", "train.max_steps=1"))
+
+
 def test_bad_rows_are_named_by_file_and_line(pair, tmp_path, tiny_tokenizer):
     text = tmp_path / "text.jsonl"
     text.write_text('{"prompt": "a:", "completion": " b"}\n{"text": "plain text"}\n')

@@ -437,6 +437,13 @@ class OnPolicyRecipe:
                     f"{cfg.model.student}: {key} needs the teacher's vocabulary; this student has a trimmed one"
                     " (an id map), so the teacher's samples could hold tokens it cannot read"
                 )
+        for who, model in (("student", models.student), ("teacher", getattr(models.teacher, "model", None))):
+            context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            if context and cfg.data.seq_len > context:  # prompt + samples would run past the positions it knows
+                raise UserError(
+                    f"data.seq_len: {cfg.data.seq_len} is longer than the {who}'s context of {context} tokens"
+                    " (max_position_embeddings); prompts + on_policy.max_new_tokens must fit in it"
+                )
         vocab = models.student.get_output_embeddings().weight.shape[0]
         if op.objective == "rkl_topk" and op.top_k > vocab:
             raise UserError(f"on_policy.top_k: {op.top_k} is more than the student's vocabulary of {vocab} tokens")

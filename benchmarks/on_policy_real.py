@@ -1,0 +1,295 @@
+"""The on-policy arena with a real teacher: SmolLM2-135M-Instruct teaches a student pruned from it, on English ->
+German UI strings from the system's gettext catalogs.
+
+Task: chat prompts "Translate to German: <msgid>" (the teacher's chat template, its default system turn), answers
+the catalog's msgstr. Pairs come from /usr/share/locale/de/LC_MESSAGES/*.mo (Python's gettext; the iso_* catalogs
+of country and language names are left out), msgids of 2-5 words of plain letters, <= 38 characters, no format
+strings or accelerators; shuffled with seed 0 into held-out prompts and training prompts.
+
+1. The teacher (bfloat16) answers every prompt greedily (at most `--max-new-tokens`), once, cached in the work dir:
+   the held-out answers are ROUGE-L's references, the training answers are seq-KD's data.
+2. The student: `potstill.student.init.init_student` keeps `--layers` of the teacher's 30 layers (measured on the
+   training conversations) and the vocabulary of the training conversations (+ bytes, BPE pieces, specials).
+3. SFT: per seed, CE on the catalog's answers from the pruned student (`--sft-steps`). Every arm of the seed
+   starts from this checkpoint, with the same steps, batch and lr:
+   - `ce`: more CE on the catalog's answers (distill recipe, alpha 0);
+   - `kd`: off-policy KD, fkl to the teacher on the catalog's answers (distill recipe, alpha 1);
+   - `seq_kd`: CE on the teacher's greedy answers (sequence-level KD, Kim & Rush 2016; the trimmed student cannot
+     use the on_policy recipe's seq_kd, which samples with the teacher's vocabulary);
+   - `rkl_topk`: on-policy reverse KL over the teacher's top-K (+ rest bucket) on the student's samples (lmbda 1);
+   - `rkl_sampled`: on-policy sampled reverse KL with the batch-mean baseline (lmbda 1);
+   - `gkd`: GKD, lmbda 0.5, jsd beta 0.5 (on the data's answers or the student's samples).
+4. Metrics on the held-out prompts: the per-token reverse KL KL(q_student || p_teacher), exact over the student's
+   vocabulary at every position of the student's own samples (`--samples` per prompt, temperature 1, seeded; p is the
+   teacher's full-vocabulary distribution, read at the student's ids), ROUGE-L F1 of the student's greedy answers
+   against the teacher's greedy answers (rouge_score, whitespace tokens), chrF of the greedy answers against the
+   catalog (sacrebleu).
+
+    python benchmarks/on_policy_real.py --work /tmp/potstill_real             # the table of benchmarks/README.md
+    python benchmarks/on_policy_real.py --quick                               # a smoke run (a few steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gettext
+import glob
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TEACHER = "/work/assets/cache/models/b179c9523d0e6a0f-SmolLM2-135M-Instruct.Q4_1"
+CATALOGS = "/usr/share/locale/de/LC_MESSAGES/*.mo"
+ONP = ["train.recipe=on_policy", "loss.alpha=1", "on_policy.lmbda=1"]
+ARMS = {
+    "ce": ["train.recipe=distill", "loss.alpha=0"],
+    "kd": ["train.recipe=distill", "loss.alpha=1", "loss.name=fkl"],
+    "seq_kd": ["train.recipe=distill", "loss.alpha=0"],  # on the teacher's answers
+    "rkl_topk": [*ONP, "on_policy.objective=rkl_topk"],
+    "rkl_sampled": [*ONP, "on_policy.objective=rkl_sampled", "on_policy.baseline=batch"],
+    "gkd": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=jsd", "loss.beta=0.5"],
+}
+
+
+def catalog_pairs() -> list[tuple[str, str]]:
+    """(English msgid, German msgstr) pairs of short plain UI strings, deduplicated by msgid, in a fixed order."""
+    pairs: dict[str, str] = {}
+    for path in sorted(glob.glob(CATALOGS)):
+        if Path(path).name.startswith("iso_"):
+            continue
+        try:
+            with open(path, "rb") as f:
+                catalog = gettext.GNUTranslations(f)._catalog  # noqa: SLF001 - the only way to list a .mo's entries
+        except (UnicodeDecodeError, OSError):  # a catalog in a legacy charset: left out
+            continue
+        for en, de in catalog.items():
+            if (
+                not isinstance(en, str)
+                or not isinstance(de, str)
+                or not re.fullmatch(r"[A-Za-z][A-Za-z ,.'-]{2,37}", en)
+            ):
+                continue
+            if not 2 <= len(en.split()) <= 5 or re.search(r"[%_&\n]", de) or en.lower() == de.lower():
+                continue
+            pairs.setdefault(en, de)
+    return sorted(pairs.items())
+
+
+def chat(en: str, de: str | None = None) -> list[dict[str, str]]:
+    """The chat turns of one pair (the user's request, and the answer when given)."""
+    turns = [{"role": "user", "content": f"Translate to German: {en}"}]
+    return turns + ([{"role": "assistant", "content": de}] if de is not None else [])
+
+
+def load(model_dir, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval(), tok
+
+
+@torch.no_grad()
+def complete(model, tok, prompts: list[str], max_new_tokens: int, samples: int = 0, batch: int = 32):
+    """Answers of `model` to the English strings: greedy (samples 0) or `samples` draws each at temperature 1.
+
+    Returns (prompt ids, completion ids) per answer: completion ids run up to and including the first `<eos>`.
+    """
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    texts = [tok.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [t for t in texts for _ in range(max(samples, 1))]
+    out = []
+    torch.manual_seed(1234)
+    for i in range(0, len(texts), batch):
+        enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        ids = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=samples > 0,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
+        )
+        for row, mask, gen in zip(
+            enc["input_ids"], enc["attention_mask"], ids[:, enc["input_ids"].shape[1] :], strict=False
+        ):
+            gen = gen.tolist()
+            gen = gen[: gen.index(eos) + 1] if eos in gen else gen
+            out.append((row[mask.bool()].tolist(), gen))
+    return out
+
+
+def answer_text(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def evaluate(
+    student_dir: Path, teacher, held: list[tuple[str, str]], teacher_answers: list[str], max_new: int, samples: int
+):
+    """{rkl, rouge_l, chrf} of one student on the held-out pairs (see the module docstring)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from potstill.models.vocab import load_id_map
+
+    model, tok = load(student_dir)
+    id_map = load_id_map(student_dir)
+    greedy = [answer_text(tok, c) for _, c in complete(model, tok, [en for en, _ in held], max_new)]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Whitespace())
+    rouge = statistics.mean(
+        scorer.score(t, g)["rougeL"].fmeasure for t, g in zip(teacher_answers, greedy, strict=False)
+    )
+    chrf = sacrebleu.corpus_chrf(greedy, [[de for _, de in held]]).score
+    kl_sum, n = 0.0, 0
+    for prompt, completion in complete(model, tok, [en for en, _ in held], max_new, samples=samples):
+        if not completion:
+            continue
+        ids = torch.tensor([prompt + completion])
+        logq = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        t_ids = ids if id_map is None else id_map[ids]
+        logp = teacher(input_ids=t_ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        logp = logp if id_map is None else logp[:, id_map]
+        kl_sum += (logq.exp() * (logq - logp)).sum().item()
+        n += len(completion)
+    return {"rkl": kl_sum / n, "rouge_l": rouge, "chrf": chrf, "greedy": greedy[:5]}
+
+
+class _Whitespace:
+    """rouge_score's tokenizer interface: whitespace tokens, case kept (its default drops non-ASCII letters)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+
+def train(out: Path, overrides: list[str]) -> float:
+    """One `run_distill` into `out` (overwritten); returns its wall seconds."""
+    from potstill.config import load_config
+    from potstill.train.recipes import run_distill
+
+    cfg = load_config(None, [f"train.output_dir={out}", "train.overwrite=true", *overrides], run=True)
+    start = time.perf_counter()
+    run_distill(cfg)
+    return time.perf_counter() - start
+
+
+def write_chats(path: Path, pairs) -> Path:
+    with path.open("w") as f:
+        for en, de in pairs:
+            f.write(json.dumps({"messages": chat(en, de)}, ensure_ascii=False) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", type=int, default=256, help="training prompts")
+    p.add_argument("--held", type=int, default=64, help="held-out prompts")
+    p.add_argument("--layers", type=int, default=6, help="student decoder layers (of 30)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--sft-steps", type=int, default=150)
+    p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps of every arm")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--samples", type=int, default=2, help="student samples per held-out prompt (reverse KL)")
+    p.add_argument("--top-k", type=int, default=8, help="rkl_topk's K")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds to train (none: only the table)")
+    p.add_argument("--arms", nargs="+", default=["ce", "kd", "seq_kd", "rkl_topk"], choices=list(ARMS))
+    p.add_argument("--work", type=Path, default=Path("/tmp/potstill_real"))
+    p.add_argument("--quick", action="store_true", help="smoke run: 16 prompts, 3 steps, 1 seed")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train, args.held, args.sft_steps, args.steps, args.seeds, args.max_new_tokens = 16, 8, 3, 3, [0], 8
+        args.work = args.work.with_name(args.work.name + "_quick")
+    torch.set_num_threads(1)
+    args.work.mkdir(parents=True, exist_ok=True)
+    pairs = catalog_pairs()
+    random.Random(0).shuffle(pairs)
+    held, train_pairs = pairs[: args.held], pairs[args.held : args.held + args.train]
+    print(f"{len(pairs)} catalog pairs; {len(train_pairs)} training, {len(held)} held-out", flush=True)
+
+    teacher, ttok = load(TEACHER, torch.bfloat16)
+    cache = args.work / "teacher_answers.json"
+    if not cache.exists():
+        start = time.perf_counter()
+        answers = [answer_text(ttok, c) for _, c in complete(teacher, ttok, [en for en, _ in held + train_pairs], 24)]
+        cache.write_text(json.dumps(answers, ensure_ascii=False))
+        print(f"teacher answered {len(answers)} prompts in {time.perf_counter() - start:.0f} s", flush=True)
+    answers = json.loads(cache.read_text())
+    held_answers, train_answers = answers[: len(held)], answers[len(held) :]
+    catalog = write_chats(args.work / "catalog.jsonl", train_pairs)
+    teacher_data = write_chats(
+        args.work / "teacher.jsonl", [(en, a) for (en, _), a in zip(train_pairs, train_answers, strict=False)]
+    )
+    chrf_teacher = __import__("sacrebleu").corpus_chrf(held_answers, [[de for _, de in held]]).score
+    print(f"teacher greedy chrF vs catalog {chrf_teacher:.1f}; e.g. {held[0][0]!r} -> {held_answers[0]!r}", flush=True)
+
+    pruned = args.work / f"pruned_{args.layers}"
+    if not (pruned / "config.json").exists():
+        from potstill.student.init import init_student
+
+        corpus = [ttok.apply_chat_template(chat(en, de), tokenize=False) for en, de in train_pairs]
+        corpus += [
+            ttok.apply_chat_template(chat(en, a), tokenize=False)
+            for (en, _), a in zip(train_pairs, train_answers, strict=False)
+        ]
+        init_student(TEACHER, args.layers, pruned, corpus, calib_tokens=1024, calib_dtype="bfloat16")
+    common = [f"model.teacher={TEACHER}", "model.teacher_dtype=bfloat16", "data.seq_len=96", "train.logging_steps=10"]
+    common += [
+        "train.warmup_steps=5",
+        f"train.batch_size={args.batch_size}",
+        f"on_policy.max_new_tokens={args.max_new_tokens}",
+    ]
+    common += [f"on_policy.top_k={args.top_k}"]
+
+    for seed in args.seeds:
+        sft = args.work / f"sft_s{seed}"
+        if not (sft / "student" / "config.json").exists():
+            run = [f"model.student={pruned}", f"data.train=[{catalog}]", *common, *ARMS["ce"], f"train.seed={seed}"]
+            train(sft, [*run, f"train.max_steps={args.sft_steps}", f"train.lr={args.sft_lr}"])
+        for arm in ["sft", *args.arms]:
+            result = args.work / f"result_{arm}_s{seed}.json"
+            if result.exists():
+                continue
+            out, secs = sft, 0.0
+            if arm != "sft":  # every arm starts from the SFT student of its seed
+                out = args.work / f"{arm}_s{seed}"
+                data = teacher_data if arm == "seq_kd" else catalog
+                run = [f"model.student={sft / 'student'}", f"data.train=[{data}]", *common, *ARMS[arm]]
+                run += [f"train.seed={seed}", f"train.max_steps={args.steps}", f"train.lr={args.lr}"]
+                secs = train(out, run)
+            row = evaluate(out / "student", teacher, held, held_answers, args.max_new_tokens, args.samples)
+            result.write_text(json.dumps({**row, "seconds": secs}, ensure_ascii=False))
+            print(f"{arm} seed {seed}: {row} in {secs:.0f} s", flush=True)
+
+    table = {}
+    for arm in ["sft", *ARMS]:
+        rows = [json.loads(f.read_text()) for f in sorted(args.work.glob(f"result_{arm}_s*.json"))]
+        if rows:
+            table[arm] = rows
+    print(f"\nteacher SmolLM2-135M-Instruct: greedy chrF vs catalog {chrf_teacher:.1f} ({len(held)} held-out prompts)")
+    print(
+        f"student: {args.layers} layers, SFT {args.sft_steps} steps; arms {args.steps} steps x batch {args.batch_size}"
+    )
+    print(f"seeds {sorted({int(f.stem.rsplit('_s', 1)[1]) for f in args.work.glob('result_*.json')})}")
+    print("\n| arm | reverse KL (nats/token) per seed | mean | ROUGE-L vs teacher | chrF vs catalog | seconds |")
+    print("|---|---|---:|---|---|---:|")
+    for arm, rows in table.items():
+        rkl = [r["rkl"] for r in rows]
+        cells = " / ".join(f"{x:.3f}" for x in rkl)
+        rouge = " / ".join(f"{r['rouge_l']:.3f}" for r in rows)
+        chrf = " / ".join(f"{r['chrf']:.1f}" for r in rows)
+        secs = statistics.mean(r["seconds"] for r in rows)
+        print(f"| {arm} | {cells} | {statistics.mean(rkl):.3f} | {rouge} | {chrf} | {secs:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
