@@ -51,6 +51,18 @@ def evaluate_speech(model_dir: str | Path, records: list[AudioRecord], rate: int
     }
 
 
+def transcribe_files(model_dir: str | Path, paths: list[str | Path]) -> list[str]:
+    """Greedy transcripts of audio files (each alone, in the model's window)."""
+    model, processor = load_whisper(model_dir)
+    prompt, frames = decoder_prompt(model, processor.tokenizer), input_frames(model)
+    texts = []
+    for path in paths:
+        features = log_mel(processor.feature_extractor, [load_audio(path)], frames)
+        ids = greedy_decode(model, features, prompt)[0]
+        texts.append(processor.tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
+
+
 def _pairs(records: list[AudioRecord], hyps: list[str], domain: str) -> tuple[list[str], list[str]]:
     chosen = [(r.text, h) for r, h in zip(records, hyps, strict=True) if r.domain == domain]
     return [r for r, _ in chosen], [h for _, h in chosen]

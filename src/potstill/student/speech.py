@@ -162,8 +162,10 @@ def init_speech_student(
     keep_ids = id_map = None
     teacher_tokenizer = processor.tokenizer
     if corpus_ids is not None:
-        keep_ids = speech_vocabulary(processor.tokenizer, corpus_ids, vocab_size)
-        texts = processor.tokenizer.batch_decode(corpus_ids)
+        # A model's output need not be the BPE's own tokenization of its text: keep both.
+        texts = teacher_tokenizer.batch_decode(corpus_ids)
+        canonical = teacher_tokenizer(texts, add_special_tokens=False).input_ids
+        keep_ids = speech_vocabulary(teacher_tokenizer, [*corpus_ids, *canonical], vocab_size)
         processor.tokenizer, id_map = trim_whisper_tokenizer(processor.tokenizer, keep_ids, texts)
     student = shrink_whisper(teacher, encoder_layers, decoder_layers, audio_seconds, keep_ids)
     with atomic_path(out_dir) as tmp:
