@@ -78,18 +78,20 @@ def bundled_ct2_dir() -> Path:
 
 
 class _Stage:
-    """Times one stage into `timings` and prints its name and seconds."""
+    """Times one stage: wall seconds into `timings`, this process's CPU seconds into `cpu` (on a shared machine the
+    CPU time is what the stage would take alone on one idle core)."""
 
-    def __init__(self, name: str, timings: dict[str, float]):
-        self.name, self.timings = name, timings
+    def __init__(self, name: str, timings: dict[str, float], cpu: dict[str, float]):
+        self.name, self.timings, self.cpu = name, timings, cpu
 
     def __enter__(self):
         print(f"== {self.name}", flush=True)
-        self.start = time.perf_counter()
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
     def __exit__(self, *exc):
         self.timings[self.name] = round(time.perf_counter() - self.start, 1)
-        print(f"   {self.name}: {self.timings[self.name]} s", flush=True)
+        self.cpu[self.name] = round(time.process_time() - self.start_cpu, 1)
+        print(f"   {self.name}: {self.timings[self.name]} s ({self.cpu[self.name]} s CPU)", flush=True)
 
 
 def run_speech_recipe(out: str | Path, recipe: SpeechRecipe = SpeechRecipe()) -> dict:
@@ -109,30 +111,31 @@ def run_speech_recipe(out: str | Path, recipe: SpeechRecipe = SpeechRecipe()) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_before = _loadavg()
     ct2_dir = Path(recipe.ct2_dir) if recipe.ct2_dir else bundled_ct2_dir()
     teacher = out / "teacher"
-    with _Stage("teacher", timings):
+    with _Stage("teacher", timings, cpu):
         if not (teacher / "config.json").is_file():
             convert_ct2_whisper(ct2_dir, teacher)
-    with _Stage("data", timings):
+    with _Stage("data", timings, cpu):
         splits = synthesize_corpus(out / "data", recipe.train, recipe.heldout, seed=0)
         train = read_audio_jsonl(splits["train"])
         heldout = read_audio_jsonl(splits["heldout"]) + real_recordings()
     parity = None
     if recipe.parity_clips:
-        with _Stage("parity", timings):
+        with _Stage("parity", timings, cpu):
             parity_path = out / "parity.json"
             if not parity_path.is_file():
                 write_json_atomic(parity_path, ct2_parity(teacher, ct2_dir, heldout[: recipe.parity_clips]))
             parity = json.loads(parity_path.read_text())
-    with _Stage("pseudo_labels", timings):
+    with _Stage("pseudo_labels", timings, cpu):
         every = build_speech_targets(
             teacher, train, out / "teacher_targets.pt", k=recipe.k, max_wer=math.inf, temperature=recipe.temperature
         )
         targets = keep_clips(every, recipe.max_wer)
-    with _Stage("student_init", timings):
+    with _Stage("student_init", timings, cpu):
         student = out / "student_init"
         if not (student / "config.json").is_file():
             vocab = {"corpus_ids": every.ids, "vocab_size": recipe.vocab_size} if recipe.vocab_size else {}
@@ -147,11 +150,11 @@ def run_speech_recipe(out: str | Path, recipe: SpeechRecipe = SpeechRecipe()) ->
                 lr=recipe.lr,
                 seed=seed,
             )
-            with _Stage(f"train_{arm}_seed{seed}", timings):
+            with _Stage(f"train_{arm}_seed{seed}", timings, cpu):
                 runs[f"{arm}_seed{seed}"] = train_speech_student(student, targets, out / f"{arm}_seed{seed}", cfg)
     results = {}
     for name in ["teacher", *runs]:
-        with _Stage(f"eval_{name}", timings):
+        with _Stage(f"eval_{name}", timings, cpu):
             results[name] = evaluate_speech(out / name, heldout)
     report = {
         "started": started,
@@ -169,6 +172,8 @@ def run_speech_recipe(out: str | Path, recipe: SpeechRecipe = SpeechRecipe()) ->
         "results": results,
         "seconds": timings,
         "total_seconds": round(sum(timings.values()), 1),
+        "cpu_seconds": cpu,
+        "total_cpu_seconds": round(sum(cpu.values()), 1),
         "cpu": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(),
     }
     write_json_atomic(out / "report.json", report)
@@ -193,7 +198,8 @@ def markdown(report: dict) -> str:
     domains = [d for d in teacher["wer"] if d != "overall"]
     lines = [
         f"Run {report['started']} .. {report['finished']}, load {' '.join(report['load_before'])} -> "
-        f"{' '.join(report['load_after'])}, {report['cpu']} CPUs, 1 thread; {report['total_seconds'] / 60:.1f} min.",
+        f"{' '.join(report['load_after'])}, {report['cpu']} CPUs, 1 thread; {report['total_seconds'] / 60:.1f} min "
+        f"({report['total_cpu_seconds'] / 60:.1f} min of CPU time).",
         "",
         "| model | " + " | ".join(f"WER {d} %" for d in domains) + " | RTF | speed-up | params (M) | size vs teacher |",
         "|---|" + "---|" * (len(domains) + 4),
@@ -226,6 +232,8 @@ def markdown(report: dict) -> str:
         "",
         f"Pseudo-labels: kept {pl['kept']}, dropped {pl['dropped']} (teacher WER > max_wer); "
         f"mean teacher WER of kept {100 * pl['mean_teacher_wer_kept']:.1f} %.",
-        "Stage seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()) + ".",
+        "Stage seconds (CPU seconds): "
+        + ", ".join(f"{k} {v} ({report['cpu_seconds'][k]})" for k, v in report["seconds"].items())
+        + ".",
     ]
     return "\n".join(lines) + "\n"

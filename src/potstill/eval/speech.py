@@ -52,12 +52,13 @@ def evaluate_speech(model_dir: str | Path, records: list[AudioRecord], rate: int
 
 
 def transcribe_files(model_dir: str | Path, paths: list[str | Path]) -> list[str]:
-    """Greedy transcripts of audio files (each alone, in the model's window)."""
+    """Greedy transcripts of audio files (each alone, in the model's window); every file is decoded first."""
+    clips = [load_audio(path) for path in paths]
     model, processor = load_whisper(model_dir)
     prompt, frames = decoder_prompt(model, processor.tokenizer), input_frames(model)
     texts = []
-    for path in paths:
-        features = log_mel(processor.feature_extractor, [load_audio(path)], frames)
+    for clip in clips:
+        features = log_mel(processor.feature_extractor, [clip], frames)
         ids = greedy_decode(model, features, prompt)[0]
         texts.append(processor.tokenizer.decode(ids, skip_special_tokens=True).strip())
     return texts
