@@ -105,9 +105,9 @@ def main() -> None:
                 lr=hp["lr"],
                 seed=seed,
             )
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             summary = train_speech_student(student, targets, study / name, cfg)
-            train_s = time.perf_counter() - start
+            train_s, train_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             wer = wer_per_domain(study / name, heldout)
             results[name] = {
                 "arm": arm,
@@ -116,6 +116,7 @@ def main() -> None:
                 "clips": len(targets.records),
                 "wer": wer,
                 "train_s": round(train_s, 1),
+                "train_cpu_s": round(train_cpu, 1),
                 "eval_s": round(time.perf_counter() - start - train_s, 1),
                 "loss_last_epoch": summary["loss_last_epoch"],
                 "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
