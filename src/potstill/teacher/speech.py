@@ -87,7 +87,10 @@ def keep_clips(targets: SpeechTargets, max_wer: float) -> SpeechTargets:
     """
     chosen = [i for i, wer in enumerate(targets.wer) if wer <= max_wer]
     if not chosen:
-        raise UserError(f"no training clip has a teacher WER <= {max_wer}; raise max_wer or check the audio")
+        raise UserError(
+            f"no training clip has a teacher WER <= {max_wer} ({targets.dropped} more were cut by the length cap: "
+            "the teacher looped); raise max_wer or check the audio"
+        )
     return SpeechTargets(
         [targets.records[i] for i in chosen],
         [targets.ids[i] for i in chosen],
