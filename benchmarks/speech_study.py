@@ -30,6 +30,7 @@ import torch
 
 from potstill.data.audio import read_audio_jsonl, word_error_rate
 from potstill.data.speech_corpus import real_recordings
+from potstill.eval.speech import evaluate_speech
 from potstill.fileio import write_json_atomic, write_text_atomic
 from potstill.losses import Divergence
 from potstill.models.whisper import load_whisper
@@ -79,11 +80,16 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=["ce", "kd"], choices=sorted(ARMS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--vocab-size", type=int, default=12288)
+    ap.add_argument("--rtf", nargs="+", default=None, help="instead: real-time factors of these models (RUN/NAME)")
+    ap.add_argument("--rtf-clips", type=int, default=10, help="with --rtf: first N synthetic + every real clip")
     args = ap.parse_args()
     torch.set_num_threads(1)
     study = args.run / "study"
-    every = torch.load(args.targets, weights_only=False)
     heldout = read_audio_jsonl(args.run / "data" / "heldout.jsonl") + real_recordings()
+    if args.rtf:
+        clips = heldout[: args.rtf_clips] + real_recordings()
+        return real_time_factors([args.run / name for name in args.rtf], clips, study / "rtf.json")
+    every = torch.load(args.targets, weights_only=False)
     student = study / "student_init"
     if not (student / "config.json").is_file():
         init_speech_student(args.run / "teacher", student, corpus_ids=every.ids, vocab_size=args.vocab_size)
@@ -127,6 +133,26 @@ def main() -> None:
             write_json_atomic(results_path, results)
     write_text_atomic(study / "study.md", markdown(results))
     print(markdown(results))
+
+
+def real_time_factors(models: list[Path], clips, out: Path) -> None:
+    """`eval.speech.evaluate_speech` (each clip alone, wall and CPU real-time factor) of each model, in one process."""
+    results = {}
+    for model in models:
+        r = evaluate_speech(model, clips)
+        results[model.name] = {
+            key: r[key] for key in ("params", "weights_mb", "rtf", "rtf_cpu", "audio_seconds", "wer")
+        }
+        print(model.name, json.dumps(results[model.name]), flush=True)
+    first = results[models[0].name]
+    for name, r in results.items():
+        print(
+            f"{name}: RTF wall {r['rtf']:.3f} CPU {r['rtf_cpu']:.3f}, CPU speed-up vs {models[0].name} "
+            f"{first['rtf_cpu'] / r['rtf_cpu']:.2f}x, size {r['params'] / first['params']:.2f}x"
+        )
+    results["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results["load"] = Path("/proc/loadavg").read_text().split()[:3]
+    write_json_atomic(out, results)
 
 
 def markdown(results: dict) -> str:
