@@ -419,7 +419,7 @@ def speech_recipe_cmd(
     lr: float = typer.Option(3e-4, "--lr"),
     alpha: float = typer.Option(0.5, "--alpha", help="KD weight of the KD students (their twins: 0)."),
     loss: str = typer.Option("fkl", "--loss", help="Divergence (`potstill losses`)."),
-    temperature: float = typer.Option(1.0, "--temperature"),
+    temperature: float = typer.Option(2.0, "--temperature", help="Of the cached targets and the KD term."),
     k: int = typer.Option(64, "--k", help="Teacher top-k ids cached per decoding step."),
     max_wer: float = typer.Option(0.2, "--max-wer", help="Drop training clips whose teacher WER is higher."),
     seeds: str = typer.Option("0,1", "--seeds", help="One KD and one CE-only student per seed (a,b,...)."),
