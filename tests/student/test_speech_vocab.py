@@ -34,11 +34,8 @@ def test_trimmed_student_is_the_teacher_on_its_ids(tmp_path):
     # Kept: the ids used (" the", " to") and their pieces (" t", " th"), the bytes, the specials; not kept:
     # " thing" and its pieces "in", "ing".
     assert len(id_map) == teacher.config.vocab_size - 3 == student.config.vocab_size
-    assert {teacher_tok.convert_ids_to_tokens(i) for i in set(range(teacher.config.vocab_size)) - set(id_map.tolist())} == {
-        "in",
-        "ing",
-        "Ġthing",
-    }
+    dropped = set(range(teacher.config.vocab_size)) - set(id_map.tolist())
+    assert {teacher_tok.convert_ids_to_tokens(i) for i in dropped} == {"in", "ing", "Ġthing"}
     assert [int(id_map[i]) for i in tok(" the to", add_special_tokens=False).input_ids] == ids
     # Token ids of the config follow the map; the prompt is the teacher's prompt renumbered.
     for name in ("eos_token_id", "decoder_start_token_id"):
@@ -98,7 +95,8 @@ def test_trimmed_student_trains_on_the_teachers_targets(tmp_path):
     assert [[int(id_map[i]) for i in seq] for seq in mapped.ids] == targets.ids
     summary = train_speech_student(student_dir, targets, tmp_path / "run", SpeechTrainConfig(epochs=2, batch_size=2))
     assert summary["steps"] == 2
-    lacking = _targets(tmp_path, [[ids[0], teacher_tok.convert_tokens_to_ids("in")]], teacher.config.vocab_size)  # "in": not kept
+    not_kept = teacher_tok.convert_tokens_to_ids("in")
+    lacking = _targets(tmp_path, [[ids[0], not_kept]], teacher.config.vocab_size)
     with pytest.raises(UserError, match="lacks pseudo-label token"):
         for_student(lacking, student_dir)
 
