@@ -24,7 +24,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -194,7 +193,7 @@ def run_speech_recipe(out: str | Path, recipe: SpeechRecipe = SpeechRecipe()) ->
         "total_seconds": round(sum(timings.values()), 1),
         "cpu_seconds": cpu,
         "total_cpu_seconds": round(sum(cpu.values()), 1),
-        "cpu": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(),
+        "cpu": os.cpu_count(),  # not `nproc`: it reports OMP_NUM_THREADS
     }
     write_json_atomic(out / "report.json", report)
     write_text_atomic(out / "report.md", markdown(report))
