@@ -3,8 +3,8 @@
 Every arm trains the same student (made once: the teacher's layers, a trimmed vocabulary) on the same cached
 teacher targets (built by `benchmarks/speech_distill.py` or `build_speech_targets` at the largest k and with
 every clip kept), and is evaluated on the held-out synthetic clips and the real recordings (WER per domain,
-batched greedy decoding; real-time factors are measured by the recipe, not here). An arm is a set of
-overrides of the default recipe:
+batched greedy decoding; real-time factors: `--rtf`). An arm is a set of overrides of DEFAULT (the recipe as
+it was before this study, T = 1; the recipe's default is now T = 2, the arm kd_T2):
 
     alpha (KD weight), k (top-k of the cache, by truncation), max_wer (teacher WER filter; inf = off),
     lr, epochs, loss (divergence), T (needs a cache built at that temperature: --targets-t2)
