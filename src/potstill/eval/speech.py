@@ -2,7 +2,9 @@
 
 Each clip is transcribed alone (batch 1, greedy, `models.whisper.greedy_decode`) and timed from log-mel
 features to the last token; the real-time factor is the summed decoding time over the summed audio
-duration (lower is faster). WER is corpus WER per domain after Whisper's English normalizer.
+duration (lower is faster), in wall seconds (`rtf`) and in this process's CPU seconds (`rtf_cpu`: with one torch
+thread, what the wall time would be on an idle core; on a shared machine the wall time includes waiting for it).
+WER is corpus WER per domain after Whisper's English normalizer.
 """
 
 from __future__ import annotations
@@ -21,20 +23,21 @@ def evaluate_speech(model_dir: str | Path, records: list[AudioRecord], rate: int
     """WER per domain and overall, real-time factor and size of one model on `records`.
 
     Returns:
-        {"model", "params", "weights_mb", "rtf", "audio_seconds", "wer": {domain: x, "overall": x},
+        {"model", "params", "weights_mb", "rtf", "rtf_cpu", "audio_seconds", "wer": {domain: x, "overall": x},
          "examples": [first three (reference, hypothesis)]}.
     """
     model, processor = load_whisper(model_dir)
     prompt = decoder_prompt(model, processor.tokenizer)
     frames = input_frames(model)
-    hyps, seconds, audio_seconds = [], 0.0, 0.0
+    hyps, seconds, cpu_seconds, audio_seconds = [], 0.0, 0.0, 0.0
     for rec in records:
         clip = load_audio(rec.audio, rate)
         audio_seconds += len(clip) / rate
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             ids = greedy_decode(model, log_mel(processor.feature_extractor, [clip], frames), prompt)[0]
         seconds += time.perf_counter() - start
+        cpu_seconds += time.process_time() - start_cpu
         hyps.append(processor.tokenizer.decode(ids, skip_special_tokens=True))
     domains = sorted({rec.domain for rec in records})
     wer = {d: word_error_rate(*_pairs(records, hyps, d)) for d in domains}
@@ -45,10 +48,24 @@ def evaluate_speech(model_dir: str | Path, records: list[AudioRecord], rate: int
         "params": param_count(model),
         "weights_mb": round(weights / 1e6, 1),
         "rtf": seconds / audio_seconds,
+        "rtf_cpu": cpu_seconds / audio_seconds,
         "audio_seconds": round(audio_seconds, 1),
         "wer": wer,
         "examples": [(r.text, h) for r, h in zip(records[:3], hyps[:3], strict=True)],
     }
+
+
+def transcribe_files(model_dir: str | Path, paths: list[str | Path]) -> list[str]:
+    """Greedy transcripts of audio files (each alone, in the model's window); every file is decoded first."""
+    clips = [load_audio(path) for path in paths]
+    model, processor = load_whisper(model_dir)
+    prompt, frames = decoder_prompt(model, processor.tokenizer), input_frames(model)
+    texts = []
+    for clip in clips:
+        features = log_mel(processor.feature_extractor, [clip], frames)
+        ids = greedy_decode(model, features, prompt)[0]
+        texts.append(processor.tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts
 
 
 def _pairs(records: list[AudioRecord], hyps: list[str], domain: str) -> tuple[list[str], list[str]]:

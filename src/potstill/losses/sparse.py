@@ -60,6 +60,14 @@ class SparseTargets:
         """Targets of selected positions of a flat [N, k] set (for masking and chunking)."""
         return replace(self, ids=self.ids[index], logprobs=self.logprobs[index], tail=self.tail[index])
 
+    def truncate(self, k: int) -> SparseTargets:
+        """The k most probable of the kept ids (what `topk_targets` at k gives), the rest added to the tail."""
+        if not 1 <= k <= self.k:
+            raise UserError(f"top-k targets: k must be in [1, {self.k}] (the ids stored), got {k}")
+        logprobs = self.logprobs[..., :k]
+        tail = (-torch.expm1(torch.logsumexp(_upcast(logprobs), dim=-1))).clamp_min(0.0).to(self.tail.dtype)
+        return replace(self, ids=self.ids[..., :k], logprobs=logprobs, tail=tail)
+
     def flatten(self) -> SparseTargets:
         """[..., k] -> [N, k] (and tail [...] -> [N])."""
         return replace(
@@ -98,6 +106,48 @@ def topk_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0)
     if k == vocab:
         tail = torch.zeros_like(tail)
     return SparseTargets(ids=ids, logprobs=logprobs, tail=tail, temperature=temperature)
+
+
+def restrict_targets(targets: SparseTargets, id_map: torch.Tensor, teacher_vocab: int) -> SparseTargets:
+    """Targets over a trimmed student vocabulary: teacher ids -> student ids, renormalized over the student's ids.
+
+    As for text students (`teacher.online`), the teacher's distribution is restricted to the ids the student
+    has and renormalized: a stored id the student lacks loses its mass (its slot gets a student id not stored in
+    that row, at log-prob EMPTY_LOG_MASS: a category with no teacher mass), and the kept log-probs and the tail
+    are divided by the kept mass. The tail's ids are not stored; it is taken to lie in the student's vocabulary.
+
+    Args:
+        targets: [..., k] targets in teacher ids.
+        id_map: [V_student] long, student id -> teacher id.
+        teacher_vocab: the teacher's vocabulary size.
+
+    Returns:
+        [..., min(k, V_student)] targets in student ids, most probable first, each row's ids distinct.
+    """
+    inverse = torch.full((teacher_vocab,), -1, dtype=torch.long)
+    inverse[id_map] = torch.arange(len(id_map))
+    flat = targets.flatten()
+    ids = inverse[flat.ids.long()]  # [N, k]
+    # Lost ids to the end of each row (keeps the most-probable-first order); at most V_student slots stay.
+    order = torch.sort((ids < 0).to(torch.uint8), dim=1, stable=True).indices[:, : len(id_map)]
+    ids, logprobs = ids.gather(1, order), _upcast(flat.logprobs).gather(1, order)
+    lacking = ids < 0
+    lost = torch.where(lacking, logprobs.exp(), torch.zeros_like(logprobs)).sum(-1)  # [N]
+    kept = (1.0 - lost).clamp_min(1e-6)
+    # Free ids of each row, lowest first: a stable sort puts the ids the row does not hold in front.
+    held = torch.zeros(ids.shape[0], len(id_map), dtype=torch.bool)
+    held.scatter_(1, ids.clamp_min(0), ~lacking)
+    free = torch.sort(held.to(torch.uint8), dim=1, stable=True).indices
+    rank = (lacking.cumsum(1) - 1).clamp_min(0)
+    ids = torch.where(lacking, free.gather(1, rank), ids)
+    logprobs = torch.where(lacking, torch.full_like(logprobs, EMPTY_LOG_MASS), logprobs - kept.log()[:, None])
+    shape = (*targets.ids.shape[:-1], ids.shape[1])
+    return replace(
+        targets,
+        ids=ids.reshape(shape),
+        logprobs=logprobs.to(targets.logprobs.dtype).reshape(shape),
+        tail=(flat.tail / kept).to(targets.tail.dtype).reshape(shape[:-1]),
+    )
 
 
 def check_temperature(targets: SparseTargets, div: Divergence) -> None:

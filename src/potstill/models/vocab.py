@@ -1,7 +1,8 @@
 """The id map of a student with a trimmed vocabulary: `potstill_vocab.json` in the student's directory.
 
 `{"teacher_vocab_size": V_teacher, "teacher_ids": [teacher id of student id 0, 1, ...]}`, written by
-`potstill student init --trim-vocab`. Read without torch by `id_map_size` (the plan), as a tensor by `load_id_map`.
+`potstill student init --trim-vocab` (speech students also record `"teacher_tokenizer"`: the teacher tokenizer's
+fingerprint, `id_map_tokenizer`). Read without torch by `id_map_size` (the plan), as a tensor by `load_id_map`.
 """
 
 from __future__ import annotations
@@ -48,3 +49,11 @@ def load_id_map(student_dir: str | Path):
     import torch
 
     return torch.tensor(ids, dtype=torch.long)
+
+
+def id_map_tokenizer(student_dir: str | Path) -> str | None:
+    """The fingerprint of the teacher tokenizer the id map was made from, when the map records it."""
+    path = Path(student_dir) / ID_MAP_FILE
+    if _teacher_ids(student_dir) is None:
+        return None
+    return json.loads(path.read_text()).get("teacher_tokenizer")

@@ -36,7 +36,10 @@ def load_whisper(path: str | Path):
         raise UserError(f"{path}: not a Whisper model (config.json model_type is {model_type!r}, expected 'whisper')")
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    model = WhisperForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32).eval()
+    from potstill.models.load import quiet_hf_progress
+
+    with quiet_hf_progress():
+        model = WhisperForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32).eval()
     return model, WhisperProcessor.from_pretrained(path)
 
 

@@ -3,8 +3,9 @@
 The distil-whisper recipe: the teacher transcribes every training clip; a clip whose transcript is too far
 from the known one (word error rate above `max_wer`, both normalized) is dropped; for each kept clip the
 teacher's decoding distributions along its own transcript are stored as top-k targets
-(`losses.sparse.topk_targets`), so training never runs the teacher. The file is computed once and reused
-when the teacher's fingerprint, the records, k and the filter match; otherwise it is rebuilt.
+(`losses.sparse.topk_targets`), so training never runs the teacher. The file holds every clip with its
+teacher WER and is reused when the teacher's fingerprint, the records, k and the temperature match; the WER
+filter is applied when it is read (`keep_clips`), so changing `max_wer` never reruns the teacher.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class SpeechTargets:
         ids: per record, the teacher's transcript token ids (no prompt, no end token).
         targets: per record, SparseTargets [len(ids) + 1, k] predicting each id and the end token.
         wer: per record, the teacher's WER against the known transcript.
-        dropped: records removed by the WER filter.
-        meta: what the file was built from (teacher and tokenizer fingerprints, records fingerprint, k, max_wer).
+        dropped: records removed (by the WER filter, or a transcript cut by the length cap).
+        meta: what the file was built from (teacher and tokenizer fingerprints, records fingerprint, k,
+            temperature; `max_wer` once filtered).
     """
 
     records: list[AudioRecord]
@@ -77,10 +79,43 @@ def transcribe(
     return (ids, logits) if return_logits else ids
 
 
+def keep_clips(targets: SpeechTargets, max_wer: float) -> SpeechTargets:
+    """The clips whose teacher WER is at most `max_wer` (the distil-whisper filter).
+
+    Raises:
+        UserError: no clip passes.
+    """
+    chosen = [i for i, wer in enumerate(targets.wer) if wer <= max_wer]
+    if not chosen:
+        raise UserError(
+            f"no training clip has a teacher WER <= {max_wer} ({targets.dropped} more were cut by the length cap: "
+            "the teacher looped); raise max_wer or check the audio"
+        )
+    return SpeechTargets(
+        [targets.records[i] for i in chosen],
+        [targets.ids[i] for i in chosen],
+        [targets.targets[i] for i in chosen],
+        [targets.wer[i] for i in chosen],
+        targets.dropped + len(targets.records) - len(chosen),
+        {**targets.meta, "max_wer": max_wer},
+    )
+
+
 def build_speech_targets(
-    teacher_dir: str | Path, records: list[AudioRecord], out: str | Path, k: int = 64, max_wer: float = 0.2
+    teacher_dir: str | Path,
+    records: list[AudioRecord],
+    out: str | Path,
+    k: int = 64,
+    max_wer: float = 0.2,
+    temperature: float = 1.0,
 ) -> SpeechTargets:
-    """Pseudo-label and score `records` with the teacher once; reuse `out` when it was built from the same inputs.
+    """Pseudo-label and score `records` with the teacher once (reusing `out` built from the same inputs); filter.
+
+    Args:
+        temperature: softmax temperature of the stored top-k log-probs (the loss must use the same one).
+
+    Returns:
+        The clips whose teacher WER is at most `max_wer` (`keep_clips`).
 
     Raises:
         UserError: no clip passes the WER filter.
@@ -90,30 +125,25 @@ def build_speech_targets(
         "teacher": teacher_fingerprint(teacher_dir),
         "records": records_fingerprint(records),
         "k": k,
-        "max_wer": max_wer,
+        "temperature": temperature,
     }
     if out.is_file():
         saved = torch.load(out, weights_only=False)
         if {key: saved.meta.get(key) for key in meta} == meta:
-            return saved
+            return keep_clips(saved, max_wer)
     model, processor = load_whisper(teacher_dir)
     meta["tokenizer"] = tokenizer_fingerprint(processor.tokenizer)
     ids, logits = transcribe(model, processor, records, return_logits=True, cap=True)
     texts = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
-    kept = SpeechTargets([], [], [], [], 0, meta)
+    every = SpeechTargets([], [], [], [], 0, meta)
     for rec, seq, rows, text in zip(records, ids, logits, texts, strict=True):
-        wer = word_error_rate([rec.text], [text])
-        if wer > max_wer or len(rows) != len(seq) + 1:  # too wrong, or cut by the length cap
-            kept.dropped += 1
+        if len(rows) != len(seq) + 1:  # cut by the length cap: a loop
+            every.dropped += 1
             continue
-        kept.records.append(rec)
-        kept.ids.append(seq)
-        kept.targets.append(topk_targets(rows, k))
-        kept.wer.append(wer)
-    if not kept.records:
-        raise UserError(
-            f"teacher {teacher_dir}: no training clip has WER <= {max_wer}; raise max_wer or check the audio"
-        )
+        every.records.append(rec)
+        every.ids.append(seq)
+        every.targets.append(topk_targets(rows, k, temperature))
+        every.wer.append(word_error_rate([rec.text], [text]))
     with atomic_path(out) as tmp:
-        torch.save(kept, tmp)
-    return kept
+        torch.save(every, tmp)
+    return keep_clips(every, max_wer)

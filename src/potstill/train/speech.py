@@ -10,7 +10,7 @@ alpha * T^2 * D + (1 - alpha) * CE. alpha = 0 is the CE-only twin (same data, st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,8 @@ from potstill.data.audio import load_audio, log_mel
 from potstill.errors import UserError
 from potstill.fileio import atomic_path, write_json_atomic
 from potstill.losses import IGNORE_INDEX, Divergence, KDTerms, combine
-from potstill.losses.sparse import SparseTargets, sparse_kd_terms
+from potstill.losses.sparse import SparseTargets, restrict_targets, sparse_kd_terms
+from potstill.models.vocab import id_map_tokenizer, load_id_map
 from potstill.models.whisper import decoder_prompt, input_frames, load_whisper
 from potstill.student.speech import trainable_parameters
 from potstill.teacher.cache.format import tokenizer_fingerprint
@@ -107,17 +108,44 @@ def student_inputs(processor, model, targets: SpeechTargets, freeze_encoder: boo
 
 
 def check_tokenizer(tokenizer, targets: SpeechTargets, student_dir: str | Path) -> None:
-    """The pseudo-labels are token ids of the teacher's tokenizer: the student must have the very same one.
+    """The pseudo-labels are token ids of the teacher's tokenizer: the student must have the very same one, or a
+    trimmed vocabulary whose id map was made from it.
 
     Raises:
-        UserError: the student's tokenizer differs from the one the targets were made with.
+        UserError: the student's tokenizer (or its id map's) differs from the one the targets were made with.
     """
     made_with = targets.meta.get("tokenizer")
-    if made_with is not None and tokenizer_fingerprint(tokenizer) != made_with:
+    has_map = load_id_map(student_dir) is not None
+    student = id_map_tokenizer(student_dir) if has_map else tokenizer_fingerprint(tokenizer)
+    if made_with is not None and student != made_with:
         raise UserError(
             f"{student_dir}: its tokenizer is not the teacher's that wrote the pseudo-labels; "
             "make the student from this teacher (init_speech_student) or rebuild the targets"
         )
+
+
+def for_student(targets: SpeechTargets, student_dir: str | Path) -> SpeechTargets:
+    """The targets in the student's token ids: unchanged, or mapped through a trimmed student's id map.
+
+    Raises:
+        UserError: a pseudo-label token the trimmed vocabulary lacks (the student was made from other labels).
+    """
+    id_map = load_id_map(student_dir)
+    if id_map is None:
+        return targets
+    new_id = {int(t): s for s, t in enumerate(id_map.tolist())}
+    lacking = next((i for seq in targets.ids for i in seq if i not in new_id), None)
+    if lacking is not None:
+        raise UserError(
+            f"{student_dir}: its trimmed vocabulary lacks pseudo-label token {lacking}; "
+            "make the student from these pseudo-labels (init_speech_student(corpus_ids=...))"
+        )
+    teacher_vocab = 1 + max(int(id_map.max()), *(int(t.ids.max()) for t in targets.targets))
+    return replace(
+        targets,
+        ids=[[new_id[i] for i in seq] for seq in targets.ids],
+        targets=[restrict_targets(t, id_map, teacher_vocab) for t in targets.targets],
+    )
 
 
 def train_speech_student(
@@ -139,6 +167,7 @@ def train_speech_student(
     torch.manual_seed(cfg.seed)
     model, processor = load_whisper(student_dir)
     check_tokenizer(processor.tokenizer, targets, student_dir)
+    targets = for_student(targets, student_dir)
     model.train()
     inputs_per_clip = student_inputs(processor, model, targets, cfg.freeze_encoder)
     prompt, eos = decoder_prompt(model, processor.tokenizer), model.config.eos_token_id
