@@ -34,10 +34,12 @@ from potstill.losses.fused import TeacherHead, fused_kd_terms
 from potstill.losses.hidden import hidden_term
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
 from potstill.models.heads import head_of
+from potstill.teacher.cache.cross import CrossCache
 from potstill.teacher.cross import CrossTokenizerTeacher
 from potstill.teacher.scoring import EndpointScorer
 from potstill.train.hidden import HiddenPlan
 
+CROSS = (CrossTokenizerTeacher, CrossCache)  # teachers of another tokenizer than the student's: `targets_for(inputs)`
 Targets = TeacherHead | SparseTargets | CrossTargets | torch.Tensor | None
 Head = tuple[torch.Tensor, float | None]
 
@@ -69,7 +71,7 @@ def teacher_targets(teacher, inputs: dict[str, Any], fused: bool, layers: Sequen
     """
     if teacher is None:
         return None
-    if isinstance(teacher, CrossTokenizerTeacher):  # another tokenizer: the same text through its own
+    if isinstance(teacher, CROSS):  # another tokenizer: the same text through its own (online or cached)
         return teacher.targets_for(inputs)
     ids = inputs["input_ids"]
     if isinstance(teacher, EndpointScorer):  # a teacher behind a server: its top-k, aligned like a cache's
@@ -191,7 +193,7 @@ def kd_micro_step(
         dense: force the dense path (sharded weights under FSDP / DeepSpeed cannot be chunked).
         hidden: the run's hidden-state term (`train.hidden.hidden_plan`; needs an online teacher), or None.
     """
-    cross = isinstance(teacher, CrossTokenizerTeacher)  # always chunked: its head is needed whatever loss.fused says
+    cross = isinstance(teacher, CROSS)  # always chunked: its head is needed whatever loss.fused says
     head = None if dense else head_of(unwrapped) if cross else student_head(unwrapped, loss)
     targets = teacher_targets(teacher, inputs, fused=head is not None, layers=hidden.teacher_layers if hidden else ())
     targets, teacher_states = targets if hidden else (targets, None)
