@@ -35,6 +35,7 @@ def pair(tmp_path_factory, build_model) -> Path:
     build_model(byte_level_bpe(), 0, hidden=32, max_positions=64, save_to=root / "student")
     build_model(metaspace_bpe(), 1, hidden=48, max_positions=64, save_to=root / "teacher")
     build_model(byte_level_bpe(400), 2, hidden=32, max_positions=64, save_to=root / "other_student")
+    build_model(metaspace_bpe(), 1, hidden=48, max_positions=8, save_to=root / "short_teacher")
     rows = [{"text": t} for t in TEXTS * 4]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
@@ -108,10 +109,14 @@ def test_build_is_resumable_and_verified_like_a_same_tokenizer_cache(pair, tmp_p
         TeacherCache(cache).verify()
 
 
-def test_wrong_student_and_unsupported_targets_are_one_line(pair, tmp_path):
+def test_wrong_student_unsupported_targets_and_short_context_are_one_line(pair, tmp_path):
     with pytest.raises(UserError, match="--targets topk"):
         _build(pair, tmp_path / "sampled", targets="sampled")
     assert not (tmp_path / "sampled").exists()
+    opts = {"seq_len": SEQ_LEN, "progress": False, "student": pair / "student"}
+    with pytest.raises(UserError, match="--data: packed sequence 0 is .* longer than its context length 8"):
+        build_cache(pair / "short_teacher", [pair / "train.jsonl"], tmp_path / "short", **opts)
+    assert not (tmp_path / "short").exists()  # checked before anything is written
     cache = TeacherCache(_build(pair, tmp_path / "cache", k=8))
     with pytest.raises(UserError, match="built for a student with another tokenizer"):
         cache.check(tokenizer=AutoTokenizer.from_pretrained(pair / "other_student"))

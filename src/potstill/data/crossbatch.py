@@ -215,6 +215,30 @@ class CrossTokenizer:
         stream = student_stream(self.student_table, input_ids, attention_mask, labels)
         return assemble(self.teacher_rows(stream), stream, self.pad_id, self.max_length, input_ids.device)
 
+    def check_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, where: str) -> None:
+        """Refuse packed data whose teacher tokenization of a row exceeds the teacher's context (before a run starts).
+
+        Args:
+            input_ids, attention_mask: [N, L] the packed student rows (all of them are tokenized, 256 at a time).
+            where: what the rows are, for the message (e.g. the data option).
+
+        Raises:
+            UserError: naming the first longest row, its teacher length, the context length and data.seq_len.
+        """
+        if self.max_length is None:
+            return
+        for start in range(0, len(input_ids), 256):
+            ids = input_ids[start : start + 256]
+            mask = None if attention_mask is None else attention_mask[start : start + 256]
+            lengths = [len(row.fed) for row in self.teacher_rows(student_stream(self.student_table, ids, mask, ids))]
+            worst = max(range(len(lengths)), key=lengths.__getitem__)
+            if lengths[worst] > self.max_length:
+                raise UserError(
+                    f"{where}: packed sequence {start + worst} is {lengths[worst]} tokens in the teacher's"
+                    f" tokenization, longer than its context length {self.max_length}: lower data.seq_len (now"
+                    f" {ids.shape[1]} student tokens per sequence)"
+                )
+
     def teacher_rows(self, stream: StudentStream) -> list[TeacherRow]:
         """The teacher's tokenization of each row of a student stream (text runs tokenized in one call)."""
         t_parts = self._tokenize(stream.pieces)

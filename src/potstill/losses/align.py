@@ -123,6 +123,15 @@ class CrossTargets:
     teacher_shared: torch.Tensor | None = None
 
 
+def one_to_one(al: Alignment) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student tokens [p], teacher tokens [p]) of the scored 1:1 groups, as indices into the `s_*` / `t_*` arrays."""
+    _, one = al.scored_groups()
+    t_of_group = torch.zeros(al.n_groups, dtype=torch.long, device=al.t_ids.device)
+    t_of_group[al.t_group] = torch.arange(al.t_ids.numel(), device=al.t_ids.device)
+    s_tokens = one[al.s_group].nonzero().squeeze(-1)
+    return s_tokens, t_of_group[al.s_group[s_tokens]]
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012)."""
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -149,7 +158,7 @@ def _token_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, None]).squeeze(-1).double()
 
 
-def _teacher_views(logits: torch.Tensor, targets: CrossTargets, temperature: float) -> SparseTargets:
+def teacher_views(logits: torch.Tensor, targets: CrossTargets, temperature: float) -> SparseTargets:
     """The teacher's next-token distributions (logits [n, V]) on the shared vocabulary + rest, as [n, K] sparse
     targets in student ids."""
     ids = targets.teacher_shared.expand(logits.shape[0], -1)
@@ -175,7 +184,7 @@ def shared_topk(logits: torch.Tensor, targets: CrossTargets, k: int, temperature
         SparseTargets [n, min(k, K)]: student ids, log-probs at `temperature`, and tail = the rest of the teacher's
         mass (its non-shared ids and the shared ids outside the k), so the bucket view stays normalized.
     """
-    view = _teacher_views(logits, targets, temperature)
+    view = teacher_views(logits, targets, temperature)
     logprobs, index = view.logprobs.topk(min(k, view.k), dim=-1)
     tail = view.tail if index.shape[-1] == view.k else (-torch.expm1(torch.logsumexp(logprobs, dim=-1))).clamp_min(0)
     return SparseTargets(view.ids.gather(-1, index), logprobs, tail, temperature)
@@ -190,7 +199,7 @@ def _teacher_side(
     al = targets.align
     with torch.no_grad():
         logits = targets.teacher.rows(al.t_rows[tokens]).logits()
-        return _token_logp(logits, al.t_ids[tokens]), _teacher_views(logits, targets, temperature) if views else None
+        return _token_logp(logits, al.t_ids[tokens]), teacher_views(logits, targets, temperature) if views else None
 
 
 def _student_chunk(

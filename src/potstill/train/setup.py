@@ -163,8 +163,9 @@ def open_cache(cfg: DistillConfig, tokenizer, train_ds):
 
     For a top-k or sampled cache, `model.teacher` is optional (it is never loaded); when given, the cache must have
     been built from it. A cross-tokenizer cache (built for this student's tokenizer, another than the teacher's) is
-    read through the cross-tokenizer loss (`CrossCache`; not with `loss.cross_tokenizer: never`). A hidden-state cache (`targets: hidden`) needs it: its head (kept; the rest of the teacher
-    is dropped) turns the stored states into the teacher's exact distributions (`HeadedCache`).
+    read through the cross-tokenizer loss (`CrossCache`; not with `loss.cross_tokenizer: never`). A hidden-state
+    cache (`targets: hidden`) needs it: its head (kept; the rest of the teacher is dropped) turns the stored states
+    into the teacher's exact distributions (`HeadedCache`).
 
     Raises:
         UserError: no manifest, or a cache built for another tokenizer, other data, temperature or teacher; a

@@ -125,7 +125,11 @@ class Codec:
         ids, counts = draws.reshape(-1)[starts], np.diff(np.append(starts, draws.size))
         deltas = np.where(starts % draws.shape[1] == 0, ids, ids - np.roll(ids, 1))  # a row's first id: absolute
         unique = new.sum(axis=1)
-        return [unique.astype(np.uint8).tobytes(), byte_planes(deltas, self.id_planes), counts.astype(np.uint8).tobytes()]
+        return [
+            unique.astype(np.uint8).tobytes(),
+            byte_planes(deltas, self.id_planes),
+            counts.astype(np.uint8).tobytes(),
+        ]
 
     def decode(self, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """zstd frame -> (mask [L] bool, ids [n, w] int64, logprobs [n, w] float32, tail [n] float32).

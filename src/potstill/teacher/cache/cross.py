@@ -36,6 +36,7 @@ from potstill.losses.sparse import SparseTargets
 from potstill.models.heads import head_of
 from potstill.teacher.cache.codec import Buffer, Codec, byte_planes
 
+
 @dataclass
 class Row:
     """One decoded cross-tokenizer record.
@@ -224,6 +225,8 @@ class CrossCache:
         )
         teacher = StoredTeacher(
             logp=torch.from_numpy(np.concatenate([rec.logp for rec in records])).double().to(device),
-            views=replace(views, ids=views.ids.to(device), logprobs=views.logprobs.to(device), tail=views.tail.to(device)),
+            views=replace(
+                views, ids=views.ids.to(device), logprobs=views.logprobs.to(device), tail=views.tail.to(device)
+            ),
         )
         return CrossTargets(teacher=teacher, align=align)

@@ -201,6 +201,8 @@ def _prepare(
             f"cache build: {'samples' if targets == 'sampled' else 'k'}={width} exceeds the vocabulary size {vocab}"
         )
     dataset = load_dataset([Path(p) for p in data], tokenizer, seq_len, add_bos=add_bos)
+    if cross is not None:  # before build.json: a refused build leaves nothing behind
+        cross.tokens.check_context(dataset.input_ids, dataset.attention_mask, "--data")
     settings = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION if cross is None else CROSS_FORMAT_VERSION,
