@@ -59,7 +59,8 @@ def teacher_targets(teacher, inputs: dict[str, Any], fused: bool, layers: Sequen
 
     Args:
         teacher: an `OnlineTeacher`, a teacher cache (`.targets(indices [B]) -> SparseTargets [B, L, k]`; batches
-            then carry `index` [B]), an `EndpointScorer` (its top-k of the batch), or None (CE only).
+            then carry `index` [B]), an `EndpointScorer` (its top-k of the batch), a teacher of another tokenizer
+            (`CROSS`: online or its cache, `targets_for(inputs) -> CrossTargets`), or None (CE only).
         inputs: the batch: `input_ids` [B, L], `attention_mask` [B, L], for a cache `index` [B].
         fused: the student takes the fused path (an online teacher then returns its hidden states and head).
         layers: teacher decoder layers whose outputs the hidden-state term needs (online teacher only).
