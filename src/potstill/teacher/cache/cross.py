@@ -136,33 +136,35 @@ class CrossScorer:
         head = TeacherHead(hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight, softcap=softcap)
         targets = CrossTargets(head, align, tokens.student_shared, tokens.teacher_shared)
         _, one = align.scored_groups()
-        one = one[align.t_group] & align.t_ok
-        logp = np.zeros(align.t_ids.numel(), np.float32)
-        views = [None] * align.t_ids.numel()
+        one = one[align.t_group] & align.t_ok  # the tokens of 1:1 groups: views stored
+        n, k = align.t_ids.numel(), self.codec.k
+        logp, ids, logprobs, tail = (
+            np.zeros(n, np.float32),
+            np.zeros((n, k), np.int64),
+            np.zeros((n, k), np.float32),
+            np.zeros(n, np.float32),
+        )
         for part in align.t_ok.nonzero().squeeze(-1).split(default_chunk_size(weight.shape[0])):
             logits = head.rows(align.t_rows[part]).logits()
             logp[part.numpy()] = torch.log_softmax(logits, -1).gather(-1, align.t_ids[part, None]).squeeze(-1).numpy()
             sel = one[part]
             if sel.any():
-                top = shared_topk(logits[sel], targets, self.codec.k, self.temperature)
-                for j, t in enumerate(part[sel].tolist()):
-                    views[t] = (top.ids[j].numpy(), top.logprobs[j].numpy(), float(top.tail[j]))
+                top = shared_topk(logits[sel], targets, k, self.temperature)
+                at = part[sel].numpy()
+                ids[at], logprobs[at], tail[at] = top.ids.numpy(), top.logprobs.numpy(), top.tail.numpy()
         out, first = [], 0
         for b, row in enumerate(rows):
             span = slice(first, first + len(row.ends))
-            first = span.stop
-            row_views = [v for v in views[span] if v is not None]
-            ids, lps, tails = zip(*row_views, strict=True) if row_views else ((), (), ())
-            width = self.codec.k
+            first, keep = span.stop, one[span].numpy()
             record = Row(
                 mask=stored[b].numpy(),
                 ends=np.asarray(row.ends, np.int64) - stream.starts[b],
                 fed=np.asarray(row.pos) >= 0,
                 logp=logp[span],
-                one=one[span].numpy(),
-                ids=np.asarray(ids, np.int64).reshape(-1, width),
-                logprobs=np.asarray(lps, np.float32).reshape(-1, width),
-                tail=np.asarray(tails, np.float32),
+                one=keep,
+                ids=ids[span][keep],
+                logprobs=logprobs[span][keep],
+                tail=tail[span][keep],
             )
             out.append(self.codec.encode(record))
         return out
