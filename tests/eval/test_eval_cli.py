@@ -84,11 +84,11 @@ def test_model_missing_or_not_a_model(run_main, assert_one_line_error, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
-def test_teacher_of_another_vocabulary_in_a_fresh_process(run_cli, tmp_path, make_model_dir, make_tokenizer, data):
+def test_teacher_of_another_vocabulary(run_main, tmp_path, make_model_dir, make_tokenizer, data):
     """Another vocabulary is no longer refused: KL / agreement on the positions aligned one to one."""
     student = make_model_dir("student")
     teacher = make_model_dir("teacher", tokenizer=make_tokenizer(vocab_size=280))
-    proc = run_cli("eval", "--model", student, "--data", data, "--out", tmp_path / "run", "--teacher", teacher)
+    proc = run_main("eval", "--model", student, "--data", data, "--out", tmp_path / "run", "--teacher", teacher)
     assert proc.returncode == 0, proc.stderr
     overall = json.loads((tmp_path / "run" / "eval.json").read_text())["overall"]
     assert 0 < overall["aligned_share"] <= 1 and overall["kl_to_teacher"] >= 0
