@@ -151,6 +151,10 @@ class TeacherCache:
             float32 at the cache's temperature; position t holds the distribution of token t + 1. Positions
             that are not stored (next token not scored) hold placeholders: ids 0..k-1, log(1/k), tail 0.
         """
+        if self.cross:  # its records are per teacher token, not per student position
+            raise UserError(
+                f"{self.path}: a cross-tokenizer cache; a run reads it through `teacher.cache.cross.CrossCache`"
+            )
         seqs = [self._sequence(int(i)) for i in indices]
         length, width = self.codec.seq_len, self.codec.k
         ids = np.broadcast_to(np.arange(width), (len(seqs), length, width)).copy()
