@@ -109,3 +109,24 @@ def test_check_tokenizers_with_id_map(tiny_tokenizer):
         check_tokenizers(tiny_tokenizer, tiny_tokenizer, torch.arange(n - 1))
     with pytest.raises(UserError, match="outside the teacher"):
         check_tokenizers(tiny_tokenizer, tiny_tokenizer, torch.arange(n) + 1)
+
+
+def test_cross_tokenizer_teacher_metrics_on_aligned_positions(build_model):
+    """KL / agreement with a teacher of another tokenizer, on the positions aligned one to one: with one tokenizer on
+    both sides every scored position aligns and the figures equal the same-tokenizer ones; with two families a
+    share of the positions aligns and the KL is positive."""
+    from potstill.teacher.cross import CrossTokenizerTeacher
+    from xtok_tokenizers import TEXTS, byte_level_bpe, metaspace_bpe
+
+    tok = byte_level_bpe()
+    # one row (no text cut by packing), ASCII (a token ending inside a character joins a group of two)
+    dataset = pack([Record(text=t, domain="d") for t in TEXTS if t.isascii()], tok, 128)
+    student, teacher = build_model(tok, 0, hidden=32), build_model(tok, 1, hidden=48)
+    same = evaluate(student, dataset, OnlineTeacher(teacher), progress=False)["overall"]
+    aligned = evaluate(student, dataset, CrossTokenizerTeacher(teacher, tok, tok), progress=False)["overall"]
+    assert aligned["aligned_share"] == 1.0 and "aligned_share" not in same
+    assert aligned["kl_to_teacher"] == pytest.approx(same["kl_to_teacher"], rel=1e-4)
+    assert aligned["top1_agreement"] == pytest.approx(same["top1_agreement"])
+    other = build_model(metaspace_bpe(), 2, hidden=48)
+    cross = evaluate(student, dataset, CrossTokenizerTeacher(other, tok, metaspace_bpe()), progress=False)["overall"]
+    assert 0 < cross["aligned_share"] < 0.95 and cross["kl_to_teacher"] > 0 and cross["bpb"] == same["bpb"]

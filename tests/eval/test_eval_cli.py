@@ -84,14 +84,14 @@ def test_model_missing_or_not_a_model(run_main, assert_one_line_error, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
-def test_vocab_mismatch_in_a_fresh_process(
-    run_cli, assert_one_line_error, tmp_path, make_model_dir, make_tokenizer, data
-):
+def test_teacher_of_another_vocabulary(run_main, tmp_path, make_model_dir, make_tokenizer, data):
+    """Another vocabulary is no longer refused: KL / agreement on the positions aligned one to one."""
     student = make_model_dir("student")
     teacher = make_model_dir("teacher", tokenizer=make_tokenizer(vocab_size=280))
-    proc = run_cli("eval", "--model", student, "--data", data, "--out", tmp_path / "run", "--teacher", teacher)
-    assert_one_line_error(proc, "tokenizers differ", "300 vs 280 tokens")
-    assert not (tmp_path / "run" / "eval.json").exists()
+    proc = run_main("eval", "--model", student, "--data", data, "--out", tmp_path / "run", "--teacher", teacher)
+    assert proc.returncode == 0, proc.stderr
+    overall = json.loads((tmp_path / "run" / "eval.json").read_text())["overall"]
+    assert 0 < overall["aligned_share"] <= 1 and overall["kl_to_teacher"] >= 0
 
 
 def test_existing_output_needs_overwrite(run_main, assert_one_line_error, tmp_path, tiny_model_dir, data):

@@ -48,7 +48,8 @@ def test_smoke_run_with_another_tokenizer_loss_falls(pair_dir, tmp_path):
         assert entry["kd"] > 0 and entry["ce"] > 0 and entry["loss"] == pytest.approx(entry["kd"], rel=1e-5)
         assert 0 < entry["xtok_one_to_one"] <= entry["xtok_coverage"] <= 1
     report = json.loads((out / "eval.json").read_text())
-    assert "kl_to_teacher" not in report["overall"]  # the teacher's ids are not the student's: no per-token KL
+    overall = report["overall"]  # KL / agreement on the positions aligned one to one
+    assert 0 < overall["aligned_share"] <= 1 and overall["kl_to_teacher"] > 0 and 0 <= overall["top1_agreement"] <= 1
 
 
 def test_cross_tokenizer_never_refuses_the_pair(pair_dir, tmp_path, distill_error):
@@ -59,7 +60,9 @@ def test_cross_tokenizer_never_refuses_the_pair(pair_dir, tmp_path, distill_erro
 
 def test_teacher_with_a_shorter_context_is_one_line(pair_dir, tmp_path, distill_error):
     line = distill_error(*_opts(pair_dir, tmp_path / "run", f"model.teacher={pair_dir / 'short_teacher'}"))
-    assert "longer than its context length 8" in line and "data.seq_len" in line
+    assert "data.train: packed sequence " in line and "longer than its context length 8" in line
+    assert "data.seq_len (now 24" in line
+    assert not (tmp_path / "run").exists()  # checked before the run directory is made
 
 
 def test_features_that_need_the_student_ids_are_refused(pair_dir, tmp_path, distill_error):

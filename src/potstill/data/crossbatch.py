@@ -45,8 +45,9 @@ def _utf8_cut(data: bytes) -> tuple[int, int]:
 
 
 @dataclass
-class _Row:
-    """One row's teacher side while it is built: fed token ids, and per stream token (end, id, position or -1)."""
+class TeacherRow:
+    """One row's teacher side: the ids it reads (`fed`), and per stream token its end offset, id and position in
+    `fed` (-1: a placeholder the teacher never reads). A teacher cache stores `ends` and which tokens are fed."""
 
     fed: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
@@ -59,6 +60,116 @@ class _Row:
         self.pos.append(-1 if token is None else len(self.fed))
         if token is not None:
             self.fed.append(token)
+
+
+@dataclass
+class StudentStream:
+    """The student's side of a batch, in stream order, and how its rows split into text runs.
+
+    Attributes:
+        s_rows, s_ids, s_ok, s_ends: per kept student token (see `Alignment`), `s_ends` global byte offsets.
+        starts: [B] global offset where each row's stream starts (a teacher cache stores row-relative ends).
+        lengths: [B] bytes of each row's stream.
+        layout: per row, ("text", piece index) or ("special", student id) in order.
+        pieces: the text runs' bytes.
+        shape: (B, L) of the student batch.
+    """
+
+    s_rows: list[int]
+    s_ids: list[int]
+    s_ok: list[bool]
+    s_ends: list[int]
+    starts: list[int]
+    lengths: list[int]
+    layout: list[list[tuple[str, object]]]
+    pieces: list[bytes]
+    shape: tuple[int, int]
+
+
+def student_stream(
+    table: list[bytes | None], input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor
+) -> StudentStream:
+    """The student's tokens of a batch as one byte stream (special tokens count as one byte, one gap byte per row).
+
+    Args:
+        table: the student's `token_byte_table` (None: a special token).
+        input_ids: [B, L]; attention_mask: [B, L] (0 = padding, not in the stream) or None.
+        labels: [B, L] unshifted student labels (-100 = not scored).
+    """
+    ids = input_ids.cpu().numpy()
+    keep = np.ones_like(ids, dtype=bool) if attention_mask is None else attention_mask.cpu().numpy() > 0
+    ok_label = labels.cpu().numpy() != IGNORE_INDEX
+    B, L = ids.shape
+    out = StudentStream([], [], [], [], [], [], [], [], (B, L))
+    cursor = 0
+    for b in range(B):
+        out.starts.append(cursor)
+        plan, run = [], []
+        for i in np.flatnonzero(keep[b]):
+            token = int(ids[b, i])
+            out.s_rows.append(b * L + max(i - 1, 0))
+            out.s_ids.append(token)
+            out.s_ok.append(bool(i >= 1 and ok_label[b, i]))
+            data = table[token] if token < len(table) else None
+            if data is None:
+                if run:
+                    plan.append(("text", len(out.pieces)))
+                    out.pieces.append(b"".join(run))
+                    run = []
+                cursor += 1
+                out.s_ends.append(cursor)
+                plan.append(("special", token))
+            else:
+                run.append(data)
+                cursor += len(data)
+                out.s_ends.append(cursor)
+        if run:
+            plan.append(("text", len(out.pieces)))
+            out.pieces.append(b"".join(run))
+        out.lengths.append(cursor - out.starts[-1])
+        cursor += 1  # a gap byte between rows: no group spans two rows
+        out.layout.append(plan)
+    return out
+
+
+def assemble(
+    rows: list[TeacherRow], stream: StudentStream, pad_id: int, max_length: int | None, device
+) -> tuple[torch.Tensor, torch.Tensor, Alignment]:
+    """Pad the teacher rows into tensors ([B, Lt] ids and mask) and build the `Alignment` of both sides.
+
+    Raises:
+        UserError: a teacher row longer than `max_length` (the teacher's context length).
+    """
+    length = max((len(r.fed) for r in rows), default=0) or 1
+    if max_length is not None and length > max_length:
+        raise UserError(
+            f"the teacher's tokenization of a training sequence is {length} tokens, longer than its context length"
+            f" {max_length}: lower data.seq_len (the student's tokens per sequence)"
+        )
+    t_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    t_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    t_rows, t_tok, t_ok, t_ends = [], [], [], []
+    for b, row in enumerate(rows):
+        t_ids[b, : len(row.fed)] = torch.tensor(row.fed, dtype=torch.long)
+        t_mask[b, : len(row.fed)] = 1
+        pos = np.asarray(row.pos, dtype=np.int64)
+        t_rows.extend((b * length + np.maximum(pos - 1, 0)).tolist())
+        t_ok.extend((pos >= 1).tolist())
+        t_tok.extend(row.ids)
+        t_ends.extend(row.ends)
+    s_group, t_group, n = align_groups(_long(stream.s_ends), _long(t_ends))
+    align = Alignment(
+        s_rows=_long(stream.s_rows),
+        s_ids=_long(stream.s_ids),
+        s_ok=torch.tensor(stream.s_ok, dtype=torch.bool),
+        s_group=s_group,
+        t_rows=_long(t_rows),
+        t_ids=_long(t_tok),
+        t_ok=torch.tensor(t_ok, dtype=torch.bool),
+        t_group=t_group,
+        n_groups=n,
+    )
+    return t_ids.to(device), t_mask.to(device), align.to(device)
 
 
 class CrossTokenizer:
@@ -101,48 +212,45 @@ class CrossTokenizer:
         Raises:
             UserError: a teacher row longer than the teacher's context length.
         """
-        ids = input_ids.cpu().numpy()
-        keep = np.ones_like(ids, dtype=bool) if attention_mask is None else attention_mask.cpu().numpy() > 0
-        ok_label = labels.cpu().numpy() != IGNORE_INDEX
-        B, L = ids.shape
-        s_rows, s_ids, s_ok, s_ends, rows, cursor = [], [], [], [], [], 0
-        pieces: list[bytes] = []  # every text run, tokenized in one call below
-        layout: list[list[tuple[str, object]]] = []  # per row: ("text", piece index) or ("special", student id)
-        for b in range(B):
-            plan, run = [], []
-            for i in np.flatnonzero(keep[b]):
-                token = int(ids[b, i])
-                s_rows.append(b * L + max(i - 1, 0))
-                s_ids.append(token)
-                s_ok.append(bool(i >= 1 and ok_label[b, i]))
-                data = self.student_table[token] if token < len(self.student_table) else None
-                if data is None:
-                    if run:
-                        plan.append(("text", len(pieces)))
-                        pieces.append(b"".join(run))
-                        run = []
-                    cursor += 1
-                    s_ends.append(cursor)
-                    plan.append(("special", token))
-                else:
-                    run.append(data)
-                    cursor += len(data)
-                    s_ends.append(cursor)
-            if run:
-                plan.append(("text", len(pieces)))
-                pieces.append(b"".join(run))
-            cursor += 1  # a gap byte between rows: no group spans two rows
-            layout.append(plan)
-        t_parts = self._tokenize(pieces)
-        cursor = 0
-        for b in range(B):
-            row = _Row()
-            for kind, value in layout[b]:
+        stream = student_stream(self.student_table, input_ids, attention_mask, labels)
+        return assemble(self.teacher_rows(stream), stream, self.pad_id, self.max_length, input_ids.device)
+
+    def check_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, where: str) -> None:
+        """Refuse packed data whose teacher tokenization of a row exceeds the teacher's context (before a run starts).
+
+        Args:
+            input_ids, attention_mask: [N, L] the packed student rows (all of them are tokenized, 256 at a time).
+            where: what the rows are, for the message (e.g. the data option).
+
+        Raises:
+            UserError: naming the first longest row, its teacher length, the context length and data.seq_len.
+        """
+        if self.max_length is None:
+            return
+        for start in range(0, len(input_ids), 256):
+            ids = input_ids[start : start + 256]
+            mask = None if attention_mask is None else attention_mask[start : start + 256]
+            lengths = [len(row.fed) for row in self.teacher_rows(student_stream(self.student_table, ids, mask, ids))]
+            worst = max(range(len(lengths)), key=lengths.__getitem__)
+            if lengths[worst] > self.max_length:
+                raise UserError(
+                    f"{where}: packed sequence {start + worst} is {lengths[worst]} tokens in the teacher's"
+                    f" tokenization, longer than its context length {self.max_length}: lower data.seq_len (now"
+                    f" {ids.shape[1]} student tokens per sequence)"
+                )
+
+    def teacher_rows(self, stream: StudentStream) -> list[TeacherRow]:
+        """The teacher's tokenization of each row of a student stream (text runs tokenized in one call)."""
+        t_parts = self._tokenize(stream.pieces)
+        rows = []
+        for b, plan in enumerate(stream.layout):
+            cursor, row = stream.starts[b], TeacherRow()
+            for kind, value in plan:
                 if kind == "special":
                     cursor += 1
                     row.add(cursor, self.specials.get(value))
                     continue
-                data = pieces[value]
+                data = stream.pieces[value]
                 head, tail, t_ids, t_nbytes = t_parts[value]
                 if head:
                     row.add(cursor + head, None)
@@ -151,9 +259,8 @@ class CrossTokenizer:
                 if tail:
                     row.add(cursor + len(data), None)
                 cursor += len(data)
-            cursor += 1
             rows.append(row)
-        return self._assemble(rows, s_rows, s_ids, s_ok, s_ends, input_ids.device)
+        return rows
 
     def _tokenize(self, texts: list[bytes]) -> list[tuple[int, int, list[int], np.ndarray]]:
         """Per text: (cut bytes at the start, at the end, teacher ids, bytes each teacher token covers)."""
@@ -172,39 +279,6 @@ class CrossTokenizer:
             else:
                 out.append((head, tail, t_ids, token_bytes(text, offsets)))
         return out
-
-    def _assemble(self, rows: list[_Row], s_rows, s_ids, s_ok, s_ends, device) -> tuple:
-        """Pad the teacher rows into tensors and build the `Alignment`."""
-        length = max((len(r.fed) for r in rows), default=0) or 1
-        if self.max_length is not None and length > self.max_length:
-            raise UserError(
-                f"the teacher's tokenization of a training sequence is {length} tokens, longer than its context length"
-                f" {self.max_length}: lower data.seq_len (the student's tokens per sequence)"
-            )
-        t_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        t_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        t_rows, t_tok, t_ok, t_ends = [], [], [], []
-        for b, row in enumerate(rows):
-            t_ids[b, : len(row.fed)] = torch.tensor(row.fed, dtype=torch.long)
-            t_mask[b, : len(row.fed)] = 1
-            pos = np.asarray(row.pos, dtype=np.int64)
-            t_rows.extend((b * length + np.maximum(pos - 1, 0)).tolist())
-            t_ok.extend((pos >= 1).tolist())
-            t_tok.extend(row.ids)
-            t_ends.extend(row.ends)
-        s_group, t_group, n = align_groups(_long(s_ends), _long(t_ends))
-        align = Alignment(
-            s_rows=_long(s_rows),
-            s_ids=_long(s_ids),
-            s_ok=torch.tensor(s_ok, dtype=torch.bool),
-            s_group=s_group,
-            t_rows=_long(t_rows),
-            t_ids=_long(t_tok),
-            t_ok=torch.tensor(t_ok, dtype=torch.bool),
-            t_group=t_group,
-            n_groups=n,
-        )
-        return t_ids.to(device), t_mask.to(device), align.to(device)
 
 
 def _long(values: list[int]) -> torch.Tensor:

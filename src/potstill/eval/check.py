@@ -209,8 +209,8 @@ def _verdict(same, specials_problem, heads_ok, cross, t_head, s_head, data, same
         )
     return "cross", (
         f"cross-tokenizer KD (loss.cross_tokenizer: auto picks it): {why[0]}; the teacher reads the same text through"
-        f" its own tokenizer{figures}. Same-tokenizer paths (teacher cache, DDK, hidden states, per-token KL in eval)"
-        " do not apply"
+        f" its own tokenizer{figures}. The teacher cache is a cross-tokenizer one (`cache build --student`), eval's KL"
+        " covers the positions aligned one to one; DDK and hidden states do not apply"
     )
 
 

@@ -8,6 +8,13 @@ float64 and pooled for `overall`, so a domain weighs by its token (or byte) coun
 - `top1_agreement` = fraction of scored tokens where argmax q_student == argmax p_teacher;
 - `kl_to_teacher` = sum KL(p_teacher || q_student) / tokens, at T = 1 (`potstill.losses.divergences.fkl`).
 
+A teacher of another tokenizer (`teacher.cross.CrossTokenizerTeacher`) has no distribution over the model's ids at
+every position: both are compared on the positions that align one to one (`losses.align.one_to_one`: a student token
+and a teacher token writing the same bytes after the same bytes), over the shared vocabulary plus one rest bucket
+per side (term (b) of cross-tokenizer KD at T = 1). `top1_agreement` there counts positions whose two most probable
+tokens write the same bytes; both figures are per aligned position, and `aligned_share` is the share of the scored
+tokens they cover.
+
 `evaluate_cli` is `potstill eval`: load the model (and teacher), pack the JSONL data, write OUT/eval.json
 with `write_eval_json` (also the way a training run writes its eval.json).
 """
@@ -28,12 +35,15 @@ from potstill.data.packing import collate, pack
 from potstill.data.sources import read_many
 from potstill.errors import UserError
 from potstill.fileio import check_writable, write_json_atomic
-from potstill.losses import IGNORE_INDEX
+from potstill.losses import IGNORE_INDEX, Divergence
+from potstill.losses.align import CrossTargets, one_to_one, teacher_views
 from potstill.losses.divergences import fkl
 from potstill.losses.fused import TeacherHead
+from potstill.losses.sparse import sparse_divergence
 from potstill.models.heads import head_of
 from potstill.models.load import load_model, quiet_hf_progress
 from potstill.models.vocab import load_id_map
+from potstill.teacher.cross import CrossTokenizerTeacher, shares_ids
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
 EVAL_FILE = "eval.json"
@@ -49,16 +59,19 @@ class _Sums:
     nll: float = 0.0
     agree: float = 0.0
     kl: float = 0.0
+    compared: int = 0  # positions compared with the teacher (all scored tokens with one tokenizer)
 
     def add(self, other: _Sums) -> None:
+        self.compared += other.compared
         self.tokens += other.tokens
         self.bytes += other.bytes
         self.nll += other.nll
         self.agree += other.agree
         self.kl += other.kl
 
-    def metrics(self, with_teacher: bool) -> dict:
-        """The eval.json entry: tokens, bytes, ppl, bpb (+ top1_agreement, kl_to_teacher); None where undefined."""
+    def metrics(self, with_teacher: bool, cross: bool = False) -> dict:
+        """The eval.json entry: tokens, bytes, ppl, bpb (+ top1_agreement, kl_to_teacher; + aligned_share with a
+        teacher of another tokenizer); None where undefined."""
         out = {
             "tokens": self.tokens,
             "bytes": self.bytes,
@@ -66,15 +79,17 @@ class _Sums:
             "bpb": self.nll / (math.log(2) * self.bytes) if self.bytes else None,
         }
         if with_teacher:
-            out["top1_agreement"] = self.agree / self.tokens if self.tokens else None
-            out["kl_to_teacher"] = self.kl / self.tokens if self.tokens else None
+            out["top1_agreement"] = self.agree / self.compared if self.compared else None
+            out["kl_to_teacher"] = self.kl / self.compared if self.compared else None
+        if cross:
+            out["aligned_share"] = self.compared / self.tokens if self.tokens else None
         return out
 
 
 def evaluate(
     model: torch.nn.Module,
     dataset: Dataset,
-    teacher: OnlineTeacher | None = None,
+    teacher: OnlineTeacher | CrossTokenizerTeacher | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict:
@@ -83,7 +98,8 @@ def evaluate(
     Args:
         model: a causal LM returning `.logits` [B, T, V]; put in eval mode for the call (its mode is restored).
         dataset: items shaped like `PackedDataset`'s (input_ids, attention_mask, labels, n_bytes, domain).
-        teacher: adds top1_agreement and kl_to_teacher; its logits must be over the model's vocabulary.
+        teacher: adds top1_agreement and kl_to_teacher: over the model's vocabulary (`OnlineTeacher`), or on the
+            positions aligned one to one with a teacher of another tokenizer (`CrossTokenizerTeacher`, module doc).
         batch_size: sequences per forward pass.
         progress: show a tqdm bar over batches.
 
@@ -104,10 +120,10 @@ def evaluate(
     overall = _Sums()
     for sums in domains.values():
         overall.add(sums)
-    with_teacher = teacher is not None
+    with_teacher, cross = teacher is not None, isinstance(teacher, CrossTokenizerTeacher)
     return {
-        "overall": overall.metrics(with_teacher),
-        "domains": {d: s.metrics(with_teacher) for d, s in domains.items()},
+        "overall": overall.metrics(with_teacher, cross),
+        "domains": {d: s.metrics(with_teacher, cross) for d, s in domains.items()},
     }
 
 
@@ -118,14 +134,41 @@ def _batch_sums(model: torch.nn.Module, batch: dict, teacher: OnlineTeacher | No
     # Position t predicts token t + 1: shift the labels, not the logits (slicing the logits would copy [B, T, V]).
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).to(device)
     student = _row_logits(model, ids, mask)
-    teacher_rows = None if teacher is None else _teacher_row_logits(teacher, ids, mask)
+    cross = isinstance(teacher, CrossTokenizerTeacher)
+    teacher_rows = None if teacher is None or cross else _teacher_row_logits(teacher, ids, mask)
     stats = _token_stats(student, targets.view(-1), teacher_rows)
-    per_seq = stats.view(*targets.shape, 3).sum(1).tolist()  # [B, 3]
-    tokens = (targets != IGNORE_INDEX).sum(1).tolist()
+    per_seq = stats.view(*targets.shape, 3).sum(1)  # [B, 3]
+    tokens = (targets != IGNORE_INDEX).sum(1)
+    compared = tokens.clone()
+    if cross:
+        inputs = {"input_ids": ids, "attention_mask": mask, "labels": batch["labels"].to(device)}
+        compared, per_seq[:, 1:] = _aligned_stats(student, teacher.targets_for(inputs), ids.shape)
     return [
-        _Sums(tokens=n, bytes=int(b), nll=nll, agree=agree, kl=kl)
-        for n, b, (nll, agree, kl) in zip(tokens, batch["n_bytes"].tolist(), per_seq, strict=True)
+        _Sums(tokens=n, bytes=int(b), nll=nll, agree=agree, kl=kl, compared=c)
+        for n, b, (nll, agree, kl), c in zip(
+            tokens.tolist(), batch["n_bytes"].tolist(), per_seq.tolist(), compared.tolist(), strict=True
+        )
     ]
+
+
+def _aligned_stats(student: RowLogits, targets: CrossTargets, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Per sequence of a [B, L] batch: (aligned positions [B], [B, 2] sums of top-1 agreement and KL(p || q) over
+    the shared vocabulary + rest) on the 1:1 positions of a teacher of another tokenizer (module doc)."""
+    al = targets.align
+    s_tok, t_tok = one_to_one(al)
+    rows = al.s_rows[s_tok]
+    seq = rows // shape[1]
+    # the teacher id -> the student id writing the same bytes (-1: none), to compare the two argmaxes
+    paired = torch.full((targets.teacher.weight.shape[0],), -1, dtype=torch.long, device=rows.device)
+    paired[targets.teacher_shared] = targets.student_shared
+    sums = torch.zeros(shape[0], 2, dtype=torch.float64, device=rows.device)
+    for idx in torch.arange(len(rows), device=rows.device).split(_ROWS):
+        logits = student(rows[idx])
+        t_logits = targets.teacher.rows(al.t_rows[t_tok[idx]]).logits()
+        kl = sparse_divergence(logits, teacher_views(t_logits, targets, 1.0), Divergence("fkl"), tail="bucket")
+        agree = paired[t_logits.argmax(-1)] == logits.argmax(-1)
+        sums.index_add_(0, seq[idx], torch.stack([agree.double(), kl.double()], dim=-1))
+    return torch.bincount(seq, minlength=shape[0]), sums
 
 
 RowLogits = Callable[[torch.Tensor], torch.Tensor]
@@ -204,8 +247,9 @@ def evaluate_cli(
     """`potstill eval`: evaluate a model directory on JSONL data and write OUT/eval.json atomically.
 
     The arguments are the fields of `potstill.config.EvalConfig` (`evaluate_cli(**cfg.model_dump())`).
-    Sequences start with `<bos>` when the model's tokenizer has one. A teacher must share the model's
-    tokenizer, or be the teacher a trimmed student was made from (`potstill_vocab.json`).
+    Sequences start with `<bos>` when the model's tokenizer has one. A teacher that shares the model's tokenizer
+    (or is the teacher a trimmed student was made from, `potstill_vocab.json`) is compared at every position; one of
+    another tokenizer on the positions aligned one to one (module doc).
 
     Returns:
         The path of eval.json: {"model", "teacher", "overall", "domains"}.
@@ -227,9 +271,14 @@ def evaluate_cli(
         if teacher is not None:
             teacher_model, teacher_tok = load_model(teacher)
             id_map = load_id_map(model)
-            check_tokenizers(tokenizer, teacher_tok, id_map)
-            online = OnlineTeacher(teacher_model, id_map)
+            if shares_ids(tokenizer, teacher_tok, id_map):
+                check_tokenizers(tokenizer, teacher_tok, id_map)
+                online = OnlineTeacher(teacher_model, id_map)
+            else:  # another tokenizer: compared on the positions that align one to one
+                online = CrossTokenizerTeacher(teacher_model, tokenizer, teacher_tok)
     dataset = pack(records, tokenizer, seq_len, add_bos=tokenizer.bos_token_id is not None)
+    if isinstance(online, CrossTokenizerTeacher):
+        online.tokens.check_context(dataset.input_ids, dataset.attention_mask, "--data")
     result = evaluate(student, dataset, online, batch_size=batch_size)
     return write_eval_json(Path(out), str(model), None if teacher is None else str(teacher), result)
 

@@ -90,19 +90,46 @@ class Alignment:
 
 
 @dataclass(frozen=True)
+class StoredTeacher:
+    """The teacher's side of a batch read from a cross-tokenizer cache (`potstill.teacher.cache.cross`), per teacher
+    stream token (in the order of `Alignment.t_*`).
+
+    Attributes:
+        logp: [Nt] float64, the teacher's log-prob (T = 1) of each token it predicts (0 where it predicts none).
+        views: SparseTargets [Nt, k]: at the tokens of 1:1 groups, the teacher's k most probable ids of the shared
+            vocabulary as *student* ids (`shared_topk`), their log-probs at the cache's temperature, and the rest of
+            its mass as `tail`; placeholders at the other tokens.
+    """
+
+    logp: torch.Tensor
+    views: SparseTargets
+
+
+@dataclass(frozen=True)
 class CrossTargets:
     """What the teacher gives a cross-tokenizer step.
 
     Attributes:
-        teacher: its final hidden states [B * Lt, Ht] and head over its own vocabulary.
+        teacher: its final hidden states [B * Lt, Ht] and head over its own vocabulary (online), or what a
+            cross-tokenizer cache stored (`StoredTeacher`).
         align: the tokens of both sides and their groups.
-        student_shared, teacher_shared: [K] ids of the shared vocabulary, pairwise the same token.
+        student_shared, teacher_shared: [K] ids of the shared vocabulary, pairwise the same token (online teacher;
+            a cache stores its views in student ids already).
     """
 
-    teacher: TeacherHead
+    teacher: TeacherHead | StoredTeacher
     align: Alignment
-    student_shared: torch.Tensor
-    teacher_shared: torch.Tensor
+    student_shared: torch.Tensor | None = None
+    teacher_shared: torch.Tensor | None = None
+
+
+def one_to_one(al: Alignment) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student tokens [p], teacher tokens [p]) of the scored 1:1 groups, as indices into the `s_*` / `t_*` arrays."""
+    _, one = al.scored_groups()
+    t_of_group = torch.zeros(al.n_groups, dtype=torch.long, device=al.t_ids.device)
+    t_of_group[al.t_group] = torch.arange(al.t_ids.numel(), device=al.t_ids.device)
+    s_tokens = one[al.s_group].nonzero().squeeze(-1)
+    return s_tokens, t_of_group[al.s_group[s_tokens]]
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -131,23 +158,59 @@ def _token_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, None]).squeeze(-1).double()
 
 
-def _teacher_views(logits: torch.Tensor, shared: torch.Tensor, temperature: float) -> SparseTargets:
-    """The teacher's next-token distributions (logits [n, V]) on its shared ids + rest, as [n, K] sparse targets."""
-    ids = shared.expand(logits.shape[0], -1)
+def teacher_views(logits: torch.Tensor, targets: CrossTargets, temperature: float) -> SparseTargets:
+    """The teacher's next-token distributions (logits [n, V]) on the shared vocabulary + rest, as [n, K] sparse
+    targets in student ids."""
+    ids = targets.teacher_shared.expand(logits.shape[0], -1)
     # the bucket view of `sparse_views` on the teacher's own logits (the placeholder targets' values are unused)
     kept = SparseTargets(ids=ids, logprobs=logits.new_zeros(ids.shape), tail=logits.new_zeros(logits.shape[0]))
     view, _ = sparse_views(logits, kept, temperature, "bucket")
-    return SparseTargets(ids=ids, logprobs=view[:, :-1], tail=view[:, -1].exp(), temperature=temperature)
+    return SparseTargets(
+        ids=targets.student_shared.expand(logits.shape[0], -1),
+        logprobs=view[:, :-1],
+        tail=view[:, -1].exp(),
+        temperature=temperature,
+    )
+
+
+def shared_topk(logits: torch.Tensor, targets: CrossTargets, k: int, temperature: float) -> SparseTargets:
+    """What a cross-tokenizer cache stores at a 1:1 token: the teacher's k most probable shared ids (as student ids).
+
+    Args:
+        logits: [n, V] teacher logits; targets: their `CrossTargets` (the shared vocabulary).
+        k: ids kept (at most the shared vocabulary's K; k >= K keeps them all and equals the online view exactly).
+
+    Returns:
+        SparseTargets [n, min(k, K)]: student ids, log-probs at `temperature`, and tail = the rest of the teacher's
+        mass (its non-shared ids and the shared ids outside the k), so the bucket view stays normalized.
+    """
+    view = teacher_views(logits, targets, temperature)
+    logprobs, index = view.logprobs.topk(min(k, view.k), dim=-1)
+    tail = view.tail if index.shape[-1] == view.k else (-torch.expm1(torch.logsumexp(logprobs, dim=-1))).clamp_min(0)
+    return SparseTargets(view.ids.gather(-1, index), logprobs, tail, temperature)
+
+
+def _teacher_side(
+    targets: CrossTargets, tokens: torch.Tensor, temperature: float, views: bool
+) -> tuple[torch.Tensor, SparseTargets | None]:
+    """(log p [n] float64 of the teacher `tokens` of the stream, their shared-vocabulary views or None), no grad."""
+    if isinstance(targets.teacher, StoredTeacher):
+        return targets.teacher.logp[tokens], targets.teacher.views.rows(tokens) if views else None
+    al = targets.align
+    with torch.no_grad():
+        logits = targets.teacher.rows(al.t_rows[tokens]).logits()
+        return _token_logp(logits, al.t_ids[tokens]), teacher_views(logits, targets, temperature) if views else None
 
 
 def _student_chunk(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    teacher_tail: torch.Tensor,
+    view_ids: torch.Tensor,
+    view_logprobs: torch.Tensor,
+    view_tail: torch.Tensor,
     ids: torch.Tensor,
     pairs: torch.Tensor,
-    shared: torch.Tensor,
+    temperature: float,
     div: Divergence,
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,17 +218,15 @@ def _student_chunk(
 
     Args:
         hidden: [c, H] student hidden states; weight: [V, H] its head.
-        teacher_logprobs, teacher_tail: [p, K], [p] the teacher's views at the chunk's 1:1 rows (`pairs` [p]).
+        view_ids, view_logprobs, view_tail: [p, K], [p, K], [p] the teacher's views (student ids) at the chunk's
+            1:1 rows (`pairs` [p]), at `temperature`.
         ids: [c] the token each row predicts.
-        shared: [K] the student's shared ids.
     """
     z = _softcapped(F.linear(hidden, weight), softcap)
     log_q = torch.log_softmax(z, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
     if pairs.numel() == 0:
         return log_q, z.new_zeros(0)
-    targets = SparseTargets(
-        ids=shared.expand(pairs.numel(), -1), logprobs=teacher_logprobs, tail=teacher_tail, temperature=div.temperature
-    )
+    targets = SparseTargets(ids=view_ids, logprobs=view_logprobs, tail=view_tail, temperature=temperature)
     return log_q, sparse_divergence(z[pairs], targets, div, tail="bucket")
 
 
@@ -200,7 +261,7 @@ def cross_tokenizer_terms(
     s_index = al.s_ok.nonzero().squeeze(-1)  # the scored student tokens, in stream order
     n_scored = s_index.numel()
     denom = max(float(n_scored if num_tokens is None else num_tokens), 1.0)
-    vocab = max(student_weight.shape[0], teacher.weight.shape[0])
+    vocab = max(student_weight.shape[0], teacher.weight.shape[0] if isinstance(teacher, TeacherHead) else 0)
     chunk = chunk_size or default_chunk_size(vocab)
     # 1:1 groups: the teacher token of each (scatter works: each such group has exactly one token per side)
     t_of_group = torch.zeros(al.n_groups, dtype=torch.long, device=al.t_ids.device)
@@ -210,9 +271,8 @@ def cross_tokenizer_terms(
     # distributions in the student's loop below, so each teacher row goes through the 262k head once
     t_logp = torch.zeros(al.t_ids.numel(), dtype=torch.float64, device=al.t_ids.device)
     t_index = (scored[al.t_group] & al.t_ok & ~one[al.t_group]).nonzero().squeeze(-1)
-    with torch.no_grad():
-        for part in t_index.split(chunk):
-            t_logp[part] = _token_logp(teacher.rows(al.t_rows[part]).logits(), al.t_ids[part])
+    for part in t_index.split(chunk):
+        t_logp[part] = _teacher_side(targets, part, div.temperature, views=False)[0]
     log_q = []
     div_sum = student_hidden.new_zeros((), dtype=torch.float32)
     fn = partial(_student_chunk, div=div, softcap=softcap)
@@ -220,20 +280,17 @@ def cross_tokenizer_terms(
         part = s_index[start : start + chunk]
         pairs = is_pair[start : start + chunk].nonzero().squeeze(-1)
         t_tokens = t_of_group[al.s_group[part[pairs]]]
-        with torch.no_grad():
-            logits = teacher.rows(al.t_rows[t_tokens]).logits()
-            t_logp[t_tokens] = _token_logp(logits, al.t_ids[t_tokens])
-            view = _teacher_views(logits, targets.teacher_shared, div.temperature)
-            del logits
+        t_logp[t_tokens], view = _teacher_side(targets, t_tokens, div.temperature, views=True)
         lq, d = checkpoint(
             fn,
             student_hidden[al.s_rows[part]],
             student_weight,
+            view.ids,
             view.logprobs,
             view.tail,
             al.s_ids[part],
             pairs,
-            targets.student_shared,
+            view.temperature,
             use_reentrant=False,
         )
         log_q.append(lq)

@@ -19,6 +19,7 @@ from potstill.errors import UserError
 from potstill.losses.align import CrossTargets
 from potstill.losses.fused import TeacherHead
 from potstill.models.heads import head_of
+from potstill.teacher.online import check_tokenizers
 
 
 def same_tokenizer(student_tok, teacher_tok) -> bool:
@@ -27,6 +28,18 @@ def same_tokenizer(student_tok, teacher_tok) -> bool:
         getattr(student_tok, name) == getattr(teacher_tok, name) for name in ("bos_token", "eos_token", "unk_token")
     )
     return same_specials and student_tok.get_vocab() == teacher_tok.get_vocab()
+
+
+def shares_ids(student_tok, teacher_tok, id_map) -> bool:
+    """Whether the student's ids are the teacher's: one tokenizer, or a trimmed vocabulary (`id_map`, student id ->
+    teacher id) cut from this teacher's (each id the same token string). Otherwise KD goes through both tokenizers."""
+    if id_map is None:
+        return same_tokenizer(student_tok, teacher_tok)
+    try:
+        check_tokenizers(student_tok, teacher_tok, id_map, specials=False)
+    except UserError:
+        return False
+    return True
 
 
 class CrossTokenizerTeacher:

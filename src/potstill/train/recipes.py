@@ -68,8 +68,12 @@ class KDRecipe:
         from potstill.data import collate
 
         train_ds, data.eval_ds = load_data(cfg, models.tokenizer)
-        if isinstance(models.teacher, TeacherSet):
+        several = isinstance(models.teacher, TeacherSet)
+        if several:
             models.teacher.check_domains(train_ds.domain_names)
+        for teacher in models.teacher.members if several else [models.teacher]:
+            if isinstance(teacher, CrossTokenizerTeacher):  # before the run directory exists: one line, no run
+                teacher.tokens.check_context(train_ds.input_ids, train_ds.attention_mask, "data.train")
         mixing = None
         if cfg.data.mixing is not None:
             from potstill.train.mixing import setup_mixing
@@ -99,8 +103,10 @@ class KDRecipe:
             from potstill.eval.metrics import evaluate, write_eval_json
 
             model = trainer.accelerator.unwrap_model(trainer.model).eval()
-            teacher = models.teacher if _same_ids(models.teacher) else None  # KL / agreement need the same ids
-            result = evaluate(model, data.eval_ds, teacher=teacher, batch_size=cfg.train.batch_size, progress=False)
+            # KL / agreement: at every position with the same ids, on the 1:1 aligned ones with another tokenizer
+            result = evaluate(
+                model, data.eval_ds, teacher=models.teacher, batch_size=cfg.train.batch_size, progress=False
+            )
             write_eval_json(out, str(out / STUDENT_DIR), cfg.model.teacher, result)
         return {"alpha": trainer.alpha, "alpha_rule": "auto" if cfg.loss.alpha == "auto" else "fixed"}
 

@@ -24,7 +24,7 @@ from potstill.launch import world_size
 from potstill.models.load import load_model, load_tokenizer
 from potstill.models.specials import Specials, apply_specials, check_specials, eos_ids
 from potstill.models.vocab import ID_MAP_FILE, load_id_map
-from potstill.teacher.cross import CrossTokenizerTeacher, same_tokenizer
+from potstill.teacher.cross import CrossTokenizerTeacher, shares_ids
 from potstill.teacher.endpoint import EndpointClient
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
 from potstill.teacher.scoring import EndpointScorer
@@ -150,8 +150,14 @@ def cross_tokenizer(cfg: DistillConfig, tokenizer, teacher_tok, id_map) -> bool:
         UserError: a feature that needs the teacher on the student's ids (hidden-state term, DDK, other recipes).
     """
     mode = cfg.loss.cross_tokenizer
-    if mode == "never" or (mode == "auto" and (id_map is not None or same_tokenizer(tokenizer, teacher_tok))):
+    if mode == "never" or (mode == "auto" and shares_ids(tokenizer, teacher_tok, id_map)):
         return False
+    refuse_id_features(cfg, f"loss.cross_tokenizer={mode}")
+    return True
+
+
+def refuse_id_features(cfg: DistillConfig, why: str) -> None:
+    """Refuse what needs the teacher on the student's token ids (a cross-tokenizer run: `why`)."""
     needs_ids = {
         "hidden.weight": cfg.hidden.weight > 0,
         "data.mixing.mode=ddk": cfg.data.mixing is not None and cfg.data.mixing.mode == "ddk",
@@ -160,10 +166,9 @@ def cross_tokenizer(cfg: DistillConfig, tokenizer, teacher_tok, id_map) -> bool:
     for key, used in needs_ids.items():
         if used:
             raise UserError(
-                f"{key}: not available with a teacher of another tokenizer (cross-tokenizer KD, loss.cross_tokenizer="
-                f"{mode}); it needs the teacher on the student's token ids"
+                f"{key}: not available with a teacher of another tokenizer (cross-tokenizer KD, {why}); it needs the"
+                " teacher on the student's token ids"
             )
-    return True
 
 
 def endpoint_scorer(cfg: DistillConfig, tokenizer, id_map) -> EndpointScorer:
@@ -201,8 +206,10 @@ def open_cache(cfg: DistillConfig, tokenizer, train_ds):
     """The teacher cache of a `teacher.source: cache` run (None for other runs), checked against the run.
 
     For a top-k or sampled cache, `model.teacher` is optional (it is never loaded); when given, the cache must have
-    been built from it. A hidden-state cache (`targets: hidden`) needs it: its head (kept; the rest of the teacher
-    is dropped) turns the stored states into the teacher's exact distributions (`HeadedCache`).
+    been built from it. A cross-tokenizer cache (built for this student's tokenizer, another than the teacher's) is
+    read through the cross-tokenizer loss (`CrossCache`; not with `loss.cross_tokenizer: never`). A hidden-state
+    cache (`targets: hidden`) needs it: its head (kept; the rest of the teacher is dropped) turns the stored states
+    into the teacher's exact distributions (`HeadedCache`).
 
     Raises:
         UserError: no manifest, or a cache built for another tokenizer, other data, temperature or teacher; a
@@ -220,6 +227,17 @@ def open_cache(cfg: DistillConfig, tokenizer, train_ds):
         temperature=cfg.loss.temperature,
         teacher=cfg.model.teacher,
     )
+    if cache.cross:
+        from potstill.teacher.cache.cross import CrossCache
+
+        if cfg.loss.cross_tokenizer == "never":
+            raise UserError(
+                f"loss.cross_tokenizer: {cfg.teacher.cache} is a cross-tokenizer cache (the teacher has another"
+                " tokenizer than the student); set loss.cross_tokenizer to auto, or build a cache from a teacher of"
+                " the student's tokenizer"
+            )
+        refuse_id_features(cfg, f"cross-tokenizer cache {cfg.teacher.cache}")
+        return CrossCache(cache, tokenizer)
     if cache.manifest["targets"] != "hidden":
         return cache
     if cfg.model.teacher is None:

@@ -35,11 +35,13 @@ from potstill.losses.fused import TeacherHead, fused_kd_terms
 from potstill.losses.hidden import hidden_term
 from potstill.losses.sparse import SparseTargets, sparse_kd_terms
 from potstill.models.heads import head_of
+from potstill.teacher.cache.cross import CrossCache
 from potstill.teacher.cross import CrossTokenizerTeacher
 from potstill.teacher.scoring import EndpointScorer
 from potstill.teacher.several import TeacherSet
 from potstill.train.hidden import HiddenPlan
 
+CROSS = (CrossTokenizerTeacher, CrossCache)  # teachers of another tokenizer than the student's: `targets_for(inputs)`
 Targets = TeacherHead | SparseTargets | CrossTargets | torch.Tensor | None
 Head = tuple[torch.Tensor, float | None]
 
@@ -59,7 +61,8 @@ def teacher_targets(teacher, inputs: dict[str, Any], fused: bool, layers: Sequen
 
     Args:
         teacher: an `OnlineTeacher`, a teacher cache (`.targets(indices [B]) -> SparseTargets [B, L, k]`; batches
-            then carry `index` [B]), an `EndpointScorer` (its top-k of the batch), or None (CE only).
+            then carry `index` [B]), an `EndpointScorer` (its top-k of the batch), a teacher of another tokenizer
+            (`CROSS`: online or its cache, `targets_for(inputs) -> CrossTargets`), or None (CE only).
         inputs: the batch: `input_ids` [B, L], `attention_mask` [B, L], for a cache `index` [B].
         fused: the student takes the fused path (an online teacher then returns its hidden states and head).
         layers: teacher decoder layers whose outputs the hidden-state term needs (online teacher only).
@@ -71,7 +74,7 @@ def teacher_targets(teacher, inputs: dict[str, Any], fused: bool, layers: Sequen
     """
     if teacher is None:
         return None
-    if isinstance(teacher, CrossTokenizerTeacher):  # another tokenizer: the same text through its own
+    if isinstance(teacher, CROSS):  # another tokenizer: the same text through its own (online or cached)
         return teacher.targets_for(inputs)
     ids = inputs["input_ids"]
     if isinstance(teacher, EndpointScorer):  # a teacher behind a server: its top-k, aligned like a cache's
@@ -195,7 +198,7 @@ def kd_micro_step(
     """
     if isinstance(teacher, TeacherSet):
         return several_terms(model, unwrapped, inputs, teacher, loss, alpha, num_tokens, plan_weights, dense)
-    cross = isinstance(teacher, CrossTokenizerTeacher)  # always chunked: its head is needed whatever loss.fused says
+    cross = isinstance(teacher, CROSS)  # always chunked: its head is needed whatever loss.fused says
     head = None if dense else head_of(unwrapped) if cross else student_head(unwrapped, loss)
     targets = teacher_targets(teacher, inputs, fused=head is not None, layers=hidden.teacher_layers if hidden else ())
     targets, teacher_states = targets if hidden else (targets, None)

@@ -15,13 +15,13 @@ from potstill.losses.sparse import EMPTY_LOG_MASS
 _ZSTD_LEVEL = {"compact": 9, "lossless": 3}
 
 
-def _planes(x: np.ndarray, n_planes: int) -> bytes:
+def byte_planes(x: np.ndarray, n_planes: int) -> bytes:
     """Non-negative ints -> byte planes (all low bytes, then all next bytes...): zstd codes each plane well."""
     x = x.astype(np.uint32).reshape(-1)
     return np.stack([(x >> (8 * i)) & 0xFF for i in range(n_planes)]).astype(np.uint8).tobytes()
 
 
-class _Buffer:
+class Buffer:
     """Sequential reader of the arrays of one decoded record."""
 
     def __init__(self, data: bytes):
@@ -72,9 +72,18 @@ class Codec:
             tail: [n] tail mass (top-k; unused by sampled).
             For hidden targets, `values` is [n, H] float32 hidden states (stored as bf16) and ids / tail are unused.
         """
+        return self.compress(self.pack(mask, ids, values, tail))
+
+    def compress(self, raw: bytes) -> bytes:
+        """The zstd frame of packed bytes (exact encodings at a faster level)."""
+        exact = (self.encoding == "lossless" and self.targets == "topk") or self.targets == "hidden"
+        return zstandard.ZstdCompressor(level=_ZSTD_LEVEL["lossless" if exact else "compact"]).compress(raw)
+
+    def pack(self, mask: np.ndarray, ids: np.ndarray, values: np.ndarray, tail: np.ndarray) -> bytes:
+        """`encode` before zstd (a cross-tokenizer record packs its top-k part with it)."""
         parts = [np.packbits(mask).tobytes()]
         if self.targets == "hidden":
-            parts.append(_planes(_to_bf16_bits(values), 2))
+            parts.append(byte_planes(_to_bf16_bits(values), 2))
         elif self.targets == "sampled":
             parts += self._encode_sampled(ids)
         elif self.encoding == "lossless":
@@ -85,9 +94,7 @@ class Codec:
             ]
         else:
             parts += self._encode_compact(ids, values, tail)
-        exact = (self.encoding == "lossless" and self.targets == "topk") or self.targets == "hidden"
-        level = _ZSTD_LEVEL["lossless" if exact else "compact"]
-        return zstandard.ZstdCompressor(level=level).compress(b"".join(parts))
+        return b"".join(parts)
 
     def _encode_compact(self, ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray) -> list[bytes]:
         top_lp = logprobs[:, 0].astype(np.float32)
@@ -102,11 +109,11 @@ class Codec:
         q = np.clip(np.rint(drop / step.astype(np.float32)[:, None]), 0, 255).astype(np.uint8)
         deltas = np.diff(rest_ids, axis=1, prepend=0)
         return [
-            _planes(ids[:, 0], self.id_planes),
+            byte_planes(ids[:, 0], self.id_planes),
             top_lp.tobytes(),
             step.tobytes(),
             tail.astype(np.float16).tobytes(),
-            _planes(deltas, self.id_planes),
+            byte_planes(deltas, self.id_planes),
             q.tobytes(),
         ]
 
@@ -118,7 +125,11 @@ class Codec:
         ids, counts = draws.reshape(-1)[starts], np.diff(np.append(starts, draws.size))
         deltas = np.where(starts % draws.shape[1] == 0, ids, ids - np.roll(ids, 1))  # a row's first id: absolute
         unique = new.sum(axis=1)
-        return [unique.astype(np.uint8).tobytes(), _planes(deltas, self.id_planes), counts.astype(np.uint8).tobytes()]
+        return [
+            unique.astype(np.uint8).tobytes(),
+            byte_planes(deltas, self.id_planes),
+            counts.astype(np.uint8).tobytes(),
+        ]
 
     def decode(self, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """zstd frame -> (mask [L] bool, ids [n, w] int64, logprobs [n, w] float32, tail [n] float32).
@@ -127,7 +138,14 @@ class Codec:
         values), tail [n] zeros).
         """
         data = zstandard.ZstdDecompressor().decompress(data)
-        buf = _Buffer(data)
+        buf = Buffer(data)
+        out = self.unpack(buf)
+        if buf.pos != len(data):
+            raise ValueError("record has trailing bytes")
+        return out
+
+    def unpack(self, buf: Buffer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`decode` after zstd: read one packed record from `buf`."""
         mask = np.unpackbits(buf.take(np.uint8, (self.seq_len + 7) // 8), count=self.seq_len).astype(bool)
         n = int(mask.sum())
         if self.targets == "hidden":
@@ -145,11 +163,9 @@ class Codec:
             tail = buf.take(np.float32, n).copy()
         else:
             ids, logprobs, tail = self._decode_compact(buf, n)
-        if buf.pos != len(data):
-            raise ValueError("record has trailing bytes")
         return mask, ids, logprobs, tail
 
-    def _decode_compact(self, buf: _Buffer, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decode_compact(self, buf: Buffer, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         top = buf.planes(n, self.id_planes)
         top_lp = buf.take(np.float32, n)
         step = buf.take(np.float16, n).astype(np.float32)
@@ -162,7 +178,7 @@ class Codec:
         logprobs = np.concatenate([top_lp[:, None], np.take_along_axis(rest_lp, order, 1)], axis=1)
         return ids, logprobs.astype(np.float32), tail
 
-    def _decode_sampled(self, buf: _Buffer, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decode_sampled(self, buf: Buffer, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         unique = buf.take(np.uint8, n).astype(np.int64)
         total = int(unique.sum())
         deltas = buf.planes(total, self.id_planes)

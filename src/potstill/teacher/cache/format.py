@@ -20,7 +20,8 @@ from potstill.fileio import write_json_atomic
 
 FORMAT = "potstill-teacher-cache"
 FORMAT_VERSION = 2  # 2: manifest.json carries `manifest_sha256`, a checksum over its own fields
-READABLE_VERSIONS = (1, 2)  # version 1 caches (no manifest checksum) are still read
+CROSS_FORMAT_VERSION = 3  # a cross-tokenizer cache (teacher.cache.cross): readers of versions 1-2 refuse it
+READABLE_VERSIONS = (1, 2, 3)  # version 1 caches (no manifest checksum) are still read; 3: cross-tokenizer
 MANIFEST = "manifest.json"
 BUILD = "build.json"
 MAGIC = b"PSTSHRD1"

@@ -18,6 +18,7 @@ from potstill.fileio import is_temp
 from potstill.losses.fused import TeacherHead
 from potstill.losses.sparse import SparseTargets
 from potstill.teacher.cache.codec import Codec
+from potstill.teacher.cache.cross import CrossCodec
 from potstill.teacher.cache.format import (
     BUILD,
     FORMAT,
@@ -67,9 +68,10 @@ class TeacherCache:
             )
         self.manifest = manifest
         try:
-            self.codec = Codec(
+            codec = Codec(
                 manifest["targets"], manifest["encoding"], manifest["k"], manifest["vocab_size"], manifest["seq_len"]
             )
+            self.codec = CrossCodec(codec) if self.cross else codec
             self._shards = manifest["shards"]
             self._starts = [s["start"] for s in self._shards]
             for shard in self._shards:
@@ -78,6 +80,11 @@ class TeacherCache:
             missing = f"missing {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
             raise UserError(f"{self.path / MANIFEST}: malformed manifest ({missing})") from None
         self._offsets: dict[int, np.ndarray] = {}
+
+    @property
+    def cross(self) -> dict | None:
+        """A cross-tokenizer cache's teacher-side facts (`teacher.cache.cross`), None for a same-tokenizer one."""
+        return self.manifest.get("cross_tokenizer")
 
     def __len__(self) -> int:
         return self.manifest["sequences"]
@@ -107,6 +114,11 @@ class TeacherCache:
         """
         where = f"{self.path}: teacher cache"
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest["tokenizer_fingerprint"]:
+            if self.cross:
+                raise UserError(
+                    f"{where} was built for a student with another tokenizer ({self.manifest['student']['path']}, "
+                    "cross-tokenizer cache); rebuild it for this student (--student)"
+                )
             raise UserError(
                 f"{where} was built with another tokenizer than this run's; rebuild it with the "
                 "student's tokenizer (--student)"
@@ -139,6 +151,10 @@ class TeacherCache:
             float32 at the cache's temperature; position t holds the distribution of token t + 1. Positions
             that are not stored (next token not scored) hold placeholders: ids 0..k-1, log(1/k), tail 0.
         """
+        if self.cross:  # its records are per teacher token, not per student position
+            raise UserError(
+                f"{self.path}: a cross-tokenizer cache; a run reads it through `teacher.cache.cross.CrossCache`"
+            )
         seqs = [self._sequence(int(i)) for i in indices]
         length, width = self.codec.seq_len, self.codec.k
         ids = np.broadcast_to(np.arange(width), (len(seqs), length, width)).copy()
@@ -232,6 +248,14 @@ class TeacherCache:
 
     def _sequence(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Decoded sequence i: (mask [L] bool, ids [n, k], logprobs [n, k], tail [n])."""
+        return self.read(i, self.codec.decode)
+
+    def read(self, i: int, decode):
+        """Sequence i's record, decoded by `decode` (frame bytes -> record; a cross-tokenizer cache has two ways).
+
+        Raises:
+            UserError: the record cannot be read or decoded (a corrupted shard).
+        """
         if not 0 <= i < len(self):
             raise IndexError(f"sequence {i} out of range: the cache holds {len(self)}")
         j = bisect_right(self._starts, i) - 1
@@ -242,7 +266,7 @@ class TeacherCache:
                 row = i - self._shards[j]["start"]
                 fh.seek(len(MAGIC) + 8 + offsets.nbytes + int(offsets[row]))
                 frame = fh.read(int(offsets[row + 1] - offsets[row]))
-            return self.codec.decode(frame)
+            return decode(frame)
         except (OSError, ValueError, zstandard.ZstdError) as err:
             why = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UserError(

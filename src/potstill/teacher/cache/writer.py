@@ -27,8 +27,10 @@ from potstill.losses.sparse import topk_targets
 from potstill.models.heads import linear_head
 from potstill.signals import StopSignals
 from potstill.teacher.cache.codec import Codec
+from potstill.teacher.cache.cross import CrossCodec, CrossScorer
 from potstill.teacher.cache.format import (
     BUILD,
+    CROSS_FORMAT_VERSION,
     FORMAT,
     FORMAT_VERSION,
     MAGIC,
@@ -167,18 +169,30 @@ def _prepare(
     """Load models and data, decide the settings (validated by `build_cache`); (None, None): `out` holds this cache."""
     from potstill.data.packing import load_dataset
     from potstill.models.load import load_model, load_tokenizer
+    from potstill.teacher.cross import CrossTokenizerTeacher, shares_ids
     from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
     model, tokenizer = load_model(teacher, dtype=dtype)
-    id_map = None
+    id_map = cross = None
     if student is not None:
         from potstill.models.vocab import load_id_map
 
         student_tok = load_tokenizer(student)
         id_map = load_id_map(student)
-        check_tokenizers(student_tok, tokenizer, id_map)
+        if shares_ids(student_tok, tokenizer, id_map):
+            check_tokenizers(student_tok, tokenizer, id_map)
+        else:  # another tokenizer: the teacher reads the student's text through its own (teacher.cache.cross)
+            if targets != "topk":
+                raise UserError(
+                    f"--targets {targets}: a cache for a student with another tokenizer ({student}) stores top-k"
+                    " targets over the shared vocabulary; use --targets topk"
+                )
+            cross, id_map = CrossTokenizerTeacher(model, student_tok, tokenizer), None
+            teacher_tok_fingerprint = tokenizer_fingerprint(tokenizer)
         tokenizer = student_tok
     vocab = len(id_map) if id_map is not None else model.get_output_embeddings().weight.shape[0]
+    if cross is not None:  # views hold student ids of the shared vocabulary
+        vocab, k = len(tokenizer), min(k, cross.tokens.student_shared.numel())
     width = {"sampled": samples, "hidden": model.config.hidden_size}.get(targets, k)
     if targets == "hidden" and linear_head(model) is None:
         raise UserError(f"{teacher}: --targets hidden needs a teacher whose head is a plain linear layer")
@@ -187,9 +201,11 @@ def _prepare(
             f"cache build: {'samples' if targets == 'sampled' else 'k'}={width} exceeds the vocabulary size {vocab}"
         )
     dataset = load_dataset([Path(p) for p in data], tokenizer, seq_len, add_bos=add_bos)
+    if cross is not None:  # before build.json: a refused build leaves nothing behind
+        cross.tokens.check_context(dataset.input_ids, dataset.attention_mask, "--data")
     settings = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if cross is None else CROSS_FORMAT_VERSION,
         "teacher": {
             "path": str(Path(teacher).resolve()),
             "fingerprint": teacher_fingerprint(model.name_or_path),
@@ -217,9 +233,19 @@ def _prepare(
         "sequences_per_shard": max(1, shard_tokens // seq_len),
         "seed": seed,
     }
+    if cross is not None:
+        settings["cross_tokenizer"] = {
+            "teacher_tokenizer_fingerprint": teacher_tok_fingerprint,
+            "shared_tokens": cross.tokens.student_shared.numel(),
+            "teacher_context": cross.tokens.max_length,
+        }
     if not claim(out, settings, overwrite):
         return None, None
     codec = Codec(targets, encoding, width, vocab, seq_len)
+    if cross is not None:
+        codec = CrossCodec(codec)
+        plan = _Plan(out, settings, codec, dataset, settings["sequences_per_shard"])
+        return plan, CrossScorer(cross, codec, temperature)
     plan = _Plan(out, settings, codec, dataset, settings["sequences_per_shard"])
     return plan, _Scorer(OnlineTeacher(model, id_map=id_map), codec, temperature, seed)
 
@@ -325,7 +351,7 @@ def _write_shard(plan: _Plan, scorer: _Scorer, j: int, batch_size: int, bar) -> 
     frames = []
     for start in range(indices.start, indices.stop, batch_size):
         stop = min(start + batch_size, indices.stop)
-        batch = {key: getattr(plan.dataset, key)[start:stop] for key in ("input_ids", "attention_mask")}
+        batch = {key: getattr(plan.dataset, key)[start:stop] for key in ("input_ids", "attention_mask", "labels")}
         records = scorer.records(batch, stored[start - indices.start : stop - indices.start], generator)
         frames += records
         bar.update((stop - start) * plan.codec.seq_len)

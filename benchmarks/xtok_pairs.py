@@ -1,0 +1,155 @@
+"""Issue 16 measure (a): cross-tokenizer KD vs its CE-only twin on the real pair, both directions, bpb per domain.
+
+- pair a: a student with the SmolLM2 tokenizer (SmolLM2-135M-Instruct cut to 6 evenly spaced layers, vocabulary
+  trimmed to the corpus) distilled from Gemma 3 270M;
+- pair b: a student with the Gemma tokenizer (Gemma 3 270M cut to 4 layers, vocabulary trimmed) distilled from
+  SmolLM2-135M-Instruct.
+
+The teacher runs once per pair into a cross-tokenizer cache (`potstill cache build --student`, k = 64, compact); the
+KD arm trains from it (`teacher.source: cache`, fkl, alpha 0.5, T = 1), the CE arm is the same run with alpha 0. Both
+arms: the same packed data, 35 steps of 4 x 128 tokens, lr 3e-4 cosine, bf16 autocast, the same seed. Held-out
+bits per byte per domain (eval.json of each run): the demo's corpus (stdlib code, docstrings, docs) and a non-code
+domain (the licenses of /usr/share/common-licenses, split by file).
+
+Steps (each one a command; on the shared 2-core machine they were run as separate background jobs):
+
+    python benchmarks/xtok_pairs.py data --work DIR
+    python benchmarks/xtok_pairs.py students --work DIR
+    python benchmarks/xtok_pairs.py cache a --work DIR        # and b
+    python benchmarks/xtok_pairs.py arm a kd 0 --work DIR     # pair, kd|ce, seed
+    python benchmarks/xtok_pairs.py table --work DIR          # the table of the runs that finished
+
+Models: GEMMA and SMOLLM2 (environment) or the defaults under /work/assets (HF dirs converted from the GGUFs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+GEMMA = os.environ.get("GEMMA", "/work/assets/cache/models/a5fd3b62230aa5ec-gemma-3-270m-q4_k_m")
+SMOLLM2 = os.environ.get("SMOLLM2", "/work/assets/cache/models/b179c9523d0e6a0f-SmolLM2-135M-Instruct.Q4_1")
+PAIRS = {  # pair: (student, its source model, layers, teacher)
+    "a": ("smol6", SMOLLM2, 6, GEMMA),
+    "b": ("gemma4", GEMMA, 4, SMOLLM2),
+}
+DOMAINS = ("code", "docstrings", "docs", "licenses")
+TRAIN_BYTES = 62_000  # the training text (both pairs): ~120 packed sequences of 128 tokens
+STEPS, BATCH, SEQ_LEN = 35, 4, 128
+
+
+def _cli(*args: str) -> None:
+    cmd = [sys.executable, "-m", "potstill.cli", *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def data(work: Path) -> None:
+    """The demo's corpus (small caps) + licenses, shuffled into one training file; held-out per domain."""
+    from potstill.data.corpus import build_corpus
+
+    out = work / "data"
+    build_corpus(out / "stdlib", seed=0, heldout_frac=0.1, train_bytes=60_000, heldout_bytes=12_000, doc_bytes=4000)
+    train, held = [], []
+    for path in sorted(Path("/usr/share/common-licenses").iterdir()):
+        if not path.is_file():
+            continue
+        pieces, cur = [], ""
+        for line in path.read_text(errors="replace").splitlines(keepends=True):
+            if len(cur) + len(line) > 4000 and cur:
+                pieces, cur = [*pieces, cur], ""
+            cur += line
+        pieces += [cur] if cur else []
+        split = held if int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % 100 < 15 else train
+        split.extend({"text": p, "domain": "licenses"} for p in pieces)
+    rows = [json.loads(line) for line in open(out / "stdlib/train.jsonl")] + _cap(train, 60_000)
+    random.Random(0).shuffle(rows)
+    _write(out / "train.jsonl", rows)  # the students' vocabulary is trimmed to all of it
+    _write(out / "train_small.jsonl", _cap(rows, TRAIN_BYTES))
+    heldout = [json.loads(line) for line in open(out / "stdlib/heldout.jsonl")] + _cap(held, 12_000)
+    for domain in DOMAINS:
+        _write(out / f"heldout-{domain}.jsonl", [r for r in heldout if r["domain"] == domain])
+
+
+def _cap(rows: list[dict], limit: int) -> list[dict]:
+    out, size = [], 0
+    for row in rows:
+        if size >= limit:
+            break
+        out.append(row)
+        size += len(row["text"].encode())
+    return out
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def students(work: Path) -> None:
+    for name, source, layers, _ in PAIRS.values():
+        corpus = str(work / "data/train.jsonl")
+        _cli("student", "init", "--teacher", source, "--layers", str(layers), "--select", "even",
+             "--corpus", corpus, "--out", str(work / "students" / name), "--overwrite")  # fmt: skip
+
+
+def cache(work: Path, pair: str) -> None:
+    name, _, _, teacher = PAIRS[pair]
+    out = str(work / "caches" / pair)
+    _cli("cache", "build", "--teacher", teacher, "--student", str(work / "students" / name),
+         "--data", str(work / "data/train_small.jsonl"), "--out", out, "--seq-len", str(SEQ_LEN), "--k", "64",
+         "--dtype", "bfloat16", "--batch-size", "4", "--shard-tokens", "2048")  # fmt: skip
+    _cli("cache", "verify", out)
+
+
+def arm(work: Path, pair: str, kind: str, seed: int) -> None:
+    name = PAIRS[pair][0]
+    teacher = ["teacher.source=cache", f"teacher.cache={work / 'caches' / pair}", "loss.alpha=0.5"]
+    evals = ",".join(str(work / "data" / f"heldout-{d}.jsonl") for d in DOMAINS)
+    _cli("distill", f"model.student={work / 'students' / name}", "train.mixed_precision=bf16",
+         f"data.train=[{work / 'data/train_small.jsonl'}]", f"data.eval=[{evals}]", f"data.seq_len={SEQ_LEN}",
+         f"train.batch_size={BATCH}", f"train.max_steps={STEPS}", "train.lr=3e-4", "train.warmup_steps=3",
+         "train.scheduler=cosine", "train.logging_steps=5", "train.save_steps=0", f"train.seed={seed}",
+         f"train.output_dir={work / 'runs' / f'{pair}-{kind}-s{seed}'}",
+         *(teacher if kind == "kd" else ["loss.alpha=0"]))  # fmt: skip
+
+
+def table(work: Path) -> None:
+    """bpb per domain of every finished run, and KD - CE per pair and seed (negative: KD better)."""
+    runs = {}
+    for path in sorted((work / "runs").glob("*/eval.json")):
+        runs[path.parent.name] = json.loads(path.read_text())["domains"]
+    print(f"{'run':<12}" + "".join(f"{d:>12}" for d in DOMAINS))
+    for run, domains in runs.items():
+        print(f"{run:<12}" + "".join(f"{domains[d]['bpb']:>12.4f}" for d in DOMAINS))
+    print("KD - CE (bpb; < 0: KD better)")
+    for run in runs:
+        pair, kind, seed = run.split("-")
+        twin = f"{pair}-ce-{seed}"
+        if kind == "kd" and twin in runs:
+            diffs = [runs[run][d]["bpb"] - runs[twin][d]["bpb"] for d in DOMAINS]
+            print(f"{pair} {seed:<9}" + "".join(f"{x:>+12.4f}" for x in diffs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=["data", "students", "cache", "arm", "table"])
+    parser.add_argument("args", nargs="*")
+    parser.add_argument("--work", type=Path, required=True)
+    a = parser.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    if a.step == "cache":
+        cache(a.work, *a.args)
+    elif a.step == "arm":
+        arm(a.work, a.args[0], a.args[1], int(a.args[2]))
+    else:
+        {"data": data, "students": students, "table": table}[a.step](a.work)
+
+
+if __name__ == "__main__":
+    main()
