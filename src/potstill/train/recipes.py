@@ -103,10 +103,10 @@ class KDRecipe:
             from potstill.eval.metrics import evaluate, write_eval_json
 
             model = trainer.accelerator.unwrap_model(trainer.model).eval()
-            # KL / agreement: at every position with the same ids, on the 1:1 aligned ones with another tokenizer
-            result = evaluate(
-                model, data.eval_ds, teacher=models.teacher, batch_size=cfg.train.batch_size, progress=False
-            )
+            # KL / agreement: at every position with the same ids, on the 1:1 aligned ones with another tokenizer;
+            # none for several teachers (no single distribution to compare with)
+            teacher = None if isinstance(models.teacher, TeacherSet) else models.teacher
+            result = evaluate(model, data.eval_ds, teacher=teacher, batch_size=cfg.train.batch_size, progress=False)
             write_eval_json(out, str(out / STUDENT_DIR), cfg.model.teacher, result)
         return {"alpha": trainer.alpha, "alpha_rule": "auto" if cfg.loss.alpha == "auto" else "fixed"}
 
