@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from potstill.data.images import ImageSet, Preprocess, scan_images
+from potstill.errors import UserError
 from potstill.fileio import write_json_atomic
 
 CLIPART = Path("/usr/share/openclipart/png")
@@ -299,4 +300,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None

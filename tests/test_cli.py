@@ -60,6 +60,16 @@ def test_bad_config_is_one_line(override, needle, run_cli, assert_one_line_error
     assert_one_line_error(run_cli("distill", "--print-config", "model.student=s", override), needle)
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_user_error_is_printed_by_rank_0_only(rank, monkeypatch, run_main):
+    # under torchrun every rank raises the same UserError: one line in all, the others exit 2 silently
+    monkeypatch.setenv("RANK", rank)
+    proc = run_main("distill", "--print-config", "model.student=s", "loss.name=nope")
+    assert proc.returncode == 2
+    assert ("loss.name" in proc.stderr) == (rank == "0") and "Traceback" not in proc.stderr
+    assert rank == "0" or proc.stderr == ""
+
+
 # ----- every command that does work: -c FILE, key=value, its options, one-line errors -------------------------------
 
 STAGES = {  # command -> (config class name, a complete config)

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the commands so `--help` stays
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -495,13 +496,20 @@ def speech_eval_cmd(
     typer.echo(json.dumps(evaluate_speech(model, read_audio_jsonl(data)), indent=2))
 
 
+def _error_line(message: str) -> None:
+    """Print a user error's one line on stderr, on rank 0 only: under torchrun every rank raises the same error, and
+    one line is the message (the launcher's RANK is read, as torch.distributed may not be initialized yet)."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"potstill: error: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes (and a full disk or an output that cannot be written) become one line on
     stderr and exit status 2."""
     try:
         app(args=argv, standalone_mode=True)
     except UserError as err:
-        typer.echo(f"potstill: error: {err}", err=True)
+        _error_line(str(err))
         sys.exit(2)
     except OSError as err:  # a full disk or a read-only output anywhere in a command: one line, not a traceback
         from potstill.fileio import disk_problem
@@ -509,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
         problem = disk_problem(err)
         if problem is None:
             raise
-        typer.echo(f"potstill: error: {problem}", err=True)
+        _error_line(problem)
         sys.exit(2)
     except Stopped as err:  # a graceful stop (SIGTERM / SIGINT) that saved what a rerun resumes from
         typer.echo(f"potstill: {err}", err=True)

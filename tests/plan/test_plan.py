@@ -19,6 +19,7 @@ from potstill.errors import UserError
 from potstill.plan import (
     CACHE_BYTES,
     GIB,
+    StepProbe,
     cache_bytes_per_token,
     format_plan,
     measure_run,
@@ -34,10 +35,12 @@ WORDS = "the cat sat on a mat with some dog and bird over there in here while it
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, tiny_tokenizer, build_model) -> Path:
-    """Student (hidden 32) and teacher (hidden 64) over the tiny tokenizer, and a training file."""
+    """Student (hidden 32), teacher (hidden 64) and a second teacher (hidden 48) over the tiny tokenizer, and a
+    training file."""
     root = tmp_path_factory.mktemp("plan")
     build_model(tiny_tokenizer, 0, max_positions=256, save_to=root / "student")
     build_model(tiny_tokenizer, 1, hidden=64, max_positions=256, save_to=root / "teacher")
+    build_model(tiny_tokenizer, 2, hidden=48, max_positions=256, save_to=root / "teacher2")
     rng = random.Random(0)
     rows = [json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(40))}) for _ in range(200)]
     (root / "train.jsonl").write_text("\n".join(rows) + "\n")
@@ -110,6 +113,43 @@ def test_chunk_shrinks_when_memory_is_short(tmp_path, tiny_tokenizer, build_mode
     assert 16 <= tight.recommend["chunk_size"] < 256
 
 
+def several(root: Path, *teachers: str, probe: bool = False):
+    """The plan of a run distilling from `model.teachers` = these directories under root."""
+    entries = ", ".join(f"{{path: {root / t}}}" for t in teachers)
+    overrides = config_overrides(root, f"model.teachers=[{entries}]", "train.batch_size=2", "data.seq_len=64")
+    return plan_config(load_config(None, [o for o in overrides if not o.startswith("model.teacher=")]), probe=probe)
+
+
+def test_plan_counts_every_teacher_of_model_teachers(root):
+    one = plan_config(config(root, "train.batch_size=2", "data.seq_len=64"), probe=False)
+    two = several(root, "teacher", "teacher2")
+    shapes = [read_shape(root / t, "teacher") for t in ("teacher", "teacher2")]
+    assert two.teachers == 2 and two.teacher_params == sum(t.params for t in shapes) > one.teacher_params
+    # each teacher's weights; one layer's activations of the wider (hidden 64: the first) as they run in turn
+    mem = two.memory
+    assert mem["teacher_online/t0"] + mem["teacher_activations"] == one.memory["teacher_online"]
+    assert mem["teacher_online/t1"] > 0 and two.online_total - two.cache_total == sum(
+        mem[k] for k in ("teacher_online/t0", "teacher_online/t1", "teacher_activations")
+    )
+    assert two.cache_total == one.cache_total and two.online_total > one.online_total
+    with pytest.raises(UserError, match=r"missing.*model.teachers\[1\].path"):
+        several(root, "teacher", "missing")
+
+
+def test_plan_times_every_teacher_of_model_teachers(root):
+    plan = several(root, "teacher", "teacher2", probe=True)
+    assert len(plan.probe["teacher"]) == 2
+    shapes = [read_shape(root / t, "teacher") for t in ("teacher", "teacher2")]
+    probe = StepProbe(**{**plan.probe, "teacher": tuple(map(tuple, plan.probe["teacher"]))})
+    cfg = config(root, "train.batch_size=2", "data.seq_len=64")
+    first_only = step_seconds(
+        replace(probe, teacher=probe.teacher[:1]), read_shape(root / "student", "s"), shapes[:1], cfg
+    )
+    assert plan.step_seconds["online"] > first_only["online"] > plan.step_seconds["cache"] > 0
+    text = format_plan(plan)
+    assert "2 teachers" in text and "teacher t0" in text and "teacher t1" in text
+
+
 def test_cache_bytes_interpolate_the_measured_table():
     for enc, table in CACHE_BYTES.items():
         for k, measured in table.items():
@@ -152,24 +192,24 @@ def wide(tmp_path_factory, tiny_tokenizer, build_model) -> Path:
 
 def test_probe_splits_fixed_and_per_layer_costs(wide, tiny_tokenizer):
     cfg = config(wide, "train.batch_size=4", "data.seq_len=64")
-    probe = probe_step(cfg, len(tiny_tokenizer), teacher=True, seconds=0.3)
-    parts = (probe.teacher, probe.forward, probe.loss, probe.backward, probe.optimizer)
+    probe = probe_step(cfg, len(tiny_tokenizer), teachers=[str(wide / "teacher")], seconds=0.3)
+    parts = (*probe.teacher, probe.forward, probe.loss, probe.backward, probe.optimizer)
     assert all(fixed >= 0 and per_layer >= 0 for fixed, per_layer in parts)
     assert sum(fixed for fixed, _ in parts) > 0  # embedding, head and loss, AdamW on them
     assert probe.forward[1] + probe.backward[1] > 0  # a decoder layer costs time
     assert probe.compute_dtype == "float32"
     shape = read_shape(wide / "student", "student")
     teacher = read_shape(wide / "teacher", "teacher")
-    base = step_seconds(probe, shape, teacher, cfg)
-    deeper = step_seconds(probe, replace(shape, layers=12), teacher, cfg)
+    base = step_seconds(probe, shape, [teacher], cfg)
+    deeper = step_seconds(probe, replace(shape, layers=12), [teacher], cfg)
     assert deeper["cache"] > base["cache"] > 0 and deeper["online"] > base["online"] > base["cache"]
-    accum = step_seconds(probe, shape, teacher, config(wide, "train.grad_accum=3"))
+    accum = step_seconds(probe, shape, [teacher], config(wide, "train.grad_accum=3"))
     assert accum["online"] > base["online"]  # three micro-steps, one optimizer step
 
 
 def test_probe_runs_in_the_runs_dtypes(wide, tiny_tokenizer):
     cfg = config(wide, "train.batch_size=2", "data.seq_len=32", "train.mixed_precision=bf16")
-    assert probe_step(cfg, len(tiny_tokenizer), teacher=False, seconds=0.0).compute_dtype == "bfloat16"
+    assert probe_step(cfg, len(tiny_tokenizer), teachers=[], seconds=0.0).compute_dtype == "bfloat16"
     # a bf16 teacher is built in bf16 at 1 and 2 layers, with the student's vocabulary rows shared by both depths
     teachers = random_models(str(wide / "teacher"), "bfloat16", vocab=100)
     for layers, model in teachers.items():

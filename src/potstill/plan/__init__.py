@@ -13,7 +13,8 @@ Memory model (float32 training with AdamW, what `run_distill` does; peak residen
 - loss: dense = `DENSE_COPIES` (KD) or `CE_COPIES` (CE only) `[tokens, V]` float32 tensors; fused = the
   head's gradient buffer `[V, H]` + `FUSED_COPIES` chunk buffers `[chunk, V]` (see `losses/fused.py`);
 - teacher (online only): weights, a `[V_student, H]` copy of its head rows when the student has an id map,
-  and no-grad activations of one layer at a time.
+  and no-grad activations of one layer at a time; several teachers (`model.teachers`): each one's weights and
+  head copy, and the largest one's layer activations (they run in turn).
 
 Disk: cache bytes/token per encoding and k from the measured table in benchmarks/README.md ("Teacher cache").
 Time: a probe trains the run itself, shrunk in depth (`plan/probe.py`). The student (and the online teacher) are
@@ -24,7 +25,8 @@ leaves it), the student's forward and the run's loss (fused or dense, KD or CE o
 gradient clipping and AdamW. For each part,
 per-layer seconds = t(2) - t(1) and fixed seconds = t(1) - per-layer (embedding, head, loss, optimizer over
 the embedding, framework overhead); the plan scales them to the real depths: a step is grad_accum x (teacher +
-forward + backward) + optimizer, and logging steps add the trainer's two gradient-ratio backward passes. The
+forward + backward) + optimizer (with several teachers, each teacher's forward, every one on every row), and
+logging steps add the trainer's two gradient-ratio backward passes. The
 probe measures the machine's load at that moment (benchmarks/README.md, "Plan vs measured").
 Modules: `estimate.py` (shapes, memory, disk, the plan and its table), `probe.py` (the step-time probe),
 `measure.py` (a real run in a fresh process, to check the plan against).

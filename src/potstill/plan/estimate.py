@@ -145,14 +145,36 @@ def _student_memory(s: ModelShape, cfg: DistillConfig, chunk: int) -> dict[str, 
             "activations": acts + scores, "loss": loss}  # fmt: skip
 
 
-def _teacher_memory(t: ModelShape, s: ModelShape, cfg: DistillConfig, has_map: bool) -> int:
-    """Bytes of an online teacher: weights, a head copy for an id map, one layer's no-grad activations."""
+def _teacher_shapes(cfg: DistillConfig) -> list[ModelShape]:
+    """The shapes of the run's online teachers: `model.teacher`, or every entry of `model.teachers` (none for CE
+    only; a cached run keeps `model.teacher`'s, for the online-vs-cache comparison).
+
+    Raises:
+        UserError: a teacher's directory or config.json is missing or unusable (named by its field).
+    """
+    if cfg.teacher_kind is None:
+        return []
+    if cfg.model.teachers:
+        return [read_shape(t.path, f"teachers[{k}].path") for k, t in enumerate(cfg.model.teachers)]
+    return [read_shape(cfg.model.teacher, "teacher")] if cfg.model.teacher else []
+
+
+def _teacher_memory(ts: list[ModelShape], s: ModelShape, cfg: DistillConfig, has_map: bool) -> dict[str, int]:
+    """Bytes of the online teachers: each one's weights and head copy for an id map, and one layer's no-grad
+    activations of the widest (the teachers run one after another, so one layer's activations are alive at once).
+
+    Returns:
+        one teacher: {"teacher_online": all of it}; several: {"teacher_online/t{k}": teacher k's weights and head
+        copy, ..., "teacher_activations": the largest activations}.
+    """
     elem = DTYPE_BYTES[cfg.model.teacher_load_dtype]
     tokens = cfg.train.batch_size * cfg.data.seq_len
-    head_copy = s.vocab * t.hidden * elem if has_map else 0
-    scores = cfg.train.batch_size * t.heads * cfg.data.seq_len**2 * 4
-    acts = tokens * (3 * t.hidden + 2 * t.intermediate) * elem + scores
-    return t.params * elem + head_copy + acts
+    resident = [t.params * elem + (s.vocab * t.hidden * elem if has_map else 0) for t in ts]
+    scores = [cfg.train.batch_size * t.heads * cfg.data.seq_len**2 * 4 for t in ts]
+    acts = max(tokens * (3 * t.hidden + 2 * t.intermediate) * elem + sc for t, sc in zip(ts, scores, strict=True))
+    if len(ts) == 1:
+        return {"teacher_online": resident[0] + acts}
+    return {**{f"teacher_online/t{k}": size for k, size in enumerate(resident)}, "teacher_activations": acts}
 
 
 @dataclass
@@ -161,6 +183,7 @@ class Plan:
 
     student_params: int
     teacher_params: int | None
+    teachers: int
     student_vocab: int
     tokens_per_step: int
     memory: dict[str, int]
@@ -194,29 +217,29 @@ def plan_config(cfg: DistillConfig, memory_bytes: int | None = None, students: i
         UserError: a missing model dir, config.json or data file.
     """
     s = read_shape(cfg.model.student, "student")
-    kd = cfg.teacher_kind is not None
-    t = read_shape(cfg.model.teacher, "teacher") if kd and cfg.model.teacher else None
+    ts = _teacher_shapes(cfg)
     has_map = id_map_size(cfg.model.student) is not None
     budget = memory_bytes or memory_budget()
     micro_tokens = cfg.train.batch_size * cfg.data.seq_len
     chunk = min(cfg.loss.chunk_size or max(8, CHUNK_ELEMENTS // s.vocab), micro_tokens)
     memory = {"runtime": RUNTIME_BYTES, **_student_memory(s, cfg, chunk)}
     cache_total = sum(memory.values())
-    teacher_bytes = _teacher_memory(t, s, cfg, has_map) if t is not None else None
-    if teacher_bytes is not None:
-        memory["teacher_online"] = teacher_bytes
-    online_total = None if teacher_bytes is None else cache_total + teacher_bytes
+    teacher_memory = _teacher_memory(ts, s, cfg, has_map) if ts else {}
+    memory |= teacher_memory
+    online_total = cache_total + sum(teacher_memory.values()) if ts else None
     data_bytes, n_tokens = data_tokens(cfg.data.train)
     cache_disk = {f"{enc} k={k}": cache_bytes_per_token(k, enc) * n_tokens for enc in CACHE_BYTES for k in (8, 32, 64)}
     out_dir = Path(cfg.train.output_dir).resolve()
     disk_free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
-    timing = probe_step(cfg, s.vocab, teacher=t is not None) if probe and cache_total <= memory_budget() else None
-    step = {} if timing is None else step_seconds(timing, s, t, cfg)
+    paths = cfg.model.teacher_paths if ts else []
+    timing = probe_step(cfg, s.vocab, teachers=paths) if probe and cache_total <= memory_budget() else None
+    step = {} if timing is None else step_seconds(timing, s, ts, cfg)
     logged = math.ceil(cfg.train.max_steps / cfg.train.logging_steps)  # the last step always logs
     run = {k: cfg.train.max_steps * v + logged * step["logging_extra"] for k, v in step.items() if k != "logging_extra"}
     plan = Plan(
         student_params=s.params,
-        teacher_params=None if t is None else t.params,
+        teacher_params=sum(t.params for t in ts) if ts else None,
+        teachers=len(ts),
         student_vocab=s.vocab,
         tokens_per_step=cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum,
         memory=memory,
@@ -283,8 +306,10 @@ def _gib(n: float) -> str:
 def format_plan(plan: Plan) -> str:
     """A readable table of the plan."""
     rows = [f"student {plan.student_params / 1e6:.1f}M params, vocab {plan.student_vocab}"]
-    if plan.teacher_params is not None:
+    if plan.teachers == 1:
         rows.append(f"teacher {plan.teacher_params / 1e6:.1f}M params")
+    elif plan.teachers > 1:
+        rows.append(f"{plan.teachers} teachers {plan.teacher_params / 1e6:.1f}M params together")
     rows += ["", "memory (peak RSS)"] + [f"  {name:<22}{_gib(size)}" for name, size in plan.memory.items()]
     if plan.online_total is not None:
         rows.append(f"  {'total, online teacher':<22}{_gib(plan.online_total)}")
@@ -307,7 +332,9 @@ def _format_time(plan: Plan) -> list[str]:
         f"time ({plan.tokens_per_step:,} tokens/step; probe {p['seconds']:.1f} s at 1 and 2 layers,"
         f" {p['compute_dtype']} matmuls)"
     ]
-    rows += [f"  {name:<22}{p[name][0]:8.3f} s + {p[name][1]:.3f} s/layer" for name in PROBE_PARTS]
+    parts = [(f"teacher t{k}" if len(p["teacher"]) > 1 else "teacher", pair) for k, pair in enumerate(p["teacher"])]
+    parts += [(name, p[name]) for name in PROBE_PARTS if name != "teacher"]
+    rows += [f"  {name:<22}{fixed:8.3f} s + {per_layer:.3f} s/layer" for name, (fixed, per_layer) in parts]
     cached = "step, no teacher" if plan.online_total is None else "step, cached teacher"
     names = {"cache": cached, "online": "step, online teacher", "logging_extra": "each logging step +"}
     rows += [f"  {names[key]:<22}{sec:8.2f} s" for key, sec in plan.step_seconds.items()]

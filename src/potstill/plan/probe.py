@@ -1,6 +1,6 @@
 """The step-time probe of `potstill plan`: real training micro-steps of the run, shrunk in depth.
 
-The student (and the online teacher) are built from their `config.json` with 1 and 2 decoder layers and random
+The student (and the online teachers) are built from their `config.json` with 1 and 2 decoder layers and random
 weights, in the run's dtypes and autocast; on a random batch of the run's shape, each depth runs real
 micro-steps through the KD step of training (`potstill.train.step`: the teacher's targets, the student's
 forward, the loss terms), then the backward, gradient clipping and AdamW. For each part, per-layer seconds =
@@ -27,7 +27,8 @@ class StepProbe:
     """Seconds of a training step's parts on this machine now, each as (fixed, per decoder layer).
 
     Attributes:
-        teacher: the online teacher's no-grad forward per micro-step, or (0, 0) without one.
+        teacher: each online teacher's no-grad forward per micro-step, one pair per teacher (`model.teacher`, or
+            each of `model.teachers` in order; none without an online teacher).
         forward: the student's forward per micro-step (without its head on the fused path).
         loss: the loss per micro-step (fused: the student's and the teacher's head rows chunk by chunk, and the
             gradient of the logits; dense: the divergence and CE on full logits).
@@ -37,7 +38,7 @@ class StepProbe:
         seconds: the probe's own wall time, model builds included.
     """
 
-    teacher: tuple[float, float]
+    teacher: tuple[tuple[float, float], ...]
     forward: tuple[float, float]
     loss: tuple[float, float]
     backward: tuple[float, float]
@@ -57,8 +58,8 @@ def _split(one: float, two: float) -> tuple[float, float]:
     return max(one - per_layer, 0.0), per_layer
 
 
-def probe_step(cfg: DistillConfig, vocab: int, teacher: bool, seconds: float = PROBE_SECONDS) -> StepProbe:
-    """Time real training micro-steps of the run's shape, with the student (and teacher) cut to 1 and 2 layers.
+def probe_step(cfg: DistillConfig, vocab: int, teachers: list[str], seconds: float = PROBE_SECONDS) -> StepProbe:
+    """Time real training micro-steps of the run's shape, with the student (and teachers) cut to 1 and 2 layers.
 
     The models come from their `config.json` with random weights (no weights read); the teacher's vocabulary is
     cut to the student's `vocab` rows, which is what an id map leaves of its head (embedding lookups cost the same
@@ -67,7 +68,8 @@ def probe_step(cfg: DistillConfig, vocab: int, teacher: bool, seconds: float = P
     Args:
         cfg: the run's config (dtypes, mixed precision, batch shape, loss path, optimizer settings).
         vocab: the student's vocabulary size.
-        teacher: also run the online teacher (`model.teacher`).
+        teachers: the online teachers' model directories to run too, each in turn (empty: none). The loss takes
+            the first one's targets only: with several teachers it is one teacher's term.
         seconds: timed micro-steps stop after this (within `PROBE_REPEATS` per depth).
     """
     import torch
@@ -78,10 +80,8 @@ def probe_step(cfg: DistillConfig, vocab: int, teacher: bool, seconds: float = P
     torch.manual_seed(cfg.train.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where run_distill's Trainer puts the models
     students = {n: m.to(device).train() for n, m in random_models(cfg.model.student, cfg.model.dtype, vocab).items()}
-    teachers = {n: None for n in students}
-    if teacher:
-        built = random_models(cfg.model.teacher, cfg.model.teacher_load_dtype, vocab)
-        teachers = {n: OnlineTeacher(m.to(device)) for n, m in built.items()}
+    built = [random_models(path, cfg.model.teacher_load_dtype, vocab) for path in teachers]
+    online = {n: [OnlineTeacher(models[n].to(device)) for models in built] for n in students}
     # The Trainer's adamw_torch_fused, with its two parameter groups (weight decay on matrices, none on norms/biases);
     # parameters without a gradient (the other depth's layers) are skipped by each step.
     params = list({id(p): p for m in students.values() for p in m.parameters()}.values())
@@ -91,18 +91,19 @@ def probe_step(cfg: DistillConfig, vocab: int, teacher: bool, seconds: float = P
     autocast = _autocast_dtype(cfg)
     step = partial(_micro_step, cfg, optimizer, ids, autocast)
     for n in (1, 2):
-        step(students[n], teachers[n])  # warm-up: allocations, kernel choice, AdamW state
+        step(students[n], online[n])  # warm-up: allocations, kernel choice, AdamW state
     runs: dict[int, list[list[float]]] = {1: [], 2: []}
     timed = time.perf_counter()
     while len(runs[1]) < PROBE_REPEATS[0] or (
         len(runs[1]) < PROBE_REPEATS[1] and time.perf_counter() - timed < seconds
     ):
         for n in (1, 2):
-            runs[n].append(step(students[n], teachers[n]))
+            runs[n].append(step(students[n], online[n]))
     one, two = ([statistics.median(part) for part in zip(*runs[n], strict=True)] for n in (1, 2))
     parts = [_split(a, b) for a, b in zip(one, two, strict=True)]
     dtype = str(autocast or students[1].dtype).removeprefix("torch.")
-    return StepProbe(*parts, compute_dtype=dtype, seconds=time.perf_counter() - start)
+    k = len(teachers)
+    return StepProbe(tuple(parts[:k]), *parts[k:], compute_dtype=dtype, seconds=time.perf_counter() - start)
 
 
 def random_models(model_dir: str, dtype: str, vocab: int) -> dict:
@@ -148,7 +149,7 @@ def _autocast_dtype(cfg: DistillConfig):
     return None
 
 
-def _micro_step(cfg: DistillConfig, optimizer, ids, autocast, student, teacher) -> list[float]:
+def _micro_step(cfg: DistillConfig, optimizer, ids, autocast, student, teachers: list) -> list[float]:
     """One micro-step and optimizer step as `DistillTrainer` runs them (the KD step of `potstill.train.step`).
 
     Args:
@@ -156,10 +157,10 @@ def _micro_step(cfg: DistillConfig, optimizer, ids, autocast, student, teacher) 
         ids: [B, L] token ids (also the labels).
         autocast: the autocast dtype, or None.
         student: the student (train mode).
-        teacher: an `OnlineTeacher`, or None.
+        teachers: `OnlineTeacher`s, each run in turn (the loss takes the first one's targets), or none.
 
     Returns:
-        Seconds of [teacher forward, student forward, loss, backward, clip + AdamW + zero_grad].
+        Seconds of [each teacher's forward..., student forward, loss, backward, clip + AdamW + zero_grad].
     """
     import torch
 
@@ -167,13 +168,16 @@ def _micro_step(cfg: DistillConfig, optimizer, ids, autocast, student, teacher) 
     from potstill.train.step import loss_terms, student_head, student_outputs, takes_fused_path, teacher_targets
 
     # no teacher: CE only (alpha = 0), or a cached teacher, whose top-k loss the probe leaves out
-    alpha = 0.0 if teacher is None else 0.5 if cfg.loss.alpha == "auto" else cfg.loss.alpha
+    alpha = 0.0 if not teachers else 0.5 if cfg.loss.alpha == "auto" else cfg.loss.alpha
     inputs = {"input_ids": ids, "attention_mask": ids.new_ones(ids.shape), "labels": ids}
     marks = [_clock(ids)]
     with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
         head = student_head(student, cfg.loss)
-        targets = teacher_targets(teacher, inputs, fused=head is not None)
-        marks.append(_clock(ids))
+        each = []
+        for teacher in teachers:
+            each.append(teacher_targets(teacher, inputs, fused=head is not None))
+            marks.append(_clock(ids))
+        targets = each[0] if each else None
         fused = takes_fused_path(head, targets)
         outputs = student_outputs(student, inputs, fused)
         marks.append(_clock(ids))
@@ -199,23 +203,25 @@ def _clock(like) -> float:
     return time.perf_counter()
 
 
-def step_seconds(probe: StepProbe, s, t, cfg: DistillConfig) -> dict[str, float]:
+def step_seconds(probe: StepProbe, s, ts: list, cfg: DistillConfig) -> dict[str, float]:
     """Seconds per optimizer step from the probe, scaled to the real depths.
 
     Args:
         probe: the probe's parts.
-        s: the student's `ModelShape` (its depth); t: the teacher's, or None.
+        s: the student's `ModelShape` (its depth); ts: the online teachers' (in the probe's order), or none.
         cfg: the run's config (grad_accum, loss path).
 
     Returns:
-        `cache`: without a teacher forward (a cached teacher, or CE only); `online`: with it; `logging_extra`: the
-        two extra backward passes `DistillTrainer` takes on each logging step to log the KD/CE gradient ratio (the
-        fused loss recomputes its chunks in each: its loss time again).
+        `cache`: without a teacher forward (a cached teacher, or CE only); `online`: with every teacher's forward
+        (each on every row: an upper bound where `model.teachers` routes domains); `logging_extra`: the two extra
+        backward passes `DistillTrainer` takes on each logging step to log the KD/CE gradient ratio (the fused loss
+        recomputes its chunks in each: its loss time again).
     """
     micro = sum(_at(part, s.layers) for part in (probe.forward, probe.loss, probe.backward))
     step = {"cache": cfg.train.grad_accum * micro + _at(probe.optimizer, s.layers)}
-    if t is not None:
-        step["online"] = step["cache"] + cfg.train.grad_accum * _at(probe.teacher, t.layers)
+    if ts:
+        teachers = sum(_at(part, t.layers) for part, t in zip(probe.teacher, ts, strict=True))
+        step["online"] = step["cache"] + cfg.train.grad_accum * teachers
     extra = _at(probe.backward, s.layers) + (_at(probe.loss, s.layers) if cfg.loss.fused else 0.0)
     step["logging_extra"] = 2 * extra if cfg.teacher_kind is not None else 0.0
     return step
