@@ -3,11 +3,11 @@
 The distil-whisper recipe: the teacher transcribes every training clip; a clip whose transcript is too far
 from the known one (word error rate above `max_wer`, both normalized) is dropped; for each kept clip the
 teacher's decoding distributions along its own transcript are stored as top-k targets
-(`losses.sparse.topk_targets`), so training never runs the teacher. The file holds every clip with its
+(`losses.sparse.topk_targets`), so training never runs the teacher. The cache holds every clip with its
 teacher WER and is reused when the teacher's fingerprint, the records, k and the temperature match; the WER
 filter is applied when it is read (`keep_clips`), so changing `max_wer` never reruns the teacher.
 
-The file is a directory (`save_speech_targets`, `read_speech_targets`): `targets.safetensors` holds the tensors
+The cache is a directory (`save_speech_targets`, `read_speech_targets`): `targets.safetensors` holds the tensors
 of every clip concatenated (no pickle), `manifest.json` the records, WERs, meta, the tensors file's sha256 and a
 checksum over its own fields; the directory is written whole under a temporary name and renamed.
 """
@@ -122,13 +122,14 @@ def build_speech_targets(
     """Pseudo-label and score `records` with the teacher once (reusing `out` built from the same inputs); filter.
 
     Args:
+        out: the cache directory (`save_speech_targets`); rebuilt whole when built from other inputs.
         temperature: softmax temperature of the stored top-k log-probs (the loss must use the same one).
 
     Returns:
         The clips whose teacher WER is at most `max_wer` (`keep_clips`).
 
     Raises:
-        UserError: no clip passes the WER filter.
+        UserError: no clip passes the WER filter; `out` is damaged or not such a cache (`read_speech_targets`).
     """
     out = Path(out)
     meta = {
