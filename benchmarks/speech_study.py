@@ -9,7 +9,7 @@ it was before this study, T = 1; the recipe's default is now T = 2, the arm kd_T
     alpha (KD weight), k (top-k of the cache, by truncation), max_wer (teacher WER filter; inf = off),
     lr, epochs, loss (divergence), T (needs a cache built at that temperature: --targets-t2)
 
-    python benchmarks/speech_study.py --run runs/speech --targets runs/speech/targets_k256.pt \\
+    python benchmarks/speech_study.py --run runs/speech --targets runs/speech/targets_k256 \\
         --arms ce kd kd_a0.9 ... --seeds 0 1
 
 Results go to RUN/study/<arm>_seed<s>/ (trained models, reused) and RUN/study/study.json / study.md.
@@ -35,7 +35,7 @@ from potstill.fileio import write_json_atomic, write_text_atomic
 from potstill.losses import Divergence
 from potstill.models.whisper import load_whisper
 from potstill.student.speech import init_speech_student
-from potstill.teacher.speech import keep_clips, transcribe
+from potstill.teacher.speech import keep_clips, read_speech_targets, transcribe
 from potstill.train.speech import SpeechTrainConfig, train_speech_student
 
 DEFAULT = {"alpha": 0.5, "k": 64, "max_wer": 0.2, "lr": 3e-4, "epochs": 20, "loss": "fkl", "T": 1.0}
@@ -75,7 +75,7 @@ def wer_per_domain(model_dir: Path, records) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="recipe directory (teacher/, data/)")
-    ap.add_argument("--targets", type=Path, required=True, help="teacher cache, every clip kept, largest k")
+    ap.add_argument("--targets", type=Path, required=True, help="teacher targets directory, every clip kept, largest k")
     ap.add_argument("--targets-t2", type=Path, default=None, help="the same at temperature 2")
     ap.add_argument("--arms", nargs="+", default=["ce", "kd"], choices=sorted(ARMS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -89,7 +89,7 @@ def main() -> None:
     if args.rtf:
         clips = heldout[: args.rtf_clips] + real_recordings()
         return real_time_factors([args.run / name for name in args.rtf], clips, study / "rtf.json")
-    every = torch.load(args.targets, weights_only=False)
+    every = read_speech_targets(args.targets)
     student = study / "student_init"
     if not (student / "config.json").is_file():
         init_speech_student(args.run / "teacher", student, corpus_ids=every.ids, vocab_size=args.vocab_size)
@@ -101,7 +101,7 @@ def main() -> None:
             if name in results:
                 continue
             hp = {**DEFAULT, **ARMS[arm]}
-            source = every if hp["T"] == 1.0 else torch.load(args.targets_t2, weights_only=False)
+            source = every if hp["T"] == 1.0 else read_speech_targets(args.targets_t2)
             cut = [t.truncate(hp["k"]) for t in source.targets]
             targets = keep_clips(replace(source, targets=cut), hp["max_wer"])
             cfg = SpeechTrainConfig(

@@ -151,7 +151,7 @@ def run_speech_recipe(out: str | Path, recipe: SpeechRecipe = SpeechRecipe()) ->
             parity = json.loads(parity_path.read_text())
     with _Stage("pseudo_labels", timings, cpu):
         every = build_speech_targets(
-            teacher, train, out / "teacher_targets.pt", k=recipe.k, max_wer=math.inf, temperature=recipe.temperature
+            teacher, train, out / "teacher_targets", k=recipe.k, max_wer=math.inf, temperature=recipe.temperature
         )
         targets = keep_clips(every, recipe.max_wer)
     with _Stage("student_init", timings, cpu):

@@ -12,7 +12,7 @@ from potstill.losses import IGNORE_INDEX, Divergence, per_token_divergence
 from potstill.losses.sparse import topk_targets
 from potstill.models.whisper import input_frames
 from potstill.student.speech import init_speech_student, shrink_whisper, trainable_parameters
-from potstill.teacher.speech import SpeechTargets
+from potstill.teacher.speech import SpeechTargets, build_speech_targets, read_speech_targets, save_speech_targets
 from potstill.train.speech import DONE, SpeechTrainConfig, decoder_batch, speech_kd_terms, train_speech_student
 from speech_helpers import N_MELS, tiny_whisper, tiny_whisper_dir, write_wav
 
@@ -126,3 +126,122 @@ def test_student_with_another_tokenizer_is_refused(tmp_path):
     with pytest.raises(UserError, match="tokenizer is not the teacher's"):
         train_speech_student(student_dir, targets, tmp_path / "run", SpeechTrainConfig(epochs=1))
     assert not (tmp_path / "run").exists()
+
+
+# ---- the teacher targets cache: safetensors + a verified manifest, no pickle ----
+
+
+def _some_targets(tmp_path, temperature=2.0) -> SpeechTargets:
+    """Three clips of 2, 0 and 3 transcript ids with random top-4 targets ([len + 1, 4] each)."""
+    torch.manual_seed(0)
+    ids = [[40, 41], [], [7, 8, 9]]
+    records = [AudioRecord(str(tmp_path / f"{i}.wav"), f"text {i}", "synthetic") for i in range(3)]
+    targets = [topk_targets(torch.randn(len(seq) + 1, 261), 4, temperature) for seq in ids]
+    return SpeechTargets(records, ids, targets, [0.0, 0.5, 1.25], 2, {"k": 4, "temperature": temperature})
+
+
+def test_speech_targets_round_trip_equal(tmp_path):
+    saved = _some_targets(tmp_path)
+    save_speech_targets(saved, tmp_path / "targets")
+    assert sorted(p.name for p in (tmp_path / "targets").iterdir()) == ["manifest.json", "targets.safetensors"]
+    read = read_speech_targets(tmp_path / "targets")
+    assert (read.records, read.ids, read.wer, read.dropped, read.meta) == (
+        saved.records,
+        saved.ids,
+        saved.wer,
+        saved.dropped,
+        saved.meta,
+    )
+    for a, b in zip(read.targets, saved.targets, strict=True):
+        assert a.temperature == b.temperature == 2.0
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.logprobs, b.logprobs) and torch.equal(a.tail, b.tail)
+        assert a.ids.dtype == b.ids.dtype and a.logprobs.dtype == b.logprobs.dtype
+
+
+def _truncate(d):
+    path = d / "targets.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _flip_bit(d):
+    path = d / "targets.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's data: the safetensors header still parses
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(d):
+    path = d / "manifest.json"
+    path.write_text(path.read_text().replace('"dropped": 2', '"dropped": 0'))
+
+
+def _foreign_manifest(d):
+    (d / "manifest.json").write_text('{"format": "something else"}')
+
+
+def _old_pickle(d):
+    import shutil
+
+    shutil.rmtree(d)
+    d.write_bytes(b"\x80\x04pickled")  # a teacher_targets.pt of older potstill versions
+
+
+@pytest.mark.parametrize(
+    ("damage", "named", "words"),
+    [
+        (_truncate, "targets.safetensors", "truncated"),
+        (_flip_bit, "targets.safetensors", "altered"),
+        (_edit_manifest, "manifest.json", "checksum mismatch"),
+        (_foreign_manifest, "targets", "not a potstill speech targets"),
+        (_old_pickle, "targets", "not a potstill speech targets"),
+    ],
+)
+def test_damaged_speech_targets_are_refused_in_one_line(tmp_path, damage, named, words):
+    out = save_speech_targets(_some_targets(tmp_path), tmp_path / "targets")
+    damage(out)
+    with pytest.raises(UserError) as err:
+        read_speech_targets(out)
+    message = str(err.value)
+    assert "\n" not in message and words in message and message.startswith(str(out))
+    assert message.split(":")[0].endswith(named)
+
+
+def test_builder_reuses_matching_targets_rebuilds_other_meta_and_refuses_damage(tmp_path, monkeypatch):
+    import potstill.teacher.speech as speech
+
+    monkeypatch.setenv("POTSTILL_CACHE", str(tmp_path / "cache"))
+    runs = []
+
+    def transcribe(model, processor, records, **_):  # a random tiny teacher never ends: fixed transcripts
+        runs.append(len(records))
+        ids = [[40 + i, 41] for i in range(len(records))]
+        return ids, [torch.randn(len(seq) + 1, model.config.vocab_size) for seq in ids]
+
+    monkeypatch.setattr(speech, "transcribe", transcribe)
+    teacher_dir = tiny_whisper_dir(tmp_path / "teacher")
+    records = [AudioRecord(str(write_wav(tmp_path / f"{i}.wav", 0.5, seed=i)), "(", "synthetic") for i in range(2)]
+    out = tmp_path / "targets"
+    built = build_speech_targets(teacher_dir, records, out, k=4, max_wer=float("inf"))
+    assert built.ids == [[40, 41], [41, 41]] and all(t.k == 4 for t in built.targets) and runs == [2]
+    reused = build_speech_targets(teacher_dir, records, out, k=4, max_wer=float("inf"))
+    assert runs == [2] and reused.ids == built.ids  # the teacher did not run again
+    assert all(torch.equal(a.logprobs, b.logprobs) for a, b in zip(reused.targets, built.targets, strict=True))
+    rebuilt = build_speech_targets(teacher_dir, records, out, k=3, max_wer=float("inf"))  # other meta: rebuilt
+    assert runs == [2, 2] and read_speech_targets(out).meta["k"] == 3 and all(t.k == 3 for t in rebuilt.targets)
+    _flip_bit(out)
+    with pytest.raises(UserError, match="targets.safetensors: missing, truncated or altered"):
+        build_speech_targets(teacher_dir, records, out, k=3, max_wer=float("inf"))
+
+
+def test_no_pickle_loads_in_src_or_benchmarks():
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    hits = [
+        f"{path.relative_to(root)}:{n}"
+        for folder in ("src", "benchmarks")
+        for path in sorted((root / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if "weights_only=False" in line
+    ]
+    assert not hits, f"pickle loads of user files: {hits}"
