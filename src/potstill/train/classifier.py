@@ -1,8 +1,8 @@
-"""Classifier distillation: the whole loop on one screen, on inputs already in memory.
+"""Classifier distillation on inputs already in memory.
 
-`fit_classifier` trains the student's trainable parameters (the shared loop of `potstill.train.loop`) with the KD objective of `potstill.losses.classifier`
-(alpha * T^2 * D + (1 - alpha) * CE, weights from `combine`), seeded: the same seed gives the same batches and the
-same result. Inputs are tensors (pixels, or the outputs of a frozen front of the student computed once), teacher
+`fit_classifier` trains the student's trainable parameters (the shared loop of `potstill.train.loop`) with the KD
+objective of `potstill.losses.classifier` (alpha * T^2 * D + (1 - alpha) * CE, weights from `combine`), seeded: the
+same seed gives the same batches and the same result. Inputs are tensors (pixels, or the outputs of a frozen front of the student computed once), teacher
 targets come from an image teacher cache (sparse) or from teacher logits (dense).
 """
 

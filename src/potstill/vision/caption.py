@@ -245,6 +245,8 @@ def markdown(report: dict) -> str:
         lines += [rep.table(["pair", "metric", "per seed", "mean"], margin_rows), ""]
     if "pseudo_label_exact" in report:
         p = report["pseudo_label_exact"]
-        lines.append(f"Teacher's pseudo-labels on the transfer set: caption exact {p['caption']['exact_match']:.3f}, "
-                     f"VQA {p['vqa']['exact_match']:.3f} (the truth is known for synthetic scenes, never trained on).")  # fmt: skip
+        lines.append(
+            f"Teacher's pseudo-labels on the transfer set: caption exact {p['caption']['exact_match']:.3f}, VQA "
+            f"{p['vqa']['exact_match']:.3f} (the truth is known for synthetic scenes; never trained on)."
+        )
     return "\n".join(lines) + rep.footer(report)
