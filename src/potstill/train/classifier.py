@@ -2,8 +2,8 @@
 
 `fit_classifier` trains the student's trainable parameters (the shared loop of `potstill.train.loop`) with the KD
 objective of `potstill.losses.classifier` (alpha * T^2 * D + (1 - alpha) * CE, weights from `combine`), seeded: the
-same seed gives the same batches and the same result. Inputs are tensors (pixels, or the outputs of a frozen front of the student computed once), teacher
-targets come from an image teacher cache (sparse) or from teacher logits (dense).
+same seed gives the same batches and the same result. Inputs are tensors (pixels, or the outputs of a frozen front of
+the student computed once), teacher targets come from an image teacher cache (sparse) or from teacher logits (dense).
 """
 
 from __future__ import annotations
