@@ -143,8 +143,6 @@ def run_caption(out: str | Path, recipe: CaptionRecipe = CaptionRecipe(), studen
     `student_vocab` (tests, or a user's student) is checked against the teacher's tokenizer first.
     """
     recipe.check()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     report = rep.started() | {"recipe": asdict(recipe)}
     tokenizer = scene_tokenizer()
     vocab = tokenizer.get_vocab()
@@ -152,6 +150,8 @@ def run_caption(out: str | Path, recipe: CaptionRecipe = CaptionRecipe(), studen
     if student_vocab is not None:
         other = replace(config, vocab_size=len(student_vocab))
         check_same_vocab(TinyCaptioner(config, vocab), TinyCaptioner(other, student_vocab))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     pixels, examples = make_scenes(recipe.teacher_scenes, seed=0)
     teacher, report["teacher_s"] = teacher_model(out, recipe, tokenizer, pixels, examples)
     # the students' labeled set: the first `labeled` scenes (make_scenes draws scene by scene from one seeded rng)
