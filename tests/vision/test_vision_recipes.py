@@ -68,6 +68,7 @@ def _pair(student_classes=8):
     tail = nn.Linear(4, student_classes)
     student = nn.Sequential(front, tail).eval()
     pre = Preprocess(16)
+
     def new_tail():
         copy = nn.Linear(4, student_classes)
         copy.load_state_dict(tail.state_dict())
@@ -86,7 +87,8 @@ def test_classify_recipe_on_a_folder_with_a_broken_image(tmp_path):
     assert report["split"]["train"] + report["split"]["heldout"] == 12
     md = (tmp_path / "run" / "report.md").read_text()
     assert "| kd (1 seeds) |" in md and "speed-up" in md
-    assert (tmp_path / "run" / "grid.png").is_file() and (tmp_path / "run" / "teacher-cache" / "manifest.json").is_file()
+    assert (tmp_path / "run" / "grid.png").is_file()
+    assert (tmp_path / "run" / "teacher-cache" / "manifest.json").is_file()
 
 
 def test_classify_label_spaces_differ_refused_then_mapped(tmp_path):
@@ -97,7 +99,7 @@ def test_classify_label_spaces_differ_refused_then_mapped(tmp_path):
     report = run_classify(tmp_path / "run", images, recipe, _pair(6), front_key="tiny", class_map=[7, 6, 5, 4, 3, 2])
     assert report["before"]["overall"]["kl_to_teacher"] >= 0
     with pytest.raises(UserError, match="--class-map: needs every teacher class"):
-        run_classify(tmp_path / "run2", images, ClassifyRecipe(k=5, heldout=0.4), _pair(6), front_key="tiny", class_map=[0] * 6)
+        run_classify(tmp_path / "r2", images, ClassifyRecipe(k=5, heldout=0.4), _pair(6), "tiny", class_map=[0] * 6)
 
 
 class _HashTeacher:
