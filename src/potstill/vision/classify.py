@@ -145,10 +145,18 @@ def lite_pair(cut: int = 16, classes: list[int] | None = None) -> ClassifierPair
 
 
 def split(images: ImageSet, heldout: float, seed: int) -> tuple[list[int], list[int]]:
-    """A seeded `heldout` fraction of every domain is held out (by a hash of the path)."""
+    """A seeded `heldout` fraction of every domain is held out (by a hash of the path): (train, held-out) indices.
+
+    Raises:
+        UserError: fewer than 2 training or held-out images.
+    """
     score = [hashlib.sha256(f"split{seed}:{r.path}".encode()).digest()[0] / 256 for r in images.records]
     test = {i for i, s in enumerate(score) if s < heldout}
-    return [i for i in range(len(images)) if i not in test], sorted(test)
+    train = [i for i in range(len(images)) if i not in test]
+    if len(train) < 2 or len(test) < 2:
+        raise UserError(f"images: {len(images)} images give {len(train)} training and {len(test)} held-out ones "
+                        f"(held out: {heldout}); at least 2 of each are needed: add images")  # fmt: skip
+    return train, sorted(test)
 
 
 def one_per_domain(images: ImageSet, indices: list[int]) -> list[int]:
@@ -193,13 +201,10 @@ def run_classify(
     from potstill.teacher.classifier import ClassifierTeacher, check_label_space
     from potstill.train.classifier import fit_classifier
 
+    train, test = split(images, recipe.heldout, recipe.split_seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = rep.started() | {"recipe": asdict(recipe), "images": images.summary(), "skipped": len(images.skipped)}
-    train, test = split(images, recipe.heldout, recipe.split_seed)
-    if len(train) < 2 or len(test) < 2:
-        raise UserError(f"images: {len(images)} images give {len(train)} training and {len(test)} held-out ones "
-                        f"(at --heldout {recipe.heldout}); at least 2 of each are needed: add images")  # fmt: skip
     pair = pair or lite_pair()
     probe = images.pixels(test[:2], pair.student_pre), images.pixels(test[:2], pair.teacher_pre)
     with torch.inference_mode():

@@ -122,13 +122,10 @@ def run_crossmodal(
         raise UserError(f"--arms: expected some of {', '.join(ARMS)} (got {', '.join(recipe.arms) or 'none'})")
     if len(captions) != len(images):
         raise UserError(f"crossmodal: {len(images)} images but {len(captions)} captions")
+    train, test = split(images, recipe.heldout, recipe.split_seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = rep.started() | {"recipe": asdict(recipe), "images": images.summary(), "skipped": len(images.skipped)}
-    train, test = split(images, recipe.heldout, recipe.split_seed)
-    if len(train) < 2 or len(test) < 2:
-        raise UserError(f"images: {len(images)} images give {len(train)} training and {len(test)} held-out ones "
-                        f"(at heldout {recipe.heldout}); at least 2 of each are needed: add images")  # fmt: skip
     if teacher is None:
         from potstill.teacher.text_encoder import TextEncoderTeacher, minilm_dir
 
