@@ -83,15 +83,18 @@ def draw_grid(pictures: Sequence[torch.Tensor], texts: Sequence[str], path: Path
 
     cols = 4
     rows = max(1, -(-len(pictures) // cols))
+    wrap = lambda t: "\n".join(textwrap.fill(line, width, subsequent_indent="    ") for line in t.split("\n"))  # noqa: E731
+    texts = [wrap(t) for t in texts]
     lines = max((t.count("\n") + 1 for t in texts), default=1)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, (3.0 + 0.17 * lines) * rows), squeeze=False)
+    text_in = 0.16 * lines + 0.2  # inches of text under a picture (8 pt monospace)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, (3.0 + text_in) * rows), squeeze=False)
     for ax, picture, text in zip(axes.flat, pictures, texts, strict=False):
         ax.imshow(picture.numpy() if isinstance(picture, torch.Tensor) else picture)
-        wrapped = "\n".join(textwrap.fill(line, width, subsequent_indent="    ") for line in text.split("\n"))
-        ax.text(0, -0.03, wrapped, transform=ax.transAxes, va="top", fontsize=8, family="monospace")
+        ax.text(0, -0.03, text, transform=ax.transAxes, va="top", fontsize=8, family="monospace")
     for ax in axes.flat:
         ax.axis("off")
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.12 / rows, wspace=0.1, hspace=0.2 + 0.07 * lines)
+    height = (3.0 + text_in) * rows
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=text_in / height, wspace=0.1, hspace=text_in / 3.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
     plt.close(fig)
