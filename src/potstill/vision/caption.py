@@ -71,7 +71,7 @@ class CaptionRecipe:
     loss: str = "fkl"
     temperature: float = 2.0
     arms: tuple[str, ...] = ("ce", "pseudo", "kd")
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1)  # 2 seeds x 3 arms fit 20 minutes at load 13 on 2 cores; 3 seeds took ~25
 
     def check(self) -> None:
         """Raises UserError naming the first bad setting."""
