@@ -13,7 +13,7 @@ from torch import nn
 from potstill.data.images import Preprocess, scan_images
 from potstill.errors import UserError
 from potstill.vision.caption import CaptionRecipe, run_caption
-from potstill.vision.classify import ClassifierPair, ClassifyRecipe, run_classify
+from potstill.vision.classify import ClassifierPair, ClassifyRecipe, run_classify, split
 from potstill.vision.crossmodal import CrossmodalRecipe, run_crossmodal
 from potstill.vision.settings import load_recipe
 
@@ -50,7 +50,9 @@ def test_caption_refuses_another_tokenizer_and_bad_settings(tmp_path):
     assert not (tmp_path / "report.json").exists()
 
 
-def _images(root, n_per_domain=6, broken=True):
+def _images(root, n_per_domain=10, broken=True):
+    # 20 good images: the split hashes each path (tmp paths change between runs), held out at 0.5 it leaves fewer
+    # than 2 on either side with probability ~2e-5
     for d, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
         (root / d).mkdir(parents=True, exist_ok=True)
         for i in range(n_per_domain):
@@ -79,12 +81,14 @@ def _pair(student_classes=8):
 
 def test_classify_recipe_on_a_folder_with_a_broken_image(tmp_path):
     images = scan_images(_images(tmp_path / "imgs"))
-    recipe = ClassifyRecipe(k=8, steps=4, batch_size=4, seeds=(0,), heldout=0.4)
+    recipe = ClassifyRecipe(k=8, steps=4, batch_size=4, seeds=(0,), heldout=0.5)
     report = run_classify(tmp_path / "run", images, recipe, _pair(), front_key="tiny")
     assert report["skipped"] == 1 and "1 skipped" in report["images"]
+    with pytest.raises(UserError, match="at least 2 of each are needed"):
+        split(images, 0.0, 0)
     assert [r["arm"] for r in report["runs"]] == ["kd", "hard"]
     assert set(report["ms_per_image"]) == {"student", "teacher"}
-    assert report["split"]["train"] + report["split"]["heldout"] == 12
+    assert report["split"]["train"] + report["split"]["heldout"] == 20
     md = (tmp_path / "run" / "report.md").read_text()
     assert "| kd (1 seeds) |" in md and "speed-up" in md
     assert (tmp_path / "run" / "grid.png").is_file()
@@ -93,13 +97,13 @@ def test_classify_recipe_on_a_folder_with_a_broken_image(tmp_path):
 
 def test_classify_label_spaces_differ_refused_then_mapped(tmp_path):
     images = scan_images(_images(tmp_path / "imgs", broken=False))
-    recipe = ClassifyRecipe(k=8, steps=2, batch_size=4, seeds=(0,), heldout=0.4)
+    recipe = ClassifyRecipe(k=8, steps=2, batch_size=4, seeds=(0,), heldout=0.5)
     with pytest.raises(UserError, match="the student has 6 classes, the teacher 8"):
         run_classify(tmp_path / "run", images, recipe, _pair(6), front_key="tiny")
     report = run_classify(tmp_path / "run", images, recipe, _pair(6), front_key="tiny", class_map=[7, 6, 5, 4, 3, 2])
     assert report["before"]["overall"]["kl_to_teacher"] >= 0
     with pytest.raises(UserError, match="--class-map: needs every teacher class"):
-        run_classify(tmp_path / "r2", images, ClassifyRecipe(k=5, heldout=0.4), _pair(6), "tiny", class_map=[0] * 6)
+        run_classify(tmp_path / "r2", images, ClassifyRecipe(k=5, heldout=0.5), _pair(6), "tiny", class_map=[0] * 6)
 
 
 class _HashTeacher:
@@ -116,13 +120,13 @@ def test_crossmodal_recipe_with_a_stand_in_teacher(tmp_path):
     images = scan_images(_images(tmp_path / "imgs"))
     captions = [r.path.stem.replace("_", " ") for r in images.records]
     backbone = (lambda x: x.mean((2, 3)), Preprocess(16), 3)
-    recipe = CrossmodalRecipe(steps=3, batch_size=4, seeds=(0, 1), arms=("contrastive", "labels"), heldout=0.4)
+    recipe = CrossmodalRecipe(steps=3, batch_size=4, seeds=(0, 1), arms=("contrastive", "labels"), heldout=0.5)
     report = run_crossmodal(tmp_path / "run", images, captions, recipe, _HashTeacher(), backbone, "mean-rgb")
     assert [(r["arm"], r["seed"]) for r in report["runs"]] == [("contrastive", 0), ("labels", 0), ("contrastive", 1),
                                                                 ("labels", 1)]  # fmt: skip
     assert all(0 <= r["recall@1"] <= r["recall@5"] <= 1 for r in report["runs"])
     assert "chance (gallery of" in (tmp_path / "run" / "report.md").read_text()
-    with pytest.raises(UserError, match="12 images but 2 captions"):
+    with pytest.raises(UserError, match="20 images but 2 captions"):
         run_crossmodal(tmp_path / "run", images, captions[:2], recipe, _HashTeacher(), backbone, "mean-rgb")
 
 
