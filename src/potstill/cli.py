@@ -14,6 +14,7 @@ import typer
 
 from potstill import __version__
 from potstill.errors import Stopped, UserError
+from potstill.vision.cli import vision_app
 
 app = typer.Typer(
     name="potstill",
@@ -33,6 +34,7 @@ cache_app = typer.Typer(help="Offline teacher cache: run the teacher once, store
 app.add_typer(cache_app, name="cache")
 speech_app = typer.Typer(help="Speech recognition: Whisper tiny.en teaches a smaller Whisper.", no_args_is_help=True)
 app.add_typer(speech_app, name="speech")
+app.add_typer(vision_app, name="vision")
 
 
 def _config_option(what: str):

@@ -80,16 +80,24 @@ class TinyCaptioner(nn.Module):
 
     @torch.inference_mode()
     def generate(self, pixels: torch.Tensor, prompts: list[list[int]], max_new: int = 16) -> list[list[int]]:
-        """Greedy answers (ids without `<eos>`) to B prompts (`<bos> prompt` ids), one image each."""
-        eos, memory, out = self.vocab["<eos>"], self.encode(pixels), []
-        for b, prompt in enumerate(prompts):
-            ids = list(prompt)
-            for _ in range(min(max_new, self.config.max_len - len(prompt))):
-                nxt = int(self(pixels[b : b + 1], torch.tensor([ids]), memory[b : b + 1])[0, -1].argmax())
-                if nxt == eos:
+        """Greedy answers (ids without `<eos>`) to B prompts (`<bos> prompt` ids), one image each.
+
+        Prompts of the same length are decoded together (no padding is needed: positions are absolute), one forward
+        of the whole group per new token until every answer has its `<eos>` or `max_new` tokens.
+        """
+        eos, memory, out = self.vocab["<eos>"], self.encode(pixels), [[] for _ in prompts]
+        for length in sorted({len(p) for p in prompts}):
+            rows = [b for b, p in enumerate(prompts) if len(p) == length]
+            ids = torch.tensor([prompts[b] for b in rows])
+            done = torch.zeros(len(rows), dtype=torch.bool)
+            for _ in range(min(max_new, self.config.max_len - length)):
+                nxt = self(pixels[rows], ids, memory[rows])[:, -1].argmax(-1)
+                done |= nxt == eos
+                ids = torch.cat([ids, nxt[:, None]], 1)
+                if done.all():
                     break
-                ids.append(nxt)
-            out.append(ids[len(prompt) :])
+            for row, seq in zip(rows, ids[:, length:].tolist(), strict=True):
+                out[row] = seq[: seq.index(eos)] if eos in seq else seq
         return out
 
     def to_dict(self) -> dict:

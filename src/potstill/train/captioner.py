@@ -10,11 +10,11 @@ padded training examples; the divergence is any loss of the zoo.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from potstill.errors import UserError
 from potstill.losses import Divergence, combine, kd_terms
 from potstill.models.captioner import TinyCaptioner
+from potstill.train.loop import fit_loop
 
 
 @torch.inference_mode()
@@ -81,23 +81,14 @@ def fit_captioner(
             f"{model.config.vocab_size}"
         )
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
-    generator = torch.Generator().manual_seed(seed)
-    order, pos, history = torch.randperm(len(ids), generator=generator), 0, []
-    for _ in tqdm(range(steps), desc="captioning KD", disable=not progress):
-        if pos + batch_size > len(ids):
-            order, pos = torch.randperm(len(ids), generator=generator), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         length = int((labels[idx] != -100).nonzero()[:, 1].max()) + 1  # drop columns that are padding everywhere
         logits = model(pixels[image[idx]], ids[idx, :length])
         targets = None if teacher is None or alpha == 0 else teacher[idx, :length]
-        loss = combine(kd_terms(logits, targets, labels[idx, :length], div), alpha, div.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        history.append(loss.item())
+        return combine(kd_terms(logits, targets, labels[idx, :length], div), alpha, div.temperature)
+
+    history = fit_loop(model.parameters(), len(ids), batch_loss, steps=steps, batch_size=batch_size, lr=lr,
+                       weight_decay=0.01, decay=True, seed=seed, desc="captioning KD", progress=progress)  # fmt: skip
     model.eval()
     return history

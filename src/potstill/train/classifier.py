@@ -1,21 +1,21 @@
-"""Classifier distillation: the whole loop on one screen, on inputs already in memory.
+"""Classifier distillation on inputs already in memory.
 
-`fit_classifier` trains the student's trainable parameters with the KD objective of `potstill.losses.classifier`
-(alpha * T^2 * D + (1 - alpha) * CE, weights from `combine`), seeded: the same seed gives the same batches and the
-same result. Inputs are tensors (pixels, or the outputs of a frozen front of the student computed once), teacher
-targets come from an image teacher cache (sparse) or from teacher logits (dense).
+`fit_classifier` trains the student's trainable parameters (the shared loop of `potstill.train.loop`) with the KD
+objective of `potstill.losses.classifier` (alpha * T^2 * D + (1 - alpha) * CE, weights from `combine`), seeded: the
+same seed gives the same batches and the same result. Inputs are tensors (pixels, or the outputs of a frozen front of
+the student computed once), teacher targets come from an image teacher cache (sparse) or from teacher logits (dense).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from potstill.errors import UserError
 from potstill.losses import Divergence, combine
 from potstill.losses.classifier import classifier_kd_terms
 from potstill.losses.sparse import SparseTargets
+from potstill.train.loop import fit_loop
 
 
 def fit_classifier(
@@ -60,28 +60,15 @@ def fit_classifier(
     """
     if alpha > 0 and teacher is None:
         raise UserError(f"classifier KD: alpha={alpha} needs teacher targets (a cache or teacher logits)")
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("classifier KD: the student has no trainable parameter")
-    n = len(inputs)
-    if len(labels) != n:
-        raise UserError(f"classifier KD: {n} inputs but {len(labels)} labels")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    order, pos, history = torch.randperm(n, generator=generator), 0, []
-    for _ in tqdm(range(steps), desc="classifier KD", disable=not progress):
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=generator), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
+    if len(labels) != len(inputs):
+        raise UserError(f"classifier KD: {len(inputs)} inputs but {len(labels)} labels")
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         targets = None if teacher is None or alpha == 0 else _rows(teacher, idx)
-        terms = classifier_kd_terms(student(inputs[idx]), targets, labels[idx], div)
-        loss = combine(terms, alpha, div.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
-    return history
+        return combine(classifier_kd_terms(student(inputs[idx]), targets, labels[idx], div), alpha, div.temperature)
+
+    return fit_loop(student.parameters(), len(inputs), batch_loss, steps=steps, batch_size=batch_size, lr=lr,
+                    weight_decay=weight_decay, seed=seed, desc="classifier KD", progress=progress)  # fmt: skip
 
 
 def _rows(teacher: torch.Tensor | SparseTargets, idx: torch.Tensor) -> torch.Tensor | SparseTargets:

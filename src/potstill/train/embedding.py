@@ -1,16 +1,16 @@
 """Embedding distillation loop: a student maps inputs to the teacher's embedding space (cross-modal: images to
 where a text teacher embeds their captions), with a loss of `potstill.losses.embedding` (cosine, mse, contrastive).
-Seeded: the same seed gives the same batches and the same result.
+The loop is `potstill.train.loop.fit_loop`; seeded: the same seed gives the same batches and the same result.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from potstill.errors import UserError
 from potstill.losses.embedding import embedding_loss
+from potstill.train.loop import fit_loop
 
 
 def fit_embedder(
@@ -45,17 +45,9 @@ def fit_embedder(
     """
     if len(inputs) != len(teacher):
         raise UserError(f"embedding KD: {len(inputs)} inputs but {len(teacher)} teacher embeddings")
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(seed)
-    order, pos, history = torch.randperm(len(inputs), generator=generator), 0, []
-    for _ in tqdm(range(steps), desc=f"embedding KD ({kind})", disable=not progress):
-        if pos + batch_size > len(inputs):
-            order, pos = torch.randperm(len(inputs), generator=generator), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        loss = embedding_loss(student(inputs[idx]), teacher[idx], kind, tau)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
-    return history
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        return embedding_loss(student(inputs[idx]), teacher[idx], kind, tau)
+
+    return fit_loop(student.parameters(), len(inputs), batch_loss, steps=steps, batch_size=batch_size, lr=lr,
+                    weight_decay=0.01, seed=seed, desc=f"embedding KD ({kind})", progress=progress)  # fmt: skip

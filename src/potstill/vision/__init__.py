@@ -1,0 +1,1 @@
+"""Vision and cross-modal recipes (`potstill vision ...`): classifier, cross-modal and captioning KD runs."""
