@@ -245,7 +245,9 @@ def train_and_score(out: Path, overrides: list[str], prompts: list[tuple[str, st
     Runs in a worker process (`--jobs`), so it sets its own thread count."""
     torch.set_num_threads(threads)
     secs = train(out, overrides)
-    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    log_file = out / "log.jsonl"  # (none when no logging step came)
+    lines = log_file.read_text().splitlines() if log_file.exists() else []
+    logs = [json.loads(line) for line in lines if line.strip()]
     last = next((row for row in reversed(logs) if "loss" in row), {})
     return accuracy(out / "student", prompts), secs, last
 
