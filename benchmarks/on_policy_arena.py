@@ -241,15 +241,20 @@ def train(out: Path, overrides: list[str]) -> float:
 
 
 def train_and_score(out: Path, overrides: list[str], prompts: list[tuple[str, str]], threads: int) -> tuple:
-    """`train`, then the greedy exact match of the trained student on `prompts`: (accuracy, seconds, final log).
+    """`train` (unless `out/arena.json` records a finished run with the same overrides: the work dir is a cache),
+    then the greedy exact match of the student on `prompts`: (accuracy, train seconds, final training log).
     Runs in a worker process (`--jobs`), so it sets its own thread count."""
     torch.set_num_threads(threads)
-    secs = train(out, overrides)
+    record = out / "arena.json"
+    done = json.loads(record.read_text()) if record.exists() else {}
+    if done.get("overrides") != overrides:
+        done = {"overrides": overrides, "seconds": train(out, overrides)}
+        record.write_text(json.dumps(done))
     log_file = out / "log.jsonl"  # (none when no logging step came)
     lines = log_file.read_text().splitlines() if log_file.exists() else []
     logs = [json.loads(line) for line in lines if line.strip()]
     last = next((row for row in reversed(logs) if "loss" in row), {})
-    return accuracy(out / "student", prompts), secs, last
+    return accuracy(out / "student", prompts), done["seconds"], last
 
 
 def _health(log: dict) -> str:
@@ -336,31 +341,45 @@ def main(argv: list[str] | None = None) -> int:
 
     hidden, layers = (int(x) for x in args.student.split("x"))
 
-    def start_of(seed: int) -> tuple[Path, float | None]:
-        """The student every arm of `seed` starts from (random init, or after --sft-steps of --start), and its
-        held-out accuracy (None from random init)."""
+    def start_job(seed: int) -> tuple[Path, list[str], list]:
+        """The run that trains `seed`'s start: --sft-steps of --start from the seed's random init."""
         init = build_model(tok, args.work / f"student_init_{seed}", seed=seed, hidden=hidden, layers=layers, heads=2)
-        if not args.sft_steps:
-            return init, None
-        sft = args.work / f"{args.start}_start_s{seed}"
-        if not (sft / "student" / "config.json").exists():
-            run = [f"train.seed={seed}", f"train.max_steps={args.sft_steps}", f"train.lr={args.sft_lr}"]
-            run += [f"train.batch_size={args.batch_size}", f"model.teacher={teacher}"]
-            train(sft, [f"model.student={init}", *common, *ARMS[args.start], *run])
-        acc = accuracy(sft / "student", held)
-        print(f"{args.start} start seed {seed} ({args.sft_steps} steps): held-out acc {acc:.3f}", flush=True)
-        return sft / "student", acc
+        run = [f"train.seed={seed}", f"train.max_steps={args.sft_steps}", f"train.lr={args.sft_lr}"]
+        run += [f"train.batch_size={args.batch_size}", f"model.teacher={teacher}"]
+        return (
+            args.work / f"{args.start}_start_s{seed}",
+            [f"model.student={init}", *common, *ARMS[args.start], *run],
+            held,
+        )
 
-    def job(arm: str, seed: int, lr: float, start: Path, tag: str, prompts: list) -> tuple[Path, list[str], list]:
+    def job(arm: str, seed: int, lr: float, prompts: list) -> tuple[Path, list[str], list]:
+        """The run of `arm` at `lr` from `seed`'s start (the same directory for the sweep and the final table)."""
+        start = starts[seed][0]
         overrides = [f"model.student={start}", f"model.teacher={teacher}", *common, *ARMS[arm], f"train.seed={seed}"]
         overrides += [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={lr}"]
-        return args.work / f"{arm}_{tag}", overrides, prompts
+        return args.work / f"{arm}_lr{lr:g}_s{seed}", overrides, prompts
+
+    sweeping = len(args.lr) > 1
+    # with a sweep, its seed is the first seed of the table: its runs at the chosen lr are scored on held-out too
+    seeds = (
+        list(dict.fromkeys([args.sweep_seed, *range(args.seeds)]))[: args.seeds] if sweeping else [*range(args.seeds)]
+    )
+    starts: dict[int, tuple[Path, float | None]] = {}
+    if args.sft_steps:  # every arm of a seed starts from the same checkpoint
+        for seed, (acc, _, _) in zip(
+            seeds, run_all([start_job(s) for s in seeds], args.threads, args.jobs), strict=True
+        ):
+            starts[seed] = args.work / f"{args.start}_start_s{seed}" / "student", acc
+            print(f"{args.start} start seed {seed} ({args.sft_steps} steps): held-out acc {acc:.3f}", flush=True)
+    else:
+        for seed in seeds:
+            init = args.work / f"student_init_{seed}"
+            starts[seed] = build_model(tok, init, seed=seed, hidden=hidden, layers=layers, heads=2), None
 
     best = {arm: args.lr[0] for arm in args.arms}
-    if len(args.lr) > 1:  # the same lr sweep for every arm, on its own seed, scored on the validation prompts
-        start, _ = start_of(args.sweep_seed)
+    if sweeping:  # the same lr sweep for every arm, on one seed, scored on the validation prompts
         grid = [(arm, lr) for arm in args.arms for lr in args.lr]
-        jobs = [job(arm, args.sweep_seed, lr, start, f"lr{lr:g}_s{args.sweep_seed}", val_pairs) for arm, lr in grid]
+        jobs = [job(arm, args.sweep_seed, lr, val_pairs) for arm, lr in grid]
         sweep: dict[str, dict[float, float]] = {arm: {} for arm in args.arms}
         for (arm, lr), (acc, secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
             sweep[arm][lr] = acc
@@ -372,9 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         for arm in args.arms:
             print(f"| {arm} | " + " | ".join(f"{sweep[arm][lr]:.3f}" for lr in args.lr) + f" | {best[arm]:g} |")
 
-    starts = [start_of(seed) for seed in range(args.seeds)]
-    grid = [(arm, seed) for seed in range(args.seeds) for arm in args.arms]
-    jobs = [job(arm, seed, best[arm], starts[seed][0], f"s{seed}", held) for arm, seed in grid]
+    grid = [(arm, seed) for seed in seeds for arm in args.arms]
+    jobs = [job(arm, seed, best[arm], held) for arm, seed in grid]
     results: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
     for (arm, seed), (acc, secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
         results[arm].append((acc, secs))
@@ -385,13 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         f"\nteacher 128x4: {teacher_acc:.3f} held-out exact match ({len(held)} prompts, {args.digits} digits,", end=""
     )
     print(f" {order})")
-    sft_acc = [acc for _, acc in starts if acc is not None]
+    sft_acc = [acc for _, acc in starts.values() if acc is not None]
     begin = f"from the {args.start} student of its seed ({args.sft_steps} steps)" if sft_acc else "from init"
     print(f"student {args.student}, {args.steps} steps x batch {args.batch_size}, {begin}\n")
-    seeds = " | ".join(f"seed {s}" for s in range(args.seeds))
+    header = " | ".join(f"seed {s}" for s in seeds)
     reference = "kd_fkl" if "kd_fkl" in results else args.arms[0]
-    print(f"| arm | {seeds} | mean | spread (max - min) | lr | - {reference} per seed: mean [min, max] | seconds |")
-    print("|---|" + "---:|" * (args.seeds + 5))
+    print(f"| arm | {header} | mean | spread (max - min) | lr | - {reference} per seed: mean [min, max] | seconds |")
+    print("|---|" + "---:|" * (len(seeds) + 5))
     if sft_acc:
         print(_row("(start)", sft_acc, " | | |"))
     for arm, rows in results.items():
