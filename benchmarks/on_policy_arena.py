@@ -3,8 +3,9 @@
 Task: 2-digit addition at character level, `"12+34="` -> `"046"` (the sum zero-padded to 3 digits, so every row
 has the same length: `<bos>` + 6 prompt + 3 answer + `<eos>` = 11 tokens, and the distill recipe's packing puts
 exactly one row in each sequence of `data.seq_len` 11, as the on_policy recipe does). The operand pairs
-(10..99)^2 are split into held-out prompts, a 200-pair validation split (`data.eval`: DistiLLM's validation loss)
-and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers (60,000 sampled pairs).
+(10..99)^2 are split into held-out prompts, a validation split (`--val`, 200 by default: `data.eval`, DistiLLM's
+validation loss, and the lr sweep) and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers
+(60,000 sampled pairs).
 
 1. A teacher (Llama, hidden 128 x 4 layers) is trained here by CE (`train.recipe=distill`, `loss.alpha=0`) and
    its greedy exact-match accuracy on the held-out prompts is printed (cached in the work dir; `--retrain-teacher`).
@@ -21,6 +22,8 @@ and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers (6
    - `seq_kd`: sequence-level KD (on_policy recipe, `lmbda=0`, `seq_kd=true`: the teacher samples the completions,
      graded by fkl);
    - `gkd_jsd`: GKD (on_policy, `lmbda=0.5`, `objective=gkd`, `loss.name=jsd`, beta 0.5);
+   - `gkd_fkl1`, `gkd_rkl1`: fully on-policy GKD (lmbda 1) with fkl / rkl over the full vocabulary (`gkd_rkl1` is
+     the exact expectation of the sampled reverse KL below, at the same samples);
    - `rkl_onpolicy`: on-policy sampled reverse KL (on_policy, `lmbda=1`, `objective=rkl_sampled`);
    - `rkl_baseline`: the same with `baseline=batch` (the micro-batch's mean advantage subtracted);
    - `rkl_topk4`: on-policy reverse KL over the teacher's top-4 tokens + the rest bucket (`objective=rkl_topk`);
@@ -29,12 +32,21 @@ and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers (6
    - `distillm`: DistiLLM (`objective=gkd` with `loss.name=srkl`, skew 0.1; lmbda from 0, adaptive every 50 steps on
      the validation split; replay buffer of 1,000).
 
+With several `--lr`, every arm is trained at each of them on `--sweep-seed` and scored on the validation prompts;
+its best lr is then run on the other seeds, and the sweep seed's run at that lr is the table's first seed. The table
+adds each arm's difference to `kd_fkl` on the same seed (same start: it removes the start's luck). `--jobs N` runs
+N trainings at a time (worker processes); the work dir is a cache: a run whose `arena.json` records the same
+overrides is scored, not retrained. `--lsd-first` writes the answer least-significant digit first; `--start` picks
+the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start).
+
 Metric: the student's greedy exact-match accuracy on the held-out prompts (answer tokens up to `<eos>` equal to the
 true answer), and the wall seconds of each training run (load + train + save, without the evaluation).
 
     python benchmarks/on_policy_arena.py                  # the from-scratch table of benchmarks/README.md
     python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 300 --steps 300 --seeds 2 \
         --arms ce kd_fkl seq_kd gkd_jsd rkl_baseline rkl_topk4 minillm distillm     # from an SFT start, soft teacher
+    python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 600 --steps 400 --seeds 3 --eval 2000 \
+        --val 500 --lr 3e-4 1e-3 3e-3 --jobs 2 --arms ce kd_fkl seq_kd gkd_jsd gkd_rkl1 rkl_baseline minillm
     python benchmarks/on_policy_arena.py --quick          # a smoke run (tiny teacher budget, 20 student steps)
 """
 

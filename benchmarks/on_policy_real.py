@@ -19,6 +19,7 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
    - `rkl_topk`: on-policy reverse KL over the teacher's top-K (+ rest bucket) on the student's samples (lmbda 1);
    - `rkl_sampled`: on-policy sampled reverse KL with the batch-mean baseline (lmbda 1);
    - `gkd`: GKD, lmbda 0.5, jsd beta 0.5 (on the data's answers or the student's samples).
+   `--min-eos-rate` / `--min-distinct2` set the collapse stops of the on-policy arms (a stop is in the results).
 4. Metrics on the held-out prompts: the per-token reverse KL KL(q_student || p_teacher), exact over the student's
    vocabulary at every position of the student's own samples (`--samples` per prompt, temperature 1, seeded; p is the
    teacher's full-vocabulary distribution, read at the student's ids), ROUGE-L F1 of the student's greedy answers
