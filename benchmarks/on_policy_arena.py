@@ -3,8 +3,9 @@
 Task: 2-digit addition at character level, `"12+34="` -> `"046"` (the sum zero-padded to 3 digits, so every row
 has the same length: `<bos>` + 6 prompt + 3 answer + `<eos>` = 11 tokens, and the distill recipe's packing puts
 exactly one row in each sequence of `data.seq_len` 11, as the on_policy recipe does). The operand pairs
-(10..99)^2 are split into held-out prompts, a 200-pair validation split (`data.eval`: DistiLLM's validation loss)
-and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers (60,000 sampled pairs).
+(10..99)^2 are split into held-out prompts, a validation split (`--val`, 200 by default: `data.eval`, DistiLLM's
+validation loss, and the lr sweep) and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers
+(60,000 sampled pairs).
 
 1. A teacher (Llama, hidden 128 x 4 layers) is trained here by CE (`train.recipe=distill`, `loss.alpha=0`) and
    its greedy exact-match accuracy on the held-out prompts is printed (cached in the work dir; `--retrain-teacher`).
@@ -21,6 +22,8 @@ and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers (6
    - `seq_kd`: sequence-level KD (on_policy recipe, `lmbda=0`, `seq_kd=true`: the teacher samples the completions,
      graded by fkl);
    - `gkd_jsd`: GKD (on_policy, `lmbda=0.5`, `objective=gkd`, `loss.name=jsd`, beta 0.5);
+   - `gkd_fkl1`, `gkd_rkl1`: fully on-policy GKD (lmbda 1) with fkl / rkl over the full vocabulary (`gkd_rkl1` is
+     the exact expectation of the sampled reverse KL below, at the same samples);
    - `rkl_onpolicy`: on-policy sampled reverse KL (on_policy, `lmbda=1`, `objective=rkl_sampled`);
    - `rkl_baseline`: the same with `baseline=batch` (the micro-batch's mean advantage subtracted);
    - `rkl_topk4`: on-policy reverse KL over the teacher's top-4 tokens + the rest bucket (`objective=rkl_topk`);
@@ -29,12 +32,21 @@ and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers (6
    - `distillm`: DistiLLM (`objective=gkd` with `loss.name=srkl`, skew 0.1; lmbda from 0, adaptive every 50 steps on
      the validation split; replay buffer of 1,000).
 
+With several `--lr`, every arm is trained at each of them on `--sweep-seed` and scored on the validation prompts;
+its best lr is then run on the other seeds, and the sweep seed's run at that lr is the table's first seed. The table
+adds each arm's difference to `kd_fkl` on the same seed (same start: it removes the start's luck). `--jobs N` runs
+N trainings at a time (worker processes); the work dir is a cache: a run whose `arena.json` records the same
+overrides is scored, not retrained. `--lsd-first` writes the answer least-significant digit first; `--start` picks
+the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start).
+
 Metric: the student's greedy exact-match accuracy on the held-out prompts (answer tokens up to `<eos>` equal to the
 true answer), and the wall seconds of each training run (load + train + save, without the evaluation).
 
     python benchmarks/on_policy_arena.py                  # the from-scratch table of benchmarks/README.md
     python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 300 --steps 300 --seeds 2 \
         --arms ce kd_fkl seq_kd gkd_jsd rkl_baseline rkl_topk4 minillm distillm     # from an SFT start, soft teacher
+    python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 600 --steps 400 --seeds 3 --eval 2000 \
+        --val 500 --lr 3e-4 1e-3 3e-3 --jobs 2 --arms ce kd_fkl seq_kd gkd_jsd gkd_rkl1 rkl_baseline minillm
     python benchmarks/on_policy_arena.py --quick          # a smoke run (tiny teacher budget, 20 student steps)
 """
 
@@ -63,6 +75,20 @@ ARMS = {
         "loss.name=jsd",
         "loss.beta=0.5",
         "on_policy.lmbda=0.5",
+        "on_policy.objective=gkd",
+    ],
+    "gkd_fkl1": [
+        "train.recipe=on_policy",
+        "loss.alpha=1",
+        "loss.name=fkl",
+        "on_policy.lmbda=1",
+        "on_policy.objective=gkd",
+    ],
+    "gkd_rkl1": [
+        "train.recipe=on_policy",
+        "loss.alpha=1",
+        "loss.name=rkl",
+        "on_policy.lmbda=1",
         "on_policy.objective=gkd",
     ],
     "rkl_onpolicy": ["train.recipe=on_policy", "loss.alpha=1", "on_policy.lmbda=1", "on_policy.objective=rkl_sampled"],
@@ -143,9 +169,10 @@ def build_model(tokenizer, out: Path, seed: int, hidden: int, layers: int, heads
     return out
 
 
-def make_task(work: Path, digits: int, n_eval: int, n_val: int) -> tuple[Path, Path, list[tuple[str, str]]]:
-    """Write the training and validation prompts (prompt/completion JSONL); return both paths and the held-out
-    (prompt, answer) pairs. Operands have `digits` digits; the sum is zero-padded to `digits + 1`."""
+def make_task(work: Path, digits: int, n_eval: int, n_val: int, lsd_first: bool = False) -> tuple:
+    """Write the training and validation prompts (prompt/completion JSONL); return both paths, the held-out and
+    the validation (prompt, answer) pairs. Operands have `digits` digits; the sum is zero-padded to `digits + 1`
+    and, with `lsd_first`, written least-significant digit first (`"57+68="` -> `"521"`)."""
     lo, hi = 10 ** (digits - 1), 10**digits
     if digits <= 2:
         pairs = [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
@@ -155,13 +182,18 @@ def make_task(work: Path, digits: int, n_eval: int, n_val: int) -> tuple[Path, P
         pairs.sort()
     random.Random(0).shuffle(pairs)
     held, val, train = pairs[:n_eval], pairs[n_eval : n_eval + n_val], pairs[n_eval + n_val :]
+
+    def pair(a: int, b: int) -> tuple[str, str]:
+        answer = f"{a + b:0{digits + 1}d}"
+        return f"{a}+{b}=", answer[::-1] if lsd_first else answer
+
     rows = {}
     for name, split in (("train", train), ("val", val)):
         rows[name] = work / f"{name}.jsonl"
         with rows[name].open("w") as f:
-            for a, b in split:
-                f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": f"{a + b:0{digits + 1}d}"}) + "\n")
-    return rows["train"], rows["val"], [(f"{a}+{b}=", f"{a + b:0{digits + 1}d}") for a, b in held]
+            for prompt, answer in (pair(a, b) for a, b in split):
+                f.write(json.dumps({"prompt": prompt, "completion": answer}) + "\n")
+    return rows["train"], rows["val"], [pair(a, b) for a, b in held], [pair(a, b) for a, b in val]
 
 
 def _held_ids(tok, held: list[tuple[str, str]]) -> torch.Tensor:
@@ -220,22 +252,67 @@ def train(out: Path, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def train_and_score(out: Path, overrides: list[str], prompts: list[tuple[str, str]], threads: int) -> tuple:
+    """`train` (unless `out/arena.json` records a finished run with the same overrides: the work dir is a cache),
+    then the greedy exact match of the student on `prompts`: (accuracy, train seconds, final training log).
+    Runs in a worker process (`--jobs`), so it sets its own thread count."""
+    torch.set_num_threads(threads)
+    record = out / "arena.json"
+    done = json.loads(record.read_text()) if record.exists() else {}
+    if done.get("overrides") != overrides:
+        done = {"overrides": overrides, "seconds": train(out, overrides)}
+        record.write_text(json.dumps(done))
+    log_file = out / "log.jsonl"  # (none when no logging step came)
+    lines = log_file.read_text().splitlines() if log_file.exists() else []
+    logs = [json.loads(line) for line in lines if line.strip()]
+    last = next((row for row in reversed(logs) if "loss" in row), {})
+    return accuracy(out / "student", prompts), done["seconds"], last
+
+
+def _health(log: dict) -> str:
+    """The last training log's health figures, for the run lines."""
+    keys = ("kd", "rollout_eos_rate", "rollout_len", "rollout_distinct2", "advantage_std", "grad_norm")
+    return " ".join(f"{k} {log[k]:.3g}" for k in keys if k in log)
+
+
+def run_all(jobs: list[tuple[Path, list[str], list]], threads: int, workers: int) -> list[tuple]:
+    """Every (out, overrides, prompts) job through `train_and_score`, `workers` at a time; results in job order."""
+    if workers <= 1:
+        return [train_and_score(out, o, pr, threads) for out, o, pr in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(train_and_score, out, o, pr, threads) for out, o, pr in jobs]
+        return [f.result() for f in futures]
+
+
+def _row(name: str, accs: list[float], extra: str) -> str:
+    cells = " | ".join(f"{a:.3f}" for a in accs)
+    return f"| {name} | {cells} | {statistics.mean(accs):.3f} | {max(accs) - min(accs):.3f} | {extra}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--digits", type=int, default=2, help="digits per operand (the answer has one more)")
+    p.add_argument("--lsd-first", action="store_true", help="write the answer least-significant digit first")
     p.add_argument("--steps", type=int, default=1500, help="student optimizer steps, every arm")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (student init and train.seed)")
     p.add_argument("--batch-size", type=int, default=32, help="student train.batch_size, every arm")
-    p.add_argument("--lr", type=float, default=2e-3, help="student train.lr, every arm")
-    p.add_argument("--sft-steps", type=int, default=0, help="CE steps from random init before every arm (0: none)")
-    p.add_argument("--sft-lr", type=float, default=2e-3, help="train.lr of the SFT stage")
+    p.add_argument("--lr", type=float, nargs="+", default=[2e-3], help="student train.lr; several: a sweep per arm")
+    p.add_argument("--sweep-seed", type=int, default=100, help="the seed of the lr sweep (scored on the val split)")
+    p.add_argument("--sft-steps", type=int, default=0, help="steps of --start from random init before every arm")
+    p.add_argument("--start", default="ce", choices=list(ARMS), help="the recipe of those steps (ce: SFT)")
+    p.add_argument("--sft-lr", type=float, default=2e-3, help="train.lr of the start stage")
     p.add_argument("--student", default="48x2", help="student hidden x layers")
     p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--eval", type=int, default=500, help="held-out prompts")
+    p.add_argument("--val", type=int, default=200, help="validation prompts (DistiLLM's data.eval, the lr sweep)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--work", type=Path, default=Path("/tmp/potstill_arena"))
     p.add_argument("--retrain-teacher", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (worker processes)")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 student steps, 1 seed, 200 teacher steps")
     args = p.parse_args(argv)
     if args.quick:
@@ -245,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    data, val, held = make_task(args.work, args.digits, args.eval, n_val=200)
+    data, val, held, val_pairs = make_task(args.work, args.digits, args.eval, args.val, args.lsd_first)
     answer_len = args.digits + 1
     seq_len = 1 + 2 * args.digits + 2 + answer_len + 1  # <bos> + "a+b=" + answer + <eos>
     common = [f"data.train=[{data}]", f"data.eval=[{val}]", f"data.seq_len={seq_len}", "train.logging_steps=50"]
@@ -275,49 +352,83 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     hidden, layers = (int(x) for x in args.student.split("x"))
-    results: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
-    sft_acc = []
-    for seed in range(args.seeds):
-        init = build_model(tok, args.work / f"student_init_{seed}", seed=seed, hidden=hidden, layers=layers, heads=2)
-        if args.sft_steps:  # every arm of this seed starts from the same supervised student
-            sft = args.work / f"sft_s{seed}"
-            if not (sft / "student" / "config.json").exists():
-                sft_run = [f"train.seed={seed}", f"train.max_steps={args.sft_steps}", f"train.lr={args.sft_lr}"]
-                sft_run += [f"train.batch_size={args.batch_size}"]
-                train(sft, [f"model.student={init}", *common, *ARMS["ce"], *sft_run])
-            init = sft / "student"
-            sft_acc.append(accuracy(init, held))
-            print(f"SFT start seed {seed}: acc {sft_acc[-1]:.3f}", flush=True)
-        for arm in args.arms:
-            out = args.work / f"{arm}_s{seed}"
-            secs = train(
-                out,
-                [
-                    f"model.student={init}",
-                    f"model.teacher={teacher}",
-                    *common,
-                    *ARMS[arm],
-                    f"train.seed={seed}",
-                    f"train.max_steps={args.steps}",
-                    f"train.batch_size={args.batch_size}",
-                    f"train.lr={args.lr}",
-                ],
-            )
-            acc = accuracy(out / "student", held)
-            results[arm].append((acc, secs))
-            print(f"{arm} seed {seed}: acc {acc:.3f} in {secs:.1f} s", flush=True)
 
-    print(f"\nteacher 128x4: {teacher_acc:.3f} held-out exact match ({len(held)} prompts, {args.digits} digits)")
-    start = f"from the CE student of its seed ({args.sft_steps} steps, acc {sft_acc})" if sft_acc else "from init"
-    print(f"student {args.student}, {args.steps} steps x batch {args.batch_size}, lr {args.lr}, {start}\n")
-    seeds = " | ".join(f"seed {s}" for s in range(args.seeds))
-    print(f"| arm | {seeds} | mean | spread (max - min) | seconds (mean) |")
-    print("|---|" + "---:|" * (args.seeds + 3))
+    def start_job(seed: int) -> tuple[Path, list[str], list]:
+        """The run that trains `seed`'s start: --sft-steps of --start from the seed's random init."""
+        init = build_model(tok, args.work / f"student_init_{seed}", seed=seed, hidden=hidden, layers=layers, heads=2)
+        run = [f"train.seed={seed}", f"train.max_steps={args.sft_steps}", f"train.lr={args.sft_lr}"]
+        run += [f"train.batch_size={args.batch_size}", f"model.teacher={teacher}"]
+        return (
+            args.work / f"{args.start}_start_s{seed}",
+            [f"model.student={init}", *common, *ARMS[args.start], *run],
+            held,
+        )
+
+    def job(arm: str, seed: int, lr: float, prompts: list) -> tuple[Path, list[str], list]:
+        """The run of `arm` at `lr` from `seed`'s start (the same directory for the sweep and the final table)."""
+        start = starts[seed][0]
+        overrides = [f"model.student={start}", f"model.teacher={teacher}", *common, *ARMS[arm], f"train.seed={seed}"]
+        overrides += [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={lr}"]
+        return args.work / f"{arm}_lr{lr:g}_s{seed}", overrides, prompts
+
+    sweeping = len(args.lr) > 1
+    # with a sweep, its seed is the first seed of the table: its runs at the chosen lr are scored on held-out too
+    seeds = (
+        list(dict.fromkeys([args.sweep_seed, *range(args.seeds)]))[: args.seeds] if sweeping else [*range(args.seeds)]
+    )
+    starts: dict[int, tuple[Path, float | None]] = {}
+    if args.sft_steps:  # every arm of a seed starts from the same checkpoint
+        for seed, (acc, _, _) in zip(
+            seeds, run_all([start_job(s) for s in seeds], args.threads, args.jobs), strict=True
+        ):
+            starts[seed] = args.work / f"{args.start}_start_s{seed}" / "student", acc
+            print(f"{args.start} start seed {seed} ({args.sft_steps} steps): held-out acc {acc:.3f}", flush=True)
+    else:
+        for seed in seeds:
+            init = args.work / f"student_init_{seed}"
+            starts[seed] = build_model(tok, init, seed=seed, hidden=hidden, layers=layers, heads=2), None
+
+    best = {arm: args.lr[0] for arm in args.arms}
+    if sweeping:  # the same lr sweep for every arm, on one seed, scored on the validation prompts
+        grid = [(arm, lr) for arm in args.arms for lr in args.lr]
+        jobs = [job(arm, args.sweep_seed, lr, val_pairs) for arm, lr in grid]
+        sweep: dict[str, dict[float, float]] = {arm: {} for arm in args.arms}
+        for (arm, lr), (acc, secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
+            sweep[arm][lr] = acc
+            print(f"sweep {arm} lr {lr:g}: val acc {acc:.3f} in {secs:.1f} s; {_health(log)}", flush=True)
+        best = {arm: max(args.lr, key=lambda lr, arm=arm: sweep[arm][lr]) for arm in args.arms}
+        print(f"\nlr sweep (seed {args.sweep_seed}, {len(val_pairs)} validation prompts, greedy exact match)\n")
+        print("| arm | " + " | ".join(f"lr {lr:g}" for lr in args.lr) + " | chosen |")
+        print("|---|" + "---:|" * (len(args.lr) + 1))
+        for arm in args.arms:
+            print(f"| {arm} | " + " | ".join(f"{sweep[arm][lr]:.3f}" for lr in args.lr) + f" | {best[arm]:g} |")
+
+    grid = [(arm, seed) for seed in seeds for arm in args.arms]
+    jobs = [job(arm, seed, best[arm], held) for arm, seed in grid]
+    results: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
+    for (arm, seed), (acc, secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
+        results[arm].append((acc, secs))
+        print(f"{arm} seed {seed} lr {best[arm]:g}: acc {acc:.3f} in {secs:.1f} s; {_health(log)}", flush=True)
+
+    order = "least-significant digit first" if args.lsd_first else "most-significant digit first"
+    print(
+        f"\nteacher 128x4: {teacher_acc:.3f} held-out exact match ({len(held)} prompts, {args.digits} digits,", end=""
+    )
+    print(f" {order})")
+    sft_acc = [acc for _, acc in starts.values() if acc is not None]
+    begin = f"from the {args.start} student of its seed ({args.sft_steps} steps)" if sft_acc else "from init"
+    print(f"student {args.student}, {args.steps} steps x batch {args.batch_size}, {begin}\n")
+    header = " | ".join(f"seed {s}" for s in seeds)
+    reference = "kd_fkl" if "kd_fkl" in results else args.arms[0]
+    print(f"| arm | {header} | mean | spread (max - min) | lr | - {reference} per seed: mean [min, max] | seconds |")
+    print("|---|" + "---:|" * (len(seeds) + 5))
+    if sft_acc:
+        print(_row("(start)", sft_acc, " | | |"))
     for arm, rows in results.items():
         accs = [a for a, _ in rows]
-        cells = " | ".join(f"{a:.3f}" for a in accs)
-        mean, spread = statistics.mean(accs), max(accs) - min(accs)
-        print(f"| {arm} | {cells} | {mean:.3f} | {spread:.3f} | {statistics.mean(s for _, s in rows):.1f} |")
+        diffs = [a - b for a, (b, _) in zip(accs, results[reference], strict=True)]
+        paired = f"{statistics.mean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}]"
+        print(_row(arm, accs, f"{best[arm]:g} | {paired} | {statistics.mean(s for _, s in rows):.1f} |"))
     return 0
 
 

@@ -19,6 +19,7 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
    - `rkl_topk`: on-policy reverse KL over the teacher's top-K (+ rest bucket) on the student's samples (lmbda 1);
    - `rkl_sampled`: on-policy sampled reverse KL with the batch-mean baseline (lmbda 1);
    - `gkd`: GKD, lmbda 0.5, jsd beta 0.5 (on the data's answers or the student's samples).
+   `--min-eos-rate` / `--min-distinct2` set the collapse stops of the on-policy arms (a stop is in the results).
 4. Metrics on the held-out prompts: the per-token reverse KL KL(q_student || p_teacher), exact over the student's
    vocabulary at every position of the student's own samples (`--samples` per prompt, temperature 1, seeded; p is the
    teacher's full-vocabulary distribution, read at the student's ids), ROUGE-L F1 of the student's greedy answers
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--samples", type=int, default=2, help="student samples per held-out prompt (reverse KL)")
     p.add_argument("--top-k", type=int, default=8, help="rkl_topk's K")
+    p.add_argument("--min-eos-rate", type=float, default=0.0, help="on-policy arms: on_policy.min_eos_rate (0: off)")
+    p.add_argument("--min-distinct2", type=float, default=0.0, help="on-policy arms: on_policy.min_distinct2 (0: off)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds to train (none: only the table)")
     p.add_argument("--arms", nargs="+", default=["ce", "kd", "seq_kd", "rkl_topk"], choices=list(ARMS))
     p.add_argument("--work", type=Path, default=Path("/tmp/potstill_real"))
@@ -264,8 +267,15 @@ def main(argv: list[str] | None = None) -> int:
                 data = teacher_data if arm == "seq_kd" else catalog
                 run = [f"model.student={sft / 'student'}", f"data.train=[{data}]", *common, *ARMS[arm]]
                 run += [f"train.seed={seed}", f"train.max_steps={args.steps}", f"train.lr={args.lr}"]
+                if "train.recipe=on_policy" in ARMS[arm]:  # the collapse stops (docs/on_policy.md, Health)
+                    run += [
+                        f"on_policy.min_eos_rate={args.min_eos_rate}",
+                        f"on_policy.min_distinct2={args.min_distinct2}",
+                    ]
                 secs = train(out, run)
             row = evaluate(out / "student", teacher, held, held_answers, args.max_new_tokens, args.samples)
+            summary = json.loads((out / "summary.json").read_text()) if arm != "sft" else {}
+            row |= {"stop_reason": summary["stop_reason"]} if "stop_reason" in summary else {}
             result.write_text(json.dumps({**row, "seconds": secs}, ensure_ascii=False))
             print(f"{arm} seed {seed}: {row} in {secs:.0f} s", flush=True)
 
@@ -288,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         chrf = " / ".join(f"{r['chrf']:.1f}" for r in rows)
         secs = statistics.mean(r["seconds"] for r in rows)
         print(f"| {arm} | {cells} | {statistics.mean(rkl):.3f} | {rouge} | {chrf} | {secs:.0f} |")
+    for arm, rows in table.items():
+        for row in rows:
+            if "stop_reason" in row:
+                print(f"{arm}: stopped early: {row['stop_reason']}")
     return 0
 
 
