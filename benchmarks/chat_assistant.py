@@ -141,18 +141,24 @@ def repetitive(text: str, min_distinct2: float = 0.6) -> bool:
     return len(pairs) >= 8 and len(set(pairs)) / len(pairs) < min_distinct2
 
 
-def chat_records(answers: Path, out_path: Path, drop_loops: bool) -> tuple[Path, int]:
+def chat_records(answers: Path, data: Path, val_every: int) -> tuple[Path, Path, Path, int]:
     """Teacher answers -> chat records {"messages": [system, user, assistant]} (what `potstill distill` trains on),
-    each answer cut to whole sentences; with `drop_loops` the answers that loop are left out. (path, dropped)."""
+    each answer cut to whole sentences, the answers that loop left out: DATA/all_chat.jsonl, and its split into
+    DATA/train_chat.jsonl and DATA/val_chat.jsonl (every `val_every`-th conversation: where each arm's settings are
+    chosen, never the held-out packages). (all, train, val, dropped)."""
     rows, dropped = [], 0
     for r in read_jsonl(answers):
         answer = whole_sentences(r["completion"])
-        if drop_loops and repetitive(answer):
+        if repetitive(answer):
             dropped += 1
             continue
         turns = [("system", SYSTEM), ("user", r["prompt"]), ("assistant", answer)]
         rows.append({"messages": [{"role": a, "content": b} for a, b in turns], "domain": "debian"})
-    return write_jsonl(out_path, rows), dropped
+    val = [r for i, r in enumerate(rows) if i % val_every == val_every - 1]
+    train = [r for i, r in enumerate(rows) if i % val_every != val_every - 1]
+    paths = [write_jsonl(data / f"{name}_chat.jsonl", part) for name, part in (("all", rows), ("train", train),
+                                                                               ("val", val))]  # fmt: skip
+    return *paths, dropped
 
 
 def vocab_corpus(chats: Path, teacher: Path, out_path: Path) -> Path:
@@ -176,38 +182,54 @@ def make_student(out: Path, teacher: Path, corpus: Path, layers: int) -> tuple[P
     return student, wall
 
 
-def train_args(arm: str, seed: int, student: Path, teacher: Path, chats: Path, run: Path, steps: int) -> list[str]:
-    """`potstill distill` overrides of one arm: KD (fkl, alpha 0.5: the demo's recipe) or SFT (CE only)."""
+ARMS = {  # the recipe's two arms (chosen on the validation split, docs/chat.md): `--arm NAME=OVERRIDES` adds others
+    "kd": "loss.name=rkl loss.alpha=0.5 train.lr=1e-3",
+    "sft": "loss.alpha=0 train.lr=1e-3",
+}
+
+
+def teacher_cache(out: Path, teacher: Path, student: Path, chats: Path) -> Path:
+    """`potstill cache build`: the teacher's top-64 targets over the training conversations, once for every KD run
+    (a KD step then costs what an SFT step costs; top-64 of the 3,956-id vocabulary plus the tail's mass)."""
+    cache = out / "cache"
+    if not (cache / "manifest.json").exists():
+        cli("cache", "build", "--teacher", str(teacher), "--student", str(student), "--data", str(chats),
+            "--out", str(cache), "--k", "64", "--encoding", "lossless", "--seq-len", "256", "--dtype", "bfloat16",
+            env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    return cache
+
+
+def train_args(arm: str, seed: int, student: Path, cache: Path, chats: Path, run: Path, steps: int) -> list[str]:
+    """`potstill distill` overrides of one run: the shared ones, then the arm's (`arm` = its overrides); a KD arm
+    (loss.alpha > 0) reads the teacher cache."""
     args = [
         f"model.student={student}",
-        f"model.teacher={teacher}",
-        "model.teacher_dtype=bfloat16",
         f"data.train=[{chats}]",
         "data.seq_len=256",
         f"train.output_dir={run}",
         f"train.max_steps={steps}",
         "train.batch_size=4",
-        "train.lr=1e-3",
         "train.warmup_steps=4",
         "train.mixed_precision=bf16",
         f"train.seed={seed}",
         "train.logging_steps=5",
         "train.save_steps=0",
+        *arm.split(),
     ]
-    return args + (["loss.name=fkl", "loss.alpha=0.5"] if arm == "kd" else ["loss.alpha=0"])
+    return args if "loss.alpha=0" in arm.split() else [*args, "teacher.source=cache", f"teacher.cache={cache}"]
 
 
-def train_arms(out: Path, arms: list[str], seeds: list[int], student: Path, teacher: Path, chats: Path,
+def train_arms(out: Path, arms: dict[str, str], seeds: list[int], student: Path, cache: Path, chats: Path,
                steps: int, parallel: int) -> dict[str, dict]:  # fmt: skip
     """Every (arm, seed) run, `parallel` at a time (each single-threaded); {run name: summary + wall_s}."""
     pending, results = [], {}
     for seed in seeds:
-        for arm in arms:
-            run = out / "runs" / f"{arm}_s{seed}"
+        for name, arm in arms.items():
+            run = out / "runs" / f"{name}_s{seed}"
             if (run / "summary.json").exists():
                 results[run.name] = json.loads((run / "summary.json").read_text())
             else:
-                pending.append((run, train_args(arm, seed, student, teacher, chats, run, steps)))
+                pending.append((run, train_args(arm, seed, student, cache, chats, run, steps)))
     running: list[tuple[Path, float, subprocess.Popen]] = []
     while pending or running:
         while pending and len(running) < parallel:
@@ -309,17 +331,25 @@ def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str
     }
 
 
+def eval_rows(split: str, held_answers: Path, val_chats: Path, limit: int) -> tuple[list[dict], list[str]]:
+    """The first `limit` questions of a split and the teacher's answers to them: "heldout" (other packages; the
+    recipe's measure) or "val" (training-side conversations left out of training; where the arms are tuned)."""
+    if split == "val":
+        chats = read_jsonl(val_chats)[:limit]
+        return [{"prompt": c["messages"][1]["content"]} for c in chats], [c["messages"][2]["content"] for c in chats]
+    rows = read_jsonl(held_answers)[:limit]
+    return rows, [whole_sentences(r["completion"]) for r in rows]
+
+
 def evaluate_all(
-    out: Path, teacher: Path, students: dict[str, Path], held_answers: Path, max_new: int, rows_limit: int
+    out: Path, teacher: Path, students: dict[str, Path], split: str, rows: list[dict], refs: list[str], max_new: int
 ) -> dict:
-    """`evaluate_student` of each student on the first `rows_limit` held-out questions (cached: OUT/eval/NAME.json)."""
+    """`evaluate_student` of each student on the rows of `split` (cached: OUT/eval/SPLIT/NAME.json)."""
     from potstill.models.load import load_model
 
-    rows = read_jsonl(held_answers)[:rows_limit]
-    refs = [whole_sentences(r["completion"]) for r in rows]
     teacher_model, results = None, {}
     for name, path in students.items():
-        cached = out / "eval" / f"{name}.json"
+        cached = out / "eval" / split / f"{name}.json"
         if not cached.exists():
             if teacher_model is None:
                 teacher_model, _ = load_model(teacher, dtype="bfloat16")  # as in training
@@ -437,8 +467,24 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the student (the teacher has 30)")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per arm (batch 4)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--eval-rows", type=int, default=32, help="held-out questions the students are measured on")
-    ap.add_argument("--parallel", type=int, default=2, help="training runs at once (each on one thread)")
+    ap.add_argument("--eval-rows", type=int, default=48, help="questions of the split the students are measured on")
+    ap.add_argument(
+        "--eval-split",
+        choices=["heldout", "val"],
+        default="heldout",
+        help="heldout: the held-out packages (the recipe's measure); val: the validation conversations",
+    )
+    ap.add_argument("--val-every", type=int, default=8, help="every N-th conversation is validation, not training")
+    ap.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help='an arm: distill overrides (e.g. kd_fkl="loss.name=fkl loss.alpha=0.5 train.lr=1e-3");'
+        " replaces the default arm of that name, else is added",
+    )
+    ap.add_argument("--quality-only", action="store_true", help="stop after the quality table (a sweep on val)")
+    ap.add_argument("--parallel", type=int, default=1, help="training runs at once (each on one thread)")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -447,19 +493,22 @@ def main() -> None:
     train_prompts, held_prompts = build_prompts(out, args.train, args.heldout)
     held_answers, results["teacher_heldout_s"] = teacher_answers(out, args.teacher, held_prompts, args.max_tokens)
     train_answers, results["teacher_train_s"] = teacher_answers(out, args.teacher, train_prompts, args.max_tokens)
-    chats, results["dropped_loops"] = chat_records(train_answers, out / "data" / "train_chat.jsonl", drop_loops=True)
+    chats, train_chats, val_chats, results["dropped_loops"] = chat_records(train_answers, out / "data", args.val_every)
     corpus = vocab_corpus(chats, args.teacher, out / "data" / "corpus.jsonl")
     student, results["student_init_s"] = make_student(out, args.teacher, corpus, args.layers)
     results["student"] = json.loads((student / "potstill_student.json").read_text())
     print(f"student: {results['student']['params']:,} params, vocab {results['student']['vocab_size']}", flush=True)
 
-    runs = train_arms(out, ["kd", "sft"], args.seeds, student, args.teacher, chats, args.steps, args.parallel)
-    results["runs"] = runs
+    arms = ARMS | dict(a.split("=", 1) for a in args.arm)
+    cache = teacher_cache(out, args.teacher, student, train_chats)
+    runs = train_arms(out, arms, args.seeds, student, cache, train_chats, args.steps, args.parallel)
+    results["arms"], results["runs"] = arms, runs
     students = {name: out / "runs" / name / "student" for name in runs}
-    evals = evaluate_all(out, args.teacher, students, held_answers, args.max_tokens, args.eval_rows)
+    rows, refs = eval_rows(args.eval_split, held_answers, val_chats, args.eval_rows)
+    evals = evaluate_all(out, args.teacher, students, args.eval_split, rows, refs, args.max_tokens)
     results["eval"] = evals
     print(quality_table(evals, runs), flush=True)
-    for arm in ("kd", "sft"):
+    for arm in arms:
         for key in ("rougeL_f1", "reverse_kl_per_token"):
             values = [evals[f"{arm}_s{s}"][key] for s in args.seeds]
             results.setdefault("means", {})[f"{arm}.{key}"] = {"mean": sum(values) / len(values),
@@ -472,6 +521,9 @@ def main() -> None:
                           and evals[f"kd_s{s}"]["rougeL_f1"] > evals[f"sft_s{s}"]["rougeL_f1"] for s in args.seeds),
     }  # fmt: skip
     print(json.dumps({"means": means, "kd_beats_sft": results["kd_beats_sft"]}, indent=2), flush=True)
+    if args.quality_only:
+        (out / f"results_{args.eval_split}.json").write_text(json.dumps(results, indent=2))
+        return
 
     chosen = out / "runs" / f"kd_s{args.seeds[0]}" / "student"
     user = read_jsonl(held_prompts)[0]["prompt"]
