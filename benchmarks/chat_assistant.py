@@ -182,8 +182,9 @@ def make_student(out: Path, teacher: Path, corpus: Path, layers: int) -> tuple[P
     return student, wall
 
 
-ARMS = {  # the recipe's two arms (chosen on the validation split, docs/chat.md): `--arm NAME=OVERRIDES` adds others
-    "kd": "loss.name=rkl loss.alpha=0.5 train.lr=1e-3",
+START = "loss.alpha=0 train.lr=1e-3"  # the shared first stage: SFT on the teacher's answers (`--start-steps`)
+ARMS = {  # the second stage, from the first one's student (`--arm NAME=OVERRIDES` adds others; docs/chat.md)
+    "kd": "loss.name=fkl loss.alpha=0.5 train.lr=1e-3",
     "sft": "loss.alpha=0 train.lr=1e-3",
 }
 
@@ -219,17 +220,16 @@ def train_args(arm: str, seed: int, student: Path, cache: Path, chats: Path, run
     return args if "loss.alpha=0" in arm.split() else [*args, "teacher.source=cache", f"teacher.cache={cache}"]
 
 
-def train_arms(out: Path, arms: dict[str, str], seeds: list[int], student: Path, cache: Path, chats: Path,
-               steps: int, parallel: int) -> dict[str, dict]:  # fmt: skip
-    """Every (arm, seed) run, `parallel` at a time (each single-threaded); {run name: summary + wall_s}."""
+def train_runs(out: Path, plan: dict[str, list[str]], parallel: int) -> dict[str, dict]:
+    """Every run of `plan` ({run name: `potstill distill` overrides}) not done yet (OUT/runs/NAME), `parallel` at a
+    time (each single-threaded); {run name: summary + wall_s}."""
     pending, results = [], {}
-    for seed in seeds:
-        for name, arm in arms.items():
-            run = out / "runs" / f"{name}_s{seed}"
-            if (run / "summary.json").exists():
-                results[run.name] = json.loads((run / "summary.json").read_text())
-            else:
-                pending.append((run, train_args(arm, seed, student, cache, chats, run, steps)))
+    for name, args in plan.items():
+        run = out / "runs" / name
+        if (run / "summary.json").exists():
+            results[name] = json.loads((run / "summary.json").read_text())
+        else:
+            pending.append((run, args))
     running: list[tuple[Path, float, subprocess.Popen]] = []
     while pending or running:
         while pending and len(running) < parallel:
@@ -447,10 +447,13 @@ def targets(rows: list[dict], teacher: Path) -> dict:
 
 
 def quality_table(evals: dict[str, dict], runs: dict[str, dict]) -> str:
+    """One row per student; train s = its own run's wall time (+ its seed's first stage, when there is one)."""
     lines = ["| student | ROUGE-L F1 to teacher | reverse KL / token (teacher-scored) | answer tokens | ended |"
              " train s |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, e in evals.items():
+        start = runs.get("start_" + name.rsplit("_", 1)[-1], {}).get("wall_s")
         wall = runs.get(name, {}).get("wall_s", "")
+        wall = f"{start} + {wall}" if start is not None else wall
         lines.append(f"| {name} | {e['rougeL_f1']:.4f} | {e['reverse_kl_per_token']:.4f} | "
                      f"{e['answer_tokens_mean']:.1f} | {e['ended_share']:.2f} | {wall} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -465,7 +468,13 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=48, help="held-out questions (other packages)")
     ap.add_argument("--max-tokens", type=int, default=64, help="answer length (teacher and students)")
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the student (the teacher has 30)")
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per arm (batch 4)")
+    ap.add_argument(
+        "--start-steps",
+        type=int,
+        default=30,
+        help="steps of the shared SFT first stage (0: the arms start from the pruned student)",
+    )
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per arm after the first stage (batch 4)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--eval-rows", type=int, default=48, help="questions of the split the students are measured on")
     ap.add_argument(
@@ -501,9 +510,17 @@ def main() -> None:
 
     arms = ARMS | dict(a.split("=", 1) for a in args.arm)
     cache = teacher_cache(out, args.teacher, student, train_chats)
-    runs = train_arms(out, arms, args.seeds, student, cache, train_chats, args.steps, args.parallel)
-    results["arms"], results["runs"] = arms, runs
-    students = {name: out / "runs" / name / "student" for name in runs}
+    runs, starts = {}, {s: student for s in args.seeds}
+    if args.start_steps:  # the first stage, shared by the arms of a seed
+        plan = {f"start_s{s}": train_args(START, s, student, cache, train_chats, out / "runs" / f"start_s{s}",
+                                          args.start_steps) for s in args.seeds}  # fmt: skip
+        runs = train_runs(out, plan, args.parallel)
+        starts = {s: out / "runs" / f"start_s{s}" / "student" for s in args.seeds}
+    plan = {f"{name}_s{s}": train_args(arm, s, starts[s], cache, train_chats, out / "runs" / f"{name}_s{s}", args.steps)
+            for s in args.seeds for name, arm in arms.items()}  # fmt: skip
+    runs |= train_runs(out, plan, args.parallel)
+    results["start"], results["arms"], results["runs"] = START if args.start_steps else None, arms, runs
+    students = {name: out / "runs" / name / "student" for name in plan}
     rows, refs = eval_rows(args.eval_split, held_answers, val_chats, args.eval_rows)
     evals = evaluate_all(out, args.teacher, students, args.eval_split, rows, refs, args.max_tokens)
     results["eval"] = evals
