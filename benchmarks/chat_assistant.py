@@ -97,9 +97,20 @@ def build_prompts(out: Path, n_train: int, n_heldout: int) -> tuple[Path, Path]:
     return train, held
 
 
-def teacher_answers(out: Path, teacher: Path, prompts: Path, max_tokens: int) -> tuple[Path, float]:
-    """`potstill generate` (complete, local, chat template, greedy) on `prompts` -> OUT/data/NAME_teacher.jsonl."""
-    name = prompts.stem.replace("_prompts", "")
+def decoding(max_tokens: int, no_repeat: int) -> dict:
+    """The greedy decoding of the teacher's answers and of every student (`potstill generate`'s sampling fields)."""
+    return {"temperature": 0.0, "max_tokens": max_tokens} | ({"no_repeat_ngram_size": no_repeat} if no_repeat else {})
+
+
+def tag(params: dict) -> str:
+    """File-name suffix of a decoding: "" for plain greedy, "_nr3" with no_repeat_ngram_size 3."""
+    return f"_nr{params['no_repeat_ngram_size']}" if params.get("no_repeat_ngram_size") else ""
+
+
+def teacher_answers(out: Path, teacher: Path, prompts: Path, params: dict) -> tuple[Path, float]:
+    """`potstill generate` (complete, local, chat template, greedy `params`) on `prompts` ->
+    OUT/data/NAME_teacher{tag}.jsonl."""
+    name = prompts.stem.replace("_prompts", "") + tag(params)
     answers = out / "data" / f"{name}_teacher.jsonl"
     summary = answers.with_name(answers.name + ".summary.json")
     if summary.exists():
@@ -116,7 +127,7 @@ def teacher_answers(out: Path, teacher: Path, prompts: Path, max_tokens: int) ->
             "batch_size": 16,
             "dtype": "bfloat16",
         },
-        "sampling": {"temperature": 0.0, "max_tokens": max_tokens},
+        "sampling": params,
     }
     cfg = out / "data" / f"generate_{name}.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -255,7 +266,7 @@ def train_runs(out: Path, plan: dict[str, list[str]], parallel: int) -> dict[str
 
 
 def answer_ids(
-    model, tok, prompts: list[str], max_new: int, batch: int = 16
+    model, tok, prompts: list[str], params: dict, batch: int = 16
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Greedy answers to each user prompt through the chat template: (prompt ids, answer ids up to and including the
     end-of-turn token when the model wrote one)."""
@@ -274,7 +285,7 @@ def answer_ids(
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=mask,
-                                 **generation_kwargs({"temperature": 0.0, "max_tokens": max_new}, tok))  # fmt: skip
+                                 **generation_kwargs(params, tok))  # fmt: skip
         for row in out[:, width:].tolist():
             answers.append(row[: row.index(eos) + 1] if eos in row else row)
     return prompt_ids, answers
@@ -306,7 +317,7 @@ def reverse_kl(student, teacher, prompt_ids: list[list[int]], answers: list[list
     return total, tokens
 
 
-def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str], max_new: int) -> dict:
+def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str], params: dict) -> dict:
     """ROUGE-L F1 of the student's greedy answers to the teacher's, and the teacher-scored reverse KL per token."""
     from rouge_score import rouge_scorer
 
@@ -316,7 +327,7 @@ def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str
 
     model, tok = load_model(path)
     start = time.time()
-    prompt_ids, answers = answer_ids(model, tok, [r["prompt"] for r in rows], max_new)
+    prompt_ids, answers = answer_ids(model, tok, [r["prompt"] for r in rows], params)
     texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(ref, text)["rougeL"].fmeasure for ref, text in zip(refs, texts, strict=True)]
@@ -342,7 +353,7 @@ def eval_rows(split: str, held_answers: Path, val_chats: Path, limit: int) -> tu
 
 
 def evaluate_all(
-    out: Path, teacher: Path, students: dict[str, Path], split: str, rows: list[dict], refs: list[str], max_new: int
+    out: Path, teacher: Path, students: dict[str, Path], split: str, rows: list[dict], refs: list[str], params: dict
 ) -> dict:
     """`evaluate_student` of each student on the rows of `split` (cached: OUT/eval/SPLIT/NAME.json)."""
     from potstill.models.load import load_model
@@ -354,7 +365,7 @@ def evaluate_all(
             if teacher_model is None:
                 teacher_model, _ = load_model(teacher, dtype="bfloat16")  # as in training
             cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(evaluate_student(path, teacher_model, rows, refs, max_new), indent=2))
+            cached.write_text(json.dumps(evaluate_student(path, teacher_model, rows, refs, params), indent=2))
         results[name] = json.loads(cached.read_text())
     return results
 
@@ -467,6 +478,13 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=192, help="training questions the teacher answers")
     ap.add_argument("--heldout", type=int, default=48, help="held-out questions (other packages)")
     ap.add_argument("--max-tokens", type=int, default=64, help="answer length (teacher and students)")
+    ap.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        default=0,
+        help="evaluation decoding (the teacher's held-out answers and every student): no repeated n-gram"
+        " of the answer's own tokens (0: plain greedy); the training answers stay plain greedy",
+    )
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the student (the teacher has 30)")
     ap.add_argument(
         "--start-steps",
@@ -500,8 +518,9 @@ def main() -> None:
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
 
     train_prompts, held_prompts = build_prompts(out, args.train, args.heldout)
-    held_answers, results["teacher_heldout_s"] = teacher_answers(out, args.teacher, held_prompts, args.max_tokens)
-    train_answers, results["teacher_train_s"] = teacher_answers(out, args.teacher, train_prompts, args.max_tokens)
+    greedy, params = decoding(args.max_tokens, 0), decoding(args.max_tokens, args.no_repeat_ngram)
+    held_answers, results["teacher_heldout_s"] = teacher_answers(out, args.teacher, held_prompts, params)
+    train_answers, results["teacher_train_s"] = teacher_answers(out, args.teacher, train_prompts, greedy)
     chats, train_chats, val_chats, results["dropped_loops"] = chat_records(train_answers, out / "data", args.val_every)
     corpus = vocab_corpus(chats, args.teacher, out / "data" / "corpus.jsonl")
     student, results["student_init_s"] = make_student(out, args.teacher, corpus, args.layers)
@@ -522,7 +541,7 @@ def main() -> None:
     results["start"], results["arms"], results["runs"] = START if args.start_steps else None, arms, runs
     students = {name: out / "runs" / name / "student" for name in plan}
     rows, refs = eval_rows(args.eval_split, held_answers, val_chats, args.eval_rows)
-    evals = evaluate_all(out, args.teacher, students, args.eval_split, rows, refs, args.max_tokens)
+    evals = evaluate_all(out, args.teacher, students, args.eval_split + tag(params), rows, refs, params)
     results["eval"] = evals
     print(quality_table(evals, runs), flush=True)
     for arm in arms:
