@@ -558,7 +558,7 @@ def main() -> None:
     }  # fmt: skip
     print(json.dumps({"means": means, "kd_beats_sft": results["kd_beats_sft"]}, indent=2), flush=True)
     if args.quality_only:
-        (out / f"results_{args.eval_split}.json").write_text(json.dumps(results, indent=2))
+        (out / f"results_{args.eval_split}{tag(params)}.json").write_text(json.dumps(results, indent=2))
         return
 
     chosen = out / "runs" / f"kd_s{args.seeds[0]}" / "student"
