@@ -7,8 +7,10 @@ is skipped, so a rerun resumes:
    help desk of a real product; held-out packages are never trained on (split by a hash of the name).
 2. teacher: `potstill generate` (mode complete, local backend, chat template, greedy) writes the answers.
 3. student: `potstill student init` prunes the teacher to `--layers` layers, vocabulary trimmed to the conversations.
-4. train: `potstill distill` on the chat records: KD (`loss.alpha=1`, fkl) and its SFT twin (CE on the teacher's
-   answers, `loss.alpha=0`), same steps, batch, lr and seed; `--seeds` seeds each.
+4. train: `potstill distill` on the chat records (every `--val-every`-th left out as a validation split): a shared
+   SFT first stage (`--start-steps`), then from its student the arms: KD (fkl, alpha 0.5, from a teacher cache built
+   once by `potstill cache build`) and its SFT twin (CE on the teacher's answers), same steps, batch, lr and seed;
+   `--seeds` seeds each (docs/chat.md, "Why KD lost", for why the first stage).
 5. eval: every student answers the held-out questions (greedy, the chat template): ROUGE-L F1 to the teacher's answers
    (`rouge_score`) and the teacher-scored reverse KL: mean over the student's answer tokens of
    KL(q_student || p_teacher) over the student's vocabulary (the teacher renormalized over the kept ids).
@@ -18,8 +20,8 @@ is skipped, so a rerun resumes:
 8. bench: `potstill bench` on the teacher and every student format, side by side in one run.
 
 Writes OUT/results.json and prints the tables. Needs `potstill[generate,export,chat]`.
-Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--train 320] [--heldout 48]
-[--layers 8] [--steps 150] [--seeds 0 1]`.
+Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--start-steps 30] [--steps 30]
+[--seeds 0 1] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]`.
 """
 
 from __future__ import annotations
