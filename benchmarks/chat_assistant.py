@@ -14,7 +14,7 @@ is skipped, so a rerun resumes:
 5. eval: every student answers the held-out questions (greedy, the chat template): ROUGE-L F1 to the teacher's answers
    (`rouge_score`) and the teacher-scored reverse KL: mean over the student's answer tokens of
    KL(q_student || p_teacher) over the student's vocabulary (the teacher renormalized over the kept ids).
-6. serve: `potstill serve` the best KD student, one held-out conversation streamed through the `openai` client.
+6. serve: `potstill serve` the first seed's KD student, one held-out conversation streamed through the `openai` client.
 7. export: `potstill export` to GGUF f16 / q8_0 (and ONNX int8); the same conversation answered by llama.cpp
    (`xllamacpp`), greedy, through the GGUF's own chat template.
 8. bench: `potstill bench` on the teacher and every student format, side by side in one run.
