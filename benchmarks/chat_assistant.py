@@ -21,7 +21,7 @@ is skipped, so a rerun resumes:
 
 Writes OUT/results.json and prints the tables. Needs `potstill[generate,export,chat]`.
 Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--start-steps 30] [--steps 30]
-[--seeds 0 1] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]`.
+[--seeds 0 1 2] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]`.
 """
 
 from __future__ import annotations
@@ -495,7 +495,7 @@ def main() -> None:
         help="steps of the shared SFT first stage (0: the arms start from the pruned student)",
     )
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per arm after the first stage (batch 4)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--eval-rows", type=int, default=48, help="questions of the split the students are measured on")
     ap.add_argument(
         "--eval-split",
