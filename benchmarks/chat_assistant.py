@@ -7,19 +7,21 @@ is skipped, so a rerun resumes:
    help desk of a real product; held-out packages are never trained on (split by a hash of the name).
 2. teacher: `potstill generate` (mode complete, local backend, chat template, greedy) writes the answers.
 3. student: `potstill student init` prunes the teacher to `--layers` layers, vocabulary trimmed to the conversations.
-4. train: `potstill distill` on the chat records: KD (`loss.alpha=1`, fkl) and its SFT twin (CE on the teacher's
-   answers, `loss.alpha=0`), same steps, batch, lr and seed; `--seeds` seeds each.
+4. train: `potstill distill` on the chat records (every `--val-every`-th left out as a validation split): a shared
+   SFT first stage (`--start-steps`), then from its student the arms: KD (fkl, alpha 0.5, from a teacher cache built
+   once by `potstill cache build`) and its SFT twin (CE on the teacher's answers), same steps, batch, lr and seed;
+   `--seeds` seeds each (docs/chat.md, "Why KD lost", for why the first stage).
 5. eval: every student answers the held-out questions (greedy, the chat template): ROUGE-L F1 to the teacher's answers
    (`rouge_score`) and the teacher-scored reverse KL: mean over the student's answer tokens of
    KL(q_student || p_teacher) over the student's vocabulary (the teacher renormalized over the kept ids).
-6. serve: `potstill serve` the best KD student, one held-out conversation streamed through the `openai` client.
+6. serve: `potstill serve` the first seed's KD student, one held-out conversation streamed through the `openai` client.
 7. export: `potstill export` to GGUF f16 / q8_0 (and ONNX int8); the same conversation answered by llama.cpp
    (`xllamacpp`), greedy, through the GGUF's own chat template.
 8. bench: `potstill bench` on the teacher and every student format, side by side in one run.
 
 Writes OUT/results.json and prints the tables. Needs `potstill[generate,export,chat]`.
-Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--train 320] [--heldout 48]
-[--layers 8] [--steps 150] [--seeds 0 1]`.
+Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--start-steps 30] [--steps 30]
+[--seeds 0 1 2] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]`.
 """
 
 from __future__ import annotations
@@ -97,9 +99,20 @@ def build_prompts(out: Path, n_train: int, n_heldout: int) -> tuple[Path, Path]:
     return train, held
 
 
-def teacher_answers(out: Path, teacher: Path, prompts: Path, max_tokens: int) -> tuple[Path, float]:
-    """`potstill generate` (complete, local, chat template, greedy) on `prompts` -> OUT/data/NAME_teacher.jsonl."""
-    name = prompts.stem.replace("_prompts", "")
+def decoding(max_tokens: int, no_repeat: int) -> dict:
+    """The greedy decoding of the teacher's answers and of every student (`potstill generate`'s sampling fields)."""
+    return {"temperature": 0.0, "max_tokens": max_tokens} | ({"no_repeat_ngram_size": no_repeat} if no_repeat else {})
+
+
+def tag(params: dict) -> str:
+    """File-name suffix of a decoding: "" for plain greedy, "_nr3" with no_repeat_ngram_size 3."""
+    return f"_nr{params['no_repeat_ngram_size']}" if params.get("no_repeat_ngram_size") else ""
+
+
+def teacher_answers(out: Path, teacher: Path, prompts: Path, params: dict) -> tuple[Path, float]:
+    """`potstill generate` (complete, local, chat template, greedy `params`) on `prompts` ->
+    OUT/data/NAME_teacher{tag}.jsonl."""
+    name = prompts.stem.replace("_prompts", "") + tag(params)
     answers = out / "data" / f"{name}_teacher.jsonl"
     summary = answers.with_name(answers.name + ".summary.json")
     if summary.exists():
@@ -116,7 +129,7 @@ def teacher_answers(out: Path, teacher: Path, prompts: Path, max_tokens: int) ->
             "batch_size": 16,
             "dtype": "bfloat16",
         },
-        "sampling": {"temperature": 0.0, "max_tokens": max_tokens},
+        "sampling": params,
     }
     cfg = out / "data" / f"generate_{name}.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -141,18 +154,24 @@ def repetitive(text: str, min_distinct2: float = 0.6) -> bool:
     return len(pairs) >= 8 and len(set(pairs)) / len(pairs) < min_distinct2
 
 
-def chat_records(answers: Path, out_path: Path, drop_loops: bool) -> tuple[Path, int]:
+def chat_records(answers: Path, data: Path, val_every: int) -> tuple[Path, Path, Path, int]:
     """Teacher answers -> chat records {"messages": [system, user, assistant]} (what `potstill distill` trains on),
-    each answer cut to whole sentences; with `drop_loops` the answers that loop are left out. (path, dropped)."""
+    each answer cut to whole sentences, the answers that loop left out: DATA/all_chat.jsonl, and its split into
+    DATA/train_chat.jsonl and DATA/val_chat.jsonl (every `val_every`-th conversation: where each arm's settings are
+    chosen, never the held-out packages). (all, train, val, dropped)."""
     rows, dropped = [], 0
     for r in read_jsonl(answers):
         answer = whole_sentences(r["completion"])
-        if drop_loops and repetitive(answer):
+        if repetitive(answer):
             dropped += 1
             continue
         turns = [("system", SYSTEM), ("user", r["prompt"]), ("assistant", answer)]
         rows.append({"messages": [{"role": a, "content": b} for a, b in turns], "domain": "debian"})
-    return write_jsonl(out_path, rows), dropped
+    val = [r for i, r in enumerate(rows) if i % val_every == val_every - 1]
+    train = [r for i, r in enumerate(rows) if i % val_every != val_every - 1]
+    paths = [write_jsonl(data / f"{name}_chat.jsonl", part) for name, part in (("all", rows), ("train", train),
+                                                                               ("val", val))]  # fmt: skip
+    return *paths, dropped
 
 
 def vocab_corpus(chats: Path, teacher: Path, out_path: Path) -> Path:
@@ -176,38 +195,54 @@ def make_student(out: Path, teacher: Path, corpus: Path, layers: int) -> tuple[P
     return student, wall
 
 
-def train_args(arm: str, seed: int, student: Path, teacher: Path, chats: Path, run: Path, steps: int) -> list[str]:
-    """`potstill distill` overrides of one arm: KD (fkl, alpha 0.5: the demo's recipe) or SFT (CE only)."""
+START = "loss.alpha=0 train.lr=1e-3"  # the shared first stage: SFT on the teacher's answers (`--start-steps`)
+ARMS = {  # the second stage, from the first one's student (`--arm NAME=OVERRIDES` adds others; docs/chat.md)
+    "kd": "loss.name=fkl loss.alpha=0.5 train.lr=1e-3",
+    "sft": "loss.alpha=0 train.lr=1e-3",
+}
+
+
+def teacher_cache(out: Path, teacher: Path, student: Path, chats: Path) -> Path:
+    """`potstill cache build`: the teacher's top-64 targets over the training conversations, once for every KD run
+    (a KD step then costs what an SFT step costs; top-64 of the 3,956-id vocabulary plus the tail's mass)."""
+    cache = out / "cache"
+    if not (cache / "manifest.json").exists():
+        cli("cache", "build", "--teacher", str(teacher), "--student", str(student), "--data", str(chats),
+            "--out", str(cache), "--k", "64", "--encoding", "lossless", "--seq-len", "256", "--dtype", "bfloat16",
+            env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    return cache
+
+
+def train_args(arm: str, seed: int, student: Path, cache: Path, chats: Path, run: Path, steps: int) -> list[str]:
+    """`potstill distill` overrides of one run: the shared ones, then the arm's (`arm` = its overrides); a KD arm
+    (loss.alpha > 0) reads the teacher cache."""
     args = [
         f"model.student={student}",
-        f"model.teacher={teacher}",
-        "model.teacher_dtype=bfloat16",
         f"data.train=[{chats}]",
         "data.seq_len=256",
         f"train.output_dir={run}",
         f"train.max_steps={steps}",
         "train.batch_size=4",
-        "train.lr=1e-3",
         "train.warmup_steps=4",
         "train.mixed_precision=bf16",
         f"train.seed={seed}",
         "train.logging_steps=5",
         "train.save_steps=0",
+        *arm.split(),
     ]
-    return args + (["loss.name=fkl", "loss.alpha=0.5"] if arm == "kd" else ["loss.alpha=0"])
+    return args if "loss.alpha=0" in arm.split() else [*args, "teacher.source=cache", f"teacher.cache={cache}"]
 
 
-def train_arms(out: Path, arms: list[str], seeds: list[int], student: Path, teacher: Path, chats: Path,
-               steps: int, parallel: int) -> dict[str, dict]:  # fmt: skip
-    """Every (arm, seed) run, `parallel` at a time (each single-threaded); {run name: summary + wall_s}."""
+def train_runs(out: Path, plan: dict[str, list[str]], parallel: int) -> dict[str, dict]:
+    """Every run of `plan` ({run name: `potstill distill` overrides}) not done yet (OUT/runs/NAME), `parallel` at a
+    time (each single-threaded); {run name: summary + wall_s}."""
     pending, results = [], {}
-    for seed in seeds:
-        for arm in arms:
-            run = out / "runs" / f"{arm}_s{seed}"
-            if (run / "summary.json").exists():
-                results[run.name] = json.loads((run / "summary.json").read_text())
-            else:
-                pending.append((run, train_args(arm, seed, student, teacher, chats, run, steps)))
+    for name, args in plan.items():
+        run = out / "runs" / name
+        if (run / "summary.json").exists():
+            results[name] = json.loads((run / "summary.json").read_text())
+        else:
+            pending.append((run, args))
     running: list[tuple[Path, float, subprocess.Popen]] = []
     while pending or running:
         while pending and len(running) < parallel:
@@ -233,7 +268,7 @@ def train_arms(out: Path, arms: list[str], seeds: list[int], student: Path, teac
 
 
 def answer_ids(
-    model, tok, prompts: list[str], max_new: int, batch: int = 16
+    model, tok, prompts: list[str], params: dict, batch: int = 16
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Greedy answers to each user prompt through the chat template: (prompt ids, answer ids up to and including the
     end-of-turn token when the model wrote one)."""
@@ -252,7 +287,7 @@ def answer_ids(
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=mask,
-                                 **generation_kwargs({"temperature": 0.0, "max_tokens": max_new}, tok))  # fmt: skip
+                                 **generation_kwargs(params, tok))  # fmt: skip
         for row in out[:, width:].tolist():
             answers.append(row[: row.index(eos) + 1] if eos in row else row)
     return prompt_ids, answers
@@ -284,7 +319,7 @@ def reverse_kl(student, teacher, prompt_ids: list[list[int]], answers: list[list
     return total, tokens
 
 
-def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str], max_new: int) -> dict:
+def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str], params: dict) -> dict:
     """ROUGE-L F1 of the student's greedy answers to the teacher's, and the teacher-scored reverse KL per token."""
     from rouge_score import rouge_scorer
 
@@ -294,7 +329,7 @@ def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str
 
     model, tok = load_model(path)
     start = time.time()
-    prompt_ids, answers = answer_ids(model, tok, [r["prompt"] for r in rows], max_new)
+    prompt_ids, answers = answer_ids(model, tok, [r["prompt"] for r in rows], params)
     texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(ref, text)["rougeL"].fmeasure for ref, text in zip(refs, texts, strict=True)]
@@ -309,22 +344,30 @@ def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str
     }
 
 
+def eval_rows(split: str, held_answers: Path, val_chats: Path, limit: int) -> tuple[list[dict], list[str]]:
+    """The first `limit` questions of a split and the teacher's answers to them: "heldout" (other packages; the
+    recipe's measure) or "val" (training-side conversations left out of training; where the arms are tuned)."""
+    if split == "val":
+        chats = read_jsonl(val_chats)[:limit]
+        return [{"prompt": c["messages"][1]["content"]} for c in chats], [c["messages"][2]["content"] for c in chats]
+    rows = read_jsonl(held_answers)[:limit]
+    return rows, [whole_sentences(r["completion"]) for r in rows]
+
+
 def evaluate_all(
-    out: Path, teacher: Path, students: dict[str, Path], held_answers: Path, max_new: int, rows_limit: int
+    out: Path, teacher: Path, students: dict[str, Path], split: str, rows: list[dict], refs: list[str], params: dict
 ) -> dict:
-    """`evaluate_student` of each student on the first `rows_limit` held-out questions (cached: OUT/eval/NAME.json)."""
+    """`evaluate_student` of each student on the rows of `split` (cached: OUT/eval/SPLIT/NAME.json)."""
     from potstill.models.load import load_model
 
-    rows = read_jsonl(held_answers)[:rows_limit]
-    refs = [whole_sentences(r["completion"]) for r in rows]
     teacher_model, results = None, {}
     for name, path in students.items():
-        cached = out / "eval" / f"{name}.json"
+        cached = out / "eval" / split / f"{name}.json"
         if not cached.exists():
             if teacher_model is None:
                 teacher_model, _ = load_model(teacher, dtype="bfloat16")  # as in training
             cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(evaluate_student(path, teacher_model, rows, refs, max_new), indent=2))
+            cached.write_text(json.dumps(evaluate_student(path, teacher_model, rows, refs, params), indent=2))
         results[name] = json.loads(cached.read_text())
     return results
 
@@ -417,10 +460,13 @@ def targets(rows: list[dict], teacher: Path) -> dict:
 
 
 def quality_table(evals: dict[str, dict], runs: dict[str, dict]) -> str:
+    """One row per student; train s = its own run's wall time (+ its seed's first stage, when there is one)."""
     lines = ["| student | ROUGE-L F1 to teacher | reverse KL / token (teacher-scored) | answer tokens | ended |"
              " train s |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, e in evals.items():
+        start = runs.get("start_" + name.rsplit("_", 1)[-1], {}).get("wall_s")
         wall = runs.get(name, {}).get("wall_s", "")
+        wall = f"{start} + {wall}" if start is not None else wall
         lines.append(f"| {name} | {e['rougeL_f1']:.4f} | {e['reverse_kl_per_token']:.4f} | "
                      f"{e['answer_tokens_mean']:.1f} | {e['ended_share']:.2f} | {wall} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -434,32 +480,73 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=192, help="training questions the teacher answers")
     ap.add_argument("--heldout", type=int, default=48, help="held-out questions (other packages)")
     ap.add_argument("--max-tokens", type=int, default=64, help="answer length (teacher and students)")
+    ap.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        default=0,
+        help="evaluation decoding (the teacher's held-out answers and every student): no repeated n-gram"
+        " of the answer's own tokens (0: plain greedy); the training answers stay plain greedy",
+    )
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the student (the teacher has 30)")
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per arm (batch 4)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--eval-rows", type=int, default=32, help="held-out questions the students are measured on")
-    ap.add_argument("--parallel", type=int, default=2, help="training runs at once (each on one thread)")
+    ap.add_argument(
+        "--start-steps",
+        type=int,
+        default=30,
+        help="steps of the shared SFT first stage (0: the arms start from the pruned student)",
+    )
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per arm after the first stage (batch 4)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--eval-rows", type=int, default=48, help="questions of the split the students are measured on")
+    ap.add_argument(
+        "--eval-split",
+        choices=["heldout", "val"],
+        default="heldout",
+        help="heldout: the held-out packages (the recipe's measure); val: the validation conversations",
+    )
+    ap.add_argument("--val-every", type=int, default=8, help="every N-th conversation is validation, not training")
+    ap.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help='an arm: distill overrides (e.g. kd_fkl="loss.name=fkl loss.alpha=0.5 train.lr=1e-3");'
+        " replaces the default arm of that name, else is added",
+    )
+    ap.add_argument("--quality-only", action="store_true", help="stop after the quality table (a sweep on val)")
+    ap.add_argument("--parallel", type=int, default=1, help="training runs at once (each on one thread)")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
 
     train_prompts, held_prompts = build_prompts(out, args.train, args.heldout)
-    held_answers, results["teacher_heldout_s"] = teacher_answers(out, args.teacher, held_prompts, args.max_tokens)
-    train_answers, results["teacher_train_s"] = teacher_answers(out, args.teacher, train_prompts, args.max_tokens)
-    chats, results["dropped_loops"] = chat_records(train_answers, out / "data" / "train_chat.jsonl", drop_loops=True)
+    greedy, params = decoding(args.max_tokens, 0), decoding(args.max_tokens, args.no_repeat_ngram)
+    held_answers, results["teacher_heldout_s"] = teacher_answers(out, args.teacher, held_prompts, params)
+    train_answers, results["teacher_train_s"] = teacher_answers(out, args.teacher, train_prompts, greedy)
+    chats, train_chats, val_chats, results["dropped_loops"] = chat_records(train_answers, out / "data", args.val_every)
     corpus = vocab_corpus(chats, args.teacher, out / "data" / "corpus.jsonl")
     student, results["student_init_s"] = make_student(out, args.teacher, corpus, args.layers)
     results["student"] = json.loads((student / "potstill_student.json").read_text())
     print(f"student: {results['student']['params']:,} params, vocab {results['student']['vocab_size']}", flush=True)
 
-    runs = train_arms(out, ["kd", "sft"], args.seeds, student, args.teacher, chats, args.steps, args.parallel)
-    results["runs"] = runs
-    students = {name: out / "runs" / name / "student" for name in runs}
-    evals = evaluate_all(out, args.teacher, students, held_answers, args.max_tokens, args.eval_rows)
+    arms = ARMS | dict(a.split("=", 1) for a in args.arm)
+    cache = teacher_cache(out, args.teacher, student, train_chats)
+    runs, starts = {}, {s: student for s in args.seeds}
+    if args.start_steps:  # the first stage, shared by the arms of a seed
+        plan = {f"start_s{s}": train_args(START, s, student, cache, train_chats, out / "runs" / f"start_s{s}",
+                                          args.start_steps) for s in args.seeds}  # fmt: skip
+        runs = train_runs(out, plan, args.parallel)
+        starts = {s: out / "runs" / f"start_s{s}" / "student" for s in args.seeds}
+    plan = {f"{name}_s{s}": train_args(arm, s, starts[s], cache, train_chats, out / "runs" / f"{name}_s{s}", args.steps)
+            for s in args.seeds for name, arm in arms.items()}  # fmt: skip
+    runs |= train_runs(out, plan, args.parallel)
+    results["start"], results["arms"], results["runs"] = START if args.start_steps else None, arms, runs
+    students = {name: out / "runs" / name / "student" for name in plan}
+    rows, refs = eval_rows(args.eval_split, held_answers, val_chats, args.eval_rows)
+    evals = evaluate_all(out, args.teacher, students, args.eval_split + tag(params), rows, refs, params)
     results["eval"] = evals
     print(quality_table(evals, runs), flush=True)
-    for arm in ("kd", "sft"):
+    for arm in arms:
         for key in ("rougeL_f1", "reverse_kl_per_token"):
             values = [evals[f"{arm}_s{s}"][key] for s in args.seeds]
             results.setdefault("means", {})[f"{arm}.{key}"] = {"mean": sum(values) / len(values),
@@ -472,6 +559,9 @@ def main() -> None:
                           and evals[f"kd_s{s}"]["rougeL_f1"] > evals[f"sft_s{s}"]["rougeL_f1"] for s in args.seeds),
     }  # fmt: skip
     print(json.dumps({"means": means, "kd_beats_sft": results["kd_beats_sft"]}, indent=2), flush=True)
+    if args.quality_only:
+        (out / f"results_{args.eval_split}{tag(params)}.json").write_text(json.dumps(results, indent=2))
+        return
 
     chosen = out / "runs" / f"kd_s{args.seeds[0]}" / "student"
     user = read_jsonl(held_prompts)[0]["prompt"]

@@ -67,6 +67,17 @@ def test_stop_strings_cut_exactly_streamed_or_not(client):
     assert all(stop not in "".join(c.choices[0].text for c in chunks[:i]) for i in range(len(chunks) + 1))
 
 
+def test_no_repeat_ngram_size_as_local_generation(client, chat_model_dir):
+    """`no_repeat_ngram_size` (an extra field, as vLLM's) gives the answer local generation gives with it."""
+    params = {"temperature": 0.0, "max_tokens": 24, "no_repeat_ngram_size": 2}
+    model, tok = load_model(chat_model_dir)
+    local, _, _ = hf_generate(model, tok, ["The quick"], params)
+    resp = client.completions.create(model="chat", prompt="The quick", max_tokens=24, temperature=0,
+                                     extra_body={"no_repeat_ngram_size": 2})  # fmt: skip
+    assert resp.choices[0].text == local[0][0]
+    assert resp.choices[0].text != hf_generate(model, tok, ["The quick"], params | {"no_repeat_ngram_size": 0})[0][0][0]
+
+
 def test_sampling_with_a_seed_repeats_and_differs_across_seeds(client):
     def sample(seed):
         kw = {"model": "chat", "prompt": "Distillation", "max_tokens": 12, "temperature": 1.0, "top_p": 0.9}

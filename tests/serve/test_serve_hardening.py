@@ -88,6 +88,7 @@ OK = {"model": "tiny", "prompt": "The quick", "max_tokens": 2}
         (OK | {"prompt": [5, 100000]}, 400, ["token ids", "[0, 300)"]),
         (OK | {"prompt": {"a": 1}}, 400, ["prompt"]),
         (OK | {"max_tokens": -1}, 400, ["max_tokens", "greater than or equal to 0"]),
+        (OK | {"no_repeat_ngram_size": -1}, 400, ["no_repeat_ngram_size", "greater than or equal to 0"]),
         (OK | {"max_tokens": 33}, 400, ["max_tokens", "limit of 32", "--max-tokens"]),
         (OK | {"temperature": "hot"}, 400, ["temperature"]),
         (OK | {"top_p": 0}, 400, ["top_p"]),

@@ -245,3 +245,56 @@ def test_local_backend_runs_in_the_configured_dtype(tiny_model_dir, write_jsonl,
 
     assert seen == [torch.bfloat16]
     assert json.loads(out.read_text().splitlines()[0])["provenance"]["params"]["dtype"] == "bfloat16"
+
+
+def test_no_repeat_ngram_bans_repeats_of_the_new_tokens_only():
+    """Prompt [5, 6, 7] then new tokens [1, 2, 3, 1]: with n = 2 token 2 is banned (1 2 is an n-gram of the answer),
+    not 6 (5 6 is the prompt's, which an answer may quote); with n = 3 nothing is (no new 3-gram starts 3 1)."""
+    import torch
+
+    from potstill.teacher.generate import NoRepeatNewNgram
+
+    for n, banned in ((2, {2}), (3, set()), (1, {1, 2, 3})):
+        processor = NoRepeatNewNgram(n)
+        processor(torch.tensor([[5, 6, 7]]), torch.zeros(1, 10))  # the first call sees the prompt only
+        scores = processor(torch.tensor([[5, 6, 7, 1, 2, 3, 1]]), torch.zeros(1, 10))
+        assert {i for i in range(10) if scores[0, i] == float("-inf")} == banned
+
+
+def test_no_repeat_ngram_in_generation(tiny_model, tiny_tokenizer):
+    """The random tiny model loops at greedy; with no_repeat_ngram_size 2 no token bigram of an answer repeats, and
+    the answer is plain greedy's up to plain greedy's first repeated bigram."""
+    from potstill.teacher.generate import generation_kwargs
+
+    def answer(prompt, **extra):
+        ids = tiny_tokenizer(prompt, return_tensors="pt")
+        out = tiny_model.generate(**ids, **generation_kwargs({"temperature": 0.0, "max_tokens": 40} | extra,
+                                                             tiny_tokenizer))  # fmt: skip
+        return out[0, ids["input_ids"].shape[1] :].tolist()
+
+    looped = 0
+    for prompt in ("The quick", "def add(a, b):"):
+        plain, fixed = answer(prompt), answer(prompt, no_repeat_ngram_size=2)
+        pairs = list(zip(fixed, fixed[1:], strict=False))
+        assert len(set(pairs)) == len(pairs)
+        seen = [
+            (plain[i - 1], plain[i]) in set(zip(plain[: i - 1], plain[1:i], strict=True)) for i in range(1, len(plain))
+        ]
+        first = seen.index(True) + 1 if True in seen else len(plain)
+        looped += first < len(plain)
+        assert fixed[:first] == plain[:first]
+    assert looped, "the test needs a model that loops at greedy"
+
+
+def test_no_repeat_ngram_is_refused_for_an_endpoint(rows_file):
+    cfg = validate_config(
+        {
+            "inputs": [str(rows_file)],
+            "mode": "rationale",
+            "teacher": {"backend": "endpoint", "model": "m", "base_url": "http://127.0.0.1:9/v1"},
+            "sampling": {"no_repeat_ngram_size": 3},
+        },
+        GenerateConfig,
+    )
+    with pytest.raises(UserError, match="sampling.no_repeat_ngram_size: local backend only"):
+        run_generate(cfg)

@@ -40,6 +40,12 @@ class SamplingConfig(Section):
     n: int = Field(default=1, ge=1, description="samples per input")
     seed: Seed = Field(default=0, description="sampling seed (local: torch; endpoint: sent as `seed`)")
     stop: list[str] = Field(default_factory=list, description="strings that end a sample (cut off, not kept)")
+    no_repeat_ngram_size: int = Field(
+        default=0,
+        ge=0,
+        description="n > 0: a sample never repeats an n-gram of its own new tokens (n-grams of the prompt may be"
+        " copied); stops the loops of small models at greedy; local backend only; 0 = off",
+    )
 
 
 class GenerateConfig(Section):

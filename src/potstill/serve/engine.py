@@ -78,7 +78,8 @@ class Engine:
 
         Args:
             prompts: B token-id lists (each non-empty).
-            params: max_tokens (>= 1), temperature (0 = greedy), top_p, n, seed (None: a random one), stop (list).
+            params: max_tokens (>= 1), temperature (0 = greedy), top_p, n, seed (None: a random one), stop (list),
+                no_repeat_ngram_size (0 = off).
             emit: called with (index, delta, finish) where index = prompt * n + sample; the last call of every
                 sequence has finish "stop" (EOS or a stop string) or "length".
             cancel: set it to end generation early (a client went away); the sequences then end as "length".

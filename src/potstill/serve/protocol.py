@@ -70,6 +70,7 @@ class Sampling(BaseModel):
     n: int = Field(default=1, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    no_repeat_ngram_size: int = Field(default=0, ge=0)  # not OpenAI's: vLLM-style extra (`extra_body`)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -84,7 +85,7 @@ class Sampling(BaseModel):
     def params(self, max_tokens: int) -> dict[str, Any]:
         """The sampling parameters of `Engine.generate`."""
         return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "n": self.n,
-                "seed": self.seed, "stop": self.stop}  # fmt: skip
+                "seed": self.seed, "stop": self.stop, "no_repeat_ngram_size": self.no_repeat_ngram_size}  # fmt: skip
 
 
 class CompletionRequest(Sampling):

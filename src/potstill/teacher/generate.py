@@ -184,6 +184,8 @@ def sampling_params(s: SamplingConfig) -> dict[str, Any]:
     params = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "n": s.n, "seed": s.seed}
     if s.stop:
         params["stop"] = list(s.stop)
+    if s.no_repeat_ngram_size:  # only when set: the cache keys of earlier runs stay as they were
+        params["no_repeat_ngram_size"] = s.no_repeat_ngram_size
     return params
 
 
@@ -234,7 +236,33 @@ def generation_kwargs(params: dict[str, Any], tokenizer) -> dict[str, Any]:
         kwargs["num_return_sequences"] = params.get("n", 1)
     if params.get("stop"):  # end early once every sequence has a stop string (cut off exactly by `cut_at_stop`)
         kwargs.update(stop_strings=list(params["stop"]), tokenizer=tokenizer)
+    if params.get("no_repeat_ngram_size"):
+        from transformers import LogitsProcessorList
+
+        kwargs["logits_processor"] = LogitsProcessorList([NoRepeatNewNgram(params["no_repeat_ngram_size"])])
     return kwargs
+
+
+class NoRepeatNewNgram:
+    """A logits processor that bans every token that would repeat an n-gram of the sequence's new tokens.
+
+    Unlike transformers' `no_repeat_ngram_size`, the prompt's n-grams do not count: an answer may quote its prompt
+    (a help-desk answer repeats the package's description) but not loop on itself. One instance per `generate`
+    call: its first call sees the (left-padded) prompts only, so their width is where the new tokens start.
+    """
+
+    def __init__(self, n: int):
+        self.n, self.start = n, None
+
+    def __call__(self, input_ids, scores):
+        """input_ids [B, L], scores [B, V] -> scores with the banned tokens at -inf."""
+        n = self.n
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        for row, seq in enumerate(input_ids[:, self.start :].tolist()):
+            head = tuple(seq[len(seq) - n + 1 :]) if n > 1 else ()
+            banned = {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == head}
+            scores[row, sorted(banned)] = float("-inf")
+        return scores
 
 
 def adds_bos(prompts: list[str], tokenizer) -> bool:
@@ -294,6 +322,11 @@ class EndpointBackend:
 
         if not cfg.base_url:
             raise UserError("config: teacher.base_url: required for teacher.backend=endpoint")
+        if sampling.no_repeat_ngram_size:
+            raise UserError(
+                "config: sampling.no_repeat_ngram_size: local backend only (an OpenAI endpoint has no such"
+                " parameter); set it to 0 or use teacher.backend=local"
+            )
         self.cfg, self.params = cfg, sampling_params(sampling)
         self.client = EndpointClient.from_settings(cfg, cache_dir=cache_dir() / "requests" if cfg.cache else None)
         self.name = f"{cfg.model}@{cfg.base_url}"
