@@ -430,11 +430,14 @@ def demo_cmd(
     teacher_cache: bool = typer.Option(
         False, "--teacher-cache", help="Build a top-k teacher cache first and train the KD arm from it (not online)."
     ),
+    settings: Path | None = typer.Option(
+        None, "--settings", help="Settings file in the format of the packaged demo.yaml (`full` and `quick`)."
+    ),
 ) -> None:
     """Distill the real Gemma 3 270M into a 5x smaller student on this CPU and write a report."""
     from potstill.demo import run_demo
 
-    report = run_demo(out=out, quick=quick, overwrite=overwrite, teacher_cache=teacher_cache)
+    report = run_demo(out=out, quick=quick, overwrite=overwrite, teacher_cache=teacher_cache, settings_file=settings)
     typer.echo(f"report: {report}")
 
 
