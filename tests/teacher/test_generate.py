@@ -274,7 +274,8 @@ def test_a_signal_stops_after_the_row_then_the_rerun_resumes(rows_file, tmp_path
     written = int(found[1])
     out = tmp_path / "out.jsonl"
     assert not out.with_name("out.jsonl.summary.json").exists()
-    sources = [r["source"] for path in (out, tmp_path / "out.jsonl.dropped.jsonl") if path.exists() for r in records(path)]
+    files = [path for path in (out, tmp_path / "out.jsonl.dropped.jsonl") if path.exists()]
+    sources = [r["source"] for path in files for r in records(path)]
     assert sorted(int(s.rsplit(":", 1)[1]) for s in sources) == list(range(1, written + 1))
     with FakeServer(arithmetic_teacher) as server:
         run_generate(config(tmp_path, server.base_url, teacher__cache=False))
