@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from potstill import demo
-from potstill.errors import UserError
+from potstill.errors import Stopped, UserError
 
 
 @pytest.mark.parametrize("quick", [True, False])
@@ -74,6 +76,52 @@ def test_other_variant_or_foreign_dir_is_refused(tmp_path: Path, monkeypatch):
         with pytest.raises(UserError, match="not a potstill demo"):
             demo.run_demo(tmp_path / "foreign", quick=True, overwrite=overwrite)
     assert (tmp_path / "foreign" / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_demo_after_the_step_in_progress(tmp_path: Path, monkeypatch, signum):
+    """Signalled during step b: b finishes and is recorded, the demo raises Stopped (128 + signum) naming b and the
+    rerun, and the rerun runs c only."""
+    calls: list[str] = []
+    _fake_steps(monkeypatch, calls)
+    steps = dict(demo.STEPS)
+
+    def b_signalled(ctx):
+        assert signal.getsignal(signum) is not signal.SIG_DFL, "no handler: the signal would kill pytest"
+        os.kill(os.getpid(), signum)
+        return steps["b"](ctx)
+
+    monkeypatch.setitem(demo.STEPS, "b", b_signalled)
+    before = signal.getsignal(signum)
+    with pytest.raises(Stopped) as stopped:
+        demo.run_demo(tmp_path / "d", quick=True)
+    assert signal.getsignal(signum) is before and stopped.value.status == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name} after the demo's step b" in str(stopped.value)
+    assert list(json.loads((tmp_path / "d" / demo.STATE_FILE).read_text())["done"]) == ["a", "b"]
+    monkeypatch.setitem(demo.STEPS, "b", steps["b"])
+    demo.run_demo(tmp_path / "d", quick=True)
+    assert calls == ["a", "b", "c"]
+
+
+def test_a_dir_holding_only_a_dead_runs_temporary_state_is_resumed(tmp_path: Path, monkeypatch):
+    """A kill while the first state.json was written leaves `.state.json.tmp-PID-TID` alone: not a foreign dir."""
+    _fake_steps(monkeypatch, [])
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / f".{demo.STATE_FILE}.tmp-99999999-1").write_text('{"mo')  # pid 99999999 is not running
+    demo.run_demo(out, quick=True)
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "b.txt", "c.txt", demo.STATE_FILE]
+
+
+def test_settings_file_replaces_the_packaged_one(tmp_path: Path, monkeypatch):
+    _fake_steps(monkeypatch, [])
+    text = demo.demo_config_path().read_text().replace("train_bytes: 150000", "train_bytes: 1234")
+    (tmp_path / "tiny.yaml").write_text(text)
+    demo.run_demo(tmp_path / "d", quick=True, settings_file=tmp_path / "tiny.yaml")
+    state = json.loads((tmp_path / "d" / demo.STATE_FILE).read_text())
+    assert state["settings"]["corpus"]["train_bytes"] == 1234
+    with pytest.raises(UserError, match="other settings"):  # the packaged settings do not resume it
+        demo.run_demo(tmp_path / "d", quick=True)
 
 
 def test_missing_demo_extra_is_one_line_naming_pip(monkeypatch):
