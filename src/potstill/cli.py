@@ -398,18 +398,22 @@ def cache_build_cmd(
 
 @cache_app.command("verify")
 def cache_verify_cmd(cache: Path = typer.Argument(..., help="Cache directory.")) -> None:
-    """Re-check every shard's checksum and decode it; print tokens, bytes/token, k and a fidelity sample."""
-    from potstill.teacher.cache import verify_report
+    """Re-check every shard's checksum and decode it; print tokens, bytes/token, k and a fidelity sample.
 
-    typer.echo(verify_report(cache))
+    Also verifies a speech teacher-target directory (`potstill speech recipe`'s teacher_targets/)."""
+    from potstill.teacher.cache import verify_report
+    from potstill.teacher.speech import is_speech_targets, speech_targets_report
+
+    typer.echo(speech_targets_report(cache) if is_speech_targets(cache) else verify_report(cache))
 
 
 @cache_app.command("info")
 def cache_info_cmd(cache: Path = typer.Argument(..., help="Cache directory.")) -> None:
-    """Print the cache's manifest (settings, fingerprints, shards)."""
+    """Print the cache's manifest (settings, fingerprints, shards), or a speech teacher-target directory's."""
     from potstill.teacher.cache import info_text
+    from potstill.teacher.speech import is_speech_targets, speech_targets_info
 
-    typer.echo(info_text(cache))
+    typer.echo(speech_targets_info(cache) if is_speech_targets(cache) else info_text(cache))
 
 
 @app.command("report")
