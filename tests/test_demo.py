@@ -163,12 +163,9 @@ def test_quick_demo_end_to_end(tmp_path: Path, run_cli):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_demo_runs_in_float32_where_bf16_is_emulated(fast: bool, monkeypatch, tmp_path: Path):
-    from potstill.models import load
-
     settings = demo.load_demo_settings(quick=True)
     assert settings.distill["train"]["mixed_precision"] == "bf16"  # demo.yaml's choice for a CPU with native bf16
-    monkeypatch.setattr(load, "bf16_is_fast", lambda: fast)
-    fitted = demo.fit_to_machine(settings)
+    fitted = demo.fit_to_machine(settings, fast)
     if fast:
         assert fitted == settings
     else:
@@ -178,6 +175,26 @@ def test_demo_runs_in_float32_where_bf16_is_emulated(fast: bool, monkeypatch, tm
         for arm in ("kd", "ce"):  # each arm's config validates, in float32
             cfg = demo.arm_config(fitted, arm, Path("out"), Path("teacher"))
             assert cfg.train.mixed_precision == "no"
+
+
+def test_a_resumed_demo_keeps_the_precision_it_started_in(tmp_path: Path, monkeypatch):
+    """The bf16 decision is made once and kept in state.json: a resume on a machine whose probe answers otherwise
+    (a timing probe under load did) runs in the first run's precision."""
+    from potstill.models import load
+
+    seen = []
+    _fake_steps(monkeypatch, [], fail_at="b")
+    real_b = demo.STEPS["b"]
+    monkeypatch.setitem(demo.STEPS, "b", lambda ctx: (seen.append(ctx["settings"].student.calib_dtype), real_b(ctx)))
+    monkeypatch.setattr(load, "bf16_is_fast", lambda: True)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "d", quick=True)
+    monkeypatch.setattr(load, "bf16_is_fast", lambda: False)
+    _fake_steps(monkeypatch, [])
+    monkeypatch.setitem(demo.STEPS, "b", lambda ctx: (seen.append(ctx["settings"].student.calib_dtype), {}))
+    demo.run_demo(tmp_path / "d", quick=True)
+    assert seen == ["bfloat16", "bfloat16"]
+    assert json.loads((tmp_path / "d" / demo.STATE_FILE).read_text())["bf16_is_fast"] is True
 
 
 def test_bf16_probe_answers_a_bool():

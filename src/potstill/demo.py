@@ -169,11 +169,15 @@ def run_demo(
     if teacher_cache:
         settings = settings.model_copy(update={"teacher_source": "cache"})
     state = _open_state(out, "quick" if quick else "full", settings, overwrite)
-    from potstill.models.load import enable_progress_log  # imports torch: after the quick checks
+    from potstill.models.load import bf16_is_fast, enable_progress_log  # imports torch: after the quick checks
 
     enable_progress_log()
-    # demo.yaml's settings are what the state compares (machine-independent); the steps run the machine's fit
-    ctx = {"out": out, "settings": fit_to_machine(settings), "state": state}
+    # demo.yaml's settings are what the state compares (machine-independent); the steps run the machine's fit,
+    # decided once per demo directory: a resumed demo trains, evaluates and reports in the precision it started in
+    if "bf16_is_fast" not in state:
+        state["bf16_is_fast"] = bf16_is_fast()
+        _save_state(out, state)
+    ctx = {"out": out, "settings": fit_to_machine(settings, state["bf16_is_fast"]), "state": state}
     steps = variant_steps(settings)
     # SIGTERM / SIGINT: a training step stops after its optimizer step with a checkpoint (potstill.train.stopping
     # takes the signal while it trains); any other step is finished and recorded, then the demo stops
@@ -194,13 +198,11 @@ def run_demo(
     return out / "report.md"
 
 
-def fit_to_machine(settings: DemoSettings) -> DemoSettings:
-    """The settings with float32 instead of bfloat16 where bf16 is emulated (`bf16_is_fast`): demo.yaml's bf16
-    teacher, autocast student and layer scoring are ~3x faster than float32 on a CPU with AVX512-BF16, and ~90x
-    slower on one without it."""
-    from potstill.models.load import bf16_is_fast
-
-    if bf16_is_fast():
+def fit_to_machine(settings: DemoSettings, bf16_fast: bool) -> DemoSettings:
+    """The settings with float32 instead of bfloat16 where bf16 is emulated (`bf16_fast` False, from
+    `models.load.bf16_is_fast`): demo.yaml's bf16 teacher, autocast student and layer scoring are ~3x faster than
+    float32 on a CPU with AVX512-BF16, and ~90x slower on one without it."""
+    if bf16_fast:
         return settings
     log.info("bfloat16 is emulated on this CPU (no AVX512-BF16 / AMX): the demo runs in float32")
     distill = json.loads(json.dumps(settings.distill))  # deep copy

@@ -46,10 +46,15 @@ def cache_dir() -> Path:
 def bf16_is_fast() -> bool:
     """Whether bfloat16 matmuls run here at least half as fast as float32: on a GPU, or on a CPU with native bf16
     (AVX512-BF16 / AMX). Other CPUs emulate bf16: on an AVX2-only AMD EPYC a [512, 640] x [640, 2048] bf16 matmul
-    took 5.4 s against 60 ms in float32 (2026-12-02). A probe of about a millisecond: one small matmul in each dtype,
-    best of 3 after a warm-up."""
+    took 5.4 s against 60 ms in float32 (2026-12-02). Where the OS lists the CPU's flags (Linux), they decide: a
+    timing answers by the machine's load too (on a loaded 2-core machine the probe once said "emulated" on an
+    AVX512-BF16 CPU, 2026-12-03). Elsewhere a probe of about a millisecond: one small matmul in each dtype, best of 3
+    after a warm-up."""
     if torch.cuda.is_available():
         return True
+    flags = _cpu_flags()
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
     a, b = torch.randn(64, 256), torch.randn(256, 256)
 
     def best(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -62,6 +67,16 @@ def bf16_is_fast() -> bool:
         return min(times)
 
     return best(a.bfloat16(), b.bfloat16()) <= 2 * best(a, b)
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None where there is no such file or line)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    return set(line.partition(":")[2].split()) if line else None
 
 
 def enable_progress_log() -> None:
