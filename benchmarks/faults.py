@@ -21,12 +21,21 @@ printed (the one-line stop after a saved checkpoint, or a normal end when the si
 the trial passes when the rerun under torchrun ends with the uninterrupted 2-process run's weights and log. These
 runs are fresh processes (torchrun cannot fork from the harness), a minute each on a loaded machine.
 
+`--jobs demo` kills `potstill demo --quick` with a tiny settings file (`DEMO_SETTINGS`: a few hundred tokens of
+corpus, 4 training steps per arm with a checkpoint every 2, a tiny held-out split) on the real Gemma 3 270M teacher,
+already converted (set `POTSTILL_CACHE`, e.g. /work/assets/cache, so the `teacher` step is a cache hit); pass = the
+rerun exits 0, both students' tensors are bitwise equal to the reference's, and `report.json` equals the
+reference's but for the latency figures, the speed-up and its target, and the step timings (`same_demo`).
+`--jobs demo_sigterm` sends SIGTERM instead (the demo finishes its step, or the training step its optimizer step
+and a checkpoint, then exits 143 with one line) and prints the exit status of each signalled run.
+
 A run that ends before its kill time does not count (the upper bound of the delays shrinks to its length). A
 trial passes when the rerun exits 0 and its outputs are equal. Prints one line per trial and "N/N recovered" per
 job. The models are tiny random Llamas (tests/conftest.py), so a run takes seconds; everything happens in a
 temporary directory.
 
     OMP_NUM_THREADS=1 python benchmarks/faults.py --trials 10 [--seed 0] [--jobs distill cache ...]
+    POTSTILL_CACHE=/work/assets/cache OMP_NUM_THREADS=1 python benchmarks/faults.py --trials 10 --jobs demo
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +77,29 @@ def workspace(root: Path) -> None:
     build_model(byte_level_bpe(), 0, hidden=32, max_positions=64, save_to=root / "xtok" / "student")
     build_model(metaspace_bpe(), 1, hidden=48, max_positions=64, save_to=root / "xtok" / "teacher")
     (root / "xtok" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 4))
+
+
+DEMO_SETTINGS = """\
+quick: &tiny
+  corpus: {seed: 0, heldout_frac: 0.1, train_bytes: 8000, heldout_bytes: 600, doc_bytes: 2000}
+  student: {layers: 4, calib_tokens: 64, calib_seq_len: 32, calib_dtype: bfloat16}
+  distill:
+    model: {teacher_dtype: bfloat16}
+    loss: {name: fkl, temperature: 1.0}
+    data: {seq_len: 64, add_bos: true}
+    train: {max_steps: 4, batch_size: 2, warmup_steps: 1, scheduler: cosine, max_grad_norm: 1.0, seed: 0,
+            mixed_precision: bf16, logging_steps: 1, save_steps: 2}
+  kd: {loss.alpha: 0.5, train.lr: 3.0e-4}
+  ce: {train.lr: 3.0e-4}
+  eval_batch_size: 4
+  bench: {prompt: "def fibonacci(n):", new_tokens: 2, warmup: 1, runs: 1}
+full: *tiny
+"""
+
+
+def demo_cmd(root: Path, out: Path) -> list[str]:
+    """`potstill demo --quick` with the tiny settings (`DEMO_SETTINGS`, written by `main` for the demo jobs)."""
+    return ["demo", "--quick", "--out", str(out), "--settings", str(root / "demo.yaml")]
 
 
 def distill_cmd(root: Path, out: Path) -> list[str]:
@@ -127,18 +160,21 @@ def preload() -> None:
     import potstill.train.recipes  # noqa: F401
 
 
-def run(args: list[str], out: Path, kill_after: float | None = None) -> tuple[int, float, float | None]:
-    """`potstill ARGS` in a forked child writing `out`; SIGKILL it after `kill_after` s.
+def run(
+    args: list[str], out: Path, kill_after: float | None = None, sig: int = signal.SIGKILL, log: Path | None = None
+) -> tuple[int, float, float | None]:
+    """`potstill ARGS` in a forked child writing `out`; send it `sig` after `kill_after` s; its stderr to `log`.
 
     Returns:
-        (exit status, -9 when killed; wall seconds; seconds until `out` first existed, or None).
+        (exit status: -9 when killed, 128 + the signal after a graceful stop; wall seconds; seconds until `out`
+        first existed, or None).
     """
     start = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # the child: the CLI entry point, its output discarded
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
+        os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if log else devnull, 2)
         code = 1
         try:
             from potstill.cli import main
@@ -159,7 +195,7 @@ def run(args: list[str], out: Path, kill_after: float | None = None) -> tuple[in
         if first is None and out.exists():
             first = now
         if kill_after is not None and now >= kill_after:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
             status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         time.sleep(0.005)
     return status, time.perf_counter() - start, first
@@ -173,7 +209,7 @@ def half_written(out: Path) -> list[str]:
     if not out.exists():
         return []
     temps = [p.name for p in out.rglob("*") if is_temp(p.name)]
-    cut = [p.name for p in out.glob("checkpoint-*") if p.is_dir() and not (p / "trainer_state.json").is_file()]
+    cut = [p.name for p in out.rglob("checkpoint-*") if p.is_dir() and not (p / "trainer_state.json").is_file()]
     return sorted(temps + cut)
 
 
@@ -228,12 +264,32 @@ def same_generate(ref: Path, out: Path) -> str | None:
     return None if got == want else "records differ"
 
 
+def same_demo(ref: Path, out: Path) -> str | None:
+    """None when both students are bitwise the reference's and report.json equals it but for what a clock measures."""
+    for arm in ("student_kd", "student_ce"):
+        problem = same_distill(ref / arm, out / arm)
+        if problem is not None:
+            return f"{arm}: {problem}"
+    clocked = {"latency_ms_per_token", "latency_runs_ms", "speedup", "speedup_ge_3", "timings_s"}
+
+    def figures(value):
+        if isinstance(value, dict):
+            return {k: figures(v) for k, v in value.items() if k not in clocked}
+        return [figures(v) for v in value] if isinstance(value, list) else value
+
+    reports = [figures(json.loads((d / "report.json").read_text())) for d in (ref, out)]
+    reports[1] = json.loads(json.dumps(reports[1]).replace(str(out), str(ref)))  # paths inside the demo dir
+    return None if reports[0] == reports[1] else "report.json figures differ"
+
+
 JOBS = {
     "distill": (distill_cmd, same_distill),
     "cache": (cache_cmd, same_cache),
     "generate": (generate_cmd, same_generate),
     "on_policy": (on_policy_cmd, same_distill),
     "xtok": (xtok_cmd, same_distill),
+    "demo": (demo_cmd, same_demo),
+    "demo_sigterm": (demo_cmd, same_demo),
 }
 
 
@@ -301,46 +357,58 @@ def torchrun_sigterm(root: Path, trials: int, seed: int) -> None:
     print(f"torchrun_sigterm: {recovered}/{signals} recovered ({ended} run(s) ended before their signal)", flush=True)
 
 
+def kill_trials(root: Path, job: str, trials: int, seed: int) -> None:
+    """SIGKILL trials of one job (SIGTERM for `demo_sigterm`); see the module docstring."""
+    command, same = JOBS[job]
+    sig = signal.SIGTERM if job.endswith("_sigterm") else signal.SIGKILL
+    suffix = ".jsonl" if job == "generate" else ""
+    ref = root / f"{job}-ref{suffix}"
+    status, wall, first = run(command(root, ref), ref)
+    assert status == 0, f"{job}: the reference run failed"
+    print(f"{job}: reference {wall:.1f} s (output from {first:.1f} s)", flush=True)
+    rng = random.Random(seed)
+    kills = recovered = attempt = ended = cut = 0
+    while kills < trials and attempt < 3 * trials:
+        out = root / f"{job}-{attempt}{suffix}"
+        attempt += 1
+        delay = rng.uniform(first, wall)
+        err = root / f"{job}-{attempt}.stderr"
+        status, took, _ = run(command(root, out), out, kill_after=delay, sig=sig, log=err)
+        if status == 0:  # it finished first (runs vary in length): not a trial
+            ended, wall = ended + 1, min(wall, took)
+            continue
+        kills += 1
+        left = half_written(out)
+        cut += bool(left)
+        name = signal.Signals(sig).name
+        lines = [ln for ln in err.read_text(errors="replace").splitlines() if ln.startswith("potstill: stopped")]
+        stopped = f"exit {status} ({lines[-1] if lines else 'no stop line'}), " if status != -signal.SIGKILL else ""
+        status, rerun_wall, _ = run(command(root, out), out)
+        problem = f"rerun exited {status}" if status != 0 else same(ref, out)
+        recovered += problem is None
+        shutil.rmtree(out) if out.is_dir() else out.unlink()  # a demo directory holds ~1 GB of checkpoints
+        print(f"  {name} {kills}: at {delay:.2f} s, {stopped}half-written: {', '.join(left) or 'none'}; rerun "
+              f"{rerun_wall:.1f} s: {problem or 'equal'}", flush=True)  # fmt: skip
+    print(f"{job}: {recovered}/{kills} recovered ({cut} kill(s) left a half-written file or checkpoint;"
+          f" {ended} run(s) ended before their kill time)", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10, help="kill trials per job")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=[*JOBS, "torchrun_sigterm"])
+    parser.add_argument("--jobs", nargs="+", default=[*JOBS][:5], choices=[*JOBS, "torchrun_sigterm"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="potstill-faults-") as tmp:
         root = Path(tmp)
         workspace(root)
+        (root / "demo.yaml").write_text(DEMO_SETTINGS)
         preload()
         for job in args.jobs:
             if job == "torchrun_sigterm":
                 torchrun_sigterm(root, args.trials, args.seed)
-                continue
-            command, same = JOBS[job]
-            suffix = ".jsonl" if job == "generate" else ""
-            ref = root / f"{job}-ref{suffix}"
-            status, wall, first = run(command(root, ref), ref)
-            assert status == 0, f"{job}: the reference run failed"
-            print(f"{job}: reference {wall:.1f} s (output from {first:.1f} s)", flush=True)
-            rng = random.Random(args.seed)
-            kills = recovered = attempt = ended = cut = 0
-            while kills < args.trials and attempt < 3 * args.trials:
-                out = root / f"{job}-{attempt}{suffix}"
-                attempt += 1
-                delay = rng.uniform(first, wall)
-                status, took, _ = run(command(root, out), out, kill_after=delay)
-                if status != -signal.SIGKILL:  # it finished first (runs vary in length): not a kill trial
-                    ended, wall = ended + 1, min(wall, took)
-                    continue
-                kills += 1
-                left = half_written(out)
-                cut += bool(left)
-                status, rerun_wall, _ = run(command(root, out), out)
-                problem = f"rerun exited {status}" if status != 0 else same(ref, out)
-                recovered += problem is None
-                print(f"  kill {kills}: at {delay:.2f} s, half-written: {', '.join(left) or 'none'}; rerun "
-                      f"{rerun_wall:.1f} s: {problem or 'equal'}", flush=True)  # fmt: skip
-            print(f"{job}: {recovered}/{kills} recovered ({cut} kill(s) left a half-written file or checkpoint;"
-                  f" {ended} run(s) ended before their kill time)", flush=True)  # fmt: skip
+            else:
+                kill_trials(root, job, args.trials, args.seed)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,47 @@ def _generate(ws: Path, tmp: Path, *extra: str) -> list[str]:
     ]
 
 
+def _on_policy(ws: Path, tmp: Path, *extra: str) -> list[str]:
+    """A small on-policy run over the workspace's prompt rows."""
+    return [
+        *_run_args(ws, tmp, f"data.train=[{ws / 'prompts.jsonl'}]", "data.seq_len=40"),
+        "train.recipe=on_policy",
+        "loss.alpha=1.0",
+        *extra,
+    ]
+
+
+def _export(ws: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["export", ws / "student", "--format", "onnx", "--out", tmp / "student.onnx", *extra]
+
+
+def _select(ws: Path, tmp: Path, *extra: str) -> list[str]:
+    return [
+        "teacher",
+        "select",
+        "--candidates",
+        ws / "teacher",
+        "--student",
+        ws / "student",
+        "--data",
+        ws / "train.jsonl",
+        "--out",
+        tmp / "select",
+        *extra,
+    ]
+
+
+def _copy_tree_and_flip(rel: str, file: str) -> Callable[[Path, Path], None]:
+    """Copy the workspace's directory `rel` to tmp and flip one bit of its `file` (bit rot)."""
+
+    def setup(ws: Path, tmp: Path) -> None:
+        shutil.copytree(ws / rel, tmp / rel)
+        path = tmp / rel / file
+        path.write_bytes(_flip(path.read_bytes()))
+
+    return setup
+
+
 def _write(rel: str, data: bytes | str) -> Callable[[Path, Path], None]:
     def setup(ws: Path, tmp: Path) -> None:
         path = tmp / rel
@@ -154,6 +195,10 @@ def _flip(data: bytes) -> bytes:
 
 
 NOT_UTF8 = b'{"text": "caf\xe9"}\n'
+# two records of ours; in the second, one bit of a comma flipped (0x2c -> 0x2d): the line is no longer JSON
+FLIPPED_RECORDS = (
+    b'{"prompt": "a", "source": "in.jsonl:1", "sample": 0}\n{"prompt": "b"- "source": "in.jsonl:2", "sample": 0}\n'
+)
 UNRELATED = b'{"id": 1, "note": "mine"}\n{"id": 2, "note": "no newline at the end"}'
 CASES = [
     # ---- distill: config values and files ----
@@ -464,13 +509,172 @@ CASES = [
         ("m.gguf", "not a valid GGUF"),
         _write("m.gguf", b"GGUF" + b"\x00" * 12),
     ),
+    # ---- on-policy options ----
+    Case(
+        "on-policy: lambda above 1", lambda ws, t: _on_policy(ws, t, "on_policy.lmbda=1.5"), ("on_policy.lmbda", "<= 1")
+    ),
+    Case(
+        "on-policy: lambda below 0",
+        lambda ws, t: _on_policy(ws, t, "on_policy.lmbda=-0.1"),
+        ("on_policy.lmbda", ">= 0"),
+    ),
+    Case(
+        "on-policy: max_new_tokens = 0",
+        lambda ws, t: _on_policy(ws, t, "on_policy.max_new_tokens=0"),
+        ("on_policy.max_new_tokens", "> 0"),
+    ),
+    Case(
+        "on-policy: a teacher cache asked for",
+        lambda ws, t: _on_policy(ws, t, "teacher.source=cache", f"teacher.cache={ws / 'cache'}"),
+        ("teacher.source", "cannot score the student's new samples"),
+    ),
+    # ---- corruption found by the readers ----
+    Case(
+        "cache verify: bit-flipped speech teacher targets",
+        lambda ws, t: ["cache", "verify", t / "speech-targets"],
+        ("targets.safetensors", "altered"),
+        _copy_tree_and_flip("speech-targets", "targets.safetensors"),
+    ),
+    Case(
+        "cache info: edited speech teacher targets manifest",
+        lambda ws, t: ["cache", "info", t / "speech-targets"],
+        ("manifest.json", "checksum mismatch"),
+        _copy_tree_and_flip("speech-targets", "manifest.json"),
+    ),
+    Case(
+        "cache verify: bit-flipped cross-tokenizer cache shard",
+        lambda ws, t: ["cache", "verify", t / "xtok-cache"],
+        ("shard-00000.bin", "checksum mismatch"),
+        _copy_tree_and_flip("xtok-cache", "shard-00000.bin"),
+    ),
+    Case(
+        "generate: bit-flipped earlier output",
+        lambda ws, t: _generate(ws, t),
+        ("gen.jsonl:2", "not a potstill"),
+        _write("gen.jsonl", FLIPPED_RECORDS),
+    ),
+    # ---- export, serve, check, bench ----
+    Case("export: unknown format", lambda ws, t: _export(ws, t, "--format", "tflite"), ("--format", "tflite")),
+    Case(
+        "export: unknown quantization",
+        lambda ws, t: _export(ws, t, "--format", "gguf", "--quant", "q3_k"),
+        ("--quant", "q3_k"),
+    ),
+    Case("export: NaN max error", lambda ws, t: _export(ws, t, "--max-error", "nan"), ("--max-error", "nan")),
+    Case(
+        "export: output exists",
+        lambda ws, t: _export(ws, t),
+        ("student.onnx", "--overwrite"),
+        _write("student.onnx", "x"),
+    ),
+    Case(
+        "export: model missing",
+        lambda ws, t: _export(ws, t)[:1] + [t / "nope"] + _export(ws, t)[2:],
+        ("nope", "not a model directory"),
+    ),  # fmt: skip
+    Case("serve: model missing", lambda ws, t: ["serve", t / "nope"], ("nope", "does not exist")),
+    Case("serve: unknown dtype", lambda ws, t: ["serve", ws / "student", "--dtype", "int3"], ("--dtype", "int3")),
+    Case(
+        "serve: API key variable unset",
+        lambda ws, t: ["serve", ws / "student", "--api-key-env", "POTSTILL_NO_SUCH_KEY"],
+        ("--api-key-env", "POTSTILL_NO_SUCH_KEY", "not set"),
+    ),
+    Case("check: student missing", lambda ws, t: ["check", ws / "teacher", t / "nope"], ("nope", "does not exist")),
+    Case(
+        "check: data not JSON",
+        lambda ws, t: ["check", ws / "teacher", ws / "student", "--data", t / "d.jsonl"],
+        ("d.jsonl:1", "not valid JSON"),
+        _write("d.jsonl", "text\n"),
+    ),
+    Case("bench: unknown dtype", lambda ws, t: ["bench", ws / "student", "--dtype", "int3"], ("--dtype", "int3")),
+    Case("bench: model missing", lambda ws, t: ["bench", t / "nope"], ("nope", "no such model")),
+    # ---- teacher select ----
+    Case(
+        "teacher select: candidate missing",
+        lambda ws, t: _select(ws, t, "--candidates", t / "nope"),
+        ("nope", "no such model directory"),
+    ),
+    Case(
+        "teacher select: out is a file",
+        lambda ws, t: _select(ws, t),
+        ("select", "not a directory"),
+        _write("select", "mine"),
+    ),
+    Case(
+        "teacher select: infinite learning rate",
+        lambda ws, t: _select(ws, t, "train.lr=.inf"),
+        ("train.lr", "finite"),
+    ),
+    # ---- speech commands (all refused before any model or synthesizer runs) ----
+    Case(
+        "speech recipe: NaN temperature",
+        lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--temperature", "nan"],
+        ("--temperature", "finite"),
+    ),
+    Case(
+        "speech recipe: alpha above 1",
+        lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--alpha", "2"],
+        ("--alpha", "[0, 1]"),
+    ),
+    Case("speech recipe: k = 0", lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--k", "0"], ("--k", ">= 1")),
+    Case(
+        "speech recipe: unknown loss",
+        lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--loss", "kl"],
+        ("--loss", "one of"),
+    ),
+    Case(
+        "speech recipe: layers not integers",
+        lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--encoder-layers", "a,b"],
+        ("--encoder-layers", "integers"),
+    ),
+    Case(
+        "speech recipe: out is a file",
+        lambda ws, t: ["speech", "recipe", "--out", t / "sp"],
+        ("sp", "not a directory"),
+        _write("sp", "mine"),
+    ),
+    Case(
+        "speech eval: data missing",
+        lambda ws, t: ["speech", "eval", ws / "student", "--data", t / "nope.jsonl"],
+        ("nope.jsonl", "cannot read"),
+    ),
+    Case(
+        "speech eval: record without audio",
+        lambda ws, t: ["speech", "eval", ws / "student", "--data", ws / "train.jsonl"],
+        ("train.jsonl:1", "'audio'"),
+    ),
+    Case(
+        "speech transcribe: not audio",
+        lambda ws, t: ["speech", "transcribe", ws / "student", t / "a.wav"],
+        ("a.wav", "does not decode"),
+        _write("a.wav", "not a sound"),
+    ),
+    # ---- demo ----
+    Case(
+        "demo: settings file missing",
+        lambda ws, t: ["demo", "--quick", "--out", t / "demo", "--settings", t / "nope.yaml"],
+        ("nope.yaml", "not found"),
+    ),
+    Case(
+        "demo: settings file not a mapping",
+        lambda ws, t: ["demo", "--quick", "--out", t / "demo", "--settings", t / "list.yaml"],
+        ("list.yaml", "mapping"),
+        _write("list.yaml", "- a\n"),
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_tokenizer, build_model) -> Path:
-    """Tiny student and teacher, broken model directories, data, generate inputs and a small teacher cache."""
+    """Tiny student and teacher, broken model directories, data, generate inputs, a small teacher cache, a
+    cross-tokenizer cache and speech teacher targets."""
+    import torch
+
+    from potstill.data.audio import AudioRecord
+    from potstill.losses.sparse import topk_targets
     from potstill.teacher.cache import build_cache
+    from potstill.teacher.speech import SpeechTargets, save_speech_targets
+    from xtok_tokenizers import byte_level_bpe
 
     root = tmp_path_factory.mktemp("ws")
     build_model(tiny_tokenizer, 0, hidden=32, max_positions=64, save_to=root / "student")
@@ -493,6 +697,16 @@ def ws(tmp_path_factory, tiny_tokenizer, build_model) -> Path:
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "rows.jsonl").write_text("".join(json.dumps({"prompt": r["text"]}) + "\n" for r in rows[:2]))
     build_cache(root / "teacher", [root / "train.jsonl"], root / "cache", k=4, seq_len=16, progress=False)
+    prompts = [{"prompt": r["text"][:12], "completion": r["text"][12:]} for r in rows]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    # a cross-tokenizer cache (a student of another tokenizer family) and speech teacher targets
+    build_model(byte_level_bpe(), 0, hidden=32, max_positions=64, save_to=root / "xtok-student")
+    build_cache(root / "teacher", [root / "train.jsonl"], root / "xtok-cache", k=4, seq_len=16,
+                student=root / "xtok-student", progress=False)  # fmt: skip
+    records = [AudioRecord(str(root / f"{i}.wav"), f"text {i}", "synthetic") for i in range(2)]
+    targets = [topk_targets(torch.randn(n + 1, 50), 4, 2.0) for n in (2, 3)]
+    speech = SpeechTargets(records, [[4, 5], [6, 7, 8]], targets, [0.0, 0.5], 0, {"k": 4, "temperature": 2.0})
+    save_speech_targets(speech, root / "speech-targets")
     return root
 
 

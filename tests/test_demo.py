@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from potstill import demo
-from potstill.errors import UserError
+from potstill.errors import Stopped, UserError
 
 
 @pytest.mark.parametrize("quick", [True, False])
@@ -76,6 +78,52 @@ def test_other_variant_or_foreign_dir_is_refused(tmp_path: Path, monkeypatch):
     assert (tmp_path / "foreign" / "mine.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_demo_after_the_step_in_progress(tmp_path: Path, monkeypatch, signum):
+    """Signalled during step b: b finishes and is recorded, the demo raises Stopped (128 + signum) naming b and the
+    rerun, and the rerun runs c only."""
+    calls: list[str] = []
+    _fake_steps(monkeypatch, calls)
+    steps = dict(demo.STEPS)
+
+    def b_signalled(ctx):
+        assert signal.getsignal(signum) is not signal.SIG_DFL, "no handler: the signal would kill pytest"
+        os.kill(os.getpid(), signum)
+        return steps["b"](ctx)
+
+    monkeypatch.setitem(demo.STEPS, "b", b_signalled)
+    before = signal.getsignal(signum)
+    with pytest.raises(Stopped) as stopped:
+        demo.run_demo(tmp_path / "d", quick=True)
+    assert signal.getsignal(signum) is before and stopped.value.status == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name} after the demo's step b" in str(stopped.value)
+    assert list(json.loads((tmp_path / "d" / demo.STATE_FILE).read_text())["done"]) == ["a", "b"]
+    monkeypatch.setitem(demo.STEPS, "b", steps["b"])
+    demo.run_demo(tmp_path / "d", quick=True)
+    assert calls == ["a", "b", "c"]
+
+
+def test_a_dir_holding_only_a_dead_runs_temporary_state_is_resumed(tmp_path: Path, monkeypatch):
+    """A kill while the first state.json was written leaves `.state.json.tmp-PID-TID` alone: not a foreign dir."""
+    _fake_steps(monkeypatch, [])
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / f".{demo.STATE_FILE}.tmp-99999999-1").write_text('{"mo')  # pid 99999999 is not running
+    demo.run_demo(out, quick=True)
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "b.txt", "c.txt", demo.STATE_FILE]
+
+
+def test_settings_file_replaces_the_packaged_one(tmp_path: Path, monkeypatch):
+    _fake_steps(monkeypatch, [])
+    text = demo.demo_config_path().read_text().replace("train_bytes: 150000", "train_bytes: 1234")
+    (tmp_path / "tiny.yaml").write_text(text)
+    demo.run_demo(tmp_path / "d", quick=True, settings_file=tmp_path / "tiny.yaml")
+    state = json.loads((tmp_path / "d" / demo.STATE_FILE).read_text())
+    assert state["settings"]["corpus"]["train_bytes"] == 1234
+    with pytest.raises(UserError, match="other settings"):  # the packaged settings do not resume it
+        demo.run_demo(tmp_path / "d", quick=True)
+
+
 def test_missing_demo_extra_is_one_line_naming_pip(monkeypatch):
     real = demo.importlib.util.find_spec
     monkeypatch.setattr(demo.importlib.util, "find_spec", lambda m: None if m == "matplotlib" else real(m))
@@ -115,12 +163,9 @@ def test_quick_demo_end_to_end(tmp_path: Path, run_cli):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_demo_runs_in_float32_where_bf16_is_emulated(fast: bool, monkeypatch, tmp_path: Path):
-    from potstill.models import load
-
     settings = demo.load_demo_settings(quick=True)
     assert settings.distill["train"]["mixed_precision"] == "bf16"  # demo.yaml's choice for a CPU with native bf16
-    monkeypatch.setattr(load, "bf16_is_fast", lambda: fast)
-    fitted = demo.fit_to_machine(settings)
+    fitted = demo.fit_to_machine(settings, fast)
     if fast:
         assert fitted == settings
     else:
@@ -130,6 +175,26 @@ def test_demo_runs_in_float32_where_bf16_is_emulated(fast: bool, monkeypatch, tm
         for arm in ("kd", "ce"):  # each arm's config validates, in float32
             cfg = demo.arm_config(fitted, arm, Path("out"), Path("teacher"))
             assert cfg.train.mixed_precision == "no"
+
+
+def test_a_resumed_demo_keeps_the_precision_it_started_in(tmp_path: Path, monkeypatch):
+    """The bf16 decision is made once and kept in state.json: a resume on a machine whose probe answers otherwise
+    (a timing probe under load did) runs in the first run's precision."""
+    from potstill.models import load
+
+    seen = []
+    _fake_steps(monkeypatch, [], fail_at="b")
+    real_b = demo.STEPS["b"]
+    monkeypatch.setitem(demo.STEPS, "b", lambda ctx: (seen.append(ctx["settings"].student.calib_dtype), real_b(ctx)))
+    monkeypatch.setattr(load, "bf16_is_fast", lambda: True)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "d", quick=True)
+    monkeypatch.setattr(load, "bf16_is_fast", lambda: False)
+    _fake_steps(monkeypatch, [])
+    monkeypatch.setitem(demo.STEPS, "b", lambda ctx: (seen.append(ctx["settings"].student.calib_dtype), {}))
+    demo.run_demo(tmp_path / "d", quick=True)
+    assert seen == ["bfloat16", "bfloat16"]
+    assert json.loads((tmp_path / "d" / demo.STATE_FILE).read_text())["bf16_is_fast"] is True
 
 
 def test_bf16_probe_answers_a_bool():

@@ -400,18 +400,22 @@ def cache_build_cmd(
 
 @cache_app.command("verify")
 def cache_verify_cmd(cache: Path = typer.Argument(..., help="Cache directory.")) -> None:
-    """Re-check every shard's checksum and decode it; print tokens, bytes/token, k and a fidelity sample."""
-    from potstill.teacher.cache import verify_report
+    """Re-check every shard's checksum and decode it; print tokens, bytes/token, k and a fidelity sample.
 
-    typer.echo(verify_report(cache))
+    Also verifies a speech teacher-target directory (`potstill speech recipe`'s teacher_targets/)."""
+    from potstill.teacher.cache import verify_report
+    from potstill.teacher.speech import is_speech_targets, speech_targets_report
+
+    typer.echo(speech_targets_report(cache) if is_speech_targets(cache) else verify_report(cache))
 
 
 @cache_app.command("info")
 def cache_info_cmd(cache: Path = typer.Argument(..., help="Cache directory.")) -> None:
-    """Print the cache's manifest (settings, fingerprints, shards)."""
+    """Print the cache's manifest (settings, fingerprints, shards), or a speech teacher-target directory's."""
     from potstill.teacher.cache import info_text
+    from potstill.teacher.speech import is_speech_targets, speech_targets_info
 
-    typer.echo(info_text(cache))
+    typer.echo(speech_targets_info(cache) if is_speech_targets(cache) else info_text(cache))
 
 
 @app.command("report")
@@ -432,11 +436,14 @@ def demo_cmd(
     teacher_cache: bool = typer.Option(
         False, "--teacher-cache", help="Build a top-k teacher cache first and train the KD arm from it (not online)."
     ),
+    settings: Path | None = typer.Option(
+        None, "--settings", help="Settings file in the format of the packaged demo.yaml (`full` and `quick`)."
+    ),
 ) -> None:
     """Distill the real Gemma 3 270M into a 5x smaller student on this CPU and write a report."""
     from potstill.demo import run_demo
 
-    report = run_demo(out=out, quick=quick, overwrite=overwrite, teacher_cache=teacher_cache)
+    report = run_demo(out=out, quick=quick, overwrite=overwrite, teacher_cache=teacher_cache, settings_file=settings)
     typer.echo(f"report: {report}")
 
 

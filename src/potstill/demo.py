@@ -34,7 +34,8 @@ from pydantic import Field, ValidationError
 
 from potstill.config import DistillConfig, Dtype, Section, apply_overrides, load_config, validate_config
 from potstill.errors import UserError
-from potstill.fileio import jsonl_objects, write_json_atomic
+from potstill.fileio import is_temp, jsonl_objects, remove_stale_temps, write_json_atomic
+from potstill.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,11 @@ def check_demo_extra() -> None:
 
 
 def run_demo(
-    out: str | Path = "potstill-demo", quick: bool = False, overwrite: bool = False, teacher_cache: bool = False
+    out: str | Path = "potstill-demo",
+    quick: bool = False,
+    overwrite: bool = False,
+    teacher_cache: bool = False,
+    settings_file: str | Path | None = None,
 ) -> Path:
     """Run (or resume) the demo into `out`; return the path of `report.md`.
 
@@ -152,6 +157,7 @@ def run_demo(
         quick: the `quick` variant of demo.yaml instead of `full`.
         overwrite: start over in `out` (a demo directory) instead of resuming.
         teacher_cache: train the KD arm from a teacher cache (`teacher_source: cache`) whatever demo.yaml says.
+        settings_file: a settings file in demo.yaml's format (`full` and `quick`) instead of the packaged one.
 
     Raises:
         UserError: the demo extra is missing, or `out` holds something else (another variant, foreign files).
@@ -159,37 +165,44 @@ def run_demo(
     out = Path(out)
     _refuse_foreign(out, overwrite)  # before the extra check: a wrong --out is the first thing to say
     check_demo_extra()
-    settings = load_demo_settings(quick)
+    settings = load_demo_settings(quick, settings_file)
     if teacher_cache:
         settings = settings.model_copy(update={"teacher_source": "cache"})
     state = _open_state(out, "quick" if quick else "full", settings, overwrite)
-    from potstill.models.load import enable_progress_log  # imports torch: after the quick checks
+    from potstill.models.load import bf16_is_fast, enable_progress_log  # imports torch: after the quick checks
 
     enable_progress_log()
-    # demo.yaml's settings are what the state compares (machine-independent); the steps run the machine's fit
-    ctx = {"out": out, "settings": fit_to_machine(settings), "state": state}
-    steps = variant_steps(settings)
-    for i, (name, step) in enumerate(steps.items(), 1):
-        if name in state["done"]:
-            log.info("[%d/%d] %s: done already, skipped", i, len(steps), name)
-            continue
-        log.info("[%d/%d] %s ...", i, len(steps), name)
-        start = time.perf_counter()
-        result = step(ctx)
-        seconds = round(time.perf_counter() - start, 1)
-        state["done"][name] = {"seconds": seconds, "result": result}
+    # demo.yaml's settings are what the state compares (machine-independent); the steps run the machine's fit,
+    # decided once per demo directory: a resumed demo trains, evaluates and reports in the precision it started in
+    if "bf16_is_fast" not in state:
+        state["bf16_is_fast"] = bf16_is_fast()
         _save_state(out, state)
-        log.info("[%d/%d] %s: %.0f s", i, len(steps), name, seconds)
+    ctx = {"out": out, "settings": fit_to_machine(settings, state["bf16_is_fast"]), "state": state}
+    steps = variant_steps(settings)
+    # SIGTERM / SIGINT: a training step stops after its optimizer step with a checkpoint (potstill.train.stopping
+    # takes the signal while it trains); any other step is finished and recorded, then the demo stops
+    with StopSignals() as stop:
+        for i, (name, step) in enumerate(steps.items(), 1):
+            if name in state["done"]:
+                log.info("[%d/%d] %s: done already, skipped", i, len(steps), name)
+                continue
+            log.info("[%d/%d] %s ...", i, len(steps), name)
+            start = time.perf_counter()
+            result = step(ctx)
+            seconds = round(time.perf_counter() - start, 1)
+            state["done"][name] = {"seconds": seconds, "result": result}
+            _save_state(out, state)
+            log.info("[%d/%d] %s: %.0f s", i, len(steps), name, seconds)
+            if stop.signum and i < len(steps):
+                raise stop.stopped(f"after the demo's step {name} (recorded in {out / STATE_FILE})")
     return out / "report.md"
 
 
-def fit_to_machine(settings: DemoSettings) -> DemoSettings:
-    """The settings with float32 instead of bfloat16 where bf16 is emulated (`bf16_is_fast`): demo.yaml's bf16
-    teacher, autocast student and layer scoring are ~3x faster than float32 on a CPU with AVX512-BF16, and ~90x
-    slower on one without it."""
-    from potstill.models.load import bf16_is_fast
-
-    if bf16_is_fast():
+def fit_to_machine(settings: DemoSettings, bf16_fast: bool) -> DemoSettings:
+    """The settings with float32 instead of bfloat16 where bf16 is emulated (`bf16_fast` False, from
+    `models.load.bf16_is_fast`): demo.yaml's bf16 teacher, autocast student and layer scoring are ~3x faster than
+    float32 on a CPU with AVX512-BF16, and ~90x slower on one without it."""
+    if bf16_fast:
         return settings
     log.info("bfloat16 is emulated on this CPU (no AVX512-BF16 / AMX): the demo runs in float32")
     distill = json.loads(json.dumps(settings.distill))  # deep copy
@@ -210,7 +223,8 @@ def _refuse_foreign(out: Path, overwrite: bool) -> None:
         return
     if overwrite:
         raise UserError(f"{out}: refusing to overwrite a directory that is not a potstill demo (no {STATE_FILE})")
-    if not out.is_dir() or any(out.iterdir()):
+    # a kill while the first state.json was written leaves only its temporary file: still an empty demo dir
+    if not out.is_dir() or any(not is_temp(p.name) for p in out.iterdir()):
         raise UserError(f"{out}: exists and is not a potstill demo directory; pass another --out")
 
 
@@ -223,6 +237,7 @@ def _open_state(out: Path, mode: str, settings: DemoSettings, overwrite: bool) -
         shutil.rmtree(out)
     if not out.exists():
         out.mkdir(parents=True)
+    remove_stale_temps(out)
     if not path.is_file():
         _save_state(out, fresh)
         return fresh

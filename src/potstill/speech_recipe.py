@@ -67,6 +67,34 @@ class SpeechRecipe:
     parity_clips: int = 4
     ct2_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse settings the recipe cannot run, naming the `potstill speech recipe` option, before any work."""
+        from potstill.losses import LOSSES
+
+        checks = [
+            ("--train", self.train, self.train >= 1, "an integer >= 1"),
+            ("--heldout", self.heldout, self.heldout >= 1, "an integer >= 1"),
+            ("--window", self.window, math.isfinite(self.window) and self.window > 0, "a number of seconds > 0"),
+            ("--vocab-size", self.vocab_size, self.vocab_size >= 0, "an integer >= 0 (0: the teacher's)"),
+            ("--epochs", self.epochs, self.epochs >= 1, "an integer >= 1"),
+            ("--lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("--alpha", self.alpha, 0 <= self.alpha <= 1, "a number in [0, 1]"),
+            ("--loss", self.loss, self.loss in LOSSES, f"one of {', '.join(LOSSES)}"),
+            ("--temperature", self.temperature, math.isfinite(self.temperature) and self.temperature > 0,
+             "a finite number > 0"),
+            ("--k", self.k, self.k >= 1, "an integer >= 1"),
+            ("--max-wer", self.max_wer, self.max_wer >= 0, "a number >= 0"),
+            ("--seeds", self.seeds, bool(self.seeds) and min(self.seeds) >= 0, "integers >= 0"),
+            ("--parity-clips", self.parity_clips, self.parity_clips >= 0, "an integer >= 0"),
+            ("--encoder-layers", self.encoder_layers, bool(self.encoder_layers) and min(self.encoder_layers) >= 0,
+             "layer numbers >= 0"),
+            ("--decoder-layers", self.decoder_layers, bool(self.decoder_layers) and min(self.decoder_layers) >= 0,
+             "layer numbers >= 0"),
+        ]  # fmt: skip
+        for option, value, ok, expected in checks:
+            if not ok:  # NaN fails every comparison, so it lands here too
+                raise UserError(f"{option} {value!r}: expected {expected}")
+
 
 def int_list(option: str, text: str) -> tuple[int, ...]:
     """Parse a comma-separated option: "0,1,3" -> (0, 1, 3).
@@ -128,6 +156,8 @@ def run_speech_recipe(out: str | Path, recipe: SpeechRecipe = SpeechRecipe()) ->
 
     torch.set_num_threads(1)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}

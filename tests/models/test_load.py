@@ -83,6 +83,49 @@ def test_conversion_is_cached_by_content_and_atomic(tmp_path, cache, monkeypatch
     assert sorted(is_temp(p.name) for p in (cache / "models").iterdir()) == [False, False]
 
 
+def _with_weights(src, out):
+    fake_convert(src, out)
+    (out / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:-100]), "16284 bytes, the conversion wrote 16384"),
+        (lambda p: p.write_bytes(p.read_bytes()[:99] + b"\xff" + p.read_bytes()[100:]), "checksum mismatch"),
+        (lambda p: p.unlink(), "missing from the converted model"),
+    ],
+    ids=["truncated", "bit-flipped", "deleted"],
+)
+def test_a_damaged_converted_model_is_named_and_converted_again(tmp_path, cache, monkeypatch, caplog, damage, needle):
+    """The entry's source record lists each file's size and sha256; a cache hit checks them, names the damaged file
+    and converts the GGUF again (an entry is never trusted just because it exists)."""
+    calls = []
+    monkeypatch.setattr(load, "_convert_into", lambda src, out: (calls.append(src), _with_weights(src, out)))
+    src = write_gguf(tmp_path / "model.gguf")
+    entry = load.convert_gguf(src)
+    weights = entry / "model.safetensors"
+    whole = weights.read_bytes()
+    damage(weights)
+    with caplog.at_level("WARNING", logger="potstill"):
+        assert load.convert_gguf(src) == entry
+    assert len(calls) == 2 and weights.read_bytes() == whole
+    assert f"{weights}: {needle}" in caplog.text and "converting" in caplog.text
+    assert load.convert_gguf(src) == entry and len(calls) == 2  # whole again: a plain hit
+
+
+def test_an_entry_without_file_checksums_is_a_plain_hit(tmp_path, cache, monkeypatch):
+    """Entries converted before the source record listed its files are taken as they are (not converted again)."""
+    calls = []
+    monkeypatch.setattr(load, "_convert_into", lambda src, out: (calls.append(src), _with_weights(src, out)))
+    src = write_gguf(tmp_path / "model.gguf")
+    entry = load.convert_gguf(src)
+    record = json.loads((entry / load.SOURCE_FILE).read_text())
+    del record["files"]
+    (entry / load.SOURCE_FILE).write_text(json.dumps(record))
+    assert load.convert_gguf(src) == entry and len(calls) == 1
+
+
 def test_disk_full_is_user_error_and_leaves_nothing(tmp_path, cache, monkeypatch):
     def full(src, out):
         fake_convert(src, out)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 
 import pytest
 
 from fake_openai import FakeServer
 from potstill.config import GenerateConfig, validate_config
 from potstill.data.sources import read_jsonl
-from potstill.errors import UserError
+from potstill.errors import Stopped, UserError
 from potstill.teacher.generate import (
     check_fields,
     load_template,
@@ -298,3 +300,38 @@ def test_no_repeat_ngram_is_refused_for_an_endpoint(rows_file):
     )
     with pytest.raises(UserError, match="sampling.no_repeat_ngram_size: local backend only"):
         run_generate(cfg)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_after_the_row_then_the_rerun_resumes(rows_file, tmp_path, signum):
+    """Signalled while row 2 is asked for: the rows answered are written whole (the endpoint client asks one row
+    ahead), the run raises Stopped (exit 128 + signum) naming the last row written and the rerun, writes no
+    summary; the rerun asks only the rows left and ends with the records of an uninterrupted run, none twice."""
+    with FakeServer(arithmetic_teacher) as server:
+        whole = records(run_generate(config(tmp_path, server.base_url, output=str(tmp_path / "whole.jsonl"))))
+
+    def signal_on_row_2(prompt: str) -> str:
+        if "4 * 4" in prompt.rsplit("Q:", 1)[-1]:
+            assert signal.getsignal(signum) is not signal.SIG_DFL, "no handler: the signal would kill pytest"
+            os.kill(os.getpid(), signum)
+        return arithmetic_teacher(prompt)
+
+    before = signal.getsignal(signum)
+    cfg = config(tmp_path, server.base_url, teacher__cache=False, teacher__concurrency=1)
+    with FakeServer(signal_on_row_2) as server, pytest.raises(Stopped) as stopped:
+        run_generate(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"base_url": server.base_url})}))
+    assert signal.getsignal(signum) is before and stopped.value.status == 128 + signum
+    message = str(stopped.value)
+    found = re.search(rf"stopped by {signal.Signals(signum).name} after input row .*rows.jsonl:(\d) \(\1 of 5", message)
+    assert found and "rerun the same command" in message, message
+    written = int(found[1])
+    out = tmp_path / "out.jsonl"
+    assert not out.with_name("out.jsonl.summary.json").exists()
+    files = [path for path in (out, tmp_path / "out.jsonl.dropped.jsonl") if path.exists()]
+    sources = [r["source"] for path in files for r in records(path)]
+    assert sorted(int(s.rsplit(":", 1)[1]) for s in sources) == list(range(1, written + 1))
+    with FakeServer(arithmetic_teacher) as server:
+        run_generate(config(tmp_path, server.base_url, teacher__cache=False))
+        assert server.hits == 5 - written  # the rows left only
+    strip = lambda recs: [r | {"provenance": {**r["provenance"], "teacher": None}} for r in recs]  # noqa: E731
+    assert strip(records(out)) == strip(whole)

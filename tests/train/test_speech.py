@@ -3,6 +3,8 @@ training on pseudo-labels lowers the loss, and a run already done is not redone.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -245,3 +247,15 @@ def test_no_pickle_loads_in_src_or_benchmarks():
         if "weights_only=False" in line
     ]
     assert not hits, f"pickle loads of user files: {hits}"
+
+
+def test_cache_verify_and_info_read_a_speech_targets_directory(tmp_path, run_main):
+    """`potstill cache verify` / `cache info` recognise speech teacher targets (not "not a teacher cache manifest")."""
+    out = save_speech_targets(_some_targets(tmp_path), tmp_path / "targets")
+    verify = run_main("cache", "verify", out)
+    assert verify.returncode == 0, verify.stderr
+    assert (
+        verify.stdout.startswith("ok: speech teacher targets, 3 clips, 8 target rows") and "k=4, T=2.0" in verify.stdout
+    )
+    info = run_main("cache", "info", out)
+    assert info.returncode == 0 and json.loads(info.stdout)["records"] == "3 clips"

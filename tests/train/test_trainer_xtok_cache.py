@@ -75,7 +75,8 @@ def test_cache_with_the_whole_shared_vocabulary_gives_the_online_loss(pair, tmp_
     assert online.n_tokens == cached.n_tokens and online.stats == cached.stats
     assert cached.kd.item() == pytest.approx(online.kd.item(), rel=1e-5)
     assert cached.ce.item() == pytest.approx(online.ce.item(), rel=1e-6)
-    assert "ok:" in verify_report(cache)
+    report = verify_report(cache)
+    assert "ok:" in report and "cross-tokenizer: the teacher's own tokenizer" in report  # says what kind of cache
 
 
 def test_top_k_cache_keeps_term_a_exact_and_bounds_term_b(pair, tmp_path):

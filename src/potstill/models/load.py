@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -45,10 +46,15 @@ def cache_dir() -> Path:
 def bf16_is_fast() -> bool:
     """Whether bfloat16 matmuls run here at least half as fast as float32: on a GPU, or on a CPU with native bf16
     (AVX512-BF16 / AMX). Other CPUs emulate bf16: on an AVX2-only AMD EPYC a [512, 640] x [640, 2048] bf16 matmul
-    took 5.4 s against 60 ms in float32 (2026-12-02). A probe of about a millisecond: one small matmul in each dtype,
-    best of 3 after a warm-up."""
+    took 5.4 s against 60 ms in float32 (2026-12-02). Where the OS lists the CPU's flags (Linux), they decide: a
+    timing answers by the machine's load too (on a loaded 2-core machine the probe once said "emulated" on an
+    AVX512-BF16 CPU, 2026-12-03). Elsewhere a probe of about a millisecond: one small matmul in each dtype, best of 3
+    after a warm-up."""
     if torch.cuda.is_available():
         return True
+    flags = _cpu_flags()
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
     a, b = torch.randn(64, 256), torch.randn(256, 256)
 
     def best(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -61,6 +67,16 @@ def bf16_is_fast() -> bool:
         return min(times)
 
     return best(a.bfloat16(), b.bfloat16()) <= 2 * best(a, b)
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None where there is no such file or line)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), None)
+    return set(line.partition(":")[2].split()) if line else None
 
 
 def enable_progress_log() -> None:
@@ -195,15 +211,19 @@ def convert_gguf(path: str | Path, cache: str | Path | None = None) -> Path:
     models = models / "models"
     entry = models / f"{digest[:16]}-{src.stem}"
     if (entry / SOURCE_FILE).is_file():
-        log.info("cache hit %s (%.1f s)", entry, time.perf_counter() - start)
-        return entry
+        damage = _entry_damage(entry)
+        if damage is None:
+            log.info("cache hit %s (%.1f s)", entry, time.perf_counter() - start)
+            return entry
+        log.warning("%s; converting %s again", damage, src)
+        shutil.rmtree(entry)
     _check_gguf(src, digest)
     models.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(models)
     # A disk-full error is a UserError naming the entry, and leaves nothing.
     with contextlib.suppress(_ConvertedElsewhere), atomic_path(entry) as tmp:
         _convert_into(src, tmp)
-        write_json_atomic(tmp / SOURCE_FILE, _source_record(src, digest))
+        write_json_atomic(tmp / SOURCE_FILE, _source_record(src, digest, tmp))
         if entry.exists():  # another process finished the same conversion first: keep its entry, drop ours
             raise _ConvertedElsewhere
     log.info("converted %s -> %s (%.1f s)", src.name, entry, time.perf_counter() - start)
@@ -330,13 +350,36 @@ def _convert_into(src: Path, out: Path) -> None:
     log.info("saved HF copy in %.1f s", time.perf_counter() - start)
 
 
-def _source_record(src: Path, digest: str) -> dict:
+def _source_record(src: Path, digest: str, entry: Path) -> dict:
+    """The GGUF an entry was converted from, and the size and sha256 of every file of the entry (`_entry_damage`)."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(entry.iterdir())}
     return {
         "file": src.name,
         "sha256": digest,
         "size": src.stat().st_size,
         "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": files,
     }
+
+
+def _entry_damage(entry: Path) -> str | None:
+    """What is wrong with a converted entry, checked against the sizes and checksums of its source record; None when
+    it is whole. An entry converted before potstill recorded them is taken as it is (`load_model` still refuses a
+    truncated safetensors file)."""
+    try:
+        files = json.loads((entry / SOURCE_FILE).read_text(encoding="utf-8")).get("files", {})
+        expected = {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError):
+        return f"{entry / SOURCE_FILE}: unreadable"
+    for name, (size, sha256) in expected.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{path}: missing from the converted model"
+        if path.stat().st_size != size:
+            return f"{path}: {path.stat().st_size} bytes, the conversion wrote {size} (truncated or replaced)"
+        if file_sha256(path) != sha256:
+            return f"{path}: checksum mismatch (corrupted or modified since the conversion)"
+    return None
 
 
 class _ConvertedElsewhere(Exception):

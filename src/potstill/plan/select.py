@@ -200,6 +200,7 @@ def select_teachers(
     eval_bytes: int = 20_000,
 ) -> dict:
     """Measure and probe every candidate, rank them, write the report (module docstring). Returns select.json."""
+    from potstill.config import load_config
     from potstill.data import load_dataset
     from potstill.eval.metrics import evaluate
     from potstill.eval.report import gap_closed
@@ -212,14 +213,21 @@ def select_teachers(
     if twice is not None:
         raise UserError(f"--candidates: {twice} is given twice")
     names = short_names(candidates)
-    out.mkdir(parents=True, exist_ok=True)
-    train, heldout = split_data(data, list(eval_files), out, eval_bytes)
     settings = [
         f"data.seq_len={seq_len}",
         f"train.max_steps={probe_steps}",
         f"train.batch_size={batch_size}",
         *overrides,
     ]
+    # before anything is written: the output, the models and the probes' config (as `probe` will read it)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out exists and is not a directory")
+    for path in (*candidates, student):
+        if not Path(path).exists():
+            raise UserError(f"{path}: no such model directory or GGUF file")
+    load_config(config, [f"model.student={student}", f"data.train=[{data[0]}]", "model.teacher=null", *settings])
+    out.mkdir(parents=True, exist_ok=True)
+    train, heldout = split_data(data, list(eval_files), out, eval_bytes)
     base = {"student": str(student), "config": config, "overrides": settings}
     with quiet_hf_progress():
         model, tok = load_model(student)

@@ -14,7 +14,9 @@ field the template uses is an error at `data:line`. Both are found before anythi
 The output is append-only: each input row's samples are written whole (one JSON line each, flushed and
 fsynced) as soon as they are known, tagged with `source` (`file:line`) and `sample`. A rerun skips the
 (source, sample) pairs already in the output or the dropped file, so an interrupted run resumes to the
-same records. Every record carries `provenance` (teacher, backend, template + hash, params, mode, time).
+same records. SIGTERM or SIGINT lets the row being generated be written, then stops the run (exit 128 + the
+signal, one line); a second signal acts at once. Every record carries `provenance` (teacher, backend,
+template + hash, params, mode, time).
 `OUT.summary.json` (written last) counts rows, written and dropped records, and the endpoint's requests.
 """
 
@@ -35,6 +37,7 @@ from typing import Any
 from potstill.config import GenerateConfig, SamplingConfig, TeacherSourceConfig
 from potstill.errors import UserError
 from potstill.fileio import jsonl_objects, read_bytes, read_text, write_json_atomic
+from potstill.signals import StopSignals
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -383,9 +386,11 @@ def run_generate(cfg: GenerateConfig) -> Path:
     }
     counts: Counter = Counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _Appender(out) as kept, _Appender(dropped_path) as dropped:
+    # SIGTERM / SIGINT: the row being generated is finished and written, then the run stops (the rerun resumes)
+    with StopSignals() as stop, _Appender(out) as kept, _Appender(dropped_path) as dropped:
         prompts = [template.render(row.data, row.where) for row in pending]
-        for row, prompt, texts in zip(pending, prompts, backend.answers(prompts), strict=False):
+        answers = zip(pending, prompts, backend.answers(prompts), strict=False)
+        for index, (row, prompt, texts) in enumerate(answers, start=1):
             stamp = provenance | {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             keep, drop = [], []
             for i, text in enumerate(texts):
@@ -397,6 +402,9 @@ def run_generate(cfg: GenerateConfig) -> Path:
                 counts[reason or "written"] += 1
             dropped.write(drop)  # dropped first: a kill in between re-asks only the kept samples (from the cache)
             kept.write(keep)
+            if stop.signum and index < len(pending):
+                rows_done = len(rows) - len(pending) + index
+                raise stop.stopped(f"after input row {row.where} ({rows_done} of {len(rows)} rows done in {out})")
     summary = {
         "output": str(out),
         "rows": len(rows),

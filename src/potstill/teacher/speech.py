@@ -249,3 +249,34 @@ def read_speech_targets(path: str | Path) -> SpeechTargets:
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The parts concatenated along dim 0, their dtype kept (an empty [0] tensor of `dtype` for no parts)."""
     return torch.cat(parts).contiguous() if parts else torch.zeros(0, dtype=dtype)
+
+
+def is_speech_targets(path: str | Path) -> bool:
+    """Whether `path` is a directory whose manifest says it is speech teacher targets (checked by the readers)."""
+    manifest = read_json(Path(path) / MANIFEST) if Path(path).is_dir() else None
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def speech_targets_report(path: str | Path) -> str:
+    """`potstill cache verify` of a speech targets directory: verify it whole (`read_speech_targets`), summarize."""
+    targets = read_speech_targets(path)
+    rows = sum(len(t.tail) for t in targets.targets)
+    k = targets.targets[0].ids.shape[1] if targets.targets else targets.meta.get("k")
+    temperature = targets.targets[0].temperature if targets.targets else None
+    size = (Path(path) / TENSORS).stat().st_size
+    return "\n".join(
+        [
+            f"ok: speech teacher targets, {len(targets.records)} clips, {rows} target rows, {size} bytes "
+            f"({TENSORS} sha256 and {MANIFEST} checksum match)",
+            f"k={k}, T={temperature}, dropped by the WER filter or the length cap: {targets.dropped}",
+        ]
+    )
+
+
+def speech_targets_info(path: str | Path) -> str:
+    """`potstill cache info` of a speech targets directory: its manifest (verified) with counts for the per-clip
+    lists."""
+    read_speech_targets(path)
+    manifest = read_json(Path(path) / MANIFEST)
+    manifest["records"], manifest["wer"] = f"{len(manifest['records'])} clips", f"{len(manifest['wer'])} values"
+    return json.dumps(manifest, indent=2)

@@ -224,6 +224,7 @@ class TeacherCache:
             "k": self.codec.k,
             "encoding": self.manifest["encoding"],
             "temperature": self.temperature,
+            "cross_tokenizer": self.cross,
             "fidelity_sample": {
                 "positions": int(sum(map(len, kept))),
                 "mean_kept_mass": float(np.concatenate(kept).mean()) if kept else None,
@@ -299,6 +300,12 @@ def verify_report(path: str | Path) -> str:
         )
     if summary["format_version"] < 2:
         notes.append("note: a format version 1 cache: its manifest has no checksum (rebuild to get one)")
+    if summary["cross_tokenizer"]:  # the top-k ids are stored at the teacher's 1:1-aligned tokens only
+        cross = summary["cross_tokenizer"]
+        notes.append(
+            f"cross-tokenizer: the teacher's own tokenizer (fingerprint {cross['teacher_tokenizer_fingerprint'][:12]}),"
+            f" {cross['shared_tokens']} ids shared with the student's; top-k stored at 1:1-aligned tokens only"
+        )
     return "\n".join(
         [
             f"ok: {summary['shards']} shards, {summary['sequences']} sequences, {summary['tokens']} tokens, "
