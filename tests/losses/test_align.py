@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -170,6 +171,28 @@ def test_stored_teacher_gradient_equals_autograd_reference():
     want = torch.autograd.grad(kd + 0.5 * ce, (s_hidden, s_weight))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+def test_bf16_autocast_planned_equals_recomputed():
+    """Under bf16 autocast (train.mixed_precision) the head's matmuls run in bf16 and the gradient lands in the
+    float32 parameters; the planned gradient equals the recomputed one and stays near the float32 value."""
+    _, s_hidden, s_weight, targets = _problem(byte_level_bpe(), metaspace_bpe(), seed=3)
+    hidden, weight = s_hidden.detach().float().requires_grad_(), s_weight.detach().float().requires_grad_()
+    head = targets.teacher
+    targets = replace(targets, teacher=replace(head, hidden=head.hidden.float(), weight=head.weight.float()))
+    div = Divergence(name="fkl")
+    grads = []
+    for planned in ((0.5, 0.5), None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            terms = cross_tokenizer_terms(hidden, weight, targets, div, chunk_size=5, loss_weights=planned)
+        assert terms.kd.dtype == torch.float32
+        grads.append(torch.autograd.grad(0.5 * terms.kd + 0.5 * terms.ce, (hidden, weight)))
+    exact = cross_tokenizer_terms(hidden, weight, targets, div)
+    want = torch.autograd.grad(0.5 * exact.kd + 0.5 * exact.ce, (hidden, weight))
+    for planned, recomputed, full in zip(*grads, want, strict=True):
+        assert planned.dtype == torch.float32
+        torch.testing.assert_close(planned, recomputed)
+        torch.testing.assert_close(planned, full, rtol=0.05, atol=0.02 * float(full.abs().max()))
 
 
 def test_chunks_hold_whole_groups():

@@ -203,7 +203,10 @@ class PlannedHeadLoss(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         eager = loss_weights if needs_grad and loss_weights is not None else None
         ctx.dtype = _compute_dtype(hidden, weight)  # backward runs outside autocast: keep the forward's dtype
-        kd, ce, grad_h, grad_w = prob.run(hidden, weight, eager, ctx.dtype)
+        # the head's matmuls take ctx.dtype explicitly; the rest runs as the recomputing backward does (autocast off),
+        # so the planned gradient and values do not depend on autocast's casts of the loss's own small matmuls
+        with torch.autocast(hidden.device.type, enabled=False):
+            kd, ce, grad_h, grad_w = prob.run(hidden, weight, eager, ctx.dtype)
         ctx.prob, ctx.planned = prob, eager
         # The precomputed grads are plain attributes, not saved tensors: backward scales them in place, and a
         # saved tensor modified in place would break a second backward through a retained graph.
