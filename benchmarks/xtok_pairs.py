@@ -18,6 +18,7 @@ Steps (each one a command; on the shared 2-core machine they were run as separat
     python benchmarks/xtok_pairs.py cache a --work DIR        # and b
     python benchmarks/xtok_pairs.py arm a kd 0 --work DIR     # pair, kd|ce, seed
     python benchmarks/xtok_pairs.py table --work DIR          # the table of the runs that finished
+    python benchmarks/xtok_pairs.py diagnose b --work DIR     # the cache's teacher side vs the untrained student
 
 The real budget (issue 16 follow-up): `arm a kd 0 --steps 200 --lr 1e-3` (about 6.5 passes over the cached text);
 such runs also score a validation split (`val-*`: training-corpus pieces outside the cached text), on which
@@ -160,9 +161,44 @@ def table(work: Path) -> None:
             print(f"{pair} {seed} {budget:<5} {run} vs {twin[0]}:" + "".join(f"{x:>+9.4f}" for x in diffs))
 
 
+def diagnose(work: Path, pair: str, n: int = 16) -> None:
+    """What the KD arm of a pair learns from, on its first n cached sequences: the teacher's bits per byte (term
+    (a)'s log-likelihoods), the share of 1:1 tokens, how often the teacher's most probable shared id is the text's
+    next token, the teacher mass outside the cached top-k, and the untrained student's mean log-prob per token."""
+    import math
+
+    import torch
+
+    from potstill.data import load_dataset
+    from potstill.losses.align import one_to_one
+    from potstill.models.load import load_model
+    from potstill.teacher.cache.cross import CrossCache
+    from potstill.teacher.cache.reader import TeacherCache
+
+    model, tok = load_model(str(work / "students" / PAIRS[pair][0]))
+    data = load_dataset([str(work / "data/train_small.jsonl")], tok, SEQ_LEN)
+    batch = {k: getattr(data, k)[:n] for k in ("input_ids", "attention_mask", "labels")}
+    batch["index"] = torch.arange(n)
+    targets = CrossCache(TeacherCache(work / "caches" / pair), tok).targets_for(batch)
+    al, teacher = targets.align, targets.teacher
+    scored, _ = al.scored_groups()
+    nats = float(-teacher.logp[scored[al.t_group] & al.t_ok].sum())
+    s_tok, t_tok = one_to_one(al)
+    views = teacher.views.rows(t_tok)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)[al.s_rows[al.s_ok], al.s_ids[al.s_ok]]
+    print(f"pair {pair}, {n} cached sequences, {int(al.s_ok.sum())} scored student tokens")
+    print(f"teacher bits per byte (its log-likelihoods): {nats / int(data.n_bytes[:n].sum()) / math.log(2):.3f}")
+    print(f"1:1 tokens: {len(s_tok) / int(al.s_ok.sum()):.1%}")
+    print(f"teacher's top shared id = the next token: {float((views.ids[:, 0] == al.s_ids[s_tok]).float().mean()):.1%}")
+    print(f"teacher mass outside the cached top-{views.k}: {float(views.tail.mean()):.3f}")
+    print(f"untrained student: mean log-prob per token {float(logp.mean()):.2f} nats")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["data", "students", "cache", "arm", "table"])
+    parser.add_argument("step", choices=["data", "students", "cache", "arm", "table", "diagnose"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=STEPS, help="arm: optimizer steps")
@@ -171,6 +207,8 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     if a.step == "cache":
         cache(a.work, *a.args)
+    elif a.step == "diagnose":
+        diagnose(a.work, a.args[0])
     elif a.step == "arm":
         arm(a.work, a.args[0], a.args[1], int(a.args[2]), a.steps, a.lr)
     else:
