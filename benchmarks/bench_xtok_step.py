@@ -11,6 +11,13 @@ alternating order; medians are printed.
 
 The student for the ratio is a random 2-layer Llama (hidden 64) over the teacher's tokenizer; `--student S` (e.g. a
 SmolLM2-tokenizer student) adds the cross step of that real pair, in ms.
+
+    python benchmarks/bench_xtok_step.py --loss-only [--vocab 262144]    # the two losses alone, no model files
+
+`--loss-only` times the two loss functions alone on random tensors (student hidden 64, teacher hidden 640, 127
+tokens, one tokenizer: every token a 1:1 group over the whole vocabulary), forward + backward with the planned
+weights of a training step: the part of the step the cross-tokenizer machinery changes, without the models' own
+forwards.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -33,15 +41,60 @@ def _time_step(student, teacher, batch, loss_cfg) -> float:
     return time.perf_counter() - start
 
 
+def _loss_only(vocab: int, reps: int) -> None:
+    from potstill.config import LossConfig
+    from potstill.losses import combine
+    from potstill.losses.align import Alignment, CrossTargets, cross_tokenizer_terms
+    from potstill.losses.fused import TeacherHead, fused_kd_terms
+    from potstill.train.step import divergence
+
+    torch.manual_seed(0)
+    n, loss_cfg = 127, LossConfig()
+    div, weights = divergence(loss_cfg), (0.5, 0.5)
+    weight = (torch.randn(vocab, 64) * 0.05).requires_grad_()
+    hidden = torch.randn(n + 1, 64, requires_grad=True)
+    teacher = TeacherHead(hidden=torch.randn(n + 1, 640), weight=torch.randn(vocab, 640) * 0.05)
+    ids = torch.randint(0, vocab, (n + 1,))
+    rows, ok = torch.arange(n), torch.ones(n, dtype=torch.bool)
+    align = Alignment(rows, ids[1:], ok, rows, rows, ids[1:], ok, rows, n)  # one tokenizer: every token 1:1
+    shared = torch.arange(vocab)
+    arms = {
+        "same": lambda: fused_kd_terms(
+            hidden[:-1], weight, replace(teacher, hidden=teacher.hidden[:-1]), ids[1:], div, loss_weights=weights
+        ),
+        "cross": lambda: cross_tokenizer_terms(
+            hidden, weight, CrossTargets(teacher, align, shared, shared), div, loss_weights=weights
+        ),
+    }
+    times = {name: [] for name in arms}
+    for rep in range(reps + 1):  # the first repetition warms up
+        for name in arms if rep % 2 else reversed(arms):
+            weight.grad = hidden.grad = None
+            start = time.perf_counter()
+            combine(arms[name](), 0.5, loss_cfg.temperature).backward()
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    same, cross = (statistics.median(times[n]) for n in arms)
+    print(f"loss only, {n} tokens, vocabulary {vocab:,} (median of {reps})")
+    print(f"same-tokenizer fused loss {same * 1e3:8.0f} ms")
+    print(f"cross-tokenizer loss      {cross * 1e3:8.0f} ms   ratio {cross / same:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", required=True)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--teacher")
+    parser.add_argument("--data")
+    parser.add_argument("--loss-only", action="store_true")
+    parser.add_argument("--vocab", type=int, default=262144)
     parser.add_argument("--student", default=None)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
+    if args.loss_only:
+        return _loss_only(args.vocab, args.reps)
+    if not (args.teacher and args.data):
+        parser.error("--teacher and --data are needed (or --loss-only)")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from potstill.config import LossConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,8 +12,18 @@ from potstill.data.crossbatch import CrossTokenizer
 from potstill.data.packing import pack
 from potstill.data.sources import Record
 from potstill.losses import Divergence, kd_terms
-from potstill.losses.align import CrossTargets, align_groups, binary_kl, cross_tokenizer_terms
+from potstill.losses.align import (
+    CrossTargets,
+    StoredTeacher,
+    _group_chunks,
+    align_groups,
+    binary_kl,
+    cross_tokenizer_terms,
+    one_to_one,
+    shared_topk,
+)
 from potstill.losses.fused import TeacherHead
+from potstill.losses.sparse import sparse_divergence
 from xtok_tokenizers import TEXTS, byte_level_bpe, metaspace_bpe
 
 
@@ -60,12 +71,14 @@ def _problem(student_tok, teacher_tok, seed=0, hs=8, ht=6):
     return batch, s_hidden, s_weight, targets
 
 
-def _naive(s_hidden, s_weight, targets: CrossTargets, T: float, seq_weight: float, denom: float):
+def _naive(s_hidden, s_weight, targets: CrossTargets, T: float, seq_weight: float, denom: float, softcap=None):
     """The module doc's formulas, one group at a time, in float64 (fkl for term (b))."""
     al, head = targets.align, targets.teacher
-    s_logp = torch.log_softmax(s_hidden @ s_weight.T, -1)
+    z = s_hidden @ s_weight.T
+    z = z if softcap is None else torch.tanh(z / softcap) * softcap
+    s_logp = torch.log_softmax(z, -1)
     t_logp = torch.log_softmax(head.hidden @ head.weight.T, -1)
-    s_logp_t = torch.log_softmax(s_hidden @ s_weight.T / T, -1)
+    s_logp_t = torch.log_softmax(z / T, -1)
     t_logp_t = torch.log_softmax(head.hidden @ head.weight.T / T, -1)
     s_rows, s_ids, s_ok, s_group = (x.tolist() for x in (al.s_rows, al.s_ids, al.s_ok, al.s_group))
     t_rows, t_ids, t_ok, t_group = (x.tolist() for x in (al.t_rows, al.t_ids, al.t_ok, al.t_group))
@@ -105,6 +118,88 @@ def test_terms_equal_naive_float64(pair):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     assert 0 < terms.stats["xtok_one_to_one"] <= terms.stats["xtok_coverage"] <= 1
+
+
+@pytest.mark.parametrize("planned", [(2.0, 0.6), (1.0, 1.0), None])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_planned_gradient_equals_naive(planned, softcap):
+    """The gradient computed in the forward for `loss_weights` (proportional to the actual weights 1 : 0.3, or not:
+    then recomputed in the backward) equals the naive loop's, with and without soft-capping, at chunks of 3 rows
+    (groups never split) and with the step's normalizer."""
+    _, s_hidden, s_weight, targets = _problem(metaspace_bpe(), byte_level_bpe(), seed=1)
+    div = Divergence(name="fkl", temperature=1.3)
+    terms = cross_tokenizer_terms(
+        s_hidden, s_weight, targets, div, num_tokens=45, chunk_size=3, softcap=softcap, seq_weight=0.8,
+        loss_weights=planned,
+    )  # fmt: skip
+    kd, ce = _naive(s_hidden, s_weight, targets, 1.3, 0.8, 45.0, softcap=softcap)
+    torch.testing.assert_close(terms.kd, kd)
+    torch.testing.assert_close(terms.ce, ce)
+    for retain in (True, False):  # a second backward (retained graph) recomputes: the same gradient
+        got = torch.autograd.grad(terms.kd + 0.3 * terms.ce, (s_hidden, s_weight), retain_graph=retain)
+        want = torch.autograd.grad(kd + 0.3 * ce, (s_hidden, s_weight), retain_graph=True)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
+
+
+def test_stored_teacher_gradient_equals_autograd_reference():
+    """A cache's teacher (per-row top-k views in student ids, tail, log-likelihoods): kd, ce and the closed-form
+    gradient equal autograd through the bucket view of `losses.sparse` (the reference formulation)."""
+    student_tok, teacher_tok = byte_level_bpe(), metaspace_bpe()
+    _, s_hidden, s_weight, online = _problem(student_tok, teacher_tok, seed=2)
+    al, head = online.align, online.teacher
+    logits = head.rows(al.t_rows).logits()
+    top = shared_topk(logits, online, 5, 1.5)
+    logp = torch.log_softmax(logits, -1).gather(-1, al.t_ids[:, None]).squeeze(-1)
+    stored = CrossTargets(StoredTeacher(logp=torch.where(al.t_ok, logp, 0.0), views=top), al)
+    div = Divergence(name="jsd", beta=0.4, temperature=1.5)
+    terms = cross_tokenizer_terms(s_hidden, s_weight, stored, div, chunk_size=4, loss_weights=(1.0, 0.5))
+    # reference: every student row's logits under autograd, term (b) by sparse_divergence's bucket view
+    s_logits = s_hidden @ s_weight.T
+    s_tok, t_tok = one_to_one(al)
+    scored, _ = al.scored_groups()
+    s_logp = torch.log_softmax(s_logits, -1)[al.s_rows, al.s_ids]
+    s_sum = torch.zeros(al.n_groups, dtype=torch.float64).index_add(0, al.s_group[al.s_ok], s_logp[al.s_ok])
+    t_sum = torch.zeros(al.n_groups, dtype=torch.float64).index_add(0, al.t_group, logp.where(al.t_ok, 0.0))
+    b = sparse_divergence(s_logits[al.s_rows[s_tok]], top.rows(t_tok), div, tail="bucket").sum()
+    n = int(al.s_ok.sum())
+    kd = (b + binary_kl(t_sum[scored], s_sum[scored]).sum()) / n
+    ce = -s_logp[al.s_ok].sum() / n
+    torch.testing.assert_close(terms.kd, kd)
+    torch.testing.assert_close(terms.ce, ce)
+    got = torch.autograd.grad(terms.kd + 0.5 * terms.ce, (s_hidden, s_weight))
+    want = torch.autograd.grad(kd + 0.5 * ce, (s_hidden, s_weight))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_bf16_autocast_planned_equals_recomputed():
+    """Under bf16 autocast (train.mixed_precision) the head's matmuls run in bf16 and the gradient lands in the
+    float32 parameters; the planned gradient equals the recomputed one and stays near the float32 value."""
+    _, s_hidden, s_weight, targets = _problem(byte_level_bpe(), metaspace_bpe(), seed=3)
+    hidden, weight = s_hidden.detach().float().requires_grad_(), s_weight.detach().float().requires_grad_()
+    head = targets.teacher
+    targets = replace(targets, teacher=replace(head, hidden=head.hidden.float(), weight=head.weight.float()))
+    div = Divergence(name="fkl")
+    grads = []
+    for planned in ((0.5, 0.5), None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            terms = cross_tokenizer_terms(hidden, weight, targets, div, chunk_size=5, loss_weights=planned)
+        assert terms.kd.dtype == torch.float32
+        grads.append(torch.autograd.grad(0.5 * terms.kd + 0.5 * terms.ce, (hidden, weight)))
+    exact = cross_tokenizer_terms(hidden, weight, targets, div)
+    want = torch.autograd.grad(0.5 * exact.kd + 0.5 * exact.ce, (hidden, weight))
+    for planned, recomputed, full in zip(*grads, want, strict=True):
+        assert planned.dtype == torch.float32
+        torch.testing.assert_close(planned, recomputed)
+        torch.testing.assert_close(planned, full, rtol=0.05, atol=0.02 * float(full.abs().max()))
+
+
+def test_chunks_hold_whole_groups():
+    assert _group_chunks(torch.tensor([0, 0, 1, 1, 1, 2, 3, 3]), 3) == [(0, 5), (5, 8)]
+    assert _group_chunks(torch.tensor([0, 1, 2, 3]), 2) == [(0, 2), (2, 4)]
+    assert _group_chunks(torch.tensor([5, 5, 5]), 1) == [(0, 3)]
+    assert _group_chunks(torch.tensor([], dtype=torch.long), 4) == []
 
 
 def test_chunking_does_not_change_the_terms():

@@ -12,29 +12,31 @@ exactly the same preceding bytes. Two terms compare the models (`cross_tokenizer
     so spans without any shared token (a word one side spells in three tokens) are taught too.
 (b) **Distribution** on groups of one token on each side (1:1): the next-token distributions that predict the
     group, conditioned on the same bytes, compared over the shared vocabulary (ids of both that write the same
-    bytes) plus one "rest" bucket per side for all other ids, so both stay normalized (`sparse_views`' bucket view
-    with the teacher's shared ids as the kept ids). Any divergence of the registry applies, at temperature T.
+    bytes) plus one "rest" bucket per side for all other ids, so both stay normalized (the bucket view of
+    `losses.sparse`, restricted to the shared ids: column selections, `_view`). Any divergence of the registry
+    applies, at temperature T.
 
 A group is scored when every student token in it is scored (its label is not -100) and every teacher token in it is
 predicted by the teacher (not its first token). Both terms sum over scored groups / 1:1 positions and divide once
 by `num_tokens` (the step's scored student tokens), like every other term. The student's head and the teacher's
-(262k rows for Gemma) are applied in chunks of rows; the student's chunks are recomputed in the backward
-(`torch.utils.checkpoint`), so no [tokens x V] logits of either side exist at once.
+(262k rows for Gemma) are applied in chunks of rows, so no [tokens x V] logits of either side exist at once. The
+student's chunks hold whole groups (`_group_chunks`), so each chunk's gradient is complete in itself: it is computed
+in closed form in the forward for the caller's planned weights (`fused.PlannedHeadLoss`, as the same-tokenizer
+fused loss), and the backward only scales it.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from potstill.losses import Divergence, KDTerms
-from potstill.losses.fused import TeacherHead, default_chunk_size
-from potstill.losses.sparse import SparseTargets, sparse_divergence, sparse_views
+from potstill.losses import Divergence, KDTerms, per_token_divergence
+from potstill.losses.fused import PlannedHeadLoss, TeacherHead, default_chunk_size
+from potstill.losses.sparse import EMPTY_LOG_MASS, SparseTargets, check_temperature
 
 
 def align_groups(s_ends: torch.Tensor, t_ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -148,27 +150,64 @@ def binary_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return p * (log_p - log_q) + (1 - p) * (log1mexp(log_p) - log1mexp(log_q))
 
 
-def _softcapped(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+def _logits(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Head outputs -> the logits the loss reads: upcast (float64 kept) and soft-capped."""
     z = z if z.dtype == torch.float64 else z.float()
     return z if not cap else torch.tanh(z / cap) * cap
 
 
-def _token_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[n] float64 log-softmax of `logits` [n, V] at `ids` [n] (T = 1)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, None]).squeeze(-1).double()
+def _complement(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[vocab - K] the ids of a vocabulary not in `ids` [K] (distinct)."""
+    outside = torch.ones(vocab, dtype=torch.bool, device=ids.device)
+    outside[ids] = False
+    return outside.nonzero().squeeze(-1)
+
+
+def _view(lp: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs `lp` [p, V] on term (b)'s categories: the kept ids and one bucket for all others.
+
+    Args:
+        ids: [K] kept ids, the same for every row (the shared vocabulary), or [p, K] per row (a cache's top-k).
+        rest: [V - K] the complement of 1-D `ids` (None for per-row ids).
+
+    Returns:
+        (view [p, K + 1], the rest bucket's log-mass [p]). An empty bucket gets EMPTY_LOG_MASS (no mass).
+    """
+    if ids.dim() == 1:  # one index for every row: plain column selections, no [p, V] scatter
+        kept = lp.index_select(-1, ids)
+        lse = lp.index_select(-1, rest).logsumexp(-1) if rest.numel() else lp.new_full(lp.shape[:1], EMPTY_LOG_MASS)
+    else:
+        kept = lp.gather(-1, ids)
+        fill = (lp.detach().amin(dim=-1, keepdim=True) + EMPTY_LOG_MASS).expand_as(ids)
+        lse = lp.scatter(-1, ids, fill).logsumexp(-1)
+    return torch.cat([kept, lse[:, None]], dim=-1), lse
+
+
+def _spread(g: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor | None, lse: torch.Tensor):
+    """d D / d lp-logits [p, V] from g = d D / d view [p, K + 1] (`_view`'s categories; rows of g sum to 0).
+
+    A kept id gets its category's gradient, an id of the bucket the bucket's in proportion q_j / q_rest; the
+    - q_j * sum(g) term of the softmax is dropped: every divergence's gradient in its logits sums to 0.
+    """
+    k = ids.shape[-1]
+    if ids.dim() == 1:  # kept and rest partition the columns: every one is written
+        out = lp.new_empty(lp.shape).index_copy_(-1, ids, g[:, :k])
+        if rest.numel():
+            out.index_copy_(-1, rest, g[:, k:] * (lp.index_select(-1, rest) - lse[:, None]).exp())
+        return out
+    # clamp: kept ids may exceed the bucket's mass; their entries are overwritten just below
+    return (g[:, k:] * (lp - lse[:, None]).clamp_max(0).exp()).scatter_(-1, ids, g[:, :k])
 
 
 def teacher_views(logits: torch.Tensor, targets: CrossTargets, temperature: float) -> SparseTargets:
     """The teacher's next-token distributions (logits [n, V]) on the shared vocabulary + rest, as [n, K] sparse
     targets in student ids."""
-    ids = targets.teacher_shared.expand(logits.shape[0], -1)
-    # the bucket view of `sparse_views` on the teacher's own logits (the placeholder targets' values are unused)
-    kept = SparseTargets(ids=ids, logprobs=logits.new_zeros(ids.shape), tail=logits.new_zeros(logits.shape[0]))
-    view, _ = sparse_views(logits, kept, temperature, "bucket")
+    lp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    view, lse = _view(lp, targets.teacher_shared, _complement(targets.teacher_shared, logits.shape[-1]))
     return SparseTargets(
         ids=targets.student_shared.expand(logits.shape[0], -1),
         logprobs=view[:, :-1],
-        tail=view[:, -1].exp(),
+        tail=lse.exp(),
         temperature=temperature,
     )
 
@@ -191,43 +230,129 @@ def shared_topk(logits: torch.Tensor, targets: CrossTargets, k: int, temperature
 
 
 def _teacher_side(
-    targets: CrossTargets, tokens: torch.Tensor, temperature: float, views: bool
-) -> tuple[torch.Tensor, SparseTargets | None]:
-    """(log p [n] float64 of the teacher `tokens` of the stream, their shared-vocabulary views or None), no grad."""
+    targets: CrossTargets, tokens: torch.Tensor, temperature: float, views: bool, rest: torch.Tensor | None = None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The teacher at some tokens of its stream, no grad: (log p [n] float64 of each token at T = 1, and with `views`
+    (its view [n, K + 1] at `temperature`, the view's kept student ids: [K] shared or [n, k] per row) or None).
+
+    rest: [Vt - K] the complement of the teacher's shared ids (online teacher, with `views`)."""
     if isinstance(targets.teacher, StoredTeacher):
-        return targets.teacher.logp[tokens], targets.teacher.views.rows(tokens) if views else None
+        if not views:
+            return targets.teacher.logp[tokens], None
+        top = targets.teacher.views.rows(tokens)
+        t_rest = torch.log(top.tail.float()).clamp_min(EMPTY_LOG_MASS)
+        return targets.teacher.logp[tokens], (torch.cat([top.logprobs.float(), t_rest[:, None]], -1), top.ids)
     al = targets.align
     with torch.no_grad():
         logits = targets.teacher.rows(al.t_rows[tokens]).logits()
-        return _token_logp(logits, al.t_ids[tokens]), teacher_views(logits, targets, temperature) if views else None
+        lp = torch.log_softmax(logits, dim=-1)
+        logp = lp.gather(-1, al.t_ids[tokens, None]).squeeze(-1).double()
+        if not views:
+            return logp, None
+        lp_t = lp if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
+        return logp, (_view(lp_t, targets.teacher_shared, rest)[0], targets.student_shared)
 
 
-def _student_chunk(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    view_ids: torch.Tensor,
-    view_logprobs: torch.Tensor,
-    view_tail: torch.Tensor,
-    ids: torch.Tensor,
-    pairs: torch.Tensor,
-    temperature: float,
-    div: Divergence,
-    softcap: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of student rows: (log q of each row's token [c], divergence at its 1:1 rows [p]).
+def _group_chunks(groups: torch.Tensor, size: int) -> list[tuple[int, int]]:
+    """(start, stop) spans of about `size` consecutive tokens (`groups` [n], non-decreasing) that never split a
+    group: each chunk holds whole groups, so its term (a) and its gradient need no other chunk."""
+    n = groups.numel()
+    starts = ((groups[1:] != groups[:-1]).nonzero().squeeze(-1) + 1).tolist()  # where a new group begins
+    spans, first = [], 0
+    while first < n:
+        at = bisect.bisect_left(starts, first + size)
+        stop = starts[at] if at < len(starts) else n
+        spans.append((first, stop))
+        first = stop
+    return spans
 
-    Args:
-        hidden: [c, H] student hidden states; weight: [V, H] its head.
-        view_ids, view_logprobs, view_tail: [p, K], [p, K], [p] the teacher's views (student ids) at the chunk's
-            1:1 rows (`pairs` [p]), at `temperature`.
-        ids: [c] the token each row predicts.
-    """
-    z = _softcapped(F.linear(hidden, weight), softcap)
-    log_q = torch.log_softmax(z, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
-    if pairs.numel() == 0:
-        return log_q, z.new_zeros(0)
-    targets = SparseTargets(ids=view_ids, logprobs=view_logprobs, tail=view_tail, temperature=temperature)
-    return log_q, sparse_divergence(z[pairs], targets, div, tail="bucket")
+
+@dataclass
+class _CrossProblem:
+    """One cross-tokenizer loss call besides the differentiable tensors (`PlannedHeadLoss`' problem)."""
+
+    targets: CrossTargets
+    div: Divergence
+    scale: float  # 1 / num_tokens
+    s_index: torch.Tensor  # [n] the scored student tokens, in stream order
+    spans: list[tuple[int, int]]  # chunks of s_index (`_group_chunks`)
+    is_pair: torch.Tensor  # [n] the token is a 1:1 group's
+    t_of_group: torch.Tensor  # [G] the teacher token of each 1:1 group
+    scored: torch.Tensor  # [G] scored groups
+    t_sum: torch.Tensor  # [G] float64 teacher log-likelihood of each group (1:1 groups filled in by `run`)
+    s_rest: torch.Tensor | None  # student ids outside the shared vocabulary (online teacher)
+    t_rest: torch.Tensor | None  # teacher ids outside it
+    softcap: float | None
+    seq_weight: float
+
+    def run(self, hidden, weight, weights, dtype):
+        """The scaled kd and ce sums and, with `weights` (w_kd, w_ce), their gradients, computed chunk by chunk in
+        closed form: no autograd graph over [c, V] tensors, no recomputation in the backward.
+
+        Per student row i (logits z_i, token y_i, lp = log softmax(z_i), log q_i = lp[y_i]) the gradient is
+        beta_i (onehot(y_i) - softmax(z_i)) with beta_i = d(w_kd (a) + w_ce ce) / d log q_i (term (a) couples only
+        the tokens of one group, and a chunk holds whole groups), plus w_kd / T times term (b)'s gradient spread
+        from its K + 1 categories back onto the vocabulary (`_spread`) at the 1:1 rows.
+        """
+        al, div, scale = self.targets.align, self.div, self.scale
+        hidden, weight = hidden.detach(), weight.detach()
+        out_dtype = _logits(weight[:0, :0], None).dtype  # float32, or float64 for float64 weights (as fused)
+        kd_sum = hidden.new_zeros((), dtype=torch.float64)
+        ce_sum = kd_sum.clone()
+        grad_h = torch.zeros_like(hidden) if weights else None
+        grad_w = torch.zeros_like(weight) if weights else None
+        w = weight.to(dtype)
+        t_div = replace(div, temperature=1.0)  # the views are tempered log-probs already
+        for first, stop in self.spans:
+            part = self.s_index[first:stop]
+            rows, ids = al.s_rows[part], al.s_ids[part]
+            pairs = self.is_pair[first:stop].nonzero().squeeze(-1)
+            t_tokens = self.t_of_group[al.s_group[part[pairs]]]
+            t_logp, (t_view, view_ids) = _teacher_side(self.targets, t_tokens, div.temperature, True, self.t_rest)
+            self.t_sum[al.t_group[t_tokens]] = t_logp
+            h = hidden[rows].to(dtype)
+            with torch.enable_grad():
+                z = F.linear(h, w).requires_grad_(weights is not None)
+                logits = _logits(z, self.softcap)
+            with torch.no_grad():
+                lp = torch.log_softmax(logits, dim=-1)
+                lp_t = lp[pairs] if div.temperature == 1.0 else torch.log_softmax(logits[pairs] / div.temperature, -1)
+                s_view, lse = _view(lp_t, view_ids, self.s_rest)
+            sv = s_view.detach().requires_grad_(weights is not None)
+            with torch.enable_grad():
+                d = per_token_divergence(sv, t_view.to(sv.dtype), t_div).sum()
+                # term (a) and ce over this chunk's whole groups, in float64 on [c] log-likelihoods
+                log_q = lp.gather(-1, ids[:, None]).squeeze(-1).double().requires_grad_(weights is not None)
+                groups, local = torch.unique(al.s_group[part], return_inverse=True)
+                s_sum = log_q.new_zeros(groups.numel()).index_add(0, local, log_q)
+                keep = self.scored[groups]
+                seq = binary_kl(self.t_sum[groups][keep], s_sum[keep]).sum()
+                ce = -log_q.sum()
+                if weights:
+                    w_kd, w_ce = weights[0] * scale, weights[1] * scale
+                    small = w_kd * self.seq_weight * seq + w_ce * ce
+            kd_sum += d.detach().double() + self.seq_weight * seq.detach()
+            ce_sum += ce.detach()
+            if not weights:
+                continue
+            (g_view,) = torch.autograd.grad(d, sv) if pairs.numel() else (None,)
+            (beta,) = torch.autograd.grad(small, log_q)
+            beta = beta.to(lp.dtype)
+            with torch.no_grad():
+                g = lp.exp().mul_(-beta[:, None])
+                g.scatter_add_(-1, ids[:, None], beta[:, None])
+                if g_view is not None:
+                    spread = _spread(g_view, lp_t, view_ids, self.s_rest, lse)
+                    g.index_add_(0, pairs, spread.mul_(w_kd / div.temperature))
+            if logits is not z:  # through the soft-capping / upcast
+                (g,) = torch.autograd.grad(logits, z, g)
+            g = g.to(dtype)
+            grad_h.index_copy_(0, rows, (g @ w).to(hidden.dtype))
+            if dtype == grad_w.dtype:
+                grad_w.addmm_(g.t(), h)
+            else:  # low-precision matmul, accumulated in the weight's dtype (as the fused loss)
+                grad_w.add_(g.t() @ h)
+        return (kd_sum * scale).to(out_dtype), (ce_sum * scale).to(out_dtype), grad_h, grad_w
 
 
 def cross_tokenizer_terms(
@@ -239,6 +364,7 @@ def cross_tokenizer_terms(
     chunk_size: int | None = None,
     softcap: float | None = None,
     seq_weight: float = 1.0,
+    loss_weights: tuple[float, float] | None = None,
 ) -> KDTerms:
     """KD and CE terms of a student against a teacher with another tokenizer (module doc).
 
@@ -250,6 +376,8 @@ def cross_tokenizer_terms(
         num_tokens: normalizer, the step's scored student tokens (default: this batch's).
         chunk_size: rows per head chunk (default: about 2^24 logits of the larger vocabulary).
         seq_weight: weight of term (a) inside the KD term: kd = (b) + seq_weight * (a).
+        loss_weights: (w_kd, w_ce) the caller will multiply kd and ce by: gradients are then computed in the
+            forward, as the fused loss does (`PlannedHeadLoss`); any other weighting stays exact (recomputed).
 
     Returns:
         KDTerms(kd, ce, n_tokens, stats): ce is the student's ordinary CE on its scored tokens; stats holds
@@ -257,53 +385,42 @@ def cross_tokenizer_terms(
         scored groups, term (a)).
     """
     al, teacher = targets.align, targets.teacher
+    if isinstance(teacher, StoredTeacher):
+        check_temperature(teacher.views, div)
     scored, one = al.scored_groups()
     s_index = al.s_ok.nonzero().squeeze(-1)  # the scored student tokens, in stream order
     n_scored = s_index.numel()
     denom = max(float(n_scored if num_tokens is None else num_tokens), 1.0)
     vocab = max(student_weight.shape[0], teacher.weight.shape[0] if isinstance(teacher, TeacherHead) else 0)
-    chunk = chunk_size or default_chunk_size(vocab)
     # 1:1 groups: the teacher token of each (scatter works: each such group has exactly one token per side)
     t_of_group = torch.zeros(al.n_groups, dtype=torch.long, device=al.t_ids.device)
     t_of_group[al.t_group] = torch.arange(al.t_ids.numel(), device=al.t_ids.device)
     is_pair = one[al.s_group[s_index]]
-    # teacher log-probs of its tokens in scored groups (no grad, chunked); those of 1:1 groups come with their
-    # distributions in the student's loop below, so each teacher row goes through the 262k head once
+    # teacher log-probs of its tokens in scored groups other than 1:1 (no grad, chunked); those of 1:1 groups come
+    # with their distributions in the student's chunks, so each teacher row goes through the 262k head once
     t_logp = torch.zeros(al.t_ids.numel(), dtype=torch.float64, device=al.t_ids.device)
     t_index = (scored[al.t_group] & al.t_ok & ~one[al.t_group]).nonzero().squeeze(-1)
-    for part in t_index.split(chunk):
+    for part in t_index.split(chunk_size or default_chunk_size(vocab)):
         t_logp[part] = _teacher_side(targets, part, div.temperature, views=False)[0]
-    log_q = []
-    div_sum = student_hidden.new_zeros((), dtype=torch.float32)
-    fn = partial(_student_chunk, div=div, softcap=softcap)
-    for start in range(0, n_scored, chunk):
-        part = s_index[start : start + chunk]
-        pairs = is_pair[start : start + chunk].nonzero().squeeze(-1)
-        t_tokens = t_of_group[al.s_group[part[pairs]]]
-        t_logp[t_tokens], view = _teacher_side(targets, t_tokens, div.temperature, views=True)
-        lq, d = checkpoint(
-            fn,
-            student_hidden[al.s_rows[part]],
-            student_weight,
-            view.ids,
-            view.logprobs,
-            view.tail,
-            al.s_ids[part],
-            pairs,
-            view.temperature,
-            use_reentrant=False,
-        )
-        log_q.append(lq)
-        div_sum = div_sum + d.sum()
-    log_q = torch.cat(log_q) if log_q else student_hidden.new_zeros(0)
-    ce = -log_q.sum() / denom
-    # (a): per scored group, the two log-likelihoods of its bytes
-    s_sum = torch.zeros(al.n_groups, dtype=torch.float64, device=log_q.device).index_add(
-        0, al.s_group[s_index], log_q.double()
+    online = isinstance(teacher, TeacherHead)
+    prob = _CrossProblem(
+        targets=targets,
+        div=div,
+        scale=1.0 / denom,
+        s_index=s_index,
+        spans=_group_chunks(al.s_group[s_index], chunk_size or default_chunk_size(vocab)),
+        is_pair=is_pair,
+        t_of_group=t_of_group,
+        scored=scored,
+        t_sum=torch.zeros(al.n_groups, dtype=torch.float64, device=t_logp.device).index_add(0, al.t_group, t_logp),
+        s_rest=_complement(targets.student_shared, student_weight.shape[0]) if online else None,
+        t_rest=_complement(targets.teacher_shared, teacher.weight.shape[0]) if online else None,
+        softcap=softcap,
+        seq_weight=seq_weight,
     )
-    t_sum = torch.zeros(al.n_groups, dtype=torch.float64, device=log_q.device).index_add(0, al.t_group, t_logp)
-    seq = binary_kl(t_sum[scored], s_sum[scored]).sum().to(log_q.dtype)
-    kd = (div_sum + seq_weight * seq) / denom
+    if not torch.is_grad_enabled():
+        loss_weights = None  # evaluation: no gradient to compute ahead
+    kd, ce = PlannedHeadLoss.apply(student_hidden, student_weight, prob, loss_weights)
     in_scored = scored[al.s_group[s_index]]
     stats = {
         "xtok_one_to_one": float(is_pair.sum()) / max(n_scored, 1),

@@ -116,6 +116,10 @@ class _Problem:
     chunk_size: int
     softcap: float | None
 
+    def run(self, hidden, weight, weights, dtype):
+        """`_run` on this problem (`PlannedHeadLoss`' interface)."""
+        return _run(self, hidden, weight, weights, dtype)
+
     def chunks(self):
         """Yields (row index [c], labels [c], teacher rows) per chunk of masked-in tokens."""
         for start in range(0, self.rows.numel(), self.chunk_size):
@@ -183,15 +187,26 @@ def _proportion(actual: tuple[float, float], planned: tuple[float, float]) -> fl
     return lam if ok else None
 
 
-class _FusedKD(torch.autograd.Function):
-    """(hidden [N, H], weight [V, H]) -> (kd, ce) scalars; see the module docstring for the backward."""
+class PlannedHeadLoss(torch.autograd.Function):
+    """(hidden [N, H], weight [V, H], problem, loss_weights) -> (kd, ce) scalars of a loss on chunks of a head.
+
+    `problem.run(hidden, weight, weights, dtype)` walks the chunks once and returns (kd, ce, grad_hidden,
+    grad_weight): the two scaled sums and, when `weights` = (w_kd, w_ce) is given, the gradients of
+    w_kd * kd + w_ce * ce (else None); the head's matmuls run in `dtype`. With `loss_weights` the gradient is
+    computed in the forward and scaled in the backward; otherwise (or when the actual grads are not proportional
+    to them) the backward runs the chunks again (module doc). Used by the fused loss and the cross-tokenizer one
+    (`losses.align`).
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, prob: _Problem, loss_weights):
+    def forward(ctx, hidden, weight, prob, loss_weights):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         eager = loss_weights if needs_grad and loss_weights is not None else None
         ctx.dtype = _compute_dtype(hidden, weight)  # backward runs outside autocast: keep the forward's dtype
-        kd, ce, grad_h, grad_w = _run(prob, hidden, weight, eager, ctx.dtype)
+        # the head's matmuls take ctx.dtype explicitly; the rest runs as the recomputing backward does (autocast off),
+        # so the planned gradient and values do not depend on autocast's casts of the loss's own small matmuls
+        with torch.autocast(hidden.device.type, enabled=False):
+            kd, ce, grad_h, grad_w = prob.run(hidden, weight, eager, ctx.dtype)
         ctx.prob, ctx.planned = prob, eager
         # The precomputed grads are plain attributes, not saved tensors: backward scales them in place, and a
         # saved tensor modified in place would break a second backward through a retained graph.
@@ -207,7 +222,7 @@ class _FusedKD(torch.autograd.Function):
         (grad_h, grad_w), ctx.grads = ctx.grads, (None, None)
         ctx.planned = None  # the kept grads are handed out (and scaled in place) once; a retained graph recomputes
         if lam is None:
-            _, _, grad_h, grad_w = _run(ctx.prob, hidden, weight, actual, ctx.dtype)
+            _, _, grad_h, grad_w = ctx.prob.run(hidden, weight, actual, ctx.dtype)
         else:
             grad_h, grad_w = grad_h.mul_(lam), grad_w.mul_(lam)  # in place: no second [V, H] buffer
         return grad_h, grad_w.to(weight.dtype), None, None
@@ -260,5 +275,5 @@ def fused_kd_terms(
         loss_weights = None  # evaluation: no gradient to compute ahead
     elif teacher is None and loss_weights is not None:
         loss_weights = (0.0, loss_weights[1])  # kd does not exist: its (zero) grad must not break the plan
-    kd, ce = _FusedKD.apply(student_hidden, student_head_weight, prob, loss_weights)
+    kd, ce = PlannedHeadLoss.apply(student_hidden, student_head_weight, prob, loss_weights)
     return KDTerms(kd=None if teacher is None else kd, ce=ce, n_tokens=rows.numel())

@@ -144,6 +144,7 @@ def loss_terms(
             chunk_size=loss.chunk_size,
             softcap=softcap,
             seq_weight=loss.cross_seq_weight,
+            loss_weights=weights,
         )
     if head is None:
         if isinstance(targets, SparseTargets):
