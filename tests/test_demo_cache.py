@@ -149,7 +149,7 @@ def _tiny_pipeline(monkeypatch, models: Path) -> None:
         "train_kd": demo.STEPS["train_kd"],
     }
     monkeypatch.setattr(demo, "STEPS", steps)
-    monkeypatch.setattr(demo, "load_demo_settings", lambda quick: _tiny_settings())
+    monkeypatch.setattr(demo, "load_demo_settings", lambda quick, path=None: _tiny_settings())
     monkeypatch.setattr(demo, "check_demo_extra", lambda: None)
 
 

@@ -163,9 +163,9 @@ def run_demo(
         UserError: the demo extra is missing, or `out` holds something else (another variant, foreign files).
     """
     out = Path(out)
-    _refuse_foreign(out, overwrite)  # before the extra check: a wrong --out is the first thing to say
-    check_demo_extra()
+    _refuse_foreign(out, overwrite)  # before the extra check: a wrong --out or settings file is the first thing to say
     settings = load_demo_settings(quick, settings_file)
+    check_demo_extra()
     if teacher_cache:
         settings = settings.model_copy(update={"teacher_source": "cache"})
     state = _open_state(out, "quick" if quick else "full", settings, overwrite)
