@@ -201,3 +201,44 @@ def test_bf16_probe_answers_a_bool():
     from potstill.models.load import bf16_is_fast
 
     assert isinstance(bf16_is_fast(), bool)
+
+
+def test_eval_step_scores_both_students_with_one_teacher_pass(tmp_path: Path, make_model_dir, tiny_corpus):
+    """The eval step's students get what `evaluate` gives each alone; the teacher body runs twice per batch in all
+    (its own scoring, then once for both students), not three times."""
+    import torch
+
+    from potstill.data import load_dataset
+    from potstill.eval.metrics import evaluate
+    from potstill.models.load import load_model
+    from potstill.teacher.online import OnlineTeacher
+
+    out = tmp_path / "d"
+    (out / "corpus").mkdir(parents=True)
+    rows = [{"text": t, "domain": d} for t, d in zip(tiny_corpus, ["code", "docs"] * len(tiny_corpus), strict=False)]
+    (out / "corpus" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    teacher = make_model_dir("teacher", seed=1)
+    done = {"teacher": {"result": str(teacher)}}
+    done.update(
+        {f"train_{arm}": {"result": {"student": str(make_model_dir(arm, seed=s))}} for arm, s in (("kd", 2), ("ce", 3))}
+    )
+    settings = demo.load_demo_settings(quick=True)
+    settings.distill["model"]["teacher_dtype"] = "float32"
+    calls = []
+    body = torch.nn.Module.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        return body(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.Module, "__call__", counting)
+        results = demo._step_eval({"out": out, "settings": settings, "state": {"done": done}})
+    seq_len, heldout = settings.distill["data"]["seq_len"], [out / "corpus" / "heldout.jsonl"]
+    t_model, t_tok = load_model(teacher)
+    n_batches = -(-len(load_dataset(heldout, t_tok, seq_len)) // 8)
+    assert calls.count("LlamaModel") == 4 * n_batches  # the teacher twice + the two students
+    for arm in ("kd", "ce"):
+        model, tok = load_model(done[f"train_{arm}"]["result"]["student"])
+        alone = evaluate(model, load_dataset(heldout, tok, seq_len), OnlineTeacher(t_model), progress=False)
+        assert results[f"student_{arm}"] == alone

@@ -369,9 +369,13 @@ def _train(ctx: dict, arm: str) -> dict:
 
 
 def _step_eval(ctx: dict) -> dict:
-    """Held-out metrics of the teacher (its own tokenizer, full head) and both students (with the teacher)."""
+    """Held-out metrics of the teacher (its own tokenizer, full head) and both students (with the teacher).
+
+    The students share a tokenizer, so one teacher forward per held-out batch serves both (`evaluate_models`): the
+    teacher runs twice in all (its own scoring, then the students'), not three times.
+    """
     from potstill.data import load_dataset
-    from potstill.eval.metrics import evaluate
+    from potstill.eval.metrics import evaluate, evaluate_models
     from potstill.models.load import load_model
     from potstill.models.vocab import load_id_map
     from potstill.teacher.online import OnlineTeacher
@@ -383,13 +387,12 @@ def _step_eval(ctx: dict) -> dict:
     teacher, t_tok = load_model(_result(ctx, "teacher"), dtype=kd.model.teacher_load_dtype)
     seq_len = kd.data.seq_len
     results = {"teacher": evaluate(teacher, load_dataset(heldout, t_tok, seq_len), batch_size=batch)}
-    for arm in ("kd", "ce"):
-        path = _result(ctx, f"train_{arm}")["student"]
-        model, tok = load_model(path)
-        online = OnlineTeacher(teacher, id_map=load_id_map(path))
-        results[f"student_{arm}"] = evaluate(
-            model, load_dataset(heldout, tok, seq_len), teacher=online, batch_size=batch
-        )
+    paths = {f"student_{arm}": _result(ctx, f"train_{arm}")["student"] for arm in ("kd", "ce")}
+    students = {name: load_model(path) for name, path in paths.items()}
+    tok = students["student_kd"][1]  # both students keep student_init's trimmed tokenizer and id map
+    online = OnlineTeacher(teacher, id_map=load_id_map(paths["student_kd"]))
+    models = {name: model for name, (model, _) in students.items()}
+    results.update(evaluate_models(models, load_dataset(heldout, tok, seq_len), teacher=online, batch_size=batch))
     return results
 
 

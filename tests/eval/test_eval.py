@@ -7,7 +7,7 @@ import torch
 
 from potstill.data import IGNORE_INDEX, Record, pack
 from potstill.errors import UserError
-from potstill.eval.metrics import evaluate
+from potstill.eval.metrics import evaluate, evaluate_models
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
 
@@ -78,6 +78,21 @@ def test_agreement_and_kl_with_another_teacher(make_model, two_domains):
     assert result["overall"]["top1_agreement"] == pytest.approx(agree / tokens, abs=1e-12)
     assert result["overall"]["kl_to_teacher"] == pytest.approx(kl / tokens, rel=1e-4)
     assert 0 < result["overall"]["kl_to_teacher"] and result["overall"]["top1_agreement"] < 1
+
+
+def test_several_students_share_one_teacher_pass(make_model, two_domains):
+    """evaluate_models == one evaluate per student, with one teacher forward per batch instead of one per student."""
+    students = {"a": make_model(seed=0), "b": make_model(seed=2)}
+    teacher = OnlineTeacher(make_model(seed=1))
+    calls = []
+    teacher.model.base_model.register_forward_hook(lambda *_: calls.append(1))
+    together = evaluate_models(students, two_domains, teacher=teacher, batch_size=4, progress=False)
+    n_batches = math.ceil(len(two_domains) / 4)
+    assert len(calls) == n_batches
+    for name, model in students.items():
+        alone = evaluate(model, two_domains, teacher=teacher, batch_size=4, progress=False)
+        assert together[name] == alone
+    assert together["a"]["overall"]["kl_to_teacher"] != together["b"]["overall"]["kl_to_teacher"]
 
 
 def test_batch_size_does_not_change_results_and_mode_restored(tiny_model, two_domains):

@@ -22,7 +22,7 @@ with `write_eval_json` (also the way a training run writes its eval.json).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,36 +106,70 @@ def evaluate(
     Returns:
         {"overall": {...}, "domains": {name: {...}}}, keys as in `_Sums.metrics` (DESIGN.md §3 eval.json).
     """
+    return evaluate_models({"model": model}, dataset, teacher, batch_size, progress)["model"]
+
+
+def evaluate_models(
+    models: Mapping[str, torch.nn.Module],
+    dataset: Dataset,
+    teacher: OnlineTeacher | CrossTokenizerTeacher | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """`evaluate` for several models of one tokenizer (`dataset`'s) against one teacher: the teacher runs once per
+    batch for all of them (an online teacher's final hidden states are shared; a teacher of another tokenizer still
+    aligns per model), so scoring k students costs one teacher pass, not k.
+
+    Returns:
+        {name: what `evaluate` returns for that model}.
+    """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    domains: dict[str, _Sums] = {}
-    was_training = model.training
-    model.eval()
+    domains: dict[str, dict[str, _Sums]] = {name: {} for name in models}
+    was_training = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.eval()
     try:
         with torch.inference_mode():
             for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress):
-                for domain, sums in zip(batch["domain"], _batch_sums(model, batch, teacher), strict=True):
-                    domains.setdefault(domain, _Sums()).add(sums)
+                teacher_rows = _teacher_rows(teacher, batch, next(iter(models.values())))
+                for name, model in models.items():
+                    for domain, sums in zip(
+                        batch["domain"], _batch_sums(model, batch, teacher, teacher_rows), strict=True
+                    ):
+                        domains[name].setdefault(domain, _Sums()).add(sums)
     finally:
-        model.train(was_training)
-    overall = _Sums()
-    for sums in domains.values():
-        overall.add(sums)
+        for name, model in models.items():
+            model.train(was_training[name])
     with_teacher, cross = teacher is not None, isinstance(teacher, CrossTokenizerTeacher)
-    return {
-        "overall": overall.metrics(with_teacher, cross),
-        "domains": {d: s.metrics(with_teacher, cross) for d, s in domains.items()},
-    }
+    results = {}
+    for name, by_domain in domains.items():
+        overall = _Sums()
+        for sums in by_domain.values():
+            overall.add(sums)
+        results[name] = {
+            "overall": overall.metrics(with_teacher, cross),
+            "domains": {d: s.metrics(with_teacher, cross) for d, s in by_domain.items()},
+        }
+    return results
 
 
-def _batch_sums(model: torch.nn.Module, batch: dict, teacher: OnlineTeacher | None) -> list[_Sums]:
-    """Per-sequence sums of one batch (B entries)."""
+def _teacher_rows(teacher, batch: dict, model: torch.nn.Module) -> RowLogits | None:
+    """The online teacher's logits by row on this batch (one forward, shared by every model), or None (no teacher,
+    or one of another tokenizer: it aligns with each model in `_batch_sums`)."""
+    if teacher is None or isinstance(teacher, CrossTokenizerTeacher):
+        return None
+    device = next(model.parameters()).device
+    return _teacher_row_logits(teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+
+def _batch_sums(model: torch.nn.Module, batch: dict, teacher, teacher_rows: RowLogits | None) -> list[_Sums]:
+    """Per-sequence sums of one batch (B entries); `teacher_rows` from `_teacher_rows`."""
     device = next(model.parameters()).device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     # Position t predicts token t + 1: shift the labels, not the logits (slicing the logits would copy [B, T, V]).
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).to(device)
     student = _row_logits(model, ids, mask)
     cross = isinstance(teacher, CrossTokenizerTeacher)
-    teacher_rows = None if teacher is None or cross else _teacher_row_logits(teacher, ids, mask)
     stats = _token_stats(student, targets.view(-1), teacher_rows)
     per_seq = stats.view(*targets.shape, 3).sum(1)  # [B, 3]
     tokens = (targets != IGNORE_INDEX).sum(1)

@@ -53,9 +53,15 @@ def log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
         (log q, log p), each [N, V], float64 if either input is float64, else float32.
     """
     dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
-    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    log_q = torch.log_softmax(_tempered(student_logits.to(dtype), temperature), dim=-1)
+    log_p = torch.log_softmax(_tempered(teacher_logits.to(dtype), temperature), dim=-1)
     return log_q, log_p
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T; at T = 1 the logits themselves (x / 1 == x exactly): a [N, V] float32 pass and allocation less,
+    three per chunk of the fused loss (benchmarks/README.md, "The demo's step, part by part")."""
+    return logits if temperature == 1.0 else logits / temperature
 
 
 class _StudentGrad(torch.autograd.Function):
@@ -67,7 +73,7 @@ class _StudentGrad(torch.autograd.Function):
     ) -> torch.Tensor:
         value, dz = parts(*log_probs(student_logits, teacher_logits, temperature), True)
         ctx.student_dtype = student_logits.dtype
-        ctx.save_for_backward(dz.div_(temperature))
+        ctx.save_for_backward(dz if temperature == 1.0 else dz.div_(temperature))
         return value
 
     @staticmethod
