@@ -215,7 +215,7 @@ def teacher_cache(out: Path, teacher: Path, student: Path, chats: Path) -> Path:
 
 def train_args(arm: str, seed: int, student: Path, cache: Path, chats: Path, run: Path, steps: int) -> list[str]:
     """`potstill distill` overrides of one run: the shared ones, then the arm's (`arm` = its overrides); a KD arm
-    (loss.alpha > 0) reads the teacher cache."""
+    (loss.alpha > 0) reads the teacher cache unless it names its own `teacher.source` (an on-policy arm: online)."""
     args = [
         f"model.student={student}",
         f"data.train=[{chats}]",
@@ -230,7 +230,8 @@ def train_args(arm: str, seed: int, student: Path, cache: Path, chats: Path, run
         "train.save_steps=0",
         *arm.split(),
     ]
-    return args if "loss.alpha=0" in arm.split() else [*args, "teacher.source=cache", f"teacher.cache={cache}"]
+    own = "loss.alpha=0" in arm.split() or any(a.startswith("teacher.source=") for a in arm.split())
+    return args if own else [*args, "teacher.source=cache", f"teacher.cache={cache}"]
 
 
 def train_runs(out: Path, plan: dict[str, list[str]], parallel: int) -> dict[str, dict]:
