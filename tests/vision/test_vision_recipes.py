@@ -15,8 +15,8 @@ from potstill.data.images import Preprocess, scan_images
 from potstill.errors import UserError
 from potstill.vision.caption import CaptionRecipe, run_caption
 from potstill.vision.classify import ClassifierPair, ClassifyRecipe, run_classify, split
-from potstill.vision.crossmodal import CrossmodalRecipe, run_crossmodal
 from potstill.vision.cli import load_recipe
+from potstill.vision.crossmodal import CrossmodalRecipe, run_crossmodal
 
 TINY_CAPTION = dict(
     teacher_scenes=12, labeled=6, transfer=6, test=3, teacher_width=16, teacher_layers=1, teacher_steps=4,
