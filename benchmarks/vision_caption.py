@@ -15,35 +15,31 @@ report.json, report.md and grid.png in --work; the teacher is saved there and re
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 from pathlib import Path
 
 import torch
+from vision_kd import run_main
 
-from potstill.errors import UserError
+from potstill.config.base import validate
 from potstill.vision.caption import CaptionRecipe, run_caption
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/potstill-vision-caption"))
-    for f in fields(CaptionRecipe):
-        option = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, tuple):
-            parser.add_argument(option, nargs="+", type=type(f.default[0]), default=list(f.default))
+    for name, info in CaptionRecipe.model_fields.items():
+        option, default = "--" + name.replace("_", "-"), info.default
+        if isinstance(default, tuple):
+            parser.add_argument(option, nargs="+", type=type(default[0]), default=list(default))
         else:
-            parser.add_argument(option, type=str if f.default is None else type(f.default), default=f.default)
+            parser.add_argument(option, type=str if default is None else type(default), default=default)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    given = {f.name: getattr(args, f.name) for f in fields(CaptionRecipe)}
-    recipe = CaptionRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    recipe = validate({name: getattr(args, name) for name in CaptionRecipe.model_fields}, CaptionRecipe)
     run_caption(args.work, recipe)
     print((args.work / "report.md").read_text())
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_main(main)

@@ -27,11 +27,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from vision_kd import CLIPART, render_emoji
+from vision_kd import CLIPART, render_emoji, run_main
 
+from potstill.config.base import validate
 from potstill.data.captions import path_caption
 from potstill.data.images import ImageSet, scan_images
-from potstill.errors import UserError
 from potstill.vision.crossmodal import CrossmodalRecipe, run_crossmodal
 
 
@@ -55,18 +55,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    settings = dict(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, tau=args.tau,
+                    split_seed=args.seed, heldout=args.heldout, seeds=args.seeds)  # fmt: skip
+    recipe = validate(settings, CrossmodalRecipe)  # checked before any image is rendered or read
     local = args.work / "images"
     render_emoji(local / "emoji", args.per_domain, args.seed)
     images = scan_images([CLIPART, local], per_domain=args.per_domain, seed=args.seed)
     print(images.summary())
-    recipe = CrossmodalRecipe(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, tau=args.tau,
-                              split_seed=args.seed, heldout=args.heldout, seeds=tuple(args.seeds))  # fmt: skip
     run_crossmodal(args.work, images, captions_of(images, local), recipe)
     print((args.work / "report.md").read_text())
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_main(main)

@@ -26,10 +26,12 @@ import argparse
 import hashlib
 import os
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from potstill.config.base import validate
 from potstill.data.images import ImageSet, scan_images
 from potstill.errors import UserError
 from potstill.vision.classify import ClassifyRecipe, lite_pair, run_classify
@@ -99,18 +101,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    images = gather_images(args.work, args.per_domain, args.seed)
-    print(images.summary())
-    recipe = ClassifyRecipe(
-        k=args.k, temperature=args.temperature, split_seed=args.seed, heldout=args.heldout, seeds=tuple(args.seeds),
+    settings = dict(
+        k=args.k, temperature=args.temperature, split_seed=args.seed, heldout=args.heldout, seeds=args.seeds,
         alpha=args.alpha, steps=args.steps, batch_size=args.batch_size, lr=args.lr, grid=args.grid,
     )  # fmt: skip
+    recipe = validate(settings, ClassifyRecipe)  # checked before any image is rendered or read
+    images = gather_images(args.work, args.per_domain, args.seed)
+    print(images.summary())
     run_classify(args.work, images, recipe, lite_pair(args.cut), front_key=f"lite0-{args.cut}")
     print((args.work / "report.md").read_text())
 
 
-if __name__ == "__main__":
+def run_main(main: Callable[[], None]) -> None:
+    """Run a vision benchmark's main: a user mistake (`UserError`) ends it with one line, not a traceback."""
     try:
         main()
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    run_main(main)

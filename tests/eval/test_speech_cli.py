@@ -81,4 +81,4 @@ def test_recipe_end_to_end_on_a_tiny_teacher(tmp_path, run_main):
     assert set(report["cpu_seconds"]) >= {"pseudo_labels", "train_kd_seed0", "eval_teacher"}
     assert run_main(*args).returncode == 0  # a rerun reuses every stage
     assert_bad = run_main("speech", "recipe", "--out", out, "--seeds", "0,x")
-    assert assert_bad.returncode == 2 and "--seeds: expected comma-separated integers" in assert_bad.stderr
+    assert assert_bad.returncode == 2 and "--seeds must be an integer (got 'x')" in assert_bad.stderr

@@ -37,10 +37,44 @@ def test_empty_folder_missing_source_undecodable_image(tmp_path, run_main, asser
     assert_one_line_error(proc, "on_bad")
 
 
+_BAD_SETTINGS = [
+    ("caption", ["--steps", "-3"], "--steps must be >= 1 (got -3)"),
+    ("classify", ["--lr", "nan"], "--lr must be a finite number (got nan)"),
+    ("classify", ["--alpha", "2"], "--alpha must be <= 1"),
+    ("crossmodal", ["--seeds", "0,-1"], "--seeds must be >= 0"),
+    ("crossmodal", ["--arms", "cosine,magic"], "--arms must be one of cosine, mse, contrastive, labels (got 'magic')"),
+    ("caption", ["-c", "stepz: 3\n"], "config: unknown key 'stepz'"),
+    ("caption", ["-c", "steps: many\n"], "config: steps: must be an integer (got 'many')"),
+    ("classify", ["-c", "temperature: 0\n"], "config: temperature: must be > 0"),
+    ("caption", ["-c", "teacher_width: 30\n"], "config: teacher_width: must be a multiple of 4 (got 30)"),
+    ("caption", ["--labeled", "3000"], "labeled (3000) must be <= teacher_scenes (2000)"),
+    ("caption", ["--transfer", "0"], "arms pseudo and kd need a transfer set"),
+]
+
+
+@pytest.mark.parametrize(("cmd", "args", "expected"), _BAD_SETTINGS)
+def test_bad_settings_are_one_line_before_anything_runs(
+    cmd, args, expected, tmp_path, run_main, assert_one_line_error, monkeypatch
+):
+    import potstill.vision.cli as vision_cli
+
+    started = []
+    monkeypatch.setattr(vision_cli, "_starts", lambda recipe, print_config: started.append(recipe))
+    if args[0] == "-c":
+        (tmp_path / "c.yaml").write_text(args[1])
+        args = ["-c", tmp_path / "c.yaml"]
+    sources = [] if cmd == "caption" else [tmp_path]
+    assert_one_line_error(run_main("vision", cmd, *sources, "--out", tmp_path / "r", *args), expected)
+    assert not started and not (tmp_path / "r").exists()
+    # the same command with a good value reaches the point where the run would start
+    run_main("vision", cmd, *sources, "--out", tmp_path / "r", "--steps", "3")
+    assert [r.steps for r in started] == [3]
+
+
 def test_bad_settings_class_map_and_tokenizer(tmp_path, run_main, assert_one_line_error):
     config = tmp_path / "c.yaml"
     config.write_text("stepz: 3\n")
-    assert_one_line_error(run_main("vision", "caption", "--out", tmp_path / "r", "-c", config), "unknown field 'stepz'")
+    assert_one_line_error(run_main("vision", "caption", "--out", tmp_path / "r", "-c", config), "unknown key 'stepz'")
     assert_one_line_error(run_main("vision", "caption", "--out", tmp_path / "r", "--seeds", "0,x"), "--seeds")
     assert_one_line_error(run_main("vision", "caption", "--out", tmp_path / "r", "--arms", "kd,magic"), "--arms")
     (tmp_path / "map.json").write_text(json.dumps({"cat": 281}))

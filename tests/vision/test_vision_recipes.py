@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 from torch import nn
 
 from potstill.data.images import Preprocess, scan_images
 from potstill.errors import UserError
 from potstill.vision.caption import CaptionRecipe, run_caption
 from potstill.vision.classify import ClassifierPair, ClassifyRecipe, run_classify, split
+from potstill.vision.cli import load_recipe
 from potstill.vision.crossmodal import CrossmodalRecipe, run_crossmodal
-from potstill.vision.settings import load_recipe
 
 TINY_CAPTION = dict(
     teacher_scenes=12, labeled=6, transfer=6, test=3, teacher_width=16, teacher_layers=1, teacher_steps=4,
@@ -43,10 +44,12 @@ def test_caption_refuses_another_tokenizer_and_bad_settings(tmp_path):
     recipe = CaptionRecipe(**TINY_CAPTION)
     with pytest.raises(UserError, match="tokenizer is not the teacher's"):
         run_caption(tmp_path, recipe, student_vocab={"<pad>": 0, "<bos>": 1, "<eos>": 2, "hello": 3})
-    with pytest.raises(UserError, match="--labeled"):
-        run_caption(tmp_path, CaptionRecipe(**TINY_CAPTION | {"labeled": 13}))
-    with pytest.raises(UserError, match="transfer set"):
-        run_caption(tmp_path, CaptionRecipe(**TINY_CAPTION | {"transfer": 0}))
+    with pytest.raises(ValidationError, match="labeled"):
+        CaptionRecipe(**TINY_CAPTION | {"labeled": 13})
+    with pytest.raises(ValidationError, match="transfer set"):
+        CaptionRecipe(**TINY_CAPTION | {"transfer": 0})
+    with pytest.raises(ValidationError, match="frozen"):
+        recipe.steps = 0  # a recipe cannot change once checked (and is validated on assignment anyway)
     assert not (tmp_path / "report.json").exists()
 
 
@@ -132,13 +135,24 @@ def test_crossmodal_recipe_with_a_stand_in_teacher(tmp_path):
 
 def test_recipe_settings_from_yaml_and_options(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("steps: 10\nseeds: [3, 4]\narms: [ce, kd]\n")
-    recipe = load_recipe(CaptionRecipe, config, {"steps": 20, "labeled": None})
-    assert (recipe.steps, recipe.seeds, recipe.arms, recipe.labeled) == (20, (3, 4), ("ce", "kd"), 2000)
+    config.write_text("steps: 10\nseeds: [3, 4]\narms: [ce, kd]\nlr: 0.01\n")
+    recipe = load_recipe(CaptionRecipe, config, {"steps": 20, "labeled": None, "arms": "ce, kd_labeled"})
+    assert (recipe.steps, recipe.seeds, recipe.arms, recipe.labeled) == (20, (3, 4), ("ce", "kd_labeled"), 2000)
+    assert recipe.lr == 0.01
+    assert load_recipe(ClassifyRecipe, None, {"seeds": "5,6", "alpha": 0.0}).seeds == (5, 6)
     config.write_text("stepz: 10\n")
-    with pytest.raises(UserError, match="unknown field 'stepz'"):
+    with pytest.raises(UserError, match="^config: unknown key 'stepz'$"):
         load_recipe(CaptionRecipe, config, {})
-    with pytest.raises(UserError, match="--seeds: expected int"):
+    config.write_text("steps: 0\n")  # a value from the file is named by its key, one from an option by the option
+    with pytest.raises(UserError, match=r"^config: steps: must be >= 1 \(got 0\)$"):
+        load_recipe(CaptionRecipe, config, {})
+    with pytest.raises(UserError, match=r"^--seeds must be an integer \(got 'x'\)$"):
         load_recipe(CaptionRecipe, None, {"seeds": "0,x"})
-    with pytest.raises(UserError, match="--steps: expected int"):
+    with pytest.raises(UserError, match=r"^--steps must be an integer \(got 2.5\)$"):
         load_recipe(CaptionRecipe, None, {"steps": 2.5})
+    with pytest.raises(UserError, match="^config: student_width: must be a multiple of 4"):
+        load_recipe(CaptionRecipe, None, {"student_width": 30})
+    with pytest.raises(UserError, match="^--seeds: needs at least 1"):
+        load_recipe(CrossmodalRecipe, None, {"seeds": " , "})
+    with pytest.raises(UserError, match="^config: heldout: must be < 1"):
+        load_recipe(CrossmodalRecipe, None, {"heldout": 1.0})

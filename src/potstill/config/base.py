@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 
 from potstill.errors import UserError
@@ -28,6 +28,17 @@ LossName = Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"]
 """Weight dtypes a model can be loaded in (`potstill.models.load.DTYPES`)."""
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 """A random seed: what numpy, torch and `transformers.set_seed` all accept (checked before any model loads)."""
+
+
+def comma_list(value: Any) -> Any:
+    """A comma-separated option, "0, 1,3" -> ["0", "1", "3"]; any other value (a YAML list) is left as it is."""
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
+CommaList = BeforeValidator(comma_list)
+"""Marks a tuple field whose value may be given as "a,b,c" (`Annotated[tuple[int, ...], CommaList]`)."""
+Seeds = Annotated[tuple[Seed, ...], CommaList, Field(min_length=1)]
+"""One or more seeds: a YAML list or an option's "0,1"."""
 
 
 class Section(BaseModel):
@@ -183,6 +194,7 @@ _KINDS = {
     "bool_type": "true or false",
     "string_type": "a string",
     "list_type": "a list",
+    "tuple_type": "a list",
     "dict_type": "a mapping",
     "model_type": "a mapping",
     "model_attributes_type": "a mapping",
@@ -218,6 +230,8 @@ def _phrase(error: dict) -> str:
         return f"must be {_BOUNDS[kind]} {ctx[_BOUND_CTX[kind]]}"
     if kind in _KINDS:
         return f"must be {_KINDS[kind]}"
+    if kind == "multiple_of":
+        return f"must be a multiple of {ctx.get('multiple_of')}"
     if kind == "too_short":
         return f"needs at least {ctx.get('min_length')} item(s)"
     return error["msg"].removeprefix("Value error, ")

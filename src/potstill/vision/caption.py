@@ -21,11 +21,14 @@ Synthetic scenes (`potstill.data.scenes`) come with exact captions and answers. 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
 import torch
+from pydantic import ConfigDict, Field, model_validator
 
+from potstill.config.base import CommaList, LossName, Section, Seeds, flag
 from potstill.data.scenes import Example, encode_example, make_scenes, pad_batch, scene_tokenizer
 from potstill.errors import UserError
 from potstill.eval.captioning import score_answers
@@ -34,13 +37,16 @@ from potstill.models.captioner import CaptionerConfig, TinyCaptioner, check_same
 from potstill.train.captioner import fit_captioner, teacher_logits
 from potstill.vision import report as rep
 
-ARMS = ("ce", "pseudo", "kd", "kd_labeled")
+Arm = Literal["ce", "pseudo", "kd", "kd_labeled"]
+ARMS = get_args(Arm)
+Width = Annotated[int, Field(ge=8, multiple_of=4)]
+"""A captioner's width (its conv channels are width / 4 and width / 2)."""
 TRANSFER_SEED, TEST_SEED = 20_000, 10_000
 
 
-@dataclass(frozen=True)
-class CaptionRecipe:
-    """Settings of one run (defaults: the measured recipe of docs/vision.md).
+class CaptionRecipe(Section):
+    """Settings of one run (defaults: the measured recipe of docs/vision.md); a YAML file of these fields is what
+    `potstill vision caption --config` reads.
 
     Attributes:
         teacher_scenes / labeled / transfer / test: scene counts (labeled <= teacher_scenes: the students' labeled
@@ -54,39 +60,37 @@ class CaptionRecipe:
         seeds: one student per arm and seed.
     """
 
-    teacher_scenes: int = 2000
-    labeled: int = 2000
-    transfer: int = 4000
-    test: int = 300
-    teacher_width: int = 96
-    teacher_layers: int = 2
-    teacher_steps: int = 1000
-    teacher_file: str | None = None
-    student_width: int = 32
-    student_layers: int = 1
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 2e-3
-    alpha: float = 0.9
-    loss: str = "fkl"
-    temperature: float = 2.0
-    arms: tuple[str, ...] = ("ce", "pseudo", "kd")
-    seeds: tuple[int, ...] = (0, 1)  # 2 seeds x 3 arms fit 20 minutes at load 13 on 2 cores; 3 seeds took ~25
+    model_config = ConfigDict(frozen=True)
 
-    def check(self) -> None:
-        """Raises UserError naming the first bad setting."""
-        if not 0 < self.labeled <= self.teacher_scenes:
-            raise UserError(f"--labeled: expected 1 to --teacher-scenes ({self.teacher_scenes}), got {self.labeled}")
-        if self.transfer < 0 or self.test < 1:
-            raise UserError(f"--transfer must be >= 0 and --test >= 1 (got {self.transfer}, {self.test})")
-        unknown = [a for a in self.arms if a not in ARMS]
-        if unknown or not self.arms:
-            raise UserError(f"--arms: expected some of {', '.join(ARMS)} (got {', '.join(self.arms) or 'none'})")
+    teacher_scenes: int = Field(2000, ge=1)
+    labeled: int = Field(2000, ge=1, json_schema_extra=flag("--labeled"))
+    transfer: int = Field(4000, ge=0, json_schema_extra=flag("--transfer"))
+    test: int = Field(300, ge=1)
+    teacher_width: Width = 96
+    teacher_layers: int = Field(2, ge=1)
+    teacher_steps: int = Field(1000, ge=1)
+    teacher_file: str | None = Field(None, json_schema_extra=flag("--teacher-file"))
+    student_width: Width = 32
+    student_layers: int = Field(1, ge=1)
+    steps: int = Field(600, ge=1, json_schema_extra=flag("--steps"))
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+    loss: LossName = "fkl"
+    temperature: float = Field(2.0, gt=0)
+    arms: Annotated[tuple[Arm, ...], CommaList] = Field(("ce", "pseudo", "kd"), min_length=1,
+                                                        json_schema_extra=flag("--arms"))  # fmt: skip
+    # 2 seeds x 3 arms fit 20 minutes at load 13 on 2 cores; 3 seeds took ~25
+    seeds: Seeds = Field((0, 1), json_schema_extra=flag("--seeds"))
+
+    @model_validator(mode="after")
+    def _runnable(self) -> CaptionRecipe:
+        if self.labeled > self.teacher_scenes:
+            raise ValueError(f"labeled ({self.labeled}) must be <= teacher_scenes ({self.teacher_scenes}): the "
+                             "students' labeled scenes are the first of the teacher's")  # fmt: skip
         if self.transfer == 0 and {"pseudo", "kd"} & set(self.arms):
-            raise UserError("--arms pseudo and kd need a transfer set (--transfer > 0)")
-        for name in ("teacher_width", "student_width"):
-            if getattr(self, name) % 4 or getattr(self, name) < 8:
-                raise UserError(f"--{name.replace('_', '-')}: expected a multiple of 4, at least 8")
+            raise ValueError("arms pseudo and kd need a transfer set (transfer > 0)")
+        return self
 
 
 def student_config(vocab_size: int, width: int, layers: int) -> CaptionerConfig:
@@ -137,13 +141,13 @@ def teacher_model(out: Path, recipe: CaptionRecipe, tokenizer, pixels, examples)
     return teacher.eval(), time.perf_counter() - start
 
 
-def run_caption(out: str | Path, recipe: CaptionRecipe = CaptionRecipe(), student_vocab: dict | None = None) -> dict:
+def run_caption(out: str | Path, recipe: CaptionRecipe | None = None, student_vocab: dict | None = None) -> dict:
     """Run the recipe into `out`; returns the report (also OUT/report.json, report.md, grid.png).
 
     `student_vocab` (tests, or a user's student) is checked against the teacher's tokenizer first.
     """
-    recipe.check()
-    report = rep.started() | {"recipe": asdict(recipe)}
+    recipe = recipe or CaptionRecipe()
+    report = rep.started() | {"recipe": recipe.model_dump(mode="json")}
     tokenizer = scene_tokenizer()
     vocab = tokenizer.get_vocab()
     config = student_config(len(vocab), recipe.student_width, recipe.student_layers)

@@ -20,12 +20,14 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ConfigDict, Field
 from torch import nn
 
+from potstill.config.base import Section, Seed, Seeds, flag
 from potstill.data.images import ImageSet, Preprocess, open_rgb, to_array
 from potstill.errors import UserError
 from potstill.vision import report as rep
@@ -33,12 +35,13 @@ from potstill.vision import report as rep
 ARMS = ("kd", "hard")
 
 
-@dataclass(frozen=True)
-class ClassifyRecipe:
-    """Settings of one run (defaults: the measured recipe of docs/vision.md).
+class ClassifyRecipe(Section):
+    """Settings of one run (defaults: the measured recipe of docs/vision.md); a YAML file of these fields is what
+    `potstill vision classify --config` reads.
 
     Attributes:
-        k: teacher classes cached per image (1000 = all of ImageNet: KL on held-out images is exact).
+        k: teacher classes cached per image (1000 = all of ImageNet: KL on held-out images is exact; at most the
+            teacher's classes, checked when the teacher is known).
         temperature: of the cache and the KD term.
         split_seed / heldout: the seeded held-out fraction of every domain.
         seeds: training seeds (batch order), one student per arm and seed.
@@ -47,16 +50,18 @@ class ClassifyRecipe:
         grid: held-out images shown in grid.png (one per domain).
     """
 
-    k: int = 1000
-    temperature: float = 1.0
-    split_seed: int = 0
-    heldout: float = 0.2
-    seeds: tuple[int, ...] = (0, 1)
-    alpha: float = 0.9
-    steps: int = 150
-    batch_size: int = 32
-    lr: float = 1e-3
-    grid: int = 12
+    model_config = ConfigDict(frozen=True)
+
+    k: int = Field(1000, ge=5)
+    temperature: float = Field(1.0, gt=0)
+    split_seed: Seed = 0
+    heldout: float = Field(0.2, gt=0, lt=1)
+    seeds: Seeds = Field((0, 1), json_schema_extra=flag("--seeds"))
+    alpha: float = Field(0.9, ge=0, le=1, json_schema_extra=flag("--alpha"))
+    steps: int = Field(150, ge=1, json_schema_extra=flag("--steps"))
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, json_schema_extra=flag("--lr"))
+    grid: int = Field(12, ge=1)
 
 
 @dataclass
@@ -183,7 +188,7 @@ def front_features(out: Path, images: ImageSet, pair: ClassifierPair, key: str) 
 
 
 def run_classify(
-    out: str | Path, images: ImageSet, recipe: ClassifyRecipe = ClassifyRecipe(), pair: ClassifierPair | None = None,
+    out: str | Path, images: ImageSet, recipe: ClassifyRecipe | None = None, pair: ClassifierPair | None = None,
     front_key: str = "lite0-16", class_map: list[int] | None = None,
 ) -> dict:  # fmt: skip
     """Run the recipe into `out` on `images`; returns the report (also OUT/report.json, report.md, grid.png).
@@ -201,10 +206,15 @@ def run_classify(
     from potstill.teacher.classifier import ClassifierTeacher, check_label_space
     from potstill.train.classifier import fit_classifier
 
+    recipe = recipe or ClassifyRecipe()
     train, test = split(images, recipe.heldout, recipe.split_seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = rep.started() | {"recipe": asdict(recipe), "images": images.summary(), "skipped": len(images.skipped)}
+    report = rep.started() | {
+        "recipe": recipe.model_dump(mode="json"),
+        "images": images.summary(),
+        "skipped": len(images.skipped),
+    }
     pair = pair or lite_pair()
     probe = images.pixels(test[:2], pair.student_pre), images.pixels(test[:2], pair.teacher_pre)
     with torch.inference_mode():

@@ -1,13 +1,15 @@
 """`potstill vision ...`: the three vision recipes from a YAML file of recipe fields and / or options.
 
-Each command checks its settings (`vision.settings.load_recipe`), scans the images (undecodable ones skipped and
-counted, or refused with --on-bad error), runs its recipe into --out (report.json, report.md, grid.png) and prints
-report.md. Heavy imports happen inside the commands so `--help` stays instant.
+Each command validates its recipe (`load_recipe`: the --config file, then the options given, through `potstill.config`
+like every config: a bad value is a one-line error naming the option or the key), scans the images (undecodable ones
+skipped and counted, or refused with --on-bad error), runs its recipe into --out (report.json, report.md, grid.png)
+and prints report.md. Heavy imports happen inside the commands so `--help` stays instant.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -24,12 +26,24 @@ def _config(what: str):
     return typer.Option(None, "--config", "-c", help=f"YAML file of {what} (options override it).")
 
 
+def load_recipe(cls: type, config: Path | None, given: dict[str, Any]) -> Any:
+    """The recipe `cls` (a `config.base.Section`) from the YAML file `config` (optional; a flat mapping of its
+    fields) overridden by the options `given` (field -> value; None: the option was not given).
+
+    Raises:
+        UserError: an unreadable file, an unknown field, a value of the wrong type or out of bounds (one line).
+    """
+    from potstill.config.load import load_config
+
+    return load_config(config, model=cls, flags={k: v for k, v in given.items() if v is not None})
+
+
 def _starts(recipe, print_config: bool) -> bool:
     """Print the resolved recipe (and stop: False) or let the run start (True)."""
-    from potstill.vision.settings import as_yaml
+    from potstill.config.base import dump_config
 
     if print_config:
-        typer.echo(as_yaml(recipe).rstrip("\n"))
+        typer.echo(dump_config(recipe).rstrip("\n"))
     return not print_config
 
 
@@ -61,7 +75,6 @@ def vision_classify_cmd(
 ) -> None:
     """EfficientNet-Lite2 soft labels on unlabeled images -> Lite0, vs hard labels only (report in OUT)."""
     from potstill.vision.classify import ClassifyRecipe, lite_pair, markdown, run_classify
-    from potstill.vision.settings import load_recipe
 
     recipe = load_recipe(ClassifyRecipe, config, {"steps": steps, "seeds": seeds, "alpha": alpha, "lr": lr})
     mapping = _class_map(class_map) if class_map else None
@@ -98,7 +111,6 @@ def vision_crossmodal_cmd(
     """all-MiniLM-L6-v2 (text) teaches an image encoder to place images where their captions are (report in OUT)."""
     from potstill.data.captions import path_caption
     from potstill.vision.crossmodal import CrossmodalRecipe, markdown, run_crossmodal
-    from potstill.vision.settings import load_recipe
 
     recipe = load_recipe(CrossmodalRecipe, config, {"steps": steps, "seeds": seeds, "arms": arms})
     if _starts(recipe, print_config):
@@ -126,10 +138,9 @@ def vision_caption_cmd(
 ) -> None:
     """A captioning / VQA teacher trained on synthetic scenes, distilled through a transfer set (report in OUT)."""
     from potstill.vision.caption import CaptionRecipe, markdown, run_caption
-    from potstill.vision.settings import load_recipe
 
     given = {"labeled": labeled, "transfer": transfer, "steps": steps, "seeds": seeds, "arms": arms}
-    recipe = load_recipe(CaptionRecipe, config, given | {"teacher_file": teacher_file})
+    recipe = load_recipe(CaptionRecipe, config, given | {"teacher_file": str(teacher_file) if teacher_file else None})
     vocab = None
     if student_tokenizer is not None:
         from tokenizers import Tokenizer

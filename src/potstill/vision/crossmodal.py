@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
 import torch
+from pydantic import ConfigDict, Field
 from torch import nn
 
+from potstill.config.base import CommaList, Section, Seed, Seeds, flag
 from potstill.data.images import ImageSet, Preprocess, open_rgb, to_array
 from potstill.errors import UserError
 from potstill.vision import report as rep
 
-ARMS = ("cosine", "mse", "contrastive", "labels")
+Arm = Literal["cosine", "mse", "contrastive", "labels"]
+ARMS = get_args(Arm)
 
 
-@dataclass(frozen=True)
-class CrossmodalRecipe:
-    """Settings of one run (defaults: the measured recipe of docs/vision.md).
+class CrossmodalRecipe(Section):
+    """Settings of one run (defaults: the measured recipe of docs/vision.md); a YAML file of these fields is what
+    `potstill vision crossmodal --config` reads.
 
     Attributes:
         size: the backbone's input side.
@@ -45,15 +48,17 @@ class CrossmodalRecipe:
         arms: which arms to train (of ARMS).
     """
 
-    size: int = 160
-    steps: int = 400
-    batch_size: int = 64
-    lr: float = 1e-3
-    tau: float = 0.05
-    split_seed: int = 0
-    heldout: float = 0.2
-    seeds: tuple[int, ...] = (0, 1)
-    arms: tuple[str, ...] = ARMS
+    model_config = ConfigDict(frozen=True)
+
+    size: int = Field(160, ge=32)
+    steps: int = Field(400, ge=1, json_schema_extra=flag("--steps"))
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    tau: float = Field(0.05, gt=0)
+    split_seed: Seed = 0
+    heldout: float = Field(0.2, gt=0, lt=1)
+    seeds: Seeds = Field((0, 1), json_schema_extra=flag("--seeds"))
+    arms: Annotated[tuple[Arm, ...], CommaList] = Field(ARMS, min_length=1, json_schema_extra=flag("--arms"))
 
 
 def lite0_features(size: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], Preprocess, int]:
@@ -94,7 +99,7 @@ def evaluate(scores, truth, gallery_domain: list[str], query_domain: list[str], 
 
 
 def run_crossmodal(
-    out: str | Path, images: ImageSet, captions: list[str], recipe: CrossmodalRecipe = CrossmodalRecipe(),
+    out: str | Path, images: ImageSet, captions: list[str], recipe: CrossmodalRecipe | None = None,
     teacher=None, backbone=None, feature_key: str | None = None,
 ) -> dict:  # fmt: skip
     """Run the recipe into `out`; returns the report (also OUT/report.json, report.md, grid.png).
@@ -110,22 +115,24 @@ def run_crossmodal(
         feature_key: names the saved features (default: lite0-pooled-SIZE).
 
     Raises:
-        UserError: bad arms, captions that do not match the images, too few training or held-out images.
+        UserError: captions that do not match the images, too few training or held-out images.
     """
     from potstill.losses import Divergence
     from potstill.train.classifier import fit_classifier
     from potstill.train.embedding import fit_embedder
     from potstill.vision.classify import split
 
-    unknown = [a for a in recipe.arms if a not in ARMS]
-    if unknown or not recipe.arms:
-        raise UserError(f"--arms: expected some of {', '.join(ARMS)} (got {', '.join(recipe.arms) or 'none'})")
+    recipe = recipe or CrossmodalRecipe()
     if len(captions) != len(images):
         raise UserError(f"crossmodal: {len(images)} images but {len(captions)} captions")
     train, test = split(images, recipe.heldout, recipe.split_seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = rep.started() | {"recipe": asdict(recipe), "images": images.summary(), "skipped": len(images.skipped)}
+    report = rep.started() | {
+        "recipe": recipe.model_dump(mode="json"),
+        "images": images.summary(),
+        "skipped": len(images.skipped),
+    }
     if teacher is None:
         from potstill.teacher.text_encoder import TextEncoderTeacher, minilm_dir
 
