@@ -20,14 +20,17 @@ learning rate and seeds, through `potstill distill` (`run_distill`):
 
 Then the teacher and every student are scored on the held-out split (per-domain bpb, student/teacher ratio, worst
 domain), one row per (arm, seed) and one row per arm averaged over seeds with the seed spread. OUT/results.json,
-OUT/table.md. A finished (arm, seed) run is kept in OUT/runs.json and not trained again (so a killed benchmark
-resumes; `--rerun ARM` trains it again).
+OUT/table.md. A finished (arm, seed) run and its scores are kept in OUT/runs.json (the teacher's in
+OUT/teacher_eval.json) and not trained or scored again, so a killed benchmark resumes (`--rerun ARM` trains it
+again), and several processes may share one OUT (each given other `--arms` / `--seeds`: runs.json is updated under
+a lock, OUT/data is built once and checked against `--train-bytes` / `--eval-tokens`).
 
 Models: by default (what finishes on a shared 2-core CPU) a tiny teacher trained here (`ddk_vs_uniform.tiny_pair`:
 a byte-level BPE of 512 ids, a Llama of `--teacher-shape` hidden x layers trained CE-only on the training split) and
 a student pruned from it by `potstill student init` (`--student-layers`, measured layers, full vocabulary so
 MiniLLM's teacher-mixed sampling can run). `--teacher DIR --student DIR` takes any pair instead (the student must
-come from `student init` for `hidden.layers: auto`; MiniLLM with teacher_mix needs an untrimmed vocabulary).
+come from `student init` for `hidden.layers: auto`; MiniLLM with teacher_mix > 0 needs an untrimmed vocabulary:
+`--teacher-mix 0` for a trimmed student).
 
     python benchmarks/ddk_table.py --out runs/ddk_table --steps 300 --seeds 1 2
 """
@@ -35,6 +38,7 @@ come from `student init` for `hidden.layers: auto`; MiniLLM with teacher_mix nee
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import sys
@@ -74,6 +78,31 @@ def prompt_rows(data: Path, tokenizer_dir: Path, prompt_tokens: int, new_tokens:
     return path
 
 
+def build_data(data: Path, train_bytes: int, eval_tokens: int) -> None:
+    """OUT/data once (the four domains, DDK's split); a later or parallel invocation reuses it, if built alike."""
+    settings = {"train_bytes": train_bytes, "eval_tokens": eval_tokens}
+    stamp = data / "table_data.json"
+    if stamp.is_file():
+        built = json.loads(stamp.read_text())
+        if built != settings:
+            raise SystemExit(f"{data}: built with {built}, not {settings}: give another --out or the same options")
+        return
+    build_corpus(data, seed=0, train_bytes=train_bytes, heldout_bytes=train_bytes // 10)
+    add_licenses(data, max_bytes=train_bytes)
+    split_ddk_eval(data, eval_tokens)
+    write_text_atomic(stamp, json.dumps(settings) + "\n")
+
+
+def update_runs(runs_file: Path, key: str, entry: dict) -> dict:
+    """runs.json[key] |= entry, re-read under a lock (other processes may share the file); returns all runs."""
+    with (runs_file.parent / "runs.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
+        runs[key] = runs.get(key, {}) | entry
+        write_text_atomic(runs_file, json.dumps(runs, indent=2) + "\n")
+    return runs
+
+
 def arm_overrides(name: str, args, data: Path, best: str | None) -> list[str]:
     """The `potstill distill` overrides of one arm (on top of `ddk_vs_uniform.train`'s shared ones)."""
     kd = ["loss.name=fkl", "loss.alpha=0.5"]
@@ -95,7 +124,7 @@ def arm_overrides(name: str, args, data: Path, best: str | None) -> list[str]:
     if name == "minillm":
         return [
             "train.recipe=on_policy", f"data.train=[{data / 'minillm.jsonl'}]", "loss.alpha=1.0",
-            "on_policy.objective=minillm", "on_policy.lmbda=1.0", "on_policy.teacher_mix=0.2",
+            "on_policy.objective=minillm", "on_policy.lmbda=1.0", f"on_policy.teacher_mix={args.teacher_mix}",
             "on_policy.baseline=batch", f"on_policy.max_new_tokens={args.new_tokens}",
         ]  # fmt: skip
     if name == "ddk":
@@ -103,12 +132,15 @@ def arm_overrides(name: str, args, data: Path, best: str | None) -> list[str]:
     return [*kd, *ddk, *terms[best]]  # ddk_best
 
 
-def pick_best(evals: dict, runs: dict) -> tuple[str, str]:
-    """(the best of kd_hidden / kd_ted / minillm by mean overall bpb, the best of those DDK can take)."""
+def pick_best(runs: dict) -> tuple[str, str]:
+    """(the best of kd_hidden / kd_ted / minillm by mean overall bpb over their scored runs, the best of those DDK
+    can take)."""
     means = {
-        arm: statistics.mean(evals[k]["overall"]["bpb"] for k in runs if k.split(" seed ")[0] == arm)
+        arm: statistics.mean(
+            r["eval"]["overall"]["bpb"] for k, r in runs.items() if k.split(" seed ")[0] == arm and r.get("eval")
+        )
         for arm in ("kd_hidden", "kd_ted", "minillm")
-        if any(k.split(" seed ")[0] == arm for k in runs)
+        if any(k.split(" seed ")[0] == arm and r.get("eval") for k, r in runs.items())
     }
     best = min(means, key=means.get)
     combinable = min((a for a in means if a in COMBINABLE), key=means.get)
@@ -154,6 +186,9 @@ def main() -> None:
     parser.add_argument("--filter-steps", type=int, default=100, help="TED stage-1 steps")
     parser.add_argument("--prompt-tokens", type=int, default=48, help="MiniLLM: prefix length of each prompt")
     parser.add_argument("--new-tokens", type=int, default=64, help="MiniLLM: tokens the student writes")
+    parser.add_argument(
+        "--teacher-mix", type=float, default=0.2, help="MiniLLM: teacher-mixed sampling (0 for a trimmed student)"
+    )
     parser.add_argument("--interval", type=int, default=50, help="DDK: K (and its uniform warm-up)")
     parser.add_argument("--eval-tokens", type=int, default=2048, help="DDK: held-out tokens per domain per update")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="data-order seeds; every arm runs each")
@@ -164,9 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = args.out / "data"
-    build_corpus(data, seed=0, train_bytes=args.train_bytes, heldout_bytes=args.train_bytes // 10)
-    add_licenses(data, max_bytes=args.train_bytes)
-    split_ddk_eval(data, args.eval_tokens)
+    build_data(data, args.train_bytes, args.eval_tokens)
     if args.teacher is None:
         began = time.perf_counter()
         teacher, _ = tiny_pair(data, args.out / "models", args.teacher_steps, args.seq_len, tuple(args.teacher_shape))
@@ -179,13 +212,15 @@ def main() -> None:
         teacher, student = args.teacher, args.student
     if "minillm" in args.arms:
         prompt_rows(data, student, args.prompt_tokens, args.new_tokens, args.seq_len)
-    runs_file = args.out / "runs.json"
+    runs_file, teacher_file = args.out / "runs.json", args.out / "teacher_eval.json"
     runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
-    evals = {"teacher": score(teacher, data, args.seq_len)}
+    if not teacher_file.is_file():
+        write_text_atomic(teacher_file, json.dumps(score(teacher, data, args.seq_len)) + "\n")
+    evals = {"teacher": json.loads(teacher_file.read_text())}
     best = None
     for name in args.arms:
         if name == "ddk_best":
-            best, combinable = pick_best(evals, runs)
+            best, combinable = pick_best(runs)
             print(f"best of the others: {best}; DDK is combined with {combinable}")
             best = {"best": best, "combined_with": combinable}
         for seed in args.seeds:
@@ -195,10 +230,14 @@ def main() -> None:
                 extra = arm_overrides(name, args, data, best and best["combined_with"])
                 began = time.perf_counter()
                 train(out, student, teacher, data, args, args.steps, seed, extra)
-                runs[key] = {"run": str(out), "seconds": time.perf_counter() - began}
-                write_text_atomic(runs_file, json.dumps(runs, indent=2) + "\n")
-            evals[key] = score(Path(runs[key]["run"]) / "student", data, args.seq_len)
-    arms = {k: runs[k] for k in evals if k != "teacher"}
+                entry = {"run": str(out), "seconds": time.perf_counter() - began, "eval": None}
+                runs = update_runs(runs_file, key, entry)
+            if runs[key].get("eval") is None:
+                runs = update_runs(
+                    runs_file, key, {"eval": score(Path(runs[key]["run"]) / "student", data, args.seq_len)}
+                )
+            evals[key] = runs[key]["eval"]
+    arms = {k: {"run": runs[k]["run"], "seconds": runs[k]["seconds"]} for k in evals if k != "teacher"}
     mixing = {}
     for name in (k for k in arms if k.startswith("ddk")):
         mixing[name] = [json.loads(x) for x in (Path(arms[name]["run"]) / "mixing.jsonl").read_text().splitlines()]
