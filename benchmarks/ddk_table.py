@@ -21,9 +21,10 @@ learning rate and seeds, through `potstill distill` (`run_distill`):
 Then the teacher and every student are scored on the held-out split (per-domain bpb, student/teacher ratio, worst
 domain), one row per (arm, seed) and one row per arm averaged over seeds with the seed spread. OUT/results.json,
 OUT/table.md. A finished (arm, seed) run and its scores are kept in OUT/runs.json (the teacher's in
-OUT/teacher_eval.json) and not trained or scored again, so a killed benchmark resumes (`--rerun ARM` trains it
-again), and several processes may share one OUT (each given other `--arms` / `--seeds`: runs.json is updated under
-a lock, OUT/data is built once and checked against `--train-bytes` / `--eval-tokens`).
+OUT/teacher_eval_<N>.json; `--heldout-seqs N` scores only each domain's first N held-out sequences) and not
+trained or scored again, so a killed benchmark resumes (`--rerun ARM` trains it again), and several processes may
+share one OUT (each given other `--arms` / `--seeds`: runs.json is updated under a lock, OUT/data is built once and
+checked against `--train-bytes` / `--eval-tokens`, ddk_best's partner is chosen once, in OUT/best.json).
 
 Models: by default (what finishes on a shared 2-core CPU) a tiny teacher trained here (`ddk_vs_uniform.tiny_pair`:
 a byte-level BPE of 512 ids, a Llama of `--teacher-shape` hidden x layers trained CE-only on the training split) and
@@ -43,17 +44,22 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddk_vs_uniform import add_licenses, render, score, split_ddk_eval, summarize, tiny_pair, train  # noqa: E402
+from ddk_vs_uniform import add_licenses, render, split_ddk_eval, summarize, tiny_pair, train  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
 
+from potstill.data import load_dataset  # noqa: E402
 from potstill.data.corpus import build_corpus  # noqa: E402
+from potstill.eval.metrics import evaluate  # noqa: E402
 from potstill.eval.report import report_mixing  # noqa: E402
 from potstill.fileio import write_text_atomic  # noqa: E402
+from potstill.models.load import load_model  # noqa: E402
 from potstill.student.init import init_student  # noqa: E402
 
 ARMS = ("ce", "kd", "kd_hidden", "kd_ted", "minillm", "ddk", "ddk_best")
@@ -103,6 +109,31 @@ def update_runs(runs_file: Path, key: str, entry: dict) -> dict:
     return runs
 
 
+def once(path: Path, make) -> dict:
+    """path's JSON, made by `make()` by the first process to get here (the others wait under the lock)."""
+    with (path.parent / "runs.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            write_text_atomic(path, json.dumps(make()) + "\n")
+        return json.loads(path.read_text())
+
+
+def score(model_dir: Path, data: Path, seq_len: int, per_domain: int) -> dict:
+    """`evaluate` on the held-out split: every packed sequence, or the first `per_domain` of each domain (0: all),
+    so that the same tokens are scored for every model."""
+    model, tokenizer = load_model(str(model_dir))
+    ds = load_dataset([data / "heldout.jsonl"], tokenizer, seq_len, add_bos=True)
+    if per_domain:
+        rank = Counter()
+        keep = []
+        for i, domain in enumerate(ds.domains):
+            rank[domain] += 1
+            if rank[domain] <= per_domain:
+                keep.append(i)
+        ds = Subset(ds, keep)
+    return evaluate(model, ds, batch_size=8, progress=False)
+
+
 def arm_overrides(name: str, args, data: Path, best: str | None) -> list[str]:
     """The `potstill distill` overrides of one arm (on top of `ddk_vs_uniform.train`'s shared ones)."""
     kd = ["loss.name=fkl", "loss.alpha=0.5"]
@@ -132,9 +163,9 @@ def arm_overrides(name: str, args, data: Path, best: str | None) -> list[str]:
     return [*kd, *ddk, *terms[best]]  # ddk_best
 
 
-def pick_best(runs: dict) -> tuple[str, str]:
-    """(the best of kd_hidden / kd_ted / minillm by mean overall bpb over their scored runs, the best of those DDK
-    can take)."""
+def pick_best(runs: dict) -> dict[str, str]:
+    """{"best": the best of kd_hidden / kd_ted / minillm by mean overall bpb over their scored runs,
+    "combined_with": the best of those DDK can take}."""
     means = {
         arm: statistics.mean(
             r["eval"]["overall"]["bpb"] for k, r in runs.items() if k.split(" seed ")[0] == arm and r.get("eval")
@@ -144,7 +175,7 @@ def pick_best(runs: dict) -> tuple[str, str]:
     }
     best = min(means, key=means.get)
     combinable = min((a for a in means if a in COMBINABLE), key=means.get)
-    return best, combinable
+    return {"best": best, "combined_with": combinable}
 
 
 def means_table(results: dict, seeds: list[int]) -> str:
@@ -194,6 +225,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="data-order seeds; every arm runs each")
     parser.add_argument("--train-bytes", type=int, default=150_000, help="training text per stdlib domain")
     parser.add_argument("--bf16", action="store_true", help="teacher in bfloat16, student autocast (as the demo)")
+    parser.add_argument(
+        "--heldout-seqs", type=int, default=0, help="score the first N packed held-out sequences per domain (0: all)"
+    )
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--rerun", nargs="+", choices=ARMS, default=[], help="train these arms again")
     args = parser.parse_args()
@@ -212,17 +246,13 @@ def main() -> None:
         teacher, student = args.teacher, args.student
     if "minillm" in args.arms:
         prompt_rows(data, student, args.prompt_tokens, args.new_tokens, args.seq_len)
-    runs_file, teacher_file = args.out / "runs.json", args.out / "teacher_eval.json"
+    runs_file = args.out / "runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
-    if not teacher_file.is_file():
-        write_text_atomic(teacher_file, json.dumps(score(teacher, data, args.seq_len)) + "\n")
-    evals = {"teacher": json.loads(teacher_file.read_text())}
-    best = None
+    evals, best = {}, None
     for name in args.arms:
-        if name == "ddk_best":
-            best, combinable = pick_best(runs)
-            print(f"best of the others: {best}; DDK is combined with {combinable}")
-            best = {"best": best, "combined_with": combinable}
+        if name == "ddk_best":  # chosen once, on the candidates scored by then, and kept for every seed
+            best = once(args.out / "best.json", lambda: pick_best(json.loads(runs_file.read_text())))
+            print(f"best of the others: {best['best']}; DDK is combined with {best['combined_with']}")
         for seed in args.seeds:
             key = f"{name} seed {seed}"
             if key not in runs or name in args.rerun:
@@ -232,11 +262,12 @@ def main() -> None:
                 train(out, student, teacher, data, args, args.steps, seed, extra)
                 entry = {"run": str(out), "seconds": time.perf_counter() - began, "eval": None}
                 runs = update_runs(runs_file, key, entry)
-            if runs[key].get("eval") is None:
-                runs = update_runs(
-                    runs_file, key, {"eval": score(Path(runs[key]["run"]) / "student", data, args.seq_len)}
-                )
+            if runs[key].get("eval") is None or runs[key].get("heldout_seqs", 0) != args.heldout_seqs:
+                result = score(Path(runs[key]["run"]) / "student", data, args.seq_len, args.heldout_seqs)
+                runs = update_runs(runs_file, key, {"eval": result, "heldout_seqs": args.heldout_seqs})
             evals[key] = runs[key]["eval"]
+    teacher_file = args.out / f"teacher_eval_{args.heldout_seqs or 'all'}.json"
+    evals["teacher"] = once(teacher_file, lambda: score(teacher, data, args.seq_len, args.heldout_seqs))
     arms = {k: {"run": runs[k]["run"], "seconds": runs[k]["seconds"]} for k in evals if k != "teacher"}
     mixing = {}
     for name in (k for k in arms if k.startswith("ddk")):

@@ -28,7 +28,7 @@ def test_pick_best_uses_only_scored_runs():
 
     runs = {"kd_hidden seed 1": run(2.0), "kd_ted seed 1": run(2.2), "minillm seed 1": run(1.9)}
     runs["kd_hidden seed 2"] = run(None)  # trained, not scored yet: left out of the mean
-    assert ddk_table.pick_best(runs) == ("minillm", "kd_hidden")
+    assert ddk_table.pick_best(runs) == {"best": "minillm", "combined_with": "kd_hidden"}
 
 
 def test_data_built_with_other_options_is_refused(tmp_path):
