@@ -118,19 +118,23 @@ def once(path: Path, make) -> dict:
         return json.loads(path.read_text())
 
 
+def first_of_each(domains: list[str], n: int) -> list[int]:
+    """Indices of the first n items of each domain, in order."""
+    rank, keep = Counter(), []
+    for i, domain in enumerate(domains):
+        rank[domain] += 1
+        if rank[domain] <= n:
+            keep.append(i)
+    return keep
+
+
 def score(model_dir: Path, data: Path, seq_len: int, per_domain: int) -> dict:
     """`evaluate` on the held-out split: every packed sequence, or the first `per_domain` of each domain (0: all),
     so that the same tokens are scored for every model."""
     model, tokenizer = load_model(str(model_dir))
     ds = load_dataset([data / "heldout.jsonl"], tokenizer, seq_len, add_bos=True)
     if per_domain:
-        rank = Counter()
-        keep = []
-        for i, domain in enumerate(ds.domains):
-            rank[domain] += 1
-            if rank[domain] <= per_domain:
-                keep.append(i)
-        ds = Subset(ds, keep)
+        ds = Subset(ds, first_of_each(ds.domains, per_domain))
     return evaluate(model, ds, batch_size=8, progress=False)
 
 
@@ -228,6 +232,7 @@ def main() -> None:
     parser.add_argument(
         "--heldout-seqs", type=int, default=0, help="score the first N packed held-out sequences per domain (0: all)"
     )
+    parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs in OUT")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--rerun", nargs="+", choices=ARMS, default=[], help="train these arms again")
     args = parser.parse_args()
@@ -255,6 +260,8 @@ def main() -> None:
             print(f"best of the others: {best['best']}; DDK is combined with {best['combined_with']}")
         for seed in args.seeds:
             key = f"{name} seed {seed}"
+            if args.table_only and key not in runs:
+                continue
             if key not in runs or name in args.rerun:
                 out = args.out / name / f"seed{seed}"
                 extra = arm_overrides(name, args, data, best and best["combined_with"])

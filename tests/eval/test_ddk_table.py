@@ -37,3 +37,7 @@ def test_data_built_with_other_options_is_refused(tmp_path):
     assert not (tmp_path / "train.jsonl").exists()
     with pytest.raises(SystemExit, match="train_bytes"):
         ddk_table.build_data(tmp_path, 150_000, 2048)
+
+
+def test_first_of_each_domain():
+    assert ddk_table.first_of_each(["a", "a", "b", "a", "b", "c"], 2) == [0, 1, 2, 4, 5]
