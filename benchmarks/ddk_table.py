@@ -20,14 +20,18 @@ learning rate and seeds, through `potstill distill` (`run_distill`):
 
 Then the teacher and every student are scored on the held-out split (per-domain bpb, student/teacher ratio, worst
 domain), one row per (arm, seed) and one row per arm averaged over seeds with the seed spread. OUT/results.json,
-OUT/table.md. A finished (arm, seed) run is kept in OUT/runs.json and not trained again (so a killed benchmark
-resumes; `--rerun ARM` trains it again).
+OUT/table.md. A finished (arm, seed) run and its scores are kept in OUT/runs.json (the teacher's in
+OUT/teacher_eval_<N>.json; `--heldout-seqs N` scores only each domain's first N held-out sequences) and not
+trained or scored again, so a killed benchmark resumes (`--rerun ARM` trains it again), and several processes may
+share one OUT (each given other `--arms` / `--seeds`: runs.json is updated under a lock, OUT/data is built once and
+checked against `--train-bytes` / `--eval-tokens`, ddk_best's partner is chosen once, in OUT/best.json).
 
 Models: by default (what finishes on a shared 2-core CPU) a tiny teacher trained here (`ddk_vs_uniform.tiny_pair`:
 a byte-level BPE of 512 ids, a Llama of `--teacher-shape` hidden x layers trained CE-only on the training split) and
 a student pruned from it by `potstill student init` (`--student-layers`, measured layers, full vocabulary so
 MiniLLM's teacher-mixed sampling can run). `--teacher DIR --student DIR` takes any pair instead (the student must
-come from `student init` for `hidden.layers: auto`; MiniLLM with teacher_mix needs an untrimmed vocabulary).
+come from `student init` for `hidden.layers: auto`; MiniLLM with teacher_mix > 0 needs an untrimmed vocabulary:
+`--teacher-mix 0` for a trimmed student).
 
     python benchmarks/ddk_table.py --out runs/ddk_table --steps 300 --seeds 1 2
 """
@@ -35,21 +39,27 @@ come from `student init` for `hidden.layers: auto`; MiniLLM with teacher_mix nee
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddk_vs_uniform import add_licenses, render, score, split_ddk_eval, summarize, tiny_pair, train  # noqa: E402
+from ddk_vs_uniform import add_licenses, render, split_ddk_eval, summarize, tiny_pair, train  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
 
+from potstill.data import load_dataset  # noqa: E402
 from potstill.data.corpus import build_corpus  # noqa: E402
+from potstill.eval.metrics import evaluate  # noqa: E402
 from potstill.eval.report import report_mixing  # noqa: E402
 from potstill.fileio import write_text_atomic  # noqa: E402
+from potstill.models.load import load_model  # noqa: E402
 from potstill.student.init import init_student  # noqa: E402
 
 ARMS = ("ce", "kd", "kd_hidden", "kd_ted", "minillm", "ddk", "ddk_best")
@@ -74,6 +84,60 @@ def prompt_rows(data: Path, tokenizer_dir: Path, prompt_tokens: int, new_tokens:
     return path
 
 
+def build_data(data: Path, train_bytes: int, eval_tokens: int) -> None:
+    """OUT/data once (the four domains, DDK's split); a later or parallel invocation reuses it, if built alike."""
+    settings = {"train_bytes": train_bytes, "eval_tokens": eval_tokens}
+    stamp = data / "table_data.json"
+    if stamp.is_file():
+        built = json.loads(stamp.read_text())
+        if built != settings:
+            raise SystemExit(f"{data}: built with {built}, not {settings}: give another --out or the same options")
+        return
+    build_corpus(data, seed=0, train_bytes=train_bytes, heldout_bytes=train_bytes // 10)
+    add_licenses(data, max_bytes=train_bytes)
+    split_ddk_eval(data, eval_tokens)
+    write_text_atomic(stamp, json.dumps(settings) + "\n")
+
+
+def update_runs(runs_file: Path, key: str, entry: dict) -> dict:
+    """runs.json[key] |= entry, re-read under a lock (other processes may share the file); returns all runs."""
+    with (runs_file.parent / "runs.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
+        runs[key] = runs.get(key, {}) | entry
+        write_text_atomic(runs_file, json.dumps(runs, indent=2) + "\n")
+    return runs
+
+
+def once(path: Path, make) -> dict:
+    """path's JSON, made by `make()` by the first process to get here (the others wait under the lock)."""
+    with (path.parent / "runs.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            write_text_atomic(path, json.dumps(make()) + "\n")
+        return json.loads(path.read_text())
+
+
+def first_of_each(domains: list[str], n: int) -> list[int]:
+    """Indices of the first n items of each domain, in order."""
+    rank, keep = Counter(), []
+    for i, domain in enumerate(domains):
+        rank[domain] += 1
+        if rank[domain] <= n:
+            keep.append(i)
+    return keep
+
+
+def score(model_dir: Path, data: Path, seq_len: int, per_domain: int) -> dict:
+    """`evaluate` on the held-out split: every packed sequence, or the first `per_domain` of each domain (0: all),
+    so that the same tokens are scored for every model."""
+    model, tokenizer = load_model(str(model_dir))
+    ds = load_dataset([data / "heldout.jsonl"], tokenizer, seq_len, add_bos=True)
+    if per_domain:
+        ds = Subset(ds, first_of_each(ds.domains, per_domain))
+    return evaluate(model, ds, batch_size=8, progress=False)
+
+
 def arm_overrides(name: str, args, data: Path, best: str | None) -> list[str]:
     """The `potstill distill` overrides of one arm (on top of `ddk_vs_uniform.train`'s shared ones)."""
     kd = ["loss.name=fkl", "loss.alpha=0.5"]
@@ -95,7 +159,7 @@ def arm_overrides(name: str, args, data: Path, best: str | None) -> list[str]:
     if name == "minillm":
         return [
             "train.recipe=on_policy", f"data.train=[{data / 'minillm.jsonl'}]", "loss.alpha=1.0",
-            "on_policy.objective=minillm", "on_policy.lmbda=1.0", "on_policy.teacher_mix=0.2",
+            "on_policy.objective=minillm", "on_policy.lmbda=1.0", f"on_policy.teacher_mix={args.teacher_mix}",
             "on_policy.baseline=batch", f"on_policy.max_new_tokens={args.new_tokens}",
         ]  # fmt: skip
     if name == "ddk":
@@ -103,16 +167,19 @@ def arm_overrides(name: str, args, data: Path, best: str | None) -> list[str]:
     return [*kd, *ddk, *terms[best]]  # ddk_best
 
 
-def pick_best(evals: dict, runs: dict) -> tuple[str, str]:
-    """(the best of kd_hidden / kd_ted / minillm by mean overall bpb, the best of those DDK can take)."""
+def pick_best(runs: dict) -> dict[str, str]:
+    """{"best": the best of kd_hidden / kd_ted / minillm by mean overall bpb over their scored runs,
+    "combined_with": the best of those DDK can take}."""
     means = {
-        arm: statistics.mean(evals[k]["overall"]["bpb"] for k in runs if k.split(" seed ")[0] == arm)
+        arm: statistics.mean(
+            r["eval"]["overall"]["bpb"] for k, r in runs.items() if k.split(" seed ")[0] == arm and r.get("eval")
+        )
         for arm in ("kd_hidden", "kd_ted", "minillm")
-        if any(k.split(" seed ")[0] == arm for k in runs)
+        if any(k.split(" seed ")[0] == arm and r.get("eval") for k, r in runs.items())
     }
     best = min(means, key=means.get)
     combinable = min((a for a in means if a in COMBINABLE), key=means.get)
-    return best, combinable
+    return {"best": best, "combined_with": combinable}
 
 
 def means_table(results: dict, seeds: list[int]) -> str:
@@ -154,19 +221,24 @@ def main() -> None:
     parser.add_argument("--filter-steps", type=int, default=100, help="TED stage-1 steps")
     parser.add_argument("--prompt-tokens", type=int, default=48, help="MiniLLM: prefix length of each prompt")
     parser.add_argument("--new-tokens", type=int, default=64, help="MiniLLM: tokens the student writes")
+    parser.add_argument(
+        "--teacher-mix", type=float, default=0.2, help="MiniLLM: teacher-mixed sampling (0 for a trimmed student)"
+    )
     parser.add_argument("--interval", type=int, default=50, help="DDK: K (and its uniform warm-up)")
     parser.add_argument("--eval-tokens", type=int, default=2048, help="DDK: held-out tokens per domain per update")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="data-order seeds; every arm runs each")
     parser.add_argument("--train-bytes", type=int, default=150_000, help="training text per stdlib domain")
     parser.add_argument("--bf16", action="store_true", help="teacher in bfloat16, student autocast (as the demo)")
+    parser.add_argument(
+        "--heldout-seqs", type=int, default=0, help="score the first N packed held-out sequences per domain (0: all)"
+    )
+    parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs in OUT")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--rerun", nargs="+", choices=ARMS, default=[], help="train these arms again")
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = args.out / "data"
-    build_corpus(data, seed=0, train_bytes=args.train_bytes, heldout_bytes=args.train_bytes // 10)
-    add_licenses(data, max_bytes=args.train_bytes)
-    split_ddk_eval(data, args.eval_tokens)
+    build_data(data, args.train_bytes, args.eval_tokens)
     if args.teacher is None:
         began = time.perf_counter()
         teacher, _ = tiny_pair(data, args.out / "models", args.teacher_steps, args.seq_len, tuple(args.teacher_shape))
@@ -181,24 +253,29 @@ def main() -> None:
         prompt_rows(data, student, args.prompt_tokens, args.new_tokens, args.seq_len)
     runs_file = args.out / "runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
-    evals = {"teacher": score(teacher, data, args.seq_len)}
-    best = None
+    evals, best = {}, None
     for name in args.arms:
-        if name == "ddk_best":
-            best, combinable = pick_best(evals, runs)
-            print(f"best of the others: {best}; DDK is combined with {combinable}")
-            best = {"best": best, "combined_with": combinable}
+        if name == "ddk_best":  # chosen once, on the candidates scored by then, and kept for every seed
+            best = once(args.out / "best.json", lambda: pick_best(json.loads(runs_file.read_text())))
+            print(f"best of the others: {best['best']}; DDK is combined with {best['combined_with']}")
         for seed in args.seeds:
             key = f"{name} seed {seed}"
+            if args.table_only and key not in runs:
+                continue
             if key not in runs or name in args.rerun:
                 out = args.out / name / f"seed{seed}"
                 extra = arm_overrides(name, args, data, best and best["combined_with"])
                 began = time.perf_counter()
                 train(out, student, teacher, data, args, args.steps, seed, extra)
-                runs[key] = {"run": str(out), "seconds": time.perf_counter() - began}
-                write_text_atomic(runs_file, json.dumps(runs, indent=2) + "\n")
-            evals[key] = score(Path(runs[key]["run"]) / "student", data, args.seq_len)
-    arms = {k: runs[k] for k in evals if k != "teacher"}
+                entry = {"run": str(out), "seconds": time.perf_counter() - began, "eval": None}
+                runs = update_runs(runs_file, key, entry)
+            if runs[key].get("eval") is None or runs[key].get("heldout_seqs", 0) != args.heldout_seqs:
+                result = score(Path(runs[key]["run"]) / "student", data, args.seq_len, args.heldout_seqs)
+                runs = update_runs(runs_file, key, {"eval": result, "heldout_seqs": args.heldout_seqs})
+            evals[key] = runs[key]["eval"]
+    teacher_file = args.out / f"teacher_eval_{args.heldout_seqs or 'all'}.json"
+    evals["teacher"] = once(teacher_file, lambda: score(teacher, data, args.seq_len, args.heldout_seqs))
+    arms = {k: {"run": runs[k]["run"], "seconds": runs[k]["seconds"]} for k in evals if k != "teacher"}
     mixing = {}
     for name in (k for k in arms if k.startswith("ddk")):
         mixing[name] = [json.loads(x) for x in (Path(arms[name]["run"]) / "mixing.jsonl").read_text().splitlines()]
