@@ -68,6 +68,7 @@ ARMS = {
     "ce": ["train.recipe=distill", "loss.alpha=0"],
     "kd_fkl": ["train.recipe=distill", "loss.alpha=1", "loss.name=fkl"],
     "kd_jsd": ["train.recipe=distill", "loss.alpha=1", "loss.name=jsd", "loss.beta=0.5"],
+    "kd_rkl": ["train.recipe=distill", "loss.alpha=1", "loss.name=rkl"],
     "seq_kd": ["train.recipe=on_policy", "loss.alpha=1", "loss.name=fkl", "on_policy.lmbda=0", "on_policy.seq_kd=true"],
     "gkd_jsd": [
         "train.recipe=on_policy",
@@ -169,31 +170,66 @@ def build_model(tokenizer, out: Path, seed: int, hidden: int, layers: int, heads
     return out
 
 
-def make_task(work: Path, digits: int, n_eval: int, n_val: int, lsd_first: bool = False) -> tuple:
-    """Write the training and validation prompts (prompt/completion JSONL); return both paths, the held-out and
-    the validation (prompt, answer) pairs. Operands have `digits` digits; the sum is zero-padded to `digits + 1`
-    and, with `lsd_first`, written least-significant digit first (`"57+68="` -> `"521"`)."""
-    lo, hi = 10 ** (digits - 1), 10**digits
-    if digits <= 2:
-        pairs = [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
-    else:  # (900^2 pairs at 3 digits: a random sample keeps the files small)
-        rng = random.Random(1)
-        pairs = list({(rng.randrange(lo, hi), rng.randrange(lo, hi)) for _ in range(60_000)})
-        pairs.sort()
+def task_pairs(task: str, digits: int) -> list[tuple[str, str]]:
+    """Every (prompt, answer) of the task, shuffled (seed 0). `add`: operands of `digits` digits, the sum zero-padded
+    to `digits + 1` (`"57+68="` -> `"125"`); `reverse`: a string of `digits` digits, reversed (`"0417="` ->
+    `"7140"`). Above 2 digits (add) or 4 (reverse), 60,000 distinct prompts sampled (seed 1) keep the files small."""
+    rng = random.Random(1)
+    if task == "add":
+        lo, hi = 10 ** (digits - 1), 10**digits
+        if digits <= 2:
+            ops = [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
+        else:
+            ops = sorted({(rng.randrange(lo, hi), rng.randrange(lo, hi)) for _ in range(60_000)})
+        pairs = [(f"{a}+{b}=", f"{a + b:0{digits + 1}d}") for a, b in ops]
+    else:
+        if digits <= 4:
+            strings = [f"{i:0{digits}d}" for i in range(10**digits)]
+        else:
+            strings = sorted({"".join(rng.choice("0123456789") for _ in range(digits)) for _ in range(60_000)})
+        pairs = [(f"{x}=", x[::-1]) for x in strings]
     random.Random(0).shuffle(pairs)
+    return pairs
+
+
+def corrupt(prompt: str, answer: str, rng: random.Random) -> tuple[str, str]:
+    """A recovery row for a teacher robust to wrong prefixes: a random cut j in [1, len - 1]; the first j answer
+    characters, at least one of them changed to another digit, join the prompt, and the completion is the true
+    answer from j on. Trained on such rows, the teacher learns to write the right next characters after an error
+    (the labels never follow the error); the row keeps its length."""
+    j = rng.randint(1, len(answer) - 1)
+    prefix = list(answer[:j])
+    wrong = {rng.randrange(j)} | {i for i in range(j) if rng.random() < 0.3}
+    for i in wrong:
+        prefix[i] = rng.choice([d for d in "0123456789" if d != prefix[i]])
+    return prompt + "".join(prefix), answer[j:]
+
+
+def write_rows(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    with path.open("w") as f:
+        for prompt, answer in pairs:
+            f.write(json.dumps({"prompt": prompt, "completion": answer}) + "\n")
+    return path
+
+
+def make_task(
+    work: Path, digits: int, n_eval: int, n_val: int, lsd_first: bool = False, task: str = "add", corrupt_p: float = 0
+) -> tuple:
+    """Write the training and validation prompts (prompt/completion JSONL) and the teacher's training rows (the
+    training rows, a share `corrupt_p` of them made recovery rows by `corrupt`, seed 2); return the three paths,
+    the held-out and the validation (prompt, answer) pairs. With `lsd_first`, answers are written reversed
+    (least-significant digit first for `add`: `"57+68="` -> `"521"`)."""
+    pairs = [(p, a[::-1] if lsd_first else a) for p, a in task_pairs(task, digits)]
     held, val, train = pairs[:n_eval], pairs[n_eval : n_eval + n_val], pairs[n_eval + n_val :]
-
-    def pair(a: int, b: int) -> tuple[str, str]:
-        answer = f"{a + b:0{digits + 1}d}"
-        return f"{a}+{b}=", answer[::-1] if lsd_first else answer
-
-    rows = {}
-    for name, split in (("train", train), ("val", val)):
-        rows[name] = work / f"{name}.jsonl"
-        with rows[name].open("w") as f:
-            for prompt, answer in (pair(a, b) for a, b in split):
-                f.write(json.dumps({"prompt": prompt, "completion": answer}) + "\n")
-    return rows["train"], rows["val"], [pair(a, b) for a, b in held], [pair(a, b) for a, b in val]
+    rng = random.Random(2)
+    teacher_rows = [corrupt(p, a, rng) if rng.random() < corrupt_p else (p, a) for p, a in train]
+    return (
+        write_rows(work / "train.jsonl", train),
+        write_rows(work / "val.jsonl", val),
+        write_rows(work / "teacher_train.jsonl", teacher_rows),
+        held,
+        val,
+    )
 
 
 def _held_ids(tok, held: list[tuple[str, str]]) -> torch.Tensor:
@@ -294,7 +330,13 @@ def _row(name: str, accs: list[float], extra: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--digits", type=int, default=2, help="digits per operand (the answer has one more)")
+    p.add_argument("--task", default="add", choices=["add", "reverse"], help="addition, or reversing a digit string")
+    p.add_argument(
+        "--digits",
+        type=int,
+        default=2,
+        help="add: digits per operand (the answer has one more); reverse: the string's length",
+    )
     p.add_argument("--lsd-first", action="store_true", help="write the answer least-significant digit first")
     p.add_argument("--steps", type=int, default=1500, help="student optimizer steps, every arm")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (student init and train.seed)")
@@ -305,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", default="ce", choices=list(ARMS), help="the recipe of those steps (ce: SFT)")
     p.add_argument("--sft-lr", type=float, default=2e-3, help="train.lr of the start stage")
     p.add_argument("--student", default="48x2", help="student hidden x layers")
+    p.add_argument("--teacher", default="128x4", help="teacher hidden x layers")
     p.add_argument("--teacher-steps", type=int, default=3000)
+    p.add_argument("--teacher-corrupt", type=float, default=0.0, help="share of the teacher's rows made recovery rows")
     p.add_argument("--eval", type=int, default=500, help="held-out prompts")
     p.add_argument("--val", type=int, default=200, help="validation prompts (DistiLLM's data.eval, the lr sweep)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -322,21 +366,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    data, val, held, val_pairs = make_task(args.work, args.digits, args.eval, args.val, args.lsd_first)
-    answer_len = args.digits + 1
-    seq_len = 1 + 2 * args.digits + 2 + answer_len + 1  # <bos> + "a+b=" + answer + <eos>
+    data, val, teacher_data, held, val_pairs = make_task(
+        args.work, args.digits, args.eval, args.val, args.lsd_first, args.task, args.teacher_corrupt
+    )
+    answer_len = len(held[0][1])
+    seq_len = 1 + len(held[0][0]) + answer_len + 1  # <bos> + prompt + answer + <eos>
     common = [f"data.train=[{data}]", f"data.eval=[{val}]", f"data.seq_len={seq_len}", "train.logging_steps=50"]
     common += ["train.warmup_steps=20", f"on_policy.max_new_tokens={answer_len + 1}", "on_policy.temperature=1.0"]
 
     teacher = args.work / "teacher" / "student"
     if args.retrain_teacher or not (teacher / "config.json").exists():
-        init = build_model(tok, args.work / "teacher_init", seed=1234, hidden=128, layers=4, heads=4)
+        t_hidden, t_layers = (int(x) for x in args.teacher.split("x"))
+        init = build_model(tok, args.work / "teacher_init", seed=1234, hidden=t_hidden, layers=t_layers, heads=4)
         secs = train(
             args.work / "teacher",
             [
                 f"model.student={init}",
                 "loss.alpha=0",
                 *common,
+                f"data.train=[{teacher_data}]",
                 f"train.max_steps={args.teacher_steps}",
                 "train.batch_size=64",
                 "train.lr=1e-3",
@@ -346,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher_acc = accuracy(teacher, held)
     entropy, p_true = teacher_softness(teacher, held)
     print(
-        f"teacher (128x4) held-out greedy exact match: {teacher_acc:.3f}; answer positions: entropy {entropy:.3f}"
-        f" nats, p(true token) {p_true:.3f}",
+        f"teacher ({args.teacher}) held-out greedy exact match: {teacher_acc:.3f}; answer positions: entropy"
+        f" {entropy:.3f} nats, p(true token) {p_true:.3f}",
         flush=True,
     )
 
@@ -410,11 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         results[arm].append((acc, secs))
         print(f"{arm} seed {seed} lr {best[arm]:g}: acc {acc:.3f} in {secs:.1f} s; {_health(log)}", flush=True)
 
-    order = "least-significant digit first" if args.lsd_first else "most-significant digit first"
+    order = "answers reversed (lsd first)" if args.lsd_first else "answers as written"
     print(
-        f"\nteacher 128x4: {teacher_acc:.3f} held-out exact match ({len(held)} prompts, {args.digits} digits,", end=""
+        f"\nteacher {args.teacher}: {teacher_acc:.3f} held-out exact match ({len(held)} prompts, {args.task},"
+        f" {args.digits} digits, {order})"
     )
-    print(f" {order})")
     sft_acc = [acc for _, acc in starts.values() if acc is not None]
     begin = f"from the {args.start} student of its seed ({args.sft_steps} steps)" if sft_acc else "from init"
     print(f"student {args.student}, {args.steps} steps x batch {args.batch_size}, {begin}\n")
