@@ -237,9 +237,27 @@ def _held_ids(tok, held: list[tuple[str, str]]) -> torch.Tensor:
     return torch.tensor([[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p, _ in held])
 
 
+def score_rows(rows: list[list[int]], answers: list[list[int]], eos: int) -> tuple[float, float, float]:
+    """(exact match, char accuracy, recovery) of generated token rows against the true answers' tokens. Exact: the
+    tokens before `<eos>` spell the answer. Char: the share of answer positions whose generated token is right.
+    Recovery: over the rows with a wrong position, the share of the positions after the first wrong one that are
+    right again (the answers' later tokens do not depend on the earlier ones: what a student continues with after
+    its own error; 0 when no row has an error followed by positions)."""
+    exact = chars = after = after_n = 0
+    for row, answer in zip(rows, answers, strict=True):
+        row = row[: row.index(eos)] if eos in row else row
+        exact += row == answer
+        ok = [i < len(row) and row[i] == tok for i, tok in enumerate(answer)]
+        chars += sum(ok)
+        if not all(ok):
+            first = ok.index(False)
+            after, after_n = after + sum(ok[first + 1 :]), after_n + len(ok) - first - 1
+    return exact / len(rows), chars / sum(map(len, answers)), after / after_n if after_n else 0.0
+
+
 @torch.no_grad()
-def accuracy(model_dir: Path, held: list[tuple[str, str]]) -> float:
-    """Greedy exact match: the tokens generated before `<eos>` (at most the answer + 1) spell the true answer."""
+def accuracy(model_dir: Path, held: list[tuple[str, str]]) -> tuple[float, float, float]:
+    """Greedy answers (at most the answer + 1 tokens) to `held`, scored by `score_rows`: (exact, char, recovery)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -253,11 +271,8 @@ def accuracy(model_dir: Path, held: list[tuple[str, str]]) -> float:
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )[:, ids.shape[1] :]
-    right = 0
-    for row, (_, answer) in zip(out.tolist(), held, strict=True):
-        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
-        right += row == tok(answer, add_special_tokens=False)["input_ids"]
-    return right / len(held)
+    answers = [tok(answer, add_special_tokens=False)["input_ids"] for _, answer in held]
+    return score_rows(out.tolist(), answers, tok.eos_token_id)
 
 
 @torch.no_grad()
@@ -290,7 +305,7 @@ def train(out: Path, overrides: list[str]) -> float:
 
 def train_and_score(out: Path, overrides: list[str], prompts: list[tuple[str, str]], threads: int) -> tuple:
     """`train` (unless `out/arena.json` records a finished run with the same overrides: the work dir is a cache),
-    then the greedy exact match of the student on `prompts`: (accuracy, train seconds, final training log).
+    then the student's greedy scores on `prompts` (`accuracy`), train seconds, final training log.
     Runs in a worker process (`--jobs`), so it sets its own thread count."""
     torch.set_num_threads(threads)
     record = out / "arena.json"
@@ -391,10 +406,11 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         print(f"teacher trained in {secs:.0f} s", flush=True)
-    teacher_acc = accuracy(teacher, held)
+    teacher_acc, teacher_char, _ = accuracy(teacher, held)
     entropy, p_true = teacher_softness(teacher, held)
     print(
-        f"teacher ({args.teacher}) held-out greedy exact match: {teacher_acc:.3f}; answer positions: entropy"
+        f"teacher ({args.teacher}) held-out greedy exact match: {teacher_acc:.3f} (char {teacher_char:.3f});"
+        f" answer positions: entropy"
         f" {entropy:.3f} nats, p(true token) {p_true:.3f}",
         flush=True,
     )
@@ -426,11 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     starts: dict[int, tuple[Path, float | None]] = {}
     if args.sft_steps:  # every arm of a seed starts from the same checkpoint
-        for seed, (acc, _, _) in zip(
+        for seed, ((acc, char, rec), _, _) in zip(
             seeds, run_all([start_job(s) for s in seeds], args.threads, args.jobs), strict=True
         ):
             starts[seed] = args.work / f"{args.start}_start_s{seed}" / "student", acc
-            print(f"{args.start} start seed {seed} ({args.sft_steps} steps): held-out acc {acc:.3f}", flush=True)
+            print(
+                f"{args.start} start seed {seed} ({args.sft_steps} steps): held-out acc {acc:.3f}"
+                f" char {char:.3f} recovery {rec:.3f}",
+                flush=True,
+            )
     else:
         for seed in seeds:
             init = args.work / f"student_init_{seed}"
@@ -441,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = [(arm, lr) for arm in args.arms for lr in args.lr]
         jobs = [job(arm, args.sweep_seed, lr, val_pairs) for arm, lr in grid]
         sweep: dict[str, dict[float, float]] = {arm: {} for arm in args.arms}
-        for (arm, lr), (acc, secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
+        for (arm, lr), ((acc, _, _), secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
             sweep[arm][lr] = acc
             print(f"sweep {arm} lr {lr:g}: val acc {acc:.3f} in {secs:.1f} s; {_health(log)}", flush=True)
         best = {arm: max(args.lr, key=lambda lr, arm=arm: sweep[arm][lr]) for arm in args.arms}
@@ -454,9 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     grid = [(arm, seed) for seed in seeds for arm in args.arms]
     jobs = [job(arm, seed, best[arm], held) for arm, seed in grid]
     results: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
-    for (arm, seed), (acc, secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
+    secondary: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
+    for (arm, seed), ((acc, char, rec), secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
         results[arm].append((acc, secs))
-        print(f"{arm} seed {seed} lr {best[arm]:g}: acc {acc:.3f} in {secs:.1f} s; {_health(log)}", flush=True)
+        secondary[arm].append((char, rec))
+        print(
+            f"{arm} seed {seed} lr {best[arm]:g}: acc {acc:.3f} char {char:.3f} recovery {rec:.3f} in {secs:.1f} s;"
+            f" {_health(log)}",
+            flush=True,
+        )
 
     order = "answers reversed (lsd first)" if args.lsd_first else "answers as written"
     print(
@@ -477,6 +503,14 @@ def main(argv: list[str] | None = None) -> int:
         diffs = [a - b for a, (b, _) in zip(accs, results[reference], strict=True)]
         paired = f"{statistics.mean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}]"
         print(_row(arm, accs, f"{best[arm]:g} | {paired} | {statistics.mean(s for _, s in rows):.1f} |"))
+    print("\nsecondary: char accuracy and recovery (right positions after the first wrong one), per seed\n")
+    print(f"| arm | char: {header} | - {reference}: mean [min, max] | recovery: {header} |")
+    print("|---|" + "---:|" * (2 * len(seeds) + 1))
+    for arm, rows in secondary.items():
+        diffs = [c - r for (c, _), (r, _) in zip(rows, secondary[reference], strict=True)]
+        chars, recs = (" | ".join(f"{v:.3f}" for v in vals) for vals in zip(*rows, strict=True))
+        paired = f"{statistics.mean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}]"
+        print(f"| {arm} | {chars} | {paired} | {recs} |")
     return 0
 
 

@@ -42,3 +42,19 @@ def test_make_task_splits_and_teacher_rows(tmp_path):
     assert 0.45 < len(recovery) / len(t_rows) < 0.55
     assert all(len(t["prompt"] + t["completion"]) == 9 for t in t_rows)
     assert [r for r, t in zip(rows, t_rows) if len(t["prompt"]) == 5] == [t for t in t_rows if len(t["prompt"]) == 5]
+
+
+def test_score_rows_exact_char_and_recovery():
+    eos = 2
+    answers = [[5, 6, 7, 8]] * 4
+    rows = [
+        [5, 6, 7, 8, eos],  # right
+        [5, 9, 7, 8, eos],  # one wrong, recovers: 2 of the 2 later positions right
+        [9, 9, 9, 9, eos],  # wrong throughout: 0 of 3
+        [5, 6, eos, 0, 0],  # stops early: positions 2, 3 missing, 0 of 1 after the first miss
+    ]
+    exact, char, recovery = arena.score_rows(rows, answers, eos)
+    assert exact == 0.25
+    assert char == (4 + 3 + 0 + 2) / 16
+    assert recovery == (2 + 0 + 0) / (2 + 3 + 1)
+    assert arena.score_rows([[5, 6, 7, 8]], answers[:1], eos) == (1.0, 1.0, 0.0)  # no <eos> within the budget
