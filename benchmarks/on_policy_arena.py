@@ -256,17 +256,21 @@ def score_rows(rows: list[list[int]], answers: list[list[int]], eos: int) -> tup
 
 
 @torch.no_grad()
-def accuracy(model_dir: Path, held: list[tuple[str, str]]) -> tuple[float, float, float]:
-    """Greedy answers (at most the answer + 1 tokens) to `held`, scored by `score_rows`: (exact, char, recovery)."""
+def accuracy(model_dir: Path, held: list[tuple[str, str]], sample: bool = False) -> tuple[float, float, float]:
+    """Greedy answers (at most the answer + 1 tokens) to `held`, scored by `score_rows`: (exact, char, recovery).
+    With `sample`, temperature-1 samples (seed 0) instead, as the on-policy arms' rollouts draw them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = _held_ids(tok, held)
+    torch.manual_seed(0)
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        do_sample=False,
+        do_sample=sample,
+        temperature=1.0,
+        top_p=1.0,
         max_new_tokens=len(held[0][1]) + 1,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
@@ -451,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                 f" char {char:.3f} recovery {rec:.3f}",
                 flush=True,
             )
+            exact_s, char_s, _ = accuracy(starts[seed][0], held, sample=True)
+            print(f"  its temperature-1 samples: exact {exact_s:.3f} char {char_s:.3f}", flush=True)
     else:
         for seed in seeds:
             init = args.work / f"student_init_{seed}"
