@@ -41,7 +41,8 @@ def test_make_task_splits_and_teacher_rows(tmp_path):
     recovery = [t for t in t_rows if len(t["prompt"]) > 5]
     assert 0.45 < len(recovery) / len(t_rows) < 0.55
     assert all(len(t["prompt"] + t["completion"]) == 9 for t in t_rows)
-    assert [r for r, t in zip(rows, t_rows) if len(t["prompt"]) == 5] == [t for t in t_rows if len(t["prompt"]) == 5]
+    clean = [t for t in t_rows if len(t["prompt"]) == 5]  # the other rows are the training rows, unchanged
+    assert [r for r, t in zip(rows, t_rows, strict=True) if len(t["prompt"]) == 5] == clean
 
 
 def test_score_rows_exact_char_and_recovery():
