@@ -5,10 +5,16 @@ has the same length: `<bos>` + 6 prompt + 3 answer + `<eos>` = 11 tokens, and th
 exactly one row in each sequence of `data.seq_len` 11, as the on_policy recipe does). The operand pairs
 (10..99)^2 are split into held-out prompts, a validation split (`--val`, 200 by default: `data.eval`, DistiLLM's
 validation loss, and the lr sweep) and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers
-(60,000 sampled pairs).
+(60,000 sampled pairs). `--task reverse --digits N`: an N-digit string, reversed (`"04172="` -> `"27140"`; above 4
+digits, 60,000 sampled strings): a long answer whose every character is defined by its position alone, so the right
+next character is well defined after any wrong prefix.
 
 1. A teacher (Llama, hidden 128 x 4 layers) is trained here by CE (`train.recipe=distill`, `loss.alpha=0`) and
    its greedy exact-match accuracy on the held-out prompts is printed (cached in the work dir; `--retrain-teacher`).
+   `--teacher` sets its size. With `--teacher-corrupt P`, a share P of its training rows are recovery rows: a wrong
+   answer prefix (a random cut, at least one character changed) moved into the prompt, and the true rest of the
+   answer as the completion. Such a teacher is robust to wrong prefixes: it says the right next character after an
+   error, which is what the on-policy arms ask it at their own samples.
 2. A smaller student (Llama, hidden 48 x 2 layers by default, `--student`; the same random init per seed for every
    arm) is trained by each arm on the same training prompts, with the same `train.max_steps`, `train.batch_size`,
    `train.lr`. With `--sft-steps N`, the init is first trained by CE for N steps, and every arm of the seed starts
@@ -37,16 +43,23 @@ its best lr is then run on the other seeds, and the sweep seed's run at that lr 
 adds each arm's difference to `kd_fkl` on the same seed (same start: it removes the start's luck). `--jobs N` runs
 N trainings at a time (worker processes); the work dir is a cache: a run whose `arena.json` records the same
 overrides is scored, not retrained. `--lsd-first` writes the answer least-significant digit first; `--start` picks
-the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start).
+the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start). `kd_rkl` is off-policy KD with the reverse KL
+(to read `gkd_rkl1` apart from its divergence).
 
 Metric: the student's greedy exact-match accuracy on the held-out prompts (answer tokens up to `<eos>` equal to the
-true answer), and the wall seconds of each training run (load + train + save, without the evaluation).
+true answer), and the wall seconds of each training run (load + train + save, without the evaluation). Secondary
+(`score_rows`): char accuracy (right answer positions) and recovery (over the wrong answers, the right positions
+after the first wrong one: what a student writes after its own error, which exact match cannot see). For each
+start, its temperature-1 samples are scored too: how many of the on-policy arms' rollouts are right throughout.
 
     python benchmarks/on_policy_arena.py                  # the from-scratch table of benchmarks/README.md
     python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 300 --steps 300 --seeds 2 \
         --arms ce kd_fkl seq_kd gkd_jsd rkl_baseline rkl_topk4 minillm distillm     # from an SFT start, soft teacher
     python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 600 --steps 400 --seeds 3 --eval 2000 \
         --val 500 --lr 3e-4 1e-3 3e-3 --jobs 2 --arms ce kd_fkl seq_kd gkd_jsd gkd_rkl1 rkl_baseline minillm
+    python benchmarks/on_policy_arena.py --task reverse --digits 8 --teacher-corrupt 0.5 --teacher-steps 600 \
+        --student 24x2 --sft-steps 600 --steps 200 --seeds 3 --eval 1000 --val 300 --lr 1e-3 3e-3 --jobs 2 \
+        --arms ce kd_fkl seq_kd gkd_rkl1        # long answers, a teacher robust to wrong prefixes, a smaller student
     python benchmarks/on_policy_arena.py --quick          # a smoke run (tiny teacher budget, 20 student steps)
 """
 
