@@ -43,8 +43,7 @@ its best lr is then run on the other seeds, and the sweep seed's run at that lr 
 adds each arm's difference to `kd_fkl` on the same seed (same start: it removes the start's luck). `--jobs N` runs
 N trainings at a time (worker processes); the work dir is a cache: a run whose `arena.json` records the same
 overrides is scored, not retrained. `--lsd-first` writes the answer least-significant digit first; `--start` picks
-the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start). `kd_rkl` is off-policy KD with the reverse KL
-(to read `gkd_rkl1` apart from its divergence).
+the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start).
 
 Metric: the student's greedy exact-match accuracy on the held-out prompts (answer tokens up to `<eos>` equal to the
 true answer), and the wall seconds of each training run (load + train + save, without the evaluation). Secondary
@@ -81,7 +80,6 @@ ARMS = {
     "ce": ["train.recipe=distill", "loss.alpha=0"],
     "kd_fkl": ["train.recipe=distill", "loss.alpha=1", "loss.name=fkl"],
     "kd_jsd": ["train.recipe=distill", "loss.alpha=1", "loss.name=jsd", "loss.beta=0.5"],
-    "kd_rkl": ["train.recipe=distill", "loss.alpha=1", "loss.name=rkl"],
     "seq_kd": ["train.recipe=on_policy", "loss.alpha=1", "loss.name=fkl", "on_policy.lmbda=0", "on_policy.seq_kd=true"],
     "gkd_jsd": [
         "train.recipe=on_policy",
