@@ -5,10 +5,16 @@ has the same length: `<bos>` + 6 prompt + 3 answer + `<eos>` = 11 tokens, and th
 exactly one row in each sequence of `data.seq_len` 11, as the on_policy recipe does). The operand pairs
 (10..99)^2 are split into held-out prompts, a validation split (`--val`, 200 by default: `data.eval`, DistiLLM's
 validation loss, and the lr sweep) and training prompts. `--digits 3` makes 3-digit operands and 4-digit answers
-(60,000 sampled pairs).
+(60,000 sampled pairs). `--task reverse --digits N`: an N-digit string, reversed (`"04172="` -> `"27140"`; above 4
+digits, 60,000 sampled strings): a long answer whose every character is defined by its position alone, so the right
+next character is well defined after any wrong prefix.
 
 1. A teacher (Llama, hidden 128 x 4 layers) is trained here by CE (`train.recipe=distill`, `loss.alpha=0`) and
    its greedy exact-match accuracy on the held-out prompts is printed (cached in the work dir; `--retrain-teacher`).
+   `--teacher` sets its size. With `--teacher-corrupt P`, a share P of its training rows are recovery rows: a wrong
+   answer prefix (a random cut, at least one character changed) moved into the prompt, and the true rest of the
+   answer as the completion. Such a teacher is robust to wrong prefixes: it says the right next character after an
+   error, which is what the on-policy arms ask it at their own samples.
 2. A smaller student (Llama, hidden 48 x 2 layers by default, `--student`; the same random init per seed for every
    arm) is trained by each arm on the same training prompts, with the same `train.max_steps`, `train.batch_size`,
    `train.lr`. With `--sft-steps N`, the init is first trained by CE for N steps, and every arm of the seed starts
@@ -40,13 +46,19 @@ overrides is scored, not retrained. `--lsd-first` writes the answer least-signif
 the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start).
 
 Metric: the student's greedy exact-match accuracy on the held-out prompts (answer tokens up to `<eos>` equal to the
-true answer), and the wall seconds of each training run (load + train + save, without the evaluation).
+true answer), and the wall seconds of each training run (load + train + save, without the evaluation). Secondary
+(`score_rows`): char accuracy (right answer positions) and recovery (over the wrong answers, the right positions
+after the first wrong one: what a student writes after its own error, which exact match cannot see). For each
+start, its temperature-1 samples are scored too: how many of the on-policy arms' rollouts are right throughout.
 
     python benchmarks/on_policy_arena.py                  # the from-scratch table of benchmarks/README.md
     python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 300 --steps 300 --seeds 2 \
         --arms ce kd_fkl seq_kd gkd_jsd rkl_baseline rkl_topk4 minillm distillm     # from an SFT start, soft teacher
     python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 600 --steps 400 --seeds 3 --eval 2000 \
         --val 500 --lr 3e-4 1e-3 3e-3 --jobs 2 --arms ce kd_fkl seq_kd gkd_jsd gkd_rkl1 rkl_baseline minillm
+    python benchmarks/on_policy_arena.py --task reverse --digits 8 --teacher-corrupt 0.5 --teacher-steps 600 \
+        --student 24x2 --sft-steps 600 --steps 200 --seeds 3 --eval 1000 --val 300 --lr 1e-3 3e-3 --jobs 2 \
+        --arms ce kd_fkl seq_kd gkd_rkl1        # long answers, a teacher robust to wrong prefixes, a smaller student
     python benchmarks/on_policy_arena.py --quick          # a smoke run (tiny teacher budget, 20 student steps)
 """
 
@@ -169,31 +181,66 @@ def build_model(tokenizer, out: Path, seed: int, hidden: int, layers: int, heads
     return out
 
 
-def make_task(work: Path, digits: int, n_eval: int, n_val: int, lsd_first: bool = False) -> tuple:
-    """Write the training and validation prompts (prompt/completion JSONL); return both paths, the held-out and
-    the validation (prompt, answer) pairs. Operands have `digits` digits; the sum is zero-padded to `digits + 1`
-    and, with `lsd_first`, written least-significant digit first (`"57+68="` -> `"521"`)."""
-    lo, hi = 10 ** (digits - 1), 10**digits
-    if digits <= 2:
-        pairs = [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
-    else:  # (900^2 pairs at 3 digits: a random sample keeps the files small)
-        rng = random.Random(1)
-        pairs = list({(rng.randrange(lo, hi), rng.randrange(lo, hi)) for _ in range(60_000)})
-        pairs.sort()
+def task_pairs(task: str, digits: int) -> list[tuple[str, str]]:
+    """Every (prompt, answer) of the task, shuffled (seed 0). `add`: operands of `digits` digits, the sum zero-padded
+    to `digits + 1` (`"57+68="` -> `"125"`); `reverse`: a string of `digits` digits, reversed (`"0417="` ->
+    `"7140"`). Above 2 digits (add) or 4 (reverse), 60,000 distinct prompts sampled (seed 1) keep the files small."""
+    rng = random.Random(1)
+    if task == "add":
+        lo, hi = 10 ** (digits - 1), 10**digits
+        if digits <= 2:
+            ops = [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
+        else:
+            ops = sorted({(rng.randrange(lo, hi), rng.randrange(lo, hi)) for _ in range(60_000)})
+        pairs = [(f"{a}+{b}=", f"{a + b:0{digits + 1}d}") for a, b in ops]
+    else:
+        if digits <= 4:
+            strings = [f"{i:0{digits}d}" for i in range(10**digits)]
+        else:
+            strings = sorted({"".join(rng.choice("0123456789") for _ in range(digits)) for _ in range(60_000)})
+        pairs = [(f"{x}=", x[::-1]) for x in strings]
     random.Random(0).shuffle(pairs)
+    return pairs
+
+
+def corrupt(prompt: str, answer: str, rng: random.Random) -> tuple[str, str]:
+    """A recovery row for a teacher robust to wrong prefixes: a random cut j in [1, len - 1]; the first j answer
+    characters, at least one of them changed to another digit, join the prompt, and the completion is the true
+    answer from j on. Trained on such rows, the teacher learns to write the right next characters after an error
+    (the labels never follow the error); the row keeps its length."""
+    j = rng.randint(1, len(answer) - 1)
+    prefix = list(answer[:j])
+    wrong = {rng.randrange(j)} | {i for i in range(j) if rng.random() < 0.3}
+    for i in wrong:
+        prefix[i] = rng.choice([d for d in "0123456789" if d != prefix[i]])
+    return prompt + "".join(prefix), answer[j:]
+
+
+def write_rows(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    with path.open("w") as f:
+        for prompt, answer in pairs:
+            f.write(json.dumps({"prompt": prompt, "completion": answer}) + "\n")
+    return path
+
+
+def make_task(
+    work: Path, digits: int, n_eval: int, n_val: int, lsd_first: bool = False, task: str = "add", corrupt_p: float = 0
+) -> tuple:
+    """Write the training and validation prompts (prompt/completion JSONL) and the teacher's training rows (the
+    training rows, a share `corrupt_p` of them made recovery rows by `corrupt`, seed 2); return the three paths,
+    the held-out and the validation (prompt, answer) pairs. With `lsd_first`, answers are written reversed
+    (least-significant digit first for `add`: `"57+68="` -> `"521"`)."""
+    pairs = [(p, a[::-1] if lsd_first else a) for p, a in task_pairs(task, digits)]
     held, val, train = pairs[:n_eval], pairs[n_eval : n_eval + n_val], pairs[n_eval + n_val :]
-
-    def pair(a: int, b: int) -> tuple[str, str]:
-        answer = f"{a + b:0{digits + 1}d}"
-        return f"{a}+{b}=", answer[::-1] if lsd_first else answer
-
-    rows = {}
-    for name, split in (("train", train), ("val", val)):
-        rows[name] = work / f"{name}.jsonl"
-        with rows[name].open("w") as f:
-            for prompt, answer in (pair(a, b) for a, b in split):
-                f.write(json.dumps({"prompt": prompt, "completion": answer}) + "\n")
-    return rows["train"], rows["val"], [pair(a, b) for a, b in held], [pair(a, b) for a, b in val]
+    rng = random.Random(2)
+    teacher_rows = [corrupt(p, a, rng) if rng.random() < corrupt_p else (p, a) for p, a in train]
+    return (
+        write_rows(work / "train.jsonl", train),
+        write_rows(work / "val.jsonl", val),
+        write_rows(work / "teacher_train.jsonl", teacher_rows),
+        held,
+        val,
+    )
 
 
 def _held_ids(tok, held: list[tuple[str, str]]) -> torch.Tensor:
@@ -201,27 +248,46 @@ def _held_ids(tok, held: list[tuple[str, str]]) -> torch.Tensor:
     return torch.tensor([[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p, _ in held])
 
 
+def score_rows(rows: list[list[int]], answers: list[list[int]], eos: int) -> tuple[float, float, float]:
+    """(exact match, char accuracy, recovery) of generated token rows against the true answers' tokens. Exact: the
+    tokens before `<eos>` spell the answer. Char: the share of answer positions whose generated token is right.
+    Recovery: over the rows with a wrong position, the share of the positions after the first wrong one that are
+    right again (the answers' later tokens do not depend on the earlier ones: what a student continues with after
+    its own error; 0 when no row has an error followed by positions)."""
+    exact = chars = after = after_n = 0
+    for row, answer in zip(rows, answers, strict=True):
+        row = row[: row.index(eos)] if eos in row else row
+        exact += row == answer
+        ok = [i < len(row) and row[i] == tok for i, tok in enumerate(answer)]
+        chars += sum(ok)
+        if not all(ok):
+            first = ok.index(False)
+            after, after_n = after + sum(ok[first + 1 :]), after_n + len(ok) - first - 1
+    return exact / len(rows), chars / sum(map(len, answers)), after / after_n if after_n else 0.0
+
+
 @torch.no_grad()
-def accuracy(model_dir: Path, held: list[tuple[str, str]]) -> float:
-    """Greedy exact match: the tokens generated before `<eos>` (at most the answer + 1) spell the true answer."""
+def accuracy(model_dir: Path, held: list[tuple[str, str]], sample: bool = False) -> tuple[float, float, float]:
+    """Greedy answers (at most the answer + 1 tokens) to `held`, scored by `score_rows`: (exact, char, recovery).
+    With `sample`, temperature-1 samples (seed 0) instead, as the on-policy arms' rollouts draw them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = _held_ids(tok, held)
+    torch.manual_seed(0)
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        do_sample=False,
+        do_sample=sample,
+        temperature=1.0,
+        top_p=1.0,
         max_new_tokens=len(held[0][1]) + 1,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )[:, ids.shape[1] :]
-    right = 0
-    for row, (_, answer) in zip(out.tolist(), held, strict=True):
-        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
-        right += row == tok(answer, add_special_tokens=False)["input_ids"]
-    return right / len(held)
+    answers = [tok(answer, add_special_tokens=False)["input_ids"] for _, answer in held]
+    return score_rows(out.tolist(), answers, tok.eos_token_id)
 
 
 @torch.no_grad()
@@ -254,7 +320,7 @@ def train(out: Path, overrides: list[str]) -> float:
 
 def train_and_score(out: Path, overrides: list[str], prompts: list[tuple[str, str]], threads: int) -> tuple:
     """`train` (unless `out/arena.json` records a finished run with the same overrides: the work dir is a cache),
-    then the greedy exact match of the student on `prompts`: (accuracy, train seconds, final training log).
+    then the student's greedy scores on `prompts` (`accuracy`), train seconds, final training log.
     Runs in a worker process (`--jobs`), so it sets its own thread count."""
     torch.set_num_threads(threads)
     record = out / "arena.json"
@@ -294,7 +360,13 @@ def _row(name: str, accs: list[float], extra: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--digits", type=int, default=2, help="digits per operand (the answer has one more)")
+    p.add_argument("--task", default="add", choices=["add", "reverse"], help="addition, or reversing a digit string")
+    p.add_argument(
+        "--digits",
+        type=int,
+        default=2,
+        help="add: digits per operand (the answer has one more); reverse: the string's length",
+    )
     p.add_argument("--lsd-first", action="store_true", help="write the answer least-significant digit first")
     p.add_argument("--steps", type=int, default=1500, help="student optimizer steps, every arm")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (student init and train.seed)")
@@ -305,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", default="ce", choices=list(ARMS), help="the recipe of those steps (ce: SFT)")
     p.add_argument("--sft-lr", type=float, default=2e-3, help="train.lr of the start stage")
     p.add_argument("--student", default="48x2", help="student hidden x layers")
+    p.add_argument("--teacher", default="128x4", help="teacher hidden x layers")
     p.add_argument("--teacher-steps", type=int, default=3000)
+    p.add_argument("--teacher-corrupt", type=float, default=0.0, help="share of the teacher's rows made recovery rows")
     p.add_argument("--eval", type=int, default=500, help="held-out prompts")
     p.add_argument("--val", type=int, default=200, help="validation prompts (DistiLLM's data.eval, the lr sweep)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -322,32 +396,37 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    data, val, held, val_pairs = make_task(args.work, args.digits, args.eval, args.val, args.lsd_first)
-    answer_len = args.digits + 1
-    seq_len = 1 + 2 * args.digits + 2 + answer_len + 1  # <bos> + "a+b=" + answer + <eos>
+    data, val, teacher_data, held, val_pairs = make_task(
+        args.work, args.digits, args.eval, args.val, args.lsd_first, args.task, args.teacher_corrupt
+    )
+    answer_len = len(held[0][1])
+    seq_len = 1 + len(held[0][0]) + answer_len + 1  # <bos> + prompt + answer + <eos>
     common = [f"data.train=[{data}]", f"data.eval=[{val}]", f"data.seq_len={seq_len}", "train.logging_steps=50"]
     common += ["train.warmup_steps=20", f"on_policy.max_new_tokens={answer_len + 1}", "on_policy.temperature=1.0"]
 
     teacher = args.work / "teacher" / "student"
     if args.retrain_teacher or not (teacher / "config.json").exists():
-        init = build_model(tok, args.work / "teacher_init", seed=1234, hidden=128, layers=4, heads=4)
+        t_hidden, t_layers = (int(x) for x in args.teacher.split("x"))
+        init = build_model(tok, args.work / "teacher_init", seed=1234, hidden=t_hidden, layers=t_layers, heads=4)
         secs = train(
             args.work / "teacher",
             [
                 f"model.student={init}",
                 "loss.alpha=0",
                 *common,
+                f"data.train=[{teacher_data}]",
                 f"train.max_steps={args.teacher_steps}",
                 "train.batch_size=64",
                 "train.lr=1e-3",
             ],
         )
         print(f"teacher trained in {secs:.0f} s", flush=True)
-    teacher_acc = accuracy(teacher, held)
+    teacher_acc, teacher_char, _ = accuracy(teacher, held)
     entropy, p_true = teacher_softness(teacher, held)
     print(
-        f"teacher (128x4) held-out greedy exact match: {teacher_acc:.3f}; answer positions: entropy {entropy:.3f}"
-        f" nats, p(true token) {p_true:.3f}",
+        f"teacher ({args.teacher}) held-out greedy exact match: {teacher_acc:.3f} (char {teacher_char:.3f});"
+        f" answer positions: entropy"
+        f" {entropy:.3f} nats, p(true token) {p_true:.3f}",
         flush=True,
     )
 
@@ -378,11 +457,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     starts: dict[int, tuple[Path, float | None]] = {}
     if args.sft_steps:  # every arm of a seed starts from the same checkpoint
-        for seed, (acc, _, _) in zip(
+        for seed, ((acc, char, rec), _, _) in zip(
             seeds, run_all([start_job(s) for s in seeds], args.threads, args.jobs), strict=True
         ):
             starts[seed] = args.work / f"{args.start}_start_s{seed}" / "student", acc
-            print(f"{args.start} start seed {seed} ({args.sft_steps} steps): held-out acc {acc:.3f}", flush=True)
+            print(
+                f"{args.start} start seed {seed} ({args.sft_steps} steps): held-out acc {acc:.3f}"
+                f" char {char:.3f} recovery {rec:.3f}",
+                flush=True,
+            )
+            exact_s, char_s, _ = accuracy(starts[seed][0], held, sample=True)
+            print(f"  its temperature-1 samples: exact {exact_s:.3f} char {char_s:.3f}", flush=True)
     else:
         for seed in seeds:
             init = args.work / f"student_init_{seed}"
@@ -393,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = [(arm, lr) for arm in args.arms for lr in args.lr]
         jobs = [job(arm, args.sweep_seed, lr, val_pairs) for arm, lr in grid]
         sweep: dict[str, dict[float, float]] = {arm: {} for arm in args.arms}
-        for (arm, lr), (acc, secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
+        for (arm, lr), ((acc, _, _), secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
             sweep[arm][lr] = acc
             print(f"sweep {arm} lr {lr:g}: val acc {acc:.3f} in {secs:.1f} s; {_health(log)}", flush=True)
         best = {arm: max(args.lr, key=lambda lr, arm=arm: sweep[arm][lr]) for arm in args.arms}
@@ -406,15 +491,21 @@ def main(argv: list[str] | None = None) -> int:
     grid = [(arm, seed) for seed in seeds for arm in args.arms]
     jobs = [job(arm, seed, best[arm], held) for arm, seed in grid]
     results: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
-    for (arm, seed), (acc, secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
+    secondary: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
+    for (arm, seed), ((acc, char, rec), secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
         results[arm].append((acc, secs))
-        print(f"{arm} seed {seed} lr {best[arm]:g}: acc {acc:.3f} in {secs:.1f} s; {_health(log)}", flush=True)
+        secondary[arm].append((char, rec))
+        print(
+            f"{arm} seed {seed} lr {best[arm]:g}: acc {acc:.3f} char {char:.3f} recovery {rec:.3f} in {secs:.1f} s;"
+            f" {_health(log)}",
+            flush=True,
+        )
 
-    order = "least-significant digit first" if args.lsd_first else "most-significant digit first"
+    order = "answers reversed (lsd first)" if args.lsd_first else "answers as written"
     print(
-        f"\nteacher 128x4: {teacher_acc:.3f} held-out exact match ({len(held)} prompts, {args.digits} digits,", end=""
+        f"\nteacher {args.teacher}: {teacher_acc:.3f} held-out exact match ({len(held)} prompts, {args.task},"
+        f" {args.digits} digits, {order})"
     )
-    print(f" {order})")
     sft_acc = [acc for _, acc in starts.values() if acc is not None]
     begin = f"from the {args.start} student of its seed ({args.sft_steps} steps)" if sft_acc else "from init"
     print(f"student {args.student}, {args.steps} steps x batch {args.batch_size}, {begin}\n")
@@ -429,6 +520,14 @@ def main(argv: list[str] | None = None) -> int:
         diffs = [a - b for a, (b, _) in zip(accs, results[reference], strict=True)]
         paired = f"{statistics.mean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}]"
         print(_row(arm, accs, f"{best[arm]:g} | {paired} | {statistics.mean(s for _, s in rows):.1f} |"))
+    print("\nsecondary: char accuracy and recovery (right positions after the first wrong one), per seed\n")
+    print(f"| arm | char: {header} | - {reference}: mean [min, max] | recovery: {header} |")
+    print("|---|" + "---:|" * (2 * len(seeds) + 1))
+    for arm, rows in secondary.items():
+        diffs = [c - r for (c, _), (r, _) in zip(rows, secondary[reference], strict=True)]
+        chars, recs = (" | ".join(f"{v:.3f}" for v in vals) for vals in zip(*rows, strict=True))
+        paired = f"{statistics.mean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}]"
+        print(f"| {arm} | {chars} | {paired} | {recs} |")
     return 0
 
 
