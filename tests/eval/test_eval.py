@@ -114,6 +114,17 @@ def test_nll_in_vocabulary_blocks_equals_the_full_logits(build_model, tiny_token
         assert blocked["domains"][name]["ppl"] == pytest.approx(whole["domains"][name]["ppl"], rel=1e-6)
 
 
+def test_frozen_model_is_scored_without_running_its_head(tiny_model, two_domains):
+    """The scored hidden states come from the decoder alone: the model's own head never runs (for a frozen model
+    `logits_to_keep=1` made torch copy the whole head once per sequence), and freezing changes no number."""
+    before = evaluate(tiny_model, two_domains, batch_size=4, progress=False)
+    calls = []
+    tiny_model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    tiny_model.requires_grad_(False)
+    assert evaluate(tiny_model, two_domains, batch_size=4, progress=False) == before
+    assert not calls
+
+
 def test_batch_size_does_not_change_results_and_mode_restored(tiny_model, two_domains):
     tiny_model.train()
     one = evaluate(tiny_model, two_domains, batch_size=1, progress=False)
