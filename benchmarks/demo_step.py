@@ -107,7 +107,7 @@ def main() -> None:
     def timed_forward(kd: bool) -> tuple[float, float]:
         """(CPU seconds, loss) of one forward."""
         start = time.process_time()
-        loss = float(forward(kd))
+        loss = forward(kd).item()
         return time.process_time() - start, loss
 
     after, losses = fused._closed_form, {}
