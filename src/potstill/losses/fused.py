@@ -189,7 +189,7 @@ def _closed_form(
     CE's gradient is softmax(z) - onehot(label), the divergence's its closed form (`per_token_divergence_and_grad`,
     divided by T); at T = 1 the two terms share one log-softmax of z. Autograd through `_chunk_sums` computes the
     same values and gradient with a second log-softmax, the CE's backward and the sum of the two gradients: three
-    [n, V] passes and allocations more (benchmarks/README.md, "The demo's step, part by part").
+    [n, V] passes and allocations more (benchmarks/README.md, "The fused loss's gradient in closed form").
 
     Args:
         z: [n, V] the chunk's student logits (the head's matmul dtype).
