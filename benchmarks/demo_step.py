@@ -10,6 +10,11 @@ float32 pass per log-softmax, removed in `losses.divergences._tempered`). The te
 demo's eval now saves per held-out batch of 8 x 128 (it runs the teacher twice, not three times:
 `eval.metrics.evaluate_models`).
 
+Side by side, interleaved, CPU seconds (min of `--reps`): the forward of the KD and the CE step with the fused loss's
+planned gradient computed by autograd through `losses.fused._chunk_sums` (before: a log-softmax for the CE and another
+for the divergence, the CE's backward, the sum of the two gradients) and in closed form (after:
+`losses.fused._closed_form`, one log-softmax shared at T = 1), with the largest relative difference of the loss.
+
     python benchmarks/demo_step.py --demo /work/demo_out --teacher TEACHER_DIR [--threads 1] [--reps 3]
 """
 
@@ -25,9 +30,20 @@ import torch
 
 from potstill.data import collate
 from potstill.demo import arm_config, load_demo_settings
-from potstill.losses import combine
+from potstill.losses import combine, fused
 from potstill.train.setup import load_data, load_models
 from potstill.train.step import kd_micro_step
+
+
+def closed_form_before(z, teacher, labels, div, weights):
+    """The replaced code: the chunk's planned gradient by autograd through `_chunk_sums` (what `fused._run` still
+    does with a softcap or sparse targets)."""
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_()
+        kd, ce = fused._chunk_sums(fused._upcast(leaf), teacher, labels, div)
+        total = ce * weights[1] + (0.0 if kd is None else kd * weights[0])
+        (grad,) = torch.autograd.grad(total, leaf)
+    return None if kd is None else kd.detach(), ce.detach(), grad
 
 
 def best(fn, reps: int) -> float:
@@ -87,13 +103,32 @@ def main() -> None:
         result[f"{arm}_step_s"] = (
             result[f"{arm}_forward_s"] + result[f"{arm}_backward_s"] + result[f"{arm}_optimizer_s"]
         )
+
+    def timed_forward(kd: bool) -> tuple[float, float]:
+        """(CPU seconds, loss) of one forward."""
+        start = time.process_time()
+        loss = forward(kd).item()
+        return time.process_time() - start, loss
+
+    after, losses = fused._closed_form, {}
+    for arm, closed_form in (("before", closed_form_before), ("after", after)) * args.reps:
+        fused._closed_form = closed_form
+        for step, kd in (("kd", True), ("ce", False)):
+            key = f"{step}_forward_cpu_s_{arm}"
+            seconds, losses[step, arm] = timed_forward(kd)
+            result[key] = min(result.get(key, float("inf")), seconds)
+    fused._closed_form = after
+    for step in ("kd", "ce"):
+        before_s, after_s = result[f"{step}_forward_cpu_s_before"], result[f"{step}_forward_cpu_s_after"]
+        result[f"{step}_forward_cpu_ratio"] = before_s / after_s
+        result[f"{step}_loss_rel_diff"] = abs(losses[step, "after"] / losses[step, "before"] - 1)
     rows, vocab = batch["input_ids"].numel() - batch["input_ids"].shape[0], student.config.vocab_size
     z = torch.randn(rows // 2 + 1, vocab)  # the fused loss's chunk: ~985 rows at V = 17,031 (two per step)
     result["log_softmax_s"] = best(lambda: torch.log_softmax(z, -1), args.reps)
     result["log_softmax_div_by_1_s"] = best(lambda: torch.log_softmax(z / 1.0, -1), args.reps)
     result["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}, indent=1))
+    print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in result.items()}, indent=1))
 
 
 if __name__ == "__main__":

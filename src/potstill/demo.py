@@ -372,7 +372,9 @@ def _step_eval(ctx: dict) -> dict:
     """Held-out metrics of the teacher (its own tokenizer, full head) and both students (with the teacher).
 
     The students share a tokenizer, so one teacher forward per held-out batch serves both (`evaluate_models`): the
-    teacher runs twice in all (its own scoring, then the students'), not three times.
+    teacher runs twice in all (its own scoring, then the students'), not three times. Not once: the students' trimmed
+    vocabulary splits words the teacher's tokenizer keeps whole (24,060 vs 23,357 held-out tokens in the full demo,
+    no packed sequence the same), so the teacher reads other token sequences for its own score than for theirs.
     """
     from potstill.data import load_dataset
     from potstill.eval.metrics import evaluate, evaluate_models

@@ -7,6 +7,7 @@ import torch
 
 from potstill.data import IGNORE_INDEX, Record, pack
 from potstill.errors import UserError
+from potstill.eval import metrics as eval_metrics
 from potstill.eval.metrics import evaluate, evaluate_models
 from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
@@ -93,6 +94,35 @@ def test_several_students_share_one_teacher_pass(make_model, two_domains):
         alone = evaluate(model, two_domains, teacher=teacher, batch_size=4, progress=False)
         assert together[name] == alone
     assert together["a"]["overall"]["kl_to_teacher"] != together["b"]["overall"]["kl_to_teacher"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: a final logit softcap, applied per block
+def test_nll_in_vocabulary_blocks_equals_the_full_logits(build_model, tiny_tokenizer, two_domains, monkeypatch, arch):
+    """Without a teacher the NLL is computed over blocks of the head (log-sum-exp merged): the same ppl and bpb as
+    the plain forward's full logits, with many blocks and a partial last one."""
+    kw = {"final_logit_softcapping": 2.0} if arch == "gemma2" else {}
+    model = build_model(tiny_tokenizer, 4, arch=arch, **kw)
+    monkeypatch.setattr(eval_metrics, "_VOCAB_BLOCK", 7)
+    assert len(tiny_tokenizer) % 7 and len(tiny_tokenizer) > 10 * 7
+    blocked = evaluate(model, two_domains, batch_size=4, progress=False)
+    monkeypatch.setattr(eval_metrics, "_VOCAB_BLOCK", len(tiny_tokenizer))
+    whole = evaluate(model, two_domains, batch_size=4, progress=False)
+    ref = _reference(model, two_domains)
+    for name, s in ref.items():
+        for result in (blocked, whole):
+            assert result["domains"][name]["bpb"] == pytest.approx(s["nll"] / (math.log(2) * s["bytes"]), rel=1e-6)
+        assert blocked["domains"][name]["ppl"] == pytest.approx(whole["domains"][name]["ppl"], rel=1e-6)
+
+
+def test_frozen_model_is_scored_without_running_its_head(tiny_model, two_domains):
+    """The scored hidden states come from the decoder alone: the model's own head never runs (for a frozen model
+    `logits_to_keep=1` made torch copy the whole head once per sequence), and freezing changes no number."""
+    before = evaluate(tiny_model, two_domains, batch_size=4, progress=False)
+    calls = []
+    tiny_model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    tiny_model.requires_grad_(False)
+    assert evaluate(tiny_model, two_domains, batch_size=4, progress=False) == before
+    assert not calls
 
 
 def test_batch_size_does_not_change_results_and_mode_restored(tiny_model, two_domains):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from potstill.config import LOSS_NAMES
-from potstill.losses import Divergence, kd_terms
+from potstill.losses import Divergence, fused, kd_terms
 from potstill.losses.fused import TeacherHead, default_chunk_size, fused_kd_terms
 from potstill.losses.sparse import topk_targets
 from potstill.models.heads import head_of
@@ -213,3 +213,28 @@ def test_head_of_refuses_heads_it_cannot_reproduce(build_model):
     model.lm_head = torch.nn.Linear(32, 97, bias=True)
     assert head_of(model) is None
     assert head_of(torch.nn.Linear(3, 3)) is None
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_closed_form_chunk_equals_autograd(name, temperature, dtype):
+    """The planned gradient of a chunk in closed form (CE and divergence sharing log q at T = 1) equals autograd
+    through `_chunk_sums` (the path it replaced, still used with a softcap or sparse targets): values and grad."""
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(11, V, generator=g, dtype=dtype) * 3
+    teacher = TeacherHead(hidden=torch.randn(11, HT, generator=g, dtype=dtype), weight=torch.randn(V, HT, dtype=dtype))
+    labels = torch.randint(0, V, (11,), generator=g)
+    cfg, weights = _cfg(name, temperature), (0.3, 0.05)
+    for t in (teacher, None):
+        kd, ce, grad = fused._closed_form(z, t, labels, cfg, weights)
+        leaf = z.clone().requires_grad_()
+        kd_ref, ce_ref = fused._chunk_sums(leaf, t, labels, cfg)
+        total = ce_ref * weights[1] + (0.0 if kd_ref is None else kd_ref * weights[0])
+        (grad_ref,) = torch.autograd.grad(total, leaf)
+        tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-13}
+        torch.testing.assert_close(ce, ce_ref.detach(), **tol)
+        torch.testing.assert_close(grad, grad_ref, **tol)
+        assert grad.dtype == dtype and (kd is None) == (t is None)
+        if t is not None:
+            torch.testing.assert_close(kd, kd_ref.detach(), **tol)

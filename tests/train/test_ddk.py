@@ -25,7 +25,8 @@ def test_ddk_run_follows_eq1_then_eq2_and_logs(ddk_dir, tmp_path, run_main):
     entries = read_mixing(run)
     assert [e["step"] for e in entries] == [0, 2, 4, 6]  # start, every K = 2 steps, final figures
     first, *rest, final = entries
-    assert final["rule"] == "final" and final["weights"] == rest[-1]["weights"]
+    # the sampler keeps the logged weights renormalized (w / sum w): equal up to the last bit
+    assert final["rule"] == "final" and final["weights"] == pytest.approx(rest[-1]["weights"], rel=1e-12)
     for e in entries:  # the gap is the student/teacher perplexity ratio of each domain
         assert e["gaps"] == pytest.approx({d: e["student"][d] / e["teacher"][d] for d in e["gaps"]})
         assert sum(e["weights"].values()) == pytest.approx(1.0)

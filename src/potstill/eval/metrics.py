@@ -22,7 +22,7 @@ with `write_eval_json` (also the way a training run writes its eval.json).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -48,6 +48,10 @@ from potstill.teacher.online import OnlineTeacher, check_tokenizers
 
 EVAL_FILE = "eval.json"
 _ROWS = 512  # token rows scored at once: bounds the [rows, V] temporaries (0.5 GiB each for a 262k vocabulary)
+# Head rows per block when only the NLL is needed (no teacher): [512, 8192] float32 blocks (16 MiB) come from the
+# allocator's reused memory, where one [512, 262k] block (0.5 GiB, and log_softmax's copy) is page-faulted anew for
+# every group of rows: 1.6x less CPU for Gemma 3's head (benchmarks/README.md, "The demo's eval").
+_VOCAB_BLOCK = 8192
 
 
 @dataclass
@@ -153,24 +157,24 @@ def evaluate_models(
     return results
 
 
-def _teacher_rows(teacher, batch: dict, model: torch.nn.Module) -> RowLogits | None:
-    """The online teacher's logits by row on this batch (one forward, shared by every model), or None (no teacher,
-    or one of another tokenizer: it aligns with each model in `_batch_sums`)."""
+def _teacher_rows(teacher, batch: dict, model: torch.nn.Module) -> Outputs | None:
+    """The online teacher's outputs on this batch (one forward, shared by every model), or None (no teacher, or one
+    of another tokenizer: it aligns with each model in `_batch_sums`)."""
     if teacher is None or isinstance(teacher, CrossTokenizerTeacher):
         return None
     device = next(model.parameters()).device
-    return _teacher_row_logits(teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return _teacher_outputs(teacher, batch["input_ids"].to(device), batch["attention_mask"].to(device))
 
 
-def _batch_sums(model: torch.nn.Module, batch: dict, teacher, teacher_rows: RowLogits | None) -> list[_Sums]:
+def _batch_sums(model: torch.nn.Module, batch: dict, teacher, teacher_rows: Outputs | None) -> list[_Sums]:
     """Per-sequence sums of one batch (B entries); `teacher_rows` from `_teacher_rows`."""
     device = next(model.parameters()).device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     # Position t predicts token t + 1: shift the labels, not the logits (slicing the logits would copy [B, T, V]).
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).to(device)
-    student = _row_logits(model, ids, mask)
+    student = _outputs(model, ids, mask)
     cross = isinstance(teacher, CrossTokenizerTeacher)
-    stats = _token_stats(student, targets.view(-1), teacher_rows)
+    stats = _token_stats(student, targets.view(-1), teacher_rows, nll_only=teacher is None)
     per_seq = stats.view(*targets.shape, 3).sum(1)  # [B, 3]
     tokens = (targets != IGNORE_INDEX).sum(1)
     compared = tokens.clone()
@@ -185,7 +189,7 @@ def _batch_sums(model: torch.nn.Module, batch: dict, teacher, teacher_rows: RowL
     ]
 
 
-def _aligned_stats(student: RowLogits, targets: CrossTargets, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+def _aligned_stats(student: Outputs, targets: CrossTargets, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     """Per sequence of a [B, L] batch: (aligned positions [B], [B, 2] sums of top-1 agreement and KL(p || q) over
     the shared vocabulary + rest) on the 1:1 positions of a teacher of another tokenizer (module doc)."""
     al = targets.align
@@ -197,7 +201,7 @@ def _aligned_stats(student: RowLogits, targets: CrossTargets, shape: tuple[int, 
     paired[targets.teacher_shared] = targets.student_shared
     sums = torch.zeros(shape[0], 2, dtype=torch.float64, device=rows.device)
     for idx in torch.arange(len(rows), device=rows.device).split(_ROWS):
-        logits = student(rows[idx])
+        logits = _logits(student, rows[idx])
         t_logits = targets.teacher.rows(al.t_rows[t_tok[idx]]).logits()
         kl = sparse_divergence(logits, teacher_views(t_logits, targets, 1.0), Divergence("fkl"), tail="bucket")
         agree = paired[t_logits.argmax(-1)] == logits.argmax(-1)
@@ -205,46 +209,73 @@ def _aligned_stats(student: RowLogits, targets: CrossTargets, shape: tuple[int, 
     return torch.bincount(seq, minlength=shape[0]), sums
 
 
-RowLogits = Callable[[torch.Tensor], torch.Tensor]
-"""Given [n] flat token positions of a batch, their [n, V] float32 logits."""
+Outputs = TeacherHead | torch.Tensor
+"""A model's outputs on one batch, by flat position: its final hidden states [B*T, H] with its head (`TeacherHead`),
+whose logits are computed per group of rows, or its [B*T, V] logits."""
 
 
-def _row_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> RowLogits:
-    """The model's logits, computed per group of rows from its final hidden states when its head allows.
+def _outputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Outputs:
+    """The model's final hidden states and head when its head allows, else its logits.
 
     A 262k-vocabulary head makes [B, T, V] logits (and the softcap's copies of them) the bulk of an eval
     pass; from [B, T, H] hidden states only [rows, V] exist at a time. Models whose head `head_of` cannot
-    reproduce fall back to their full logits.
+    reproduce fall back to their full logits. The hidden states come from the decoder alone (`base_model`, as
+    the online teacher's): the whole model with `logits_to_keep=1` would also run its head on the last position,
+    and for a frozen model (requires_grad False, e.g. a teacher) `torch.matmul` does that by copying the [V, H]
+    head once per sequence (8 x 335 MB for Gemma 3 at batch 8: 13x the forward's CPU time, measured).
     """
     head = head_of(model)
     if head is None:
         logits = model(input_ids=ids, attention_mask=mask).logits
-        flat = logits.reshape(-1, logits.shape[-1])
-        return lambda idx: flat[idx].float()
+        return logits.reshape(-1, logits.shape[-1])
     weight, softcap = head
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1].reshape(-1, weight.shape[1])  # after the final norm: the head's input
-    return lambda idx: TeacherHead(hidden=hidden[idx], weight=weight, softcap=softcap).logits()
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # after the final norm
+    return TeacherHead(hidden=hidden.reshape(-1, weight.shape[1]), weight=weight, softcap=softcap)
 
 
-def _teacher_row_logits(teacher: OnlineTeacher, ids: torch.Tensor, mask: torch.Tensor) -> RowLogits:
-    """Like `_row_logits`, for the teacher over the student's vocabulary."""
+def _teacher_outputs(teacher: OnlineTeacher, ids: torch.Tensor, mask: torch.Tensor) -> Outputs:
+    """Like `_outputs`, for the teacher over the student's vocabulary."""
     head = teacher.head_inputs(ids, mask)
     if head is None:
         logits = teacher.logits(ids, mask)
-        flat = logits.reshape(-1, logits.shape[-1])
-        return lambda idx: flat[idx]
-    flat_head = replace(head, hidden=head.hidden.reshape(-1, head.hidden.shape[-1]))
-    return lambda idx: flat_head.rows(idx).logits()
+        return logits.reshape(-1, logits.shape[-1])
+    return replace(head, hidden=head.hidden.reshape(-1, head.hidden.shape[-1]))
 
 
-def _token_stats(student: RowLogits, targets: torch.Tensor, teacher: RowLogits | None) -> torch.Tensor:
+def _logits(out: Outputs, idx: torch.Tensor) -> torch.Tensor:
+    """[n] flat positions -> their [n, V] float32 logits."""
+    return out.rows(idx).logits() if isinstance(out, TeacherHead) else out[idx].float()
+
+
+def _nll(out: Outputs, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] of [n] flat positions -> [n] float32, the head's logits in blocks of
+    `_VOCAB_BLOCK` ids (log-sum-exp merged across blocks), never all [n, V] at once."""
+    if not isinstance(out, TeacherHead):
+        return F.cross_entropy(out[idx].float(), targets, reduction="none")
+    head = out.rows(idx)
+    lse = picked = None
+    for start in range(0, head.weight.shape[0], _VOCAB_BLOCK):
+        stop = start + _VOCAB_BLOCK
+        bias = None if head.bias is None else head.bias[start:stop]
+        logits = replace(head, weight=head.weight[start:stop], bias=bias).logits()  # [n, block]
+        block_lse = torch.logsumexp(logits, -1)
+        if lse is None:
+            lse, picked = block_lse, torch.zeros_like(block_lse)
+        else:
+            lse = torch.logaddexp(lse, block_lse)
+        inside = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
+        picked[inside] = logits[inside, targets[inside] - start]
+    return lse - picked
+
+
+def _token_stats(student: Outputs, targets: torch.Tensor, teacher: Outputs | None, nll_only: bool) -> torch.Tensor:
     """NLL, top-1 agreement and KL(p_teacher || q) of each scored token, in groups of `_ROWS` rows.
 
     Args:
-        student: the model's logits by row ([n] positions -> [n, V]).
+        student: the model's outputs (`_outputs`).
         targets: [N] next-token ids, -100 where not scored.
-        teacher: the teacher's logits by row, over the same vocabulary, or None.
+        teacher: the teacher's outputs over the same vocabulary, or None.
+        nll_only: only the NLL is needed (no teacher at all): computed in vocabulary blocks (`_nll`).
 
     Returns:
         [N, 3] float64 (nll, agree, kl); zero rows where not scored, zero agree/kl columns without a teacher.
@@ -255,10 +286,13 @@ def _token_stats(student: RowLogits, targets: torch.Tensor, teacher: RowLogits |
     out = torch.zeros(len(targets), 3, dtype=torch.float64, device=targets.device)
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     for idx in rows.split(_ROWS):
-        logits = student(idx)
+        if nll_only:
+            out[idx, 0] = _nll(student, idx, targets[idx]).double()
+            continue
+        logits = _logits(student, idx)
         out[idx, 0] = F.cross_entropy(logits, targets[idx], reduction="none").double()
         if teacher is not None:
-            t_logits = teacher(idx)
+            t_logits = _logits(teacher, idx)
             if t_logits.shape != logits.shape:
                 raise UserError(
                     f"teacher logits have {t_logits.shape[-1]} entries per token, the model's {logits.shape[-1]}: "

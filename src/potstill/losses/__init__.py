@@ -147,6 +147,25 @@ def per_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Ten
     return spec.fn(student_logits, teacher_logits, temperature=div.temperature, **kwargs)
 
 
+def per_token_divergence_and_grad(
+    log_q: torch.Tensor, log_p: torch.Tensor, div: Divergence
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_token_divergence` from tempered log-probabilities, with its gradient in closed form
+    (`divergences.value_and_grad`; log_q and log_p are overwritten).
+
+    Args:
+        log_q: [N, V] log softmax(student logits / T).
+        log_p: [N, V] log softmax(teacher logits / T).
+        div: the divergence (its temperature already applied to both).
+
+    Returns:
+        ([N] divergence per token, [N, V] its gradient w.r.t. the tempered student logits).
+    """
+    spec = LOSSES[div.name]
+    kwargs = {_KWARGS[field]: getattr(div, field) for field in spec.params}
+    return divergences.value_and_grad(spec.fn, log_q, log_p, **kwargs)
+
+
 def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Which logit rows are scored, and their next-token targets.
 

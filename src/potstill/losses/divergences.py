@@ -303,3 +303,32 @@ def akl(
         [N] adaptive KL.
     """
     return _divergence(partial(_akl_parts, mu=mu), student_logits, teacher_logits, temperature)
+
+
+_PARTS: dict[Callable, Callable[..., Parts]] = {
+    fkl: _fkl_parts,
+    rkl: _rkl_parts,
+    tvd: _tvd_parts,
+    jsd: _jsd_parts,
+    skl: _skl_parts,
+    srkl: _srkl_parts,
+    akl: _akl_parts,
+}
+
+
+def value_and_grad(fn: Callable, log_q: torch.Tensor, log_p: torch.Tensor, **params) -> Parts:
+    """A divergence of this module on tempered log-probabilities, with its gradient in closed form.
+
+    For a caller that has log q already and computes its own gradient (the fused loss shares log q with its CE
+    term at T = 1 instead of taking a second log-softmax); the values and gradient are those `fn` gives.
+
+    Args:
+        fn: one of `fkl`, `rkl`, `tvd`, `jsd`, `skl`, `srkl`, `akl`.
+        log_q: [N, V] student log-probabilities log softmax(z), z = logits / T; overwritten.
+        log_p: [N, V] teacher log-probabilities at the same T; overwritten.
+        params: `fn`'s parameters (beta, scaled, skew, mu).
+
+    Returns:
+        (value [N], dD/dz [N, V]); divide the gradient by T for the one w.r.t. the logits.
+    """
+    return _PARTS[fn](log_q, log_p, True, **params)

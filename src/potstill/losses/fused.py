@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from potstill.losses import IGNORE_INDEX, Divergence, KDTerms, per_token_divergence
+from potstill.losses import IGNORE_INDEX, Divergence, KDTerms, per_token_divergence, per_token_divergence_and_grad
+from potstill.losses.divergences import log_probs
 from potstill.losses.sparse import SparseTargets, check_temperature, sparse_divergence
 
 # Logit elements per chunk: 2^24 float32 = 64 MiB per [chunk, V] buffer (64 tokens at V = 262,144, 512 at
@@ -157,12 +158,16 @@ def _run(
     w = weight.to(dtype)
     for rows, labels, teacher in prob.chunks():
         h = hidden[rows].to(dtype)
-        with torch.enable_grad():
-            z = F.linear(h, w).requires_grad_(weights is not None)
-            kd, ce = _chunk_sums(_softcap(_upcast(z), prob.softcap), teacher, labels, prob.div)
-            if weights:
-                total = ce * (weights[1] * prob.scale) + (0.0 if kd is None else kd * (weights[0] * prob.scale))
-                (g,) = torch.autograd.grad(total, z)
+        z = F.linear(h, w)
+        if weights and prob.softcap is None and not isinstance(teacher, SparseTargets):
+            kd, ce, g = _closed_form(z, teacher, labels, prob.div, (weights[0] * prob.scale, weights[1] * prob.scale))
+        else:
+            with torch.enable_grad():
+                z.requires_grad_(weights is not None)
+                kd, ce = _chunk_sums(_softcap(_upcast(z), prob.softcap), teacher, labels, prob.div)
+                if weights:
+                    total = ce * (weights[1] * prob.scale) + (0.0 if kd is None else kd * (weights[0] * prob.scale))
+                    (g,) = torch.autograd.grad(total, z)
         if kd is not None:
             kd_sum += kd.detach()
         ce_sum += ce.detach()
@@ -174,6 +179,45 @@ def _run(
             else:  # low-precision matmul, accumulated in the weight's dtype (one [V, H] temporary per chunk)
                 grad_w.add_(g.t() @ h)
     return kd_sum * prob.scale, ce_sum * prob.scale, grad_h, grad_w
+
+
+def _closed_form(
+    z: torch.Tensor, teacher: TeacherHead | None, labels: torch.Tensor, div: Divergence, weights: tuple[float, float]
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """`_chunk_sums` of a chunk and the gradient of w_kd * kd + w_ce * ce w.r.t. its logits, without autograd.
+
+    CE's gradient is softmax(z) - onehot(label), the divergence's its closed form (`per_token_divergence_and_grad`,
+    divided by T); at T = 1 the two terms share one log-softmax of z. Autograd through `_chunk_sums` computes the
+    same values and gradient with a second log-softmax, the CE's backward and the sum of the two gradients: three
+    [n, V] passes and allocations more (benchmarks/README.md, "The fused loss's gradient in closed form").
+
+    Args:
+        z: [n, V] the chunk's student logits (the head's matmul dtype).
+        teacher: the chunk's teacher rows, or None (CE only).
+        labels: [n] target ids.
+        div: the divergence.
+        weights: (w_kd, w_ce), the normalizer already applied.
+
+    Returns:
+        (kd sum or None, ce sum, gradient [n, V] in z's dtype).
+    """
+    logits = _upcast(z)
+    log_q = log_p = None
+    if teacher is not None:
+        log_q, log_p = log_probs(logits, teacher.logits(), div.temperature)
+    shared = log_q is not None and div.temperature == 1.0 and log_q.dtype == logits.dtype
+    ce_log_q = log_q if shared else torch.log_softmax(logits, dim=-1)
+    ce = -ce_log_q.gather(1, labels.unsqueeze(1)).sum()
+    kd = None
+    if teacher is None:
+        grad = ce_log_q.exp_().mul_(weights[1])
+    else:
+        q = ce_log_q.exp()  # before the divergence overwrites log_q (the same tensor at T = 1)
+        kd_rows, dz = per_token_divergence_and_grad(log_q, log_p, div)
+        kd = kd_rows.sum()
+        grad = dz.mul_(weights[0] / div.temperature).add_(q, alpha=weights[1])
+    grad[torch.arange(len(labels), device=labels.device), labels] -= weights[1]
+    return kd, ce, grad.to(z.dtype)
 
 
 def _proportion(actual: tuple[float, float], planned: tuple[float, float]) -> float | None:
