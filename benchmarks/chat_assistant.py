@@ -509,8 +509,9 @@ def paired(evals: dict[str, dict], seeds: list[int], arm: str, twin: str) -> dic
         mean = statistics.mean(diffs)
         sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
         half = float(t.ppf(0.975, len(diffs) - 1)) * sd / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-        ses = [question_se(evals[f"{arm}_s{s}"]["per_question"], evals[f"{twin}_s{s}"]["per_question"])[key]
-               for s in seeds if "per_question" in evals[f"{arm}_s{s}"] and "per_question" in evals[f"{twin}_s{s}"]]  # fmt: skip
+        both = [(evals[f"{arm}_s{s}"], evals[f"{twin}_s{s}"]) for s in seeds]
+        ses = [question_se(a["per_question"], b["per_question"])[key] for a, b in both
+               if "per_question" in a and "per_question" in b]  # fmt: skip
         out[key] = {
             "diffs": diffs,
             "mean": mean,

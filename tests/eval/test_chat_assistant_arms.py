@@ -32,8 +32,9 @@ def evals_of(diffs: dict[str, list[float]], n_questions: int = 0) -> dict[str, d
         for arm, r, k in (("a", 0.2 + dr, 2.0 + dk), ("b", 0.2, 2.0)):
             e = {"rougeL_f1": r, "reverse_kl_per_token": k}
             if n_questions:
-                e["per_question"] = {"rougeL_f1": [r + (0.1 if i % 2 else -0.1) for i in range(n_questions)],
-                                     "reverse_kl_sum": [k * 10] * n_questions, "answer_tokens": [10] * n_questions}  # fmt: skip
+                rouge = [r + (0.1 if i % 2 else -0.1) for i in range(n_questions)]
+                e["per_question"] = {"rougeL_f1": rouge, "reverse_kl_sum": [k * 10] * n_questions,
+                                     "answer_tokens": [10] * n_questions}  # fmt: skip
             out[f"{arm}_s{s}"] = e
     return out
 
