@@ -294,12 +294,46 @@ def answer_ids(
     return prompt_ids, answers
 
 
-def reverse_kl(student, teacher, prompt_ids: list[list[int]], answers: list[list[int]]) -> list[float]:
+class PromptCachedTeacher:
+    """The teacher's logits at the positions that predict an answer, each prompt's KV cache computed once and reused
+    for every student that answers it (the prompt is about 70% of the tokens the teacher reads; the same logits as
+    one forward over prompt + answer, up to float rounding; tests/eval/test_chat_assistant_arms.py).
+
+    Args:
+        model: the teacher causal LM (eval mode).
+    """
+
+    def __init__(self, model):
+        self.model, self.caches = model, {}
+
+    def logits(self, teacher, prompt: list[int], answer: list[int]):
+        """[len(answer), V_student] float32: the teacher's logits (over the student's ids, through `teacher`, an
+        `OnlineTeacher` of this model with the student's id map) before each answer token, given the prompt."""
+        import torch
+
+        to_teacher = (lambda x: x) if teacher.id_map is None else (lambda x: teacher.id_map[torch.tensor(x)].tolist())
+        prefix, rest = to_teacher(prompt[:-1]), to_teacher(prompt[-1:] + answer[:-1])
+        key = tuple(prefix)
+        with torch.no_grad():
+            if key not in self.caches:
+                self.caches[key] = self.model.base_model(input_ids=torch.tensor([prefix]), use_cache=True).cache
+            cache = self.caches[key]
+            hidden = self.model.base_model(input_ids=torch.tensor([rest]), cache=cache, use_cache=True)
+            cache.crop(-len(rest))  # back to the prompt alone for the next student
+            hidden = hidden.last_hidden_state[0]
+            weight, bias, softcap = teacher.head()
+            logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def reverse_kl(student, score, prompt_ids: list[list[int]], answers: list[list[int]]) -> list[float]:
     """Teacher-scored reverse KL of the student's own answers: per example, the sum over its answer tokens y_t of
     KL(q_student(.|y<t) || p_teacher(.|y<t)) over the student's vocabulary (0.0 for an empty answer).
 
     Args:
-        student: the student causal LM; teacher: `OnlineTeacher` over the student's ids (renormalized there).
+        student: the student causal LM.
+        score: (prompt ids, answer ids) -> the teacher's [len(answer), V_student] logits before each answer token
+            (`PromptCachedTeacher.logits` bound to an `OnlineTeacher` over the student's ids).
         prompt_ids, answers: per example, the prompt's and the answer's student token ids.
     """
     import torch
@@ -311,16 +345,14 @@ def reverse_kl(student, teacher, prompt_ids: list[list[int]], answers: list[list
         if not a:
             sums.append(0.0)
             continue
-        ids = torch.tensor([p + a])
         at = slice(len(p) - 1, len(p) + len(a) - 1)  # the positions that predict the answer's tokens
         with torch.no_grad():
-            q = student(input_ids=ids).logits[0, at].float()
-            p_t = teacher.logits(ids)[0, at]
-        sums.append(float(rkl(q, p_t).sum()))
+            q = student(input_ids=torch.tensor([p + a])).logits[0, at].float()
+        sums.append(float(rkl(q, score(p, a)).sum()))
     return sums
 
 
-def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str], params: dict) -> dict:
+def evaluate_student(path: Path, teacher: PromptCachedTeacher, rows: list[dict], refs: list[str], params: dict) -> dict:
     """ROUGE-L F1 of the student's greedy answers to the teacher's, and the teacher-scored reverse KL per token."""
     from rouge_score import rouge_scorer
 
@@ -334,7 +366,8 @@ def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str
     texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(ref, text)["rougeL"].fmeasure for ref, text in zip(refs, texts, strict=True)]
-    kl = reverse_kl(model, OnlineTeacher(teacher_model, load_id_map(path)), prompt_ids, answers)
+    online = OnlineTeacher(teacher.model, load_id_map(path))
+    kl = reverse_kl(model, lambda p, a: teacher.logits(online, p, a), prompt_ids, answers)
     tokens = [len(a) for a in answers]
     return {
         "rougeL_f1": sum(rouge) / len(rouge),
@@ -368,7 +401,7 @@ def evaluate_all(
         cached = out / "eval" / split / f"{name}.json"
         if not cached.exists():
             if teacher_model is None:
-                teacher_model, _ = load_model(teacher, dtype="bfloat16")  # as in training
+                teacher_model = PromptCachedTeacher(load_model(teacher, dtype="bfloat16")[0].eval())  # as in training
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(evaluate_student(path, teacher_model, rows, refs, params), indent=2))
         results[name] = json.loads(cached.read_text())

@@ -59,3 +59,24 @@ def test_paired_question_se_is_zero_for_a_constant_shift_and_positive_otherwise(
     evals["a_s0"]["per_question"]["rougeL_f1"][0] += 1.0  # one question moves: the bootstrap sees it
     se = chat_assistant.question_se(evals["a_s0"]["per_question"], evals["b_s0"]["per_question"])
     assert 0.02 < se["rougeL_f1"] < 0.1 and se["reverse_kl_per_token"] < 1e-9
+
+
+def test_prompt_cached_teacher_scores_like_one_forward_over_prompt_and_answer():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from potstill.teacher.online import OnlineTeacher
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    online = OnlineTeacher(model, torch.randperm(256)[:100])  # a student of 100 ids
+    cached = chat_assistant.PromptCachedTeacher(model)
+    prompt = torch.randint(0, 100, (20,)).tolist()
+    for answer in (torch.randint(0, 100, (7,)).tolist(), torch.randint(0, 100, (3,)).tolist(), [5]):
+        full = online.logits(torch.tensor([prompt + answer]))[0, len(prompt) - 1 : len(prompt) + len(answer) - 1]
+        got = cached.logits(online, prompt, answer)
+        assert got.shape == (len(answer), 100)
+        torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    assert len(cached.caches) == 1  # the prompt was run once for the three answers
