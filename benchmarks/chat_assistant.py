@@ -19,9 +19,11 @@ is skipped, so a rerun resumes:
    (`xllamacpp`), greedy, through the GGUF's own chat template.
 8. bench: `potstill bench` on the teacher and every student format, side by side in one run.
 
-Writes OUT/results.json and prints the tables. Needs `potstill[generate,export,chat]`.
+Writes OUT/results.json and prints the tables, with the paired differences per seed (an arm minus its twin from
+the same stage-1 student, `--pair`). Needs `potstill[generate,export,chat]`.
 Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--start-steps 30] [--steps 30]
-[--seeds 0 1 2] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]`.
+[--seeds 0 1 2] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]
+[--pair ARM:TWIN]`.
 """
 
 from __future__ import annotations
