@@ -19,9 +19,11 @@ is skipped, so a rerun resumes:
    (`xllamacpp`), greedy, through the GGUF's own chat template.
 8. bench: `potstill bench` on the teacher and every student format, side by side in one run.
 
-Writes OUT/results.json and prints the tables. Needs `potstill[generate,export,chat]`.
+Writes OUT/results.json and prints the tables, with the paired differences per seed (an arm minus its twin from
+the same stage-1 student, `--pair`). Needs `potstill[generate,export,chat]`.
 Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--start-steps 30] [--steps 30]
-[--seeds 0 1 2] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]`.
+[--seeds 0 1 2] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]
+[--pair ARM:TWIN]`.
 """
 
 from __future__ import annotations
@@ -294,33 +296,65 @@ def answer_ids(
     return prompt_ids, answers
 
 
-def reverse_kl(student, teacher, prompt_ids: list[list[int]], answers: list[list[int]]) -> tuple[float, int]:
-    """Teacher-scored reverse KL of the student's own answers: the sum over answer tokens y_t of
-    KL(q_student(.|y<t) || p_teacher(.|y<t)) over the student's vocabulary, and the token count.
+class PromptCachedTeacher:
+    """The teacher's logits at the positions that predict an answer, each prompt's KV cache computed once and reused
+    for every student that answers it (the prompt is about 70% of the tokens the teacher reads; the same logits as
+    one forward over prompt + answer, up to float rounding; tests/eval/test_chat_assistant_arms.py).
 
     Args:
-        student: the student causal LM; teacher: `OnlineTeacher` over the student's ids (renormalized there).
+        model: the teacher causal LM (eval mode).
+    """
+
+    def __init__(self, model):
+        self.model, self.caches = model, {}
+
+    def logits(self, teacher, prompt: list[int], answer: list[int]):
+        """[len(answer), V_student] float32: the teacher's logits (over the student's ids, through `teacher`, an
+        `OnlineTeacher` of this model with the student's id map) before each answer token, given the prompt."""
+        import torch
+
+        to_teacher = (lambda x: x) if teacher.id_map is None else (lambda x: teacher.id_map[torch.tensor(x)].tolist())
+        prefix, rest = to_teacher(prompt[:-1]), to_teacher(prompt[-1:] + answer[:-1])
+        key = tuple(prefix)
+        with torch.no_grad():
+            if key not in self.caches:
+                self.caches[key] = self.model.base_model(input_ids=torch.tensor([prefix]), use_cache=True).cache
+            cache = self.caches[key]
+            hidden = self.model.base_model(input_ids=torch.tensor([rest]), cache=cache, use_cache=True)
+            cache.crop(-len(rest))  # back to the prompt alone for the next student
+            hidden = hidden.last_hidden_state[0]
+            weight, bias, softcap = teacher.head()
+            logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def reverse_kl(student, score, prompt_ids: list[list[int]], answers: list[list[int]]) -> list[float]:
+    """Teacher-scored reverse KL of the student's own answers: per example, the sum over its answer tokens y_t of
+    KL(q_student(.|y<t) || p_teacher(.|y<t)) over the student's vocabulary (0.0 for an empty answer).
+
+    Args:
+        student: the student causal LM.
+        score: (prompt ids, answer ids) -> the teacher's [len(answer), V_student] logits before each answer token
+            (`PromptCachedTeacher.logits` bound to an `OnlineTeacher` over the student's ids).
         prompt_ids, answers: per example, the prompt's and the answer's student token ids.
     """
     import torch
 
     from potstill.losses.divergences import rkl
 
-    total, tokens = 0.0, 0
+    sums = []
     for p, a in zip(prompt_ids, answers, strict=True):
         if not a:
+            sums.append(0.0)
             continue
-        ids = torch.tensor([p + a])
         at = slice(len(p) - 1, len(p) + len(a) - 1)  # the positions that predict the answer's tokens
         with torch.no_grad():
-            q = student(input_ids=ids).logits[0, at].float()
-            p_t = teacher.logits(ids)[0, at]
-        total += float(rkl(q, p_t).sum())
-        tokens += len(a)
-    return total, tokens
+            q = student(input_ids=torch.tensor([p + a])).logits[0, at].float()
+        sums.append(float(rkl(q, score(p, a)).sum()))
+    return sums
 
 
-def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str], params: dict) -> dict:
+def evaluate_student(path: Path, teacher: PromptCachedTeacher, rows: list[dict], refs: list[str], params: dict) -> dict:
     """ROUGE-L F1 of the student's greedy answers to the teacher's, and the teacher-scored reverse KL per token."""
     from rouge_score import rouge_scorer
 
@@ -334,14 +368,17 @@ def evaluate_student(path: Path, teacher_model, rows: list[dict], refs: list[str
     texts = [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(ref, text)["rougeL"].fmeasure for ref, text in zip(refs, texts, strict=True)]
-    kl, tokens = reverse_kl(model, OnlineTeacher(teacher_model, load_id_map(path)), prompt_ids, answers)
+    online = OnlineTeacher(teacher.model, load_id_map(path))
+    kl = reverse_kl(model, lambda p, a: teacher.logits(online, p, a), prompt_ids, answers)
+    tokens = [len(a) for a in answers]
     return {
         "rougeL_f1": sum(rouge) / len(rouge),
-        "reverse_kl_per_token": kl / tokens,
-        "answer_tokens_mean": tokens / len(answers),
+        "reverse_kl_per_token": sum(kl) / sum(tokens),
+        "answer_tokens_mean": sum(tokens) / len(answers),
         "ended_share": sum(bool(a) and a[-1] == tok.eos_token_id for a in answers) / len(answers),
         "eval_s": round(time.time() - start, 1),
         "answers": texts,
+        "per_question": {"rougeL_f1": rouge, "reverse_kl_sum": kl, "answer_tokens": tokens},  # for `paired`
     }
 
 
@@ -366,7 +403,7 @@ def evaluate_all(
         cached = out / "eval" / split / f"{name}.json"
         if not cached.exists():
             if teacher_model is None:
-                teacher_model, _ = load_model(teacher, dtype="bfloat16")  # as in training
+                teacher_model = PromptCachedTeacher(load_model(teacher, dtype="bfloat16")[0].eval())  # as in training
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(evaluate_student(path, teacher_model, rows, refs, params), indent=2))
         results[name] = json.loads(cached.read_text())
@@ -473,6 +510,71 @@ def quality_table(evals: dict[str, dict], runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+METRICS = {"rougeL_f1": 1, "reverse_kl_per_token": -1}  # the direction in which an arm beats its twin
+
+
+def question_se(a: dict, b: dict, resamples: int = 2000) -> dict[str, float]:
+    """Bootstrap standard error, over the questions, of one seed's paired difference a - b (both students answered
+    the same questions): the evaluation's own noise, beside the seed-to-seed spread. `a`, `b`: `per_question`."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = len(a["rougeL_f1"])
+    idx = rng.integers(0, n, size=(resamples, n))  # the same resampled questions for both students
+
+    def kl(e):  # token-weighted like reverse_kl_per_token: [resamples]
+        return np.asarray(e["reverse_kl_sum"])[idx].sum(1) / np.maximum(np.asarray(e["answer_tokens"])[idx].sum(1), 1)
+
+    rouge = np.asarray(a["rougeL_f1"])[idx].mean(1) - np.asarray(b["rougeL_f1"])[idx].mean(1)
+    return {"rougeL_f1": float(rouge.std()), "reverse_kl_per_token": float((kl(a) - kl(b)).std())}
+
+
+def paired(evals: dict[str, dict], seeds: list[int], arm: str, twin: str) -> dict:
+    """`arm` minus `twin` per seed, both trained from that seed's own stage-1 student: for each metric the
+    differences, their mean, sd and 95% t-interval over the seeds, the seeds the arm wins, and the mean over seeds
+    of the question-bootstrap standard error (where per-question scores were stored). `met`: on both metrics the
+    interval lies wholly on the arm's side of 0 (ROUGE-L higher, reverse KL lower)."""
+    import statistics
+
+    from scipy.stats import t
+
+    out: dict = {"arm": arm, "twin": twin, "seeds": seeds}
+    for key, sign in METRICS.items():
+        diffs = [evals[f"{arm}_s{s}"][key] - evals[f"{twin}_s{s}"][key] for s in seeds]
+        mean = statistics.mean(diffs)
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+        half = float(t.ppf(0.975, len(diffs) - 1)) * sd / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        both = [(evals[f"{arm}_s{s}"], evals[f"{twin}_s{s}"]) for s in seeds]
+        ses = [question_se(a["per_question"], b["per_question"])[key] for a, b in both
+               if "per_question" in a and "per_question" in b]  # fmt: skip
+        out[key] = {
+            "diffs": diffs,
+            "mean": mean,
+            "sd": sd,
+            "ci95": [mean - half, mean + half],
+            "won": sum(sign * d > 0 for d in diffs),
+            "question_se": statistics.mean(ses) if ses else None,
+            "beyond_seed_noise": bool(sign * (mean - sign * half) > 0),  # NaN (one seed) compares False
+        }
+    out["met"] = all(out[key]["beyond_seed_noise"] for key in METRICS)
+    out["means_favour_arm"] = all(sign * out[key]["mean"] > 0 for key, sign in METRICS.items())
+    return out
+
+
+def paired_table(pairs: list[dict]) -> str:
+    """One row per (pair, metric): the per-seed differences arm - twin and what they add up to."""
+    lines = ["| arm - twin | metric | per seed | mean | sd | 95% interval | seeds won | question SE |",
+             "|---|---|---|---:|---:|---|---:|---:|"]  # fmt: skip
+    for p in pairs:
+        for key in METRICS:
+            m = p[key]
+            se = "" if m["question_se"] is None else f"{m['question_se']:.4f}"
+            lines.append(f"| {p['arm']} - {p['twin']} | {key} | {' / '.join(f'{d:+.4f}' for d in m['diffs'])} | "
+                         f"{m['mean']:+.4f} | {m['sd']:.4f} | [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}] | "
+                         f"{m['won']}/{len(m['diffs'])} | {se} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", type=Path, required=True, help="SmolLM2-135M-Instruct HF directory")
@@ -513,6 +615,13 @@ def main() -> None:
         help='an arm: distill overrides (e.g. kd_fkl="loss.name=fkl loss.alpha=0.5 train.lr=1e-3");'
         " replaces the default arm of that name, else is added",
     )
+    ap.add_argument(
+        "--pair",
+        action="append",
+        default=None,
+        metavar="ARM:TWIN",
+        help="report ARM minus TWIN per seed (both from the seed's stage-1 student; default kd:sft), repeatable",
+    )
     ap.add_argument("--quality-only", action="store_true", help="stop after the quality table (a sweep on val)")
     ap.add_argument("--parallel", type=int, default=1, help="training runs at once (each on one thread)")
     args = ap.parse_args()
@@ -531,6 +640,10 @@ def main() -> None:
     print(f"student: {results['student']['params']:,} params, vocab {results['student']['vocab_size']}", flush=True)
 
     arms = ARMS | dict(a.split("=", 1) for a in args.arm)
+    args.pair = args.pair or ["kd:sft"]
+    for pair in args.pair:
+        if pair.count(":") != 1 or not set(pair.split(":")) <= set(arms):
+            ap.error(f"--pair {pair!r}: expected ARM:TWIN with both arms among {sorted(arms)}")
     cache = teacher_cache(out, args.teacher, student, train_chats)
     runs, starts = {}, {s: student for s in args.seeds}
     if args.start_steps:  # the first stage, shared by the arms of a seed
@@ -553,13 +666,10 @@ def main() -> None:
             results.setdefault("means", {})[f"{arm}.{key}"] = {"mean": sum(values) / len(values),
                                                                "spread": max(values) - min(values)}  # fmt: skip
     means = results["means"]
-    results["kd_beats_sft"] = {
-        "reverse_kl": means["kd.reverse_kl_per_token"]["mean"] < means["sft.reverse_kl_per_token"]["mean"],
-        "rougeL": means["kd.rougeL_f1"]["mean"] > means["sft.rougeL_f1"]["mean"],
-        "every_seed": all(evals[f"kd_s{s}"]["reverse_kl_per_token"] < evals[f"sft_s{s}"]["reverse_kl_per_token"]
-                          and evals[f"kd_s{s}"]["rougeL_f1"] > evals[f"sft_s{s}"]["rougeL_f1"] for s in args.seeds),
-    }  # fmt: skip
-    print(json.dumps({"means": means, "kd_beats_sft": results["kd_beats_sft"]}, indent=2), flush=True)
+    results["paired"] = [paired(evals, args.seeds, *pair.split(":")) for pair in args.pair]
+    print(paired_table(results["paired"]), flush=True)
+    print(json.dumps({"means": means, "met": {f"{p['arm']}:{p['twin']}": p["met"] for p in results["paired"]}},
+                     indent=2), flush=True)  # fmt: skip
     if args.quality_only:
         (out / f"results_{args.eval_split}{tag(params)}.json").write_text(json.dumps(results, indent=2))
         return
