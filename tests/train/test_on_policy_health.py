@@ -122,12 +122,12 @@ def test_min_eos_ratio_compares_with_the_teachers_rate(pair, prompts, tmp_path, 
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (("on_policy.min_eos_ratio=0.5", "on_policy.health_prompts=0"), "set health_prompts > 0"),
+        (("on_policy.min_eos_ratio=0.5", "on_policy.health_prompts=0"), "needs health_prompts > 0"),
         (("on_policy.min_eos_ratio=1.5",), "on_policy.min_eos_ratio"),
         (
             ("on_policy.min_eos_ratio=0.5", "teacher.source=endpoint", "teacher.endpoint.base_url=http://x/v1",
              "teacher.endpoint.model=m", "on_policy.objective=rkl_sampled"),
-            "its <eos> rate is unknown",
+            "a teacher in memory",
         ),
     ],
 )  # fmt: skip

@@ -468,17 +468,14 @@ class OnPolicyConfig(Section):
     health_prompts: int = Field(
         default=32,
         ge=0,
-        description="the first N training prompts on which, before the first rollout, the teacher's own completions"
-        " are measured (sampled as the student's rollouts, and greedy; logged beside the student's as teacher_*),"
-        " and the student's greedy completions at the end (summary.json health: loops); 0 = off",
+        description="first N training prompts: the teacher's own health there (logged as teacher_*), the student's"
+        " greedy health at the end (summary.json); 0 = off",
     )
     min_eos_ratio: float = Field(
         default=0.0,
         ge=0,
         le=1,
-        description="stop the run when, over a logging interval, the rollouts' <eos> rate falls below this fraction"
-        " of the teacher's own sampled rate on the health prompts (a length explosion relative to the teacher;"
-        " needs health_prompts > 0 and a teacher in memory; 0 = never)",
+        description="stop the run when the rollouts' <eos> rate < this x the teacher's own on the health prompts",
     )
 
 
@@ -551,11 +548,8 @@ class DistillConfig(Section):
                 f"on_policy.replay_size: replayed samples come from an older student, which biases the policy"
                 f" gradient of objective {op.objective}; use gkd or rkl_topk, or replay_size=0"
             )
-        if op.min_eos_ratio > 0 and op.health_prompts == 0:
-            return (
-                "on_policy.min_eos_ratio: compares with the teacher's <eos> rate on on_policy.health_prompts;"
-                " set health_prompts > 0"
-            )
+        if op.min_eos_ratio > 0 and (op.health_prompts == 0 or self.teacher_kind != "online"):
+            return "on_policy.min_eos_ratio: needs health_prompts > 0 and a teacher in memory (its own <eos> rate)"
         if op.teacher_mix > 0 and op.objective != "minillm":
             return "on_policy.teacher_mix: teacher-mixed sampling belongs to objective=minillm"
         if op.teacher_mix > 0 and (op.top_p < 1 or op.temperature != self.loss.temperature):
@@ -581,11 +575,6 @@ class DistillConfig(Section):
             return (
                 "on_policy.objective: minillm with an endpoint teacher needs on_policy.teacher_mix=0 (the endpoint"
                 " cannot sample token by token) and on_policy.single_step=false (it gives no full distribution)"
-            )
-        if op.min_eos_ratio > 0:
-            return (
-                "on_policy.min_eos_ratio: an endpoint teacher does not sample here, so its <eos> rate is unknown;"
-                " use on_policy.min_eos_rate"
             )
         if op.objective == "rkl_topk" and op.top_k > self.teacher.endpoint.top_k:
             return (
