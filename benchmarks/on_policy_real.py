@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=["ce", "kd", "seq_kd", "rkl_topk"], choices=list(ARMS))
     p.add_argument("--work", type=Path, default=Path("/tmp/potstill_real"))
     p.add_argument("--quick", action="store_true", help="smoke run: 16 prompts, 3 steps, 1 seed")
+    p.add_argument(
+        "--eos-probe", type=int, nargs="+", help="only print the teacher's <eos> rate and mean length (greedy, and"
+        " sampled at temperature 1) at these max_new_tokens on the held-out + training prompts, then exit",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.train, args.held, args.sft_steps, args.steps, args.seeds, args.max_new_tokens = 16, 8, 3, 3, [0], 8
@@ -262,6 +266,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(pairs)} catalog pairs; {len(train_pairs)} training, {len(held)} held-out", flush=True)
 
     teacher, ttok = load(TEACHER, torch.bfloat16)
+    if args.eos_probe:  # one decode at the largest cap: a shorter cap sees the same prefixes (same seed and batches)
+        eos = ttok.convert_tokens_to_ids(ttok.eos_token)
+        for samples in (0, 1):
+            out = [
+                c
+                for _, c in complete(
+                    teacher, ttok, [en for en, _ in held + train_pairs], max(args.eos_probe), samples=samples
+                )
+            ]
+            cells = [
+                f"{cap}: eos {statistics.mean(eos in c[:cap] for c in out):.2f},"
+                f" len {statistics.mean(len(c[:cap]) for c in out):.1f}"
+                for cap in args.eos_probe
+            ]
+            print(f"teacher {'sampled' if samples else 'greedy'}, {len(out)} prompts: {'; '.join(cells)}", flush=True)
+        return 0
     cache = args.work / "teacher_answers.json"
     if not cache.exists():
         start = time.perf_counter()
