@@ -33,11 +33,12 @@ all ranks, and the logged health figures are sums over ranks.
 Logged every logging step: `on_policy_fraction`, `rollout_len`
 (mean completion tokens of fresh samples), `rollout_eos_rate` (share that stopped at `<eos>` or a stop string),
 `rollout_distinct2` (distinct bigrams / bigrams: repetition), `rollout_loop_rate`, beside them the teacher's own
-`teacher_*` figures on the first `health_prompts` training prompts (measured once), the reward and advantage statistics of the
-policy-gradient objectives, `replay_fraction`, and `lmbda` / `val_loss` with `adaptive`. `on_policy.min_eos_rate` /
-`min_distinct2` stop the run when the rollouts collapse (length explosion, repetition), with the reason logged and
-in `summary.json` (`stop_reason`); `min_eos_ratio` compares the `<eos>` rate with the teacher's. At the end, the
-student's greedy answers to the health prompts go into `summary.json` (`health`): sampled rollouts hide greedy loops.
+`teacher_*` figures on the first `health_prompts` training prompts (measured once), the reward and advantage
+statistics of the policy-gradient objectives, `replay_fraction`, and `lmbda` / `val_loss` with `adaptive`.
+`on_policy.min_eos_rate` / `min_distinct2` stop the run when the rollouts collapse (length explosion, repetition),
+with the reason logged and in `summary.json` (`stop_reason`); `min_eos_ratio` compares the `<eos>` rate with the
+teacher's. At the end, the student's greedy answers to the health prompts go into `summary.json` (`health`): sampled
+rollouts hide greedy loops.
 """
 
 from __future__ import annotations
