@@ -24,7 +24,9 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
    vocabulary at every position of the student's own samples (`--samples` per prompt, temperature 1, seeded; p is the
    teacher's full-vocabulary distribution, read at the student's ids), ROUGE-L F1 of the student's greedy answers
    against the teacher's greedy answers (rouge_score, whitespace tokens), chrF of the greedy answers against the
-   catalog (sacrebleu).
+   catalog (sacrebleu). Health (`potstill.train.rollouts.health_figures`: mean length, <eos> rate, distinct bigrams,
+   loop rate = share of answers with a trigram repeated >= 3 times) of the greedy answers and of the samples; the
+   teacher's own health on the same held-out prompts, at the same `--max-new-tokens`, is the reference.
 
     python benchmarks/on_policy_real.py --work /tmp/potstill_real             # the table of benchmarks/README.md
     python benchmarks/on_policy_real.py --quick                               # a smoke run (a few steps)
@@ -131,6 +133,32 @@ def answer_text(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True).strip()
 
 
+def health(completions: list[list[int]], eos: int) -> dict[str, float]:
+    """`health_figures` (len, eos_rate, distinct2, loop_rate) of completions (each cut after its first `<eos>`)."""
+    from potstill.losses import IGNORE_INDEX
+    from potstill.train.rollouts import health_counts, health_figures
+
+    labels = torch.full((len(completions), max(map(len, completions), default=0) + 1), IGNORE_INDEX)
+    for row, ids in enumerate(completions):
+        labels[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    batch = {
+        "labels": labels,
+        "completion_len": torch.tensor([len(c) for c in completions]),
+        "stopped": torch.tensor([bool(c) and c[-1] == eos for c in completions]),
+    }
+    return health_figures(health_counts(batch))
+
+
+def teacher_health(teacher, tok, held, max_new: int, samples: int) -> dict[str, dict[str, float]]:
+    """The teacher's own health on the held-out prompts: greedy, and `samples` draws each (temperature 1)."""
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    prompts = [en for en, _ in held]
+    return {
+        "greedy": health([c for _, c in complete(teacher, tok, prompts, max_new)], eos),
+        "sampled": health([c for _, c in complete(teacher, tok, prompts, max_new, samples=samples)], eos),
+    }
+
+
 @torch.no_grad()
 def evaluate(
     student_dir: Path, teacher, held: list[tuple[str, str]], teacher_answers: list[str], max_new: int, samples: int
@@ -143,14 +171,17 @@ def evaluate(
 
     model, tok = load(student_dir)
     id_map = load_id_map(student_dir)
-    greedy = [answer_text(tok, c) for _, c in complete(model, tok, [en for en, _ in held], max_new)]
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    greedy_ids = [c for _, c in complete(model, tok, [en for en, _ in held], max_new)]
+    greedy = [answer_text(tok, c) for c in greedy_ids]
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Whitespace())
     rouge = statistics.mean(
         scorer.score(t, g)["rougeL"].fmeasure for t, g in zip(teacher_answers, greedy, strict=False)
     )
     chrf = sacrebleu.corpus_chrf(greedy, [[de for _, de in held]]).score
     kl_sum, n = 0.0, 0
-    for prompt, completion in complete(model, tok, [en for en, _ in held], max_new, samples=samples):
+    drawn = complete(model, tok, [en for en, _ in held], max_new, samples=samples)
+    for prompt, completion in drawn:
         if not completion:
             continue
         ids = torch.tensor([prompt + completion])
@@ -160,7 +191,14 @@ def evaluate(
         logp = logp if id_map is None else logp[:, id_map]
         kl_sum += (logq.exp() * (logq - logp)).sum().item()
         n += len(completion)
-    return {"rkl": kl_sum / n, "rouge_l": rouge, "chrf": chrf, "greedy": greedy[:5]}
+    return {
+        "rkl": kl_sum / n,
+        "rouge_l": rouge,
+        "chrf": chrf,
+        "greedy": greedy[:5],
+        "greedy_health": health(greedy_ids, eos),
+        "sampled_health": health([c for _, c in drawn], eos),
+    }
 
 
 class _Whitespace:
@@ -194,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held", type=int, default=64, help="held-out prompts")
     p.add_argument("--layers", type=int, default=6, help="student decoder layers (of 30)")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--teacher-tokens", type=int, default=24, help="max tokens of the teacher's cached greedy answers")
+    p.add_argument("--seq-len", type=int, default=96, help="data.seq_len (prompt + max_new_tokens must fit)")
     p.add_argument("--sft-steps", type=int, default=150)
     p.add_argument("--sft-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=50, help="optimizer steps of every arm")
@@ -203,10 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=8, help="rkl_topk's K")
     p.add_argument("--min-eos-rate", type=float, default=0.0, help="on-policy arms: on_policy.min_eos_rate (0: off)")
     p.add_argument("--min-distinct2", type=float, default=0.0, help="on-policy arms: on_policy.min_distinct2 (0: off)")
+    p.add_argument(
+        "--min-eos-ratio", type=float, default=0.0, help="on-policy arms: on_policy.min_eos_ratio (teacher-relative)"
+    )
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds to train (none: only the table)")
     p.add_argument("--arms", nargs="+", default=["ce", "kd", "seq_kd", "rkl_topk"], choices=list(ARMS))
     p.add_argument("--work", type=Path, default=Path("/tmp/potstill_real"))
     p.add_argument("--quick", action="store_true", help="smoke run: 16 prompts, 3 steps, 1 seed")
+    p.add_argument(
+        "--eos-probe", type=int, nargs="+", help="only print the teacher's <eos> rate and mean length (greedy, and"
+        " sampled at temperature 1) at these max_new_tokens on the held-out + training prompts, then exit",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.train, args.held, args.sft_steps, args.steps, args.seeds, args.max_new_tokens = 16, 8, 3, 3, [0], 8
@@ -219,10 +266,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(pairs)} catalog pairs; {len(train_pairs)} training, {len(held)} held-out", flush=True)
 
     teacher, ttok = load(TEACHER, torch.bfloat16)
+    if args.eos_probe:  # one decode at the largest cap: a shorter cap sees the same prefixes (same seed and batches)
+        eos = ttok.convert_tokens_to_ids(ttok.eos_token)
+        for samples in (0, 1):
+            out = [
+                c
+                for _, c in complete(
+                    teacher, ttok, [en for en, _ in held + train_pairs], max(args.eos_probe), samples=samples
+                )
+            ]
+            cells = [
+                f"{cap}: eos {statistics.mean(eos in c[:cap] for c in out):.2f},"
+                f" len {statistics.mean(len(c[:cap]) for c in out):.1f}"
+                for cap in args.eos_probe
+            ]
+            print(f"teacher {'sampled' if samples else 'greedy'}, {len(out)} prompts: {'; '.join(cells)}", flush=True)
+        return 0
     cache = args.work / "teacher_answers.json"
     if not cache.exists():
         start = time.perf_counter()
-        answers = [answer_text(ttok, c) for _, c in complete(teacher, ttok, [en for en, _ in held + train_pairs], 24)]
+        answers = [
+            answer_text(ttok, c)
+            for _, c in complete(teacher, ttok, [en for en, _ in held + train_pairs], args.teacher_tokens)
+        ]
         cache.write_text(json.dumps(answers, ensure_ascii=False))
         print(f"teacher answered {len(answers)} prompts in {time.perf_counter() - start:.0f} s", flush=True)
     answers = json.loads(cache.read_text())
@@ -233,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     chrf_teacher = __import__("sacrebleu").corpus_chrf(held_answers, [[de for _, de in held]]).score
     print(f"teacher greedy chrF vs catalog {chrf_teacher:.1f}; e.g. {held[0][0]!r} -> {held_answers[0]!r}", flush=True)
+    reference = args.work / f"teacher_health_{args.max_new_tokens}.json"
+    if not reference.exists():
+        reference.write_text(json.dumps(teacher_health(teacher, ttok, held, args.max_new_tokens, args.samples)))
+    print(f"teacher health at {args.max_new_tokens} new tokens: {reference.read_text()}", flush=True)
 
     pruned = args.work / f"pruned_{args.layers}"
     if not (pruned / "config.json").exists():
@@ -244,7 +314,12 @@ def main(argv: list[str] | None = None) -> int:
             for (en, _), a in zip(train_pairs, train_answers, strict=False)
         ]
         init_student(TEACHER, args.layers, pruned, corpus, calib_tokens=1024, calib_dtype="bfloat16")
-    common = [f"model.teacher={TEACHER}", "model.teacher_dtype=bfloat16", "data.seq_len=96", "train.logging_steps=10"]
+    common = [
+        f"model.teacher={TEACHER}",
+        "model.teacher_dtype=bfloat16",
+        f"data.seq_len={args.seq_len}",
+        "train.logging_steps=10",
+    ]
     common += [
         "train.warmup_steps=5",
         f"train.batch_size={args.batch_size}",
@@ -271,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     run += [
                         f"on_policy.min_eos_rate={args.min_eos_rate}",
                         f"on_policy.min_distinct2={args.min_distinct2}",
+                        f"on_policy.min_eos_ratio={args.min_eos_ratio}",
                     ]
                 secs = train(out, run)
             row = evaluate(out / "student", teacher, held, held_answers, args.max_new_tokens, args.samples)
@@ -298,6 +374,16 @@ def main(argv: list[str] | None = None) -> int:
         chrf = " / ".join(f"{r['chrf']:.1f}" for r in rows)
         secs = statistics.mean(r["seconds"] for r in rows)
         print(f"| {arm} | {cells} | {statistics.mean(rkl):.3f} | {rouge} | {chrf} | {secs:.0f} |")
+    print("\n| arm | greedy: eos rate / loop rate / distinct-2 per seed | samples: eos rate / len / distinct-2 |")
+    print("|---|---|---|")
+    teacher_ref = json.loads(reference.read_text())
+    rows = [("teacher", [{"greedy_health": teacher_ref["greedy"], "sampled_health": teacher_ref["sampled"]}])]
+    for arm, runs in [*rows, *table.items()]:
+        if "greedy_health" not in runs[0]:
+            continue
+        g = "; ".join("{eos_rate:.2f} / {loop_rate:.2f} / {distinct2:.3f}".format(**r["greedy_health"]) for r in runs)
+        h = "; ".join("{eos_rate:.2f} / {len:.1f} / {distinct2:.3f}".format(**r["sampled_health"]) for r in runs)
+        print(f"| {arm} | {g} | {h} |")
     for arm, rows in table.items():
         for row in rows:
             if "stop_reason" in row:

@@ -61,7 +61,7 @@ def test_replay_buffer_serves_the_student_batches_once_full(files, tmp_path, mon
     monkeypatch.setattr(on_policy, "rollout", lambda *a: calls.append(1) or real(*a))
     _, logs = _run(
         files, tmp_path / "run", "train.max_steps=3", "on_policy.lmbda=1.0", "on_policy.replay_size=3",
-        "on_policy.replay_ratio=1.0",
+        "on_policy.replay_ratio=1.0", "on_policy.health_prompts=0",  # (the health check calls rollout too)
     )  # fmt: skip
     assert len(calls) == 1
     assert [e["replay_fraction"] for e in logs] == [0.0, 1.0, 1.0]

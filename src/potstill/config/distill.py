@@ -465,6 +465,18 @@ class OnPolicyConfig(Section):
         description="stop the run when the rollouts' distinct bigrams / bigrams over a logging interval fall below"
         " this: the student repeats itself (0 = never)",
     )
+    health_prompts: int = Field(
+        default=32,
+        ge=0,
+        description="first N training prompts: the teacher's own health there (logged as teacher_*), the student's"
+        " greedy health at the end (summary.json); 0 = off",
+    )
+    min_eos_ratio: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="stop the run when the rollouts' <eos> rate < this x the teacher's own on the health prompts",
+    )
 
 
 class DistillConfig(Section):
@@ -536,6 +548,8 @@ class DistillConfig(Section):
                 f"on_policy.replay_size: replayed samples come from an older student, which biases the policy"
                 f" gradient of objective {op.objective}; use gkd or rkl_topk, or replay_size=0"
             )
+        if op.min_eos_ratio > 0 and (op.health_prompts == 0 or self.teacher_kind != "online"):
+            return "on_policy.min_eos_ratio: needs health_prompts > 0 and a teacher in memory (its own <eos> rate)"
         if op.teacher_mix > 0 and op.objective != "minillm":
             return "on_policy.teacher_mix: teacher-mixed sampling belongs to objective=minillm"
         if op.teacher_mix > 0 and (op.top_p < 1 or op.temperature != self.loss.temperature):

@@ -32,10 +32,13 @@ all ranks, and the logged health figures are sums over ranks.
 
 Logged every logging step: `on_policy_fraction`, `rollout_len`
 (mean completion tokens of fresh samples), `rollout_eos_rate` (share that stopped at `<eos>` or a stop string),
-`rollout_distinct2` (distinct bigrams / bigrams: repetition), the reward and advantage statistics of the
-policy-gradient objectives, `replay_fraction`, and `lmbda` / `val_loss` with `adaptive`. `on_policy.min_eos_rate` /
-`min_distinct2` stop the run when the rollouts collapse (length explosion, repetition), with the reason logged and
-in `summary.json` (`stop_reason`).
+`rollout_distinct2` (distinct bigrams / bigrams: repetition), `rollout_loop_rate`, beside them the teacher's own
+`teacher_*` figures on the first `health_prompts` training prompts (measured once), the reward and advantage
+statistics of the policy-gradient objectives, `replay_fraction`, and `lmbda` / `val_loss` with `adaptive`.
+`on_policy.min_eos_rate` / `min_distinct2` stop the run when the rollouts collapse (length explosion, repetition),
+with the reason logged and in `summary.json` (`stop_reason`); `min_eos_ratio` compares the `<eos>` rate with the
+teacher's. At the end, the student's greedy answers to the health prompts go into `summary.json` (`health`): sampled
+rollouts hide greedy loops.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ from potstill.losses import IGNORE_INDEX, KDTerms, kd_weights, scored_mask
 from potstill.losses.divergences import rkl
 from potstill.losses.policy import minillm_surrogate, sampled_reverse_kl
 from potstill.losses.sparse import SparseTargets, topk_targets
+from potstill.teacher.online import OnlineTeacher
 from potstill.teacher.scoring import EndpointScorer, sampled_teacher_logprobs
-from potstill.train.rollouts import ReplayBuffer, mixed_rollout, rollout
+from potstill.train.rollouts import HEALTH_COUNTS, ReplayBuffer, health_counts, health_figures, mixed_rollout, rollout
 from potstill.train.setup import Models, training_args
 from potstill.train.step import kd_micro_step, loss_terms, student_head, student_outputs
 from potstill.train.trainer import DistillTrainer
@@ -70,8 +74,8 @@ from potstill.train.trainer import DistillTrainer
 logger = logging.getLogger(__name__)
 
 _HEALTH = (
-    *("rollouts", "rollout_tokens", "rollout_eos", "bigrams", "distinct_bigrams", "micro", "on_policy", "replayed"),
-    *("pg_tokens", "reward_sum", "reward_sq", "advantage_sum", "advantage_sq"),
+    *HEALTH_COUNTS,
+    *("micro", "on_policy", "replayed", "pg_tokens", "reward_sum", "reward_sq", "advantage_sum", "advantage_sq"),
 )
 
 
@@ -172,6 +176,7 @@ class OnPolicyTrainer(DistillTrainer):
         self.add_callback(_StepEnd(self))
         self._val: float | None = None  # the validation loss measured since the last log
         self.stop_reason: str | None = None  # why the run stopped early (on_policy.min_eos_rate / min_distinct2)
+        self.reference: dict[str, float] | None = None  # the teacher's health, measured before the first rollout
 
     @property
     def carried(self) -> OnPolicyState:
@@ -203,6 +208,8 @@ class OnPolicyTrainer(DistillTrainer):
                 self._health["on_policy"] += 1
                 self._health["replayed"] += 1
             elif on_policy:
+                if self.reference is None:
+                    self.reference = self.teacher_reference()
                 if cfg.teacher_mix > 0:
                     teacher = self.teacher.model
                     batch = mixed_rollout(
@@ -253,16 +260,40 @@ class OnPolicyTrainer(DistillTrainer):
 
     def _note(self, batch: dict[str, Any]) -> None:
         """Add a fresh rollout batch to the health sums (length, eos, repetition)."""
-        h = self._health
-        h["on_policy"] += 1
-        h["rollouts"] += len(batch["completion_len"])
-        h["rollout_tokens"] += int(batch["completion_len"].sum())
-        h["rollout_eos"] += int(batch["stopped"].sum())
-        for labels in batch["labels"]:
-            tokens = labels[labels != IGNORE_INDEX].tolist()
-            pairs = list(zip(tokens, tokens[1:], strict=False))
-            h["bigrams"] += len(pairs)
-            h["distinct_bigrams"] += len(set(pairs))
+        self._health["on_policy"] += 1
+        for key, value in health_counts(batch).items():
+            self._health[key] += value
+
+    def health_of(self, model: nn.Module, greedy: bool, id_map: torch.Tensor | None = None) -> dict[str, float]:
+        """`health_figures` of `model`'s completions of the first `on_policy.health_prompts` training prompts, at
+        the rollouts' settings (sampled, seeded by train.seed, or greedy); `id_map` for a trimmed student's teacher."""
+        cfg, device = self.on_policy, self.args.device
+        rows = [self.train_dataset[i] for i in range(min(cfg.health_prompts, len(self.train_dataset)))]
+        counts = dict.fromkeys(HEALTH_COUNTS, 0)
+        size = self.args.per_device_train_batch_size
+        for start in range(0, len(rows), size):
+            batch = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in collate(rows[start : start + size]).items()
+            }
+            seed = (self.args.seed * 1_000_003 + start) * 1024 + 3  # (not a training rollout's seed: those end in 0-2)
+            done = rollout(model, batch, cfg, self.pad_id, self.eos_id, seed, self.tokenizer, greedy, id_map)
+            for key, value in health_counts(done).items():
+                counts[key] += value
+        return health_figures(counts)
+
+    def teacher_reference(self) -> dict[str, float]:
+        """The teacher's own health on the health prompts (`teacher_len`, `teacher_eos_rate`, `teacher_distinct2`,
+        `teacher_loop_rate` sampled as the student samples; `teacher_greedy_*` greedy), once: what a student that
+        imitates it would show. {} when off (health_prompts 0) or when the teacher cannot sample here (endpoint)."""
+        if not self.on_policy.health_prompts or not isinstance(self.teacher, OnlineTeacher):
+            return {}
+        teacher, id_map = self.teacher.model, self.teacher.id_map
+        sampled, greedy = (self.health_of(teacher, g, id_map) for g in (False, True))
+        logger.info(
+            "teacher health on %d prompts: sampled %s, greedy %s", self.on_policy.health_prompts, sampled, greedy
+        )
+        return {f"teacher_{k}": v for k, v in sampled.items()} | {f"teacher_greedy_{k}": v for k, v in greedy.items()}
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None
@@ -360,10 +391,16 @@ class OnPolicyTrainer(DistillTrainer):
     def _check_collapse(self, logs: dict[str, float]) -> None:
         """Stop training (after this step; the student is saved) when the rollouts collapsed, saying why."""
         cfg, step = self.on_policy, self.state.global_step
+        teacher_rate = (self.reference or {}).get("teacher_eos_rate")
         if logs["rollout_eos_rate"] < cfg.min_eos_rate:
             self.stop_reason = (
                 f"step {step}: only {logs['rollout_eos_rate']:.0%} of the rollouts ended at <eos>"
                 f" (on_policy.min_eos_rate {cfg.min_eos_rate}): length explosion"
+            )
+        elif teacher_rate is not None and logs["rollout_eos_rate"] < cfg.min_eos_ratio * teacher_rate:
+            self.stop_reason = (
+                f"step {step}: only {logs['rollout_eos_rate']:.0%} of the rollouts ended at <eos>, against the"
+                f" teacher's {teacher_rate:.0%} (on_policy.min_eos_ratio {cfg.min_eos_ratio}): length explosion"
             )
         elif logs["rollout_distinct2"] < cfg.min_distinct2:
             self.stop_reason = (
@@ -397,9 +434,8 @@ class OnPolicyTrainer(DistillTrainer):
                 if self.on_policy.baseline == "running":
                     logs["baseline"] = self.carried.baseline
             if h["rollouts"]:
-                logs["rollout_len"] = h["rollout_tokens"] / h["rollouts"]
-                logs["rollout_eos_rate"] = h["rollout_eos"] / h["rollouts"]
-                logs["rollout_distinct2"] = h["distinct_bigrams"] / max(h["bigrams"], 1)
+                logs.update({f"rollout_{k}": v for k, v in health_figures(h).items()})
+                logs.update(self.reference or {})  # the teacher's, beside the student's
                 self._check_collapse(logs)
             self._health = dict.fromkeys(_HEALTH, 0)
         super().log(logs, start_time)
@@ -466,4 +502,8 @@ class OnPolicyRecipe:
 
     def finish(self, trainer: OnPolicyTrainer, cfg: DistillConfig, models: Models, out: Path, data: None) -> dict:
         summary = {"objective": cfg.on_policy.objective, "lmbda": trainer.carried.lmbda}
+        if trainer.reference is not None and cfg.on_policy.health_prompts:  # the student sampled in this run
+            student = trainer.accelerator.unwrap_model(trainer.model)
+            greedy = {f"student_greedy_{k}": v for k, v in trainer.health_of(student, greedy=True).items()}
+            summary["health"] = trainer.reference | greedy
         return summary if trainer.stop_reason is None else summary | {"stop_reason": trainer.stop_reason}

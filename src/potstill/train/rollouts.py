@@ -8,6 +8,7 @@ DistiLLM's replay buffer of them.
   KV cache, the positions follow the left padding.
 - `ReplayBuffer`: the latest sampled sequences (FIFO), drawn back uniformly with replacement; plain lists of ids,
   so it goes into a checkpoint's `trainer_state.json` as it is.
+- `health_counts` / `health_figures`: the health of a rollout batch (length, stops, distinct bigrams, loops).
 
 Every function leaves the global RNG as it was: its randomness comes from the `seed` it is given. A rollout batch
 is right-padded again (`input_ids`, `attention_mask`, `labels` [B, L']: labels only on the completion, up to and
@@ -17,6 +18,7 @@ including `<eos>`, or up to the token that completes a stop string), with `compl
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -100,41 +102,96 @@ def _stop_point(ids: list[int], tokenizer, stop: list[str]) -> int:
 
 @torch.no_grad()
 def rollout(
-    model: nn.Module, batch: dict[str, Any], cfg: OnPolicyConfig, pad_id: int, eos_id: int, seed: int, tokenizer=None
+    model: nn.Module,
+    batch: dict[str, Any],
+    cfg: OnPolicyConfig,
+    pad_id: int,
+    eos_id: int,
+    seed: int,
+    tokenizer=None,
+    greedy: bool = False,
+    id_map: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Replace a batch's completions by the model's samples: the same prompts, new completions, new labels.
 
     Args:
-        model: the bare student, or the teacher (seq-KD) (eval mode is set for sampling and restored after).
+        model: the bare student, or the teacher (seq-KD, health) (eval mode is set for sampling and restored after).
         batch: `input_ids`, `attention_mask` [B, L] (right-padded), `prompt_len` [B].
         cfg: the on_policy section (max_new_tokens, temperature, top_p, stop).
         pad_id, eos_id: the tokenizer's padding and end-of-sequence ids.
         seed: seeds the sampling (the global RNG is left as it was).
         tokenizer: decodes the samples for `cfg.stop` (needed only with stop strings).
+        greedy: decode greedily instead of sampling (temperature and top_p unused).
+        id_map: [V_student] student id -> model id, for a teacher of a trimmed student: the model reads the mapped
+            prompt and may only write the student's ids (its distribution renormalized over them, as the losses
+            see it); the samples come back as student ids.
 
     Returns:
         The batch with `input_ids`, `attention_mask`, `labels` [B, L'] (right-padded, L' = longest prompt +
         completion) and `completion_len` [B], `stopped` [B] bool (ended with `<eos>`).
     """
     prompts, mask = _left_padded(batch, pad_id)
+    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+    options: dict[str, Any] = {"do_sample": False} if greedy else sampling
+    if cfg.stop and id_map is None:  # (stop strings of a mapped model are cut after, on the student's ids)
+        options |= {"stop_strings": cfg.stop, "tokenizer": tokenizer}
+    ids, pad, eos = prompts, pad_id, eos_id
+    if id_map is not None:
+        ids, pad, eos = id_map[prompts], int(id_map[pad_id]), int(id_map[eos_id])
+        vocab = model.get_output_embeddings().weight.shape[0]
+        kept = torch.zeros(vocab, dtype=torch.bool, device=id_map.device).index_fill_(0, id_map, True)
+        options["suppress_tokens"] = (~kept).nonzero()[:, 0].tolist()
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[prompts.device] if prompts.is_cuda else []):
         torch.manual_seed(seed)
         out = model.generate(
-            input_ids=prompts,
+            input_ids=ids,
             attention_mask=mask,
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=0,
             max_new_tokens=cfg.max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-            **({"stop_strings": cfg.stop, "tokenizer": tokenizer} if cfg.stop else {}),
+            pad_token_id=pad,
+            eos_token_id=eos,
+            **options,
         )
     model.train(was_training)
-    return _cut(batch, out[:, prompts.shape[1] :], pad_id, eos_id, cfg.stop, tokenizer)
+    new = out[:, prompts.shape[1] :]
+    if id_map is not None:  # back to student ids (every written id is one of id_map's; padding -> pad_id)
+        back = torch.full((vocab,), pad_id, dtype=torch.long, device=new.device)
+        back[id_map] = torch.arange(len(id_map), device=new.device)
+        new = back[new]
+    return _cut(batch, new, pad_id, eos_id, cfg.stop, tokenizer)
+
+
+HEALTH_COUNTS = ("rollouts", "rollout_tokens", "rollout_eos", "bigrams", "distinct_bigrams", "looped")
+
+
+def health_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """The health sums of a rollout batch (from `rollout`): completions, their tokens, how many stopped, bigrams and
+    distinct bigrams (counted within each completion), and how many loop (a trigram occurs >= 3 times in it)."""
+    counts = dict.fromkeys(HEALTH_COUNTS, 0)
+    counts["rollouts"] = len(batch["completion_len"])
+    counts["rollout_tokens"] = int(batch["completion_len"].sum())
+    counts["rollout_eos"] = int(batch["stopped"].sum())
+    for labels in batch["labels"]:
+        tokens = labels[labels != IGNORE_INDEX].tolist()
+        pairs = list(zip(tokens, tokens[1:], strict=False))
+        counts["bigrams"] += len(pairs)
+        counts["distinct_bigrams"] += len(set(pairs))
+        trigrams = Counter(zip(tokens, tokens[1:], tokens[2:], strict=False))
+        counts["looped"] += int(max(trigrams.values(), default=0) >= 3)
+    return counts
+
+
+def health_figures(counts: dict[str, float]) -> dict[str, float]:
+    """`len` (mean tokens per completion), `eos_rate`, `distinct2` (distinct / all bigrams) and `loop_rate` (share of
+    completions with a trigram repeated >= 3 times) from summed `health_counts`."""
+    n = max(counts["rollouts"], 1)
+    return {
+        "len": counts["rollout_tokens"] / n,
+        "eos_rate": counts["rollout_eos"] / n,
+        "distinct2": counts["distinct_bigrams"] / max(counts["bigrams"], 1),
+        "loop_rate": counts["looped"] / n,
+    }
 
 
 @torch.no_grad()
