@@ -147,7 +147,7 @@ def run_caption(out: str | Path, recipe: CaptionRecipe | None = None, student_vo
     `student_vocab` (tests, or a user's student) is checked against the teacher's tokenizer first.
     """
     recipe = recipe or CaptionRecipe()
-    report = rep.started() | {"recipe": recipe.model_dump(mode="json")}
+    report = rep.started(recipe)
     tokenizer = scene_tokenizer()
     vocab = tokenizer.get_vocab()
     config = student_config(len(vocab), recipe.student_width, recipe.student_layers)

@@ -210,11 +210,7 @@ def run_classify(
     train, test = split(images, recipe.heldout, recipe.split_seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = rep.started() | {
-        "recipe": recipe.model_dump(mode="json"),
-        "images": images.summary(),
-        "skipped": len(images.skipped),
-    }
+    report = rep.started(recipe, images)
     pair = pair or lite_pair()
     probe = images.pixels(test[:2], pair.student_pre), images.pixels(test[:2], pair.teacher_pre)
     with torch.inference_mode():

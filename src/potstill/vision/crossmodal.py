@@ -128,11 +128,7 @@ def run_crossmodal(
     train, test = split(images, recipe.heldout, recipe.split_seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = rep.started() | {
-        "recipe": recipe.model_dump(mode="json"),
-        "images": images.summary(),
-        "skipped": len(images.skipped),
-    }
+    report = rep.started(recipe, images)
     if teacher is None:
         from potstill.teacher.text_encoder import TextEncoderTeacher, minilm_dir
 

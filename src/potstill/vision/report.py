@@ -1,7 +1,7 @@
 """What every vision recipe writes into its run directory: report.json, report.md, grid.png; seed statistics.
 
-- `started()` / `finish(out, report, markdown)`: the date, load average and wall time around a run; report.json and
-  report.md written atomically (a rerun never leaves half a report).
+- `started(recipe, images)` / `finish(out, report, markdown)`: the date, load average, settings and wall time around
+  a run; report.json and report.md written atomically (a rerun never leaves half a report).
 - `mean_spread` / `arm_rows`: a metric over seeds as "mean ± half the range", one Markdown row per arm; `margins`:
   an arm minus its twin, per seed (same seed = same initial weights and batch order).
 - `draw_grid`: held-out images in a grid, each with lines of text under it (reference, teacher, students).
@@ -18,14 +18,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 
+from potstill.data.images import ImageSet
 from potstill.fileio import write_json_atomic, write_text_atomic
 
 
-def started() -> dict:
-    """The start of a run: UTC date, load average, a clock (removed by `finish`)."""
+def started(recipe: BaseModel, images: ImageSet | None = None) -> dict:
+    """The start of a run: UTC date, load average, a clock (removed by `finish`), the recipe's settings and, for
+    the recipes that read images, what was read and how many files were skipped."""
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return {"date": stamp, "load_before": list(os.getloadavg()), "_clock": time.perf_counter()}
+    report = {"date": stamp, "load_before": list(os.getloadavg()), "_clock": time.perf_counter()}
+    report["recipe"] = recipe.model_dump(mode="json")
+    if images is not None:
+        report |= {"images": images.summary(), "skipped": len(images.skipped)}
+    return report
 
 
 def finish(out: Path, report: dict, markdown: Callable[[dict], str]) -> dict:
