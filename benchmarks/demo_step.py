@@ -27,23 +27,13 @@ import time
 from pathlib import Path
 
 import torch
+from fused_closed_form import closed_form_before
 
 from potstill.data import collate
 from potstill.demo import arm_config, load_demo_settings
 from potstill.losses import combine, fused
 from potstill.train.setup import load_data, load_models
 from potstill.train.step import kd_micro_step
-
-
-def closed_form_before(z, teacher, labels, div, weights):
-    """The replaced code: the chunk's planned gradient by autograd through `_chunk_sums` (what `fused._run` still
-    does with a softcap or sparse targets)."""
-    with torch.enable_grad():
-        leaf = z.detach().requires_grad_()
-        kd, ce = fused._chunk_sums(fused._upcast(leaf), teacher, labels, div)
-        total = ce * weights[1] + (0.0 if kd is None else kd * weights[0])
-        (grad,) = torch.autograd.grad(total, leaf)
-    return None if kd is None else kd.detach(), ce.detach(), grad
 
 
 def best(fn, reps: int) -> float:

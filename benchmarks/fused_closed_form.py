@@ -27,7 +27,8 @@ ROWS, H, V = 1016, 640, 17031
 
 
 def closed_form_before(z, teacher, labels, div, weights):
-    """The replaced code: the chunk's planned gradient by autograd through `_chunk_sums`."""
+    """The replaced code: the chunk's planned gradient by autograd through `_chunk_sums` (what `fused._run` still
+    does with a softcap or sparse targets); `demo_step.py` times it too."""
     with torch.enable_grad():
         leaf = z.detach().requires_grad_()
         kd, ce = fused._chunk_sums(fused._upcast(leaf), teacher, labels, div)
