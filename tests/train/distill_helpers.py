@@ -29,6 +29,16 @@ def overrides_for(models_dir: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def on_policy_opts(pair: tuple[Path, Path], prompts: Path, out: Path, *extra: str) -> list[str]:
+    """`key=value` options of a small on-policy run of the tiny (student, teacher) pair on `prompts`, into `out`."""
+    student, teacher = pair
+    return [
+        f"model.student={student}", f"model.teacher={teacher}", f"data.train=[{prompts}]", "data.seq_len=40",
+        f"train.output_dir={out}", "train.recipe=on_policy", "train.batch_size=3", "train.lr=0.003",
+        "train.warmup_steps=0", "train.logging_steps=1", "loss.alpha=1.0", "on_policy.max_new_tokens=6", *extra,
+    ]  # fmt: skip
+
+
 def make_cfg(models_dir: Path, out: Path, *extra: str) -> DistillConfig:
     return load_config(None, overrides_for(models_dir, out, *extra))
 

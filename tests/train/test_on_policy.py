@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill_helpers import interrupted_run
+from distill_helpers import interrupted_run, on_policy_opts
 from potstill.config import OnPolicyConfig, load_config
 from potstill.errors import UserError
 from potstill.losses import IGNORE_INDEX
@@ -57,13 +57,7 @@ def test_rollout_keeps_the_prompt_scores_only_the_new_tokens_and_is_seeded(promp
 
 
 def _cfg(pair, prompts, out, *extra):
-    student, teacher = pair
-    return load_config(None, [
-        f"model.student={student}", f"model.teacher={teacher}", f"data.train=[{prompts}]", "data.seq_len=40",
-        f"train.output_dir={out}", "train.recipe=on_policy", "train.batch_size=3", "train.lr=0.003",
-        "train.warmup_steps=0", "train.logging_steps=1", "loss.alpha=1.0", "loss.name=jsd",
-        "on_policy.max_new_tokens=6", *extra,
-    ], run=True)  # fmt: skip
+    return load_config(None, on_policy_opts(pair, prompts, out, "loss.name=jsd", *extra), run=True)
 
 
 def _log(run):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from distill_helpers import on_policy_opts
 from potstill.config import OnPolicyConfig, load_config
 from potstill.data import collate
 from potstill.errors import UserError
@@ -70,13 +71,8 @@ def test_a_trimmed_students_teacher_writes_only_the_students_ids(prompts, tiny_t
 
 
 def _cfg(pair, prompts, out, *extra):
-    student, teacher = pair
-    return load_config(None, [
-        f"model.student={student}", f"model.teacher={teacher}", f"data.train=[{prompts}]", "data.seq_len=40",
-        f"train.output_dir={out}", "train.recipe=on_policy", "train.batch_size=3", "train.lr=0.003",
-        "train.warmup_steps=0", "train.logging_steps=1", "loss.alpha=1.0", "loss.name=jsd",
-        "on_policy.max_new_tokens=6", "on_policy.lmbda=1.0", *extra,
-    ], run=True)  # fmt: skip
+    opts = on_policy_opts(pair, prompts, out, "loss.name=jsd", "on_policy.lmbda=1.0", *extra)
+    return load_config(None, opts, run=True)
 
 
 def _log(run):

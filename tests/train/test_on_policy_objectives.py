@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distill_helpers import on_policy_opts
 from potstill.config import OnPolicyConfig, load_config
 from potstill.errors import UserError
 from potstill.train.on_policy import PromptDataset
@@ -17,13 +18,7 @@ from potstill.train.rollouts import mixed_rollout, rollout
 
 
 def _opts(pair, prompts, out, *extra):
-    student, teacher = pair
-    return [
-        f"model.student={student}", f"model.teacher={teacher}", f"data.train=[{prompts}]", "data.seq_len=40",
-        f"train.output_dir={out}", "train.recipe=on_policy", "train.batch_size=3", "train.lr=0.003",
-        "train.warmup_steps=0", "train.logging_steps=1", "loss.alpha=1.0", "on_policy.max_new_tokens=6",
-        "on_policy.lmbda=1.0", *extra,
-    ]  # fmt: skip
+    return on_policy_opts(pair, prompts, out, "on_policy.lmbda=1.0", *extra)
 
 
 def _run(pair, prompts, out, *extra):
