@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from potstill.config import DistillConfig, dump_config, load_config, validate_config
+from potstill.config.base import Section, Seeds, validate
 from potstill.errors import UserError
 
 CONFIG_DIR = Path(__file__).parents[2] / "src" / "potstill" / "configs"
@@ -45,6 +46,44 @@ def test_bad_values_name_the_key(override, needle):
         load_config(None, ["model.student=s", override])
     msg = str(err.value)
     assert needle in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("loss.alpha=true", "config: loss.alpha: must be a number, not true/false"),
+        ("data.mixing.weights={code: 1, web: true}", "config: data.mixing.weights: must be a number, not true/false"),
+        ("hidden.layers={1: 2, 3: false}", "config: hidden.layers: must be an integer, not true/false"),
+    ],
+)
+def test_a_boolean_is_not_a_number_inside_lists_and_mappings_either(override, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        load_config(None, ["model.student=s", override])
+    assert load_config(None, ["model.student=s", "data.mixing.weights={code: 1, web: 0.5}"]).data.mixing.weights
+
+
+def test_errors_name_the_file_a_value_came_from(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  student: s\nloss:\n  tempreature: 2\n")
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))}: unknown key 'loss.tempreature'$"):
+        load_config(path)
+    path.write_text("model:\n  student: s\nloss:\n  alpha: 3\n")
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))}: loss.alpha: must be in"):
+        load_config(path)
+    # a key=value override set the bad value: the file is not to blame
+    with pytest.raises(UserError, match=r"^config: loss.alpha: must be in .*\(got 2.0\)$"):
+        load_config(path, ["loss.alpha=2"])
+    with pytest.raises(UserError, match=r"^config: loss.temperature: must be > 0"):
+        load_config(path, ["loss.alpha=0.5", "loss.temperature=0"])
+
+
+def test_seeds_refuse_a_boolean_item():
+    class Recipe(Section):
+        seeds: Seeds = (0, 1)
+
+    assert Recipe.model_validate({"seeds": "0, 2"}).seeds == (0, 2)
+    with pytest.raises(UserError, match=re.escape("config: seeds: must be an integer, not true/false")):
+        validate({"seeds": [0, True]}, Recipe)
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -141,10 +142,12 @@ def test_recipe_settings_from_yaml_and_options(tmp_path):
     assert recipe.lr == 0.01
     assert load_recipe(ClassifyRecipe, None, {"seeds": "5,6", "alpha": 0.0}).seeds == (5, 6)
     config.write_text("stepz: 10\n")
-    with pytest.raises(UserError, match="^config: unknown key 'stepz'$"):
+    with pytest.raises(UserError, match=f"^{re.escape(str(config))}: unknown key 'stepz'$"):
         load_recipe(CaptionRecipe, config, {})
-    config.write_text("steps: 0\n")  # a value from the file is named by its key, one from an option by the option
-    with pytest.raises(UserError, match=r"^config: steps: must be >= 1 \(got 0\)$"):
+    config.write_text(
+        "steps: 0\n"
+    )  # a value from the file is named by the file and key, one from an option by the option
+    with pytest.raises(UserError, match=f"^{re.escape(str(config))}: steps: must be >= 1 \\(got 0\\)$"):
         load_recipe(CaptionRecipe, config, {})
     with pytest.raises(UserError, match=r"^--seeds must be an integer \(got 'x'\)$"):
         load_recipe(CaptionRecipe, None, {"seeds": "0,x"})

@@ -53,23 +53,61 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and info.field_name is not None:
-            kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
-            if bool not in kinds and Any not in kinds and kinds & {int, float}:
-                raise ValueError(f"must be {'a number' if float in kinds else 'an integer'}, not true/false")
+        if info.field_name is not None and (
+            kind := _bool_for_number(cls.model_fields[info.field_name].annotation, value)
+        ):
+            raise ValueError(f"must be {kind}, not true/false")
         return value
+
+
+def _bool_for_number(annotation: Any, value: Any) -> str | None:
+    """ "a number" / "an integer" where `value` holds a boolean where `annotation` wants a number, else None.
+
+    Looks into list, tuple and dict values (`seeds: [0, true]`, `weights: {code: true}`), which pydantic would
+    otherwise read as 1 without a word.
+    """
+    if isinstance(value, bool):
+        kinds = _leaf_types(annotation)
+        if bool not in kinds and Any not in kinds and kinds & {int, float}:
+            return "a number" if float in kinds else "an integer"
+        return None
+    if isinstance(value, (list, tuple, dict)):
+        items = value.values() if isinstance(value, dict) else value
+        for element in _element_types(annotation, dict if isinstance(value, dict) else list):
+            if found := next((k for v in items if (k := _bool_for_number(element, v))), None):
+                return found
+    return None
+
+
+def _unwrap(annotation: Any) -> list:
+    """The members of a field's annotation (`X | None` -> [X, None]; `Annotated[X, ...]` -> [X])."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for a in get_args(annotation) for m in _unwrap(a)]
+    return [annotation]
 
 
 def _leaf_types(annotation: Any) -> set:
     """The plain types a field's annotation admits at its top level (`float | Literal['auto']` -> {float, str})."""
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _leaf_types(get_args(annotation)[0])
-    if origin in (Union, types.UnionType):
-        return set().union(*(_leaf_types(a) for a in get_args(annotation)))
-    if origin is Literal:
-        return {type(a) for a in get_args(annotation)}
-    return {annotation} if origin is None else set()
+    kinds: set = set()
+    for member in _unwrap(annotation):
+        origin = get_origin(member)
+        kinds |= {type(a) for a in get_args(member)} if origin is Literal else {member} if origin is None else set()
+    return kinds
+
+
+def _element_types(annotation: Any, container: type) -> list:
+    """The element (for a dict: value) annotations of the list/tuple or dict members of an annotation."""
+    found = []
+    for member in _unwrap(annotation):
+        origin, args = get_origin(member), get_args(member)
+        if container is dict and origin is dict and args:
+            found.append(args[-1])
+        elif container is list and origin in (list, tuple) and args:
+            found.append(args[0])
+    return found
 
 
 def flag(name: str) -> dict[str, str]:
@@ -237,33 +275,52 @@ def _phrase(error: dict) -> str:
     return error["msg"].removeprefix("Value error, ")
 
 
-def format_error(err: ValidationError, model: type[BaseModel], given: Collection[str] = ()) -> str:
-    """pydantic's report as one line naming the key, or the CLI option when the value came from one (`given`)."""
+def format_error(
+    err: ValidationError,
+    model: type[BaseModel],
+    given: Collection[str] = (),
+    file: str | Path | None = None,
+    overridden: Collection[str] = (),
+) -> str:
+    """pydantic's report as one line naming the key, or the CLI option when the value came from one (`given`).
+
+    The line starts with the config `file` the value came from, or `config:` when there was none or a `key=value`
+    override (`overridden`: their dotted keys) set it.
+    """
     errors = err.errors()
     first = errors[0]
-    if first["type"] == "extra_forbidden":
-        return f"config: unknown key {'.'.join(str(p) for p in first['loc'])!r}"
     key, info = _locate(model, first["loc"])
+    if first["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in first["loc"])
+    set_here = [o for o in overridden if not key or o == key or o.startswith(f"{key}.") or key.startswith(f"{o}.")]
+    where = f"{file}:" if file is not None and not set_here else "config:"
+    if first["type"] == "extra_forbidden":
+        return f"{where} unknown key {key!r}"
     option = field_flag(info) if key else None
     if first["type"] == "missing":
-        return f"config: {key}: required but missing" + (f" (option {option})" if option else "")
+        return f"{where} {key}: required but missing" + (f" (option {option})" if option else "")
     phrases = [_phrase(e) for e in errors if _locate(model, e["loc"])[0] == key]
     msg = " or ".join([phrases[0], *(p.removeprefix("must be ") for p in phrases[1:] if p != phrases[0])])
     got = first.get("input")
     if isinstance(got, (str, int, float, bool)) and "(got" not in msg:
         msg = f"{msg} (got {got!r})"
     if not key:  # a check across fields (model validator): its message names the fields
-        return f"config: {msg}"
+        return f"{where} {msg}"
     if option and key in given:
         return f"{option} {msg}" if msg.startswith("must") else f"{option}: {msg}"
-    return f"config: {key}: {msg}"
+    return f"{where} {key}: {msg}"
 
 
 def validate(
-    raw: Mapping[str, Any], model: type[BaseModel], given: Collection[str] = (), context: dict | None = None
+    raw: Mapping[str, Any],
+    model: type[BaseModel],
+    given: Collection[str] = (),
+    context: dict | None = None,
+    file: str | Path | None = None,
+    overridden: Collection[str] = (),
 ) -> Any:
-    """Validate a nested dict into `model`, turning pydantic's report into a one-line UserError."""
+    """Validate a nested dict into `model`, turning pydantic's report into a one-line UserError (see `format_error`)."""
     try:
         return model.model_validate(raw, context=context)
     except ValidationError as err:
-        raise UserError(format_error(err, model, given)) from None
+        raise UserError(format_error(err, model, given, file, overridden)) from None

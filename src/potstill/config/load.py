@@ -18,7 +18,13 @@ from potstill.config.stages import CacheConfig, cache_settings_from_distill
 
 
 def validate_config(
-    raw: dict[str, Any], model: type[BaseModel] = DistillConfig, *, given: Mapping | set = (), run: bool = False
+    raw: dict[str, Any],
+    model: type[BaseModel] = DistillConfig,
+    *,
+    given: Mapping | set = (),
+    run: bool = False,
+    file: str | Path | None = None,
+    overridden: list[str] = (),
 ) -> Any:
     """Validate a nested dict into `model`, turning pydantic's report into a one-line UserError.
 
@@ -27,8 +33,11 @@ def validate_config(
         model: the config class.
         given: dotted keys whose values came from CLI options (errors about them name the option).
         run: also check what a run needs across sections (`DistillConfig.run_problem`).
+        file: the YAML file `raw` was read from (errors about its values name it).
+        overridden: the `key=value` overrides applied to `raw` (errors about their keys say `config:`).
     """
-    return validate(raw, model, set(given), {"run": True} if run else None)
+    keys = [override_key(o) for o in overridden]
+    return validate(raw, model, set(given), {"run": True} if run else None, file, keys)
 
 
 def load_config(
@@ -54,7 +63,7 @@ def load_config(
     raw = apply_overrides(read_yaml(path), list(overrides))
     for key, value in (flags or {}).items():
         set_key(raw, key, value)
-    return validate_config(raw, model, given=set(flags or {}), run=run)
+    return validate_config(raw, model, given=set(flags or {}), run=run, file=path, overridden=list(overrides))
 
 
 def is_distill_config(raw: Mapping[str, Any]) -> bool:
@@ -83,7 +92,7 @@ def load_cache_config(
     sections = set(DistillConfig.model_fields)
     ours = [o for o in overrides if override_key(o).split(".")[0] in sections]
     own = apply_overrides({}, [o for o in overrides if override_key(o).split(".")[0] not in sections])
-    run = validate_config(apply_overrides(raw, ours), DistillConfig)
+    run = validate_config(apply_overrides(raw, ours), DistillConfig, file=path, overridden=ours)
     names = {key: field_flag(CacheConfig.model_fields.get(key)) or key for key in flags}
     settings = cache_settings_from_distill(run, {**own, **flags}, names)
     return validate_config(settings, CacheConfig, given=flags)
