@@ -64,7 +64,7 @@ the scores of its temperature-1 samples (what the on-policy arms' rollouts look 
         --arms ce kd_fkl seq_kd gkd_rkl1        # long answers, a teacher robust to wrong prefixes, a smaller student
     python benchmarks/on_policy_arena.py --task reverse --digits 8 --teacher-corrupt 0.5 --teacher-steps 600 \
         --student 24x2 --sft-steps 300 --steps 200 --seeds 5 --eval 1000 --val 300 --lr 1e-3 3e-3 --jobs 2 \
-        --arms ce kd_fkl seq_kd gkd_jsd gkd_rkl1     # the same with a shorter start: CE / KD stay below the teacher
+        --arms ce kd_fkl seq_kd gkd_jsd gkd_rkl1     # the same with a shorter start, 5 seeds
     python benchmarks/on_policy_arena.py --quick          # a smoke run (tiny teacher budget, 20 student steps)
 """
 
