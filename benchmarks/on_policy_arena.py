@@ -38,18 +38,21 @@ next character is well defined after any wrong prefix.
    - `distillm`: DistiLLM (`objective=gkd` with `loss.name=srkl`, skew 0.1; lmbda from 0, adaptive every 50 steps on
      the validation split; replay buffer of 1,000).
 
-With several `--lr`, every arm is trained at each of them on `--sweep-seed` and scored on the validation prompts;
-its best lr is then run on the other seeds, and the sweep seed's run at that lr is the table's first seed. The table
-adds each arm's difference to `kd_fkl` on the same seed (same start: it removes the start's luck). `--jobs N` runs
-N trainings at a time (worker processes); the work dir is a cache: a run whose `arena.json` records the same
-overrides is scored, not retrained. `--lsd-first` writes the answer least-significant digit first; `--start` picks
-the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start).
+With several `--lr`, every arm is trained at each of them on `--sweep-seed` and scored on the validation prompts
+(exact match, ties broken by char accuracy); its best lr is then run on the other seeds, and the sweep seed's run at
+that lr is the table's first seed. `--jobs N` runs N trainings at a time (worker processes); the work dir is a
+cache: a run whose `arena.json` records the same overrides is scored, not retrained. `--lsd-first` writes the answer
+least-significant digit first; `--start` picks the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start).
 
-Metric: the student's greedy exact-match accuracy on the held-out prompts (answer tokens up to `<eos>` equal to the
-true answer), and the wall seconds of each training run (load + train + save, without the evaluation). Secondary
-(`score_rows`): char accuracy (right answer positions) and recovery (over the wrong answers, the right positions
-after the first wrong one: what a student writes after its own error, which exact match cannot see). For each
-start, its temperature-1 samples are scored too: how many of the on-policy arms' rollouts are right throughout.
+Metrics (`score_rows`), all on the same greedy answers to the held-out prompts: exact match (answer tokens up to
+`<eos>` equal to the true answer: the issue's "accuracy of greedy answers"), char accuracy (right answer positions,
+position-wise) and normalized edit distance (Levenshtein / longer length, lower is better): the last two credit an
+answer that is right again after an error. One table per metric, each with every arm's paired difference to
+`kd_fkl` and to `seq_kd` on the same seed (same start: it removes the start's luck) as mean [min, max] and the 95 %
+t-interval's half-width, then a `beats` line per arm: every paired difference favours it by more than the
+reference's seed spread. Also printed: recovery (over the wrong answers, the right positions after the first wrong
+one), the wall seconds of each training run (load + train + save, without the evaluation), and, for each start,
+the scores of its temperature-1 samples (what the on-policy arms' rollouts look like).
 
     python benchmarks/on_policy_arena.py                  # the from-scratch table of benchmarks/README.md
     python benchmarks/on_policy_arena.py --teacher-steps 600 --sft-steps 300 --steps 300 --seeds 2 \
@@ -59,6 +62,9 @@ start, its temperature-1 samples are scored too: how many of the on-policy arms'
     python benchmarks/on_policy_arena.py --task reverse --digits 8 --teacher-corrupt 0.5 --teacher-steps 600 \
         --student 24x2 --sft-steps 600 --steps 200 --seeds 3 --eval 1000 --val 300 --lr 1e-3 3e-3 --jobs 2 \
         --arms ce kd_fkl seq_kd gkd_rkl1        # long answers, a teacher robust to wrong prefixes, a smaller student
+    python benchmarks/on_policy_arena.py --task reverse --digits 8 --teacher-corrupt 0.5 --teacher-steps 600 \
+        --student 24x2 --sft-steps 300 --steps 200 --seeds 5 --eval 1000 --val 300 --lr 1e-3 3e-3 --jobs 2 \
+        --arms ce kd_fkl seq_kd gkd_jsd gkd_rkl1     # the same with a shorter start, 5 seeds
     python benchmarks/on_policy_arena.py --quick          # a smoke run (tiny teacher budget, 20 student steps)
 """
 
@@ -248,27 +254,38 @@ def _held_ids(tok, held: list[tuple[str, str]]) -> torch.Tensor:
     return torch.tensor([[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p, _ in held])
 
 
-def score_rows(rows: list[list[int]], answers: list[list[int]], eos: int) -> tuple[float, float, float]:
-    """(exact match, char accuracy, recovery) of generated token rows against the true answers' tokens. Exact: the
-    tokens before `<eos>` spell the answer. Char: the share of answer positions whose generated token is right.
-    Recovery: over the rows with a wrong position, the share of the positions after the first wrong one that are
-    right again (the answers' later tokens do not depend on the earlier ones: what a student continues with after
-    its own error; 0 when no row has an error followed by positions)."""
-    exact = chars = after = after_n = 0
+def score_rows(rows: list[list[int]], answers: list[list[int]], eos: int) -> dict[str, float]:
+    """Scores of generated token rows against the true answers' tokens, each row cut at its first `<eos>`:
+    `exact`: the row spells the answer. `char`: the share of answer positions whose generated token is right
+    (position-wise: a dropped character makes the rest wrong). `edit`: the mean normalized Levenshtein distance
+    (rapidfuzz: edits / max(len(row), len(answer)); 0 = right, lower is better), which, unlike `char`, does not
+    punish a shifted rest twice. `recovery`: over the rows with a wrong position, the share of the positions after
+    the first wrong one that are right again (the answers' later tokens do not depend on the earlier ones: what a
+    student continues with after its own error; 0 when no row has an error followed by positions)."""
+    from rapidfuzz.distance import Levenshtein
+
+    exact = chars = edit = after = after_n = 0
     for row, answer in zip(rows, answers, strict=True):
         row = row[: row.index(eos)] if eos in row else row
         exact += row == answer
+        edit += Levenshtein.normalized_distance(row, answer)
         ok = [i < len(row) and row[i] == tok for i, tok in enumerate(answer)]
         chars += sum(ok)
         if not all(ok):
             first = ok.index(False)
             after, after_n = after + sum(ok[first + 1 :]), after_n + len(ok) - first - 1
-    return exact / len(rows), chars / sum(map(len, answers)), after / after_n if after_n else 0.0
+    n = len(rows)
+    return {
+        "exact": exact / n,
+        "char": chars / sum(map(len, answers)),
+        "edit": edit / n,
+        "recovery": after / after_n if after_n else 0.0,
+    }
 
 
 @torch.no_grad()
-def accuracy(model_dir: Path, held: list[tuple[str, str]], sample: bool = False) -> tuple[float, float, float]:
-    """Greedy answers (at most the answer + 1 tokens) to `held`, scored by `score_rows`: (exact, char, recovery).
+def accuracy(model_dir: Path, held: list[tuple[str, str]], sample: bool = False) -> dict[str, float]:
+    """Greedy answers (at most the answer + 1 tokens) to `held`, scored by `score_rows`.
     With `sample`, temperature-1 samples (seed 0) instead, as the on-policy arms' rollouts draw them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -335,6 +352,10 @@ def train_and_score(out: Path, overrides: list[str], prompts: list[tuple[str, st
     return accuracy(out / "student", prompts), done["seconds"], last
 
 
+def _scores(sc: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in sc.items())
+
+
 def _health(log: dict) -> str:
     """The last training log's health figures, for the run lines."""
     keys = ("kd", "rollout_eos_rate", "rollout_len", "rollout_distinct2", "advantage_std", "grad_norm")
@@ -353,9 +374,26 @@ def run_all(jobs: list[tuple[Path, list[str], list]], threads: int, workers: int
         return [f.result() for f in futures]
 
 
-def _row(name: str, accs: list[float], extra: str) -> str:
-    cells = " | ".join(f"{a:.3f}" for a in accs)
-    return f"| {name} | {cells} | {statistics.mean(accs):.3f} | {max(accs) - min(accs):.3f} | {extra}"
+LOWER_BETTER = {"exact": False, "char": False, "edit": True}  # the table's metrics, and their direction
+
+
+def paired(values: list[float], reference: list[float], lower_better: bool = False) -> dict:
+    """Per-seed differences `values - reference` (the same seeds, in order) and their summary: mean, min, max, the
+    half-width of the 95 % t-interval of the mean (nan below 2 seeds), and `beats`: every difference favours
+    `values` (one-signed, strictly) by more than the reference's seed spread (max - min of its levels)."""
+    from scipy.stats import t
+
+    diffs = [a - b for a, b in zip(values, reference, strict=True)]
+    n, mean = len(diffs), statistics.mean(diffs)
+    half = float(t.ppf(0.975, n - 1)) * statistics.stdev(diffs) / n**0.5 if n > 1 else float("nan")
+    sign = -1 if lower_better else 1
+    spread = max(reference) - min(reference)
+    beats = all(sign * d > 0 for d in diffs) and sign * mean > spread
+    return {"diffs": diffs, "mean": mean, "min": min(diffs), "max": max(diffs), "half": half, "beats": beats}
+
+
+def _paired_cell(d: dict) -> str:
+    return f"{d['mean']:+.3f} [{d['min']:+.3f}, {d['max']:+.3f}] ±{d['half']:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,11 +459,10 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         print(f"teacher trained in {secs:.0f} s", flush=True)
-    teacher_acc, teacher_char, _ = accuracy(teacher, held)
+    teacher_scores = accuracy(teacher, held)
     entropy, p_true = teacher_softness(teacher, held)
     print(
-        f"teacher ({args.teacher}) held-out greedy exact match: {teacher_acc:.3f} (char {teacher_char:.3f});"
-        f" answer positions: entropy"
+        f"teacher ({args.teacher}) held-out greedy {_scores(teacher_scores)}; answer positions: entropy"
         f" {entropy:.3f} nats, p(true token) {p_true:.3f}",
         flush=True,
     )
@@ -445,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def job(arm: str, seed: int, lr: float, prompts: list) -> tuple[Path, list[str], list]:
         """The run of `arm` at `lr` from `seed`'s start (the same directory for the sweep and the final table)."""
-        start = starts[seed][0]
+        start = starts[seed]
         overrides = [f"model.student={start}", f"model.teacher={teacher}", *common, *ARMS[arm], f"train.seed={seed}"]
         overrides += [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={lr}"]
         return args.work / f"{arm}_lr{lr:g}_s{seed}", overrides, prompts
@@ -455,79 +492,97 @@ def main(argv: list[str] | None = None) -> int:
     seeds = (
         list(dict.fromkeys([args.sweep_seed, *range(args.seeds)]))[: args.seeds] if sweeping else [*range(args.seeds)]
     )
-    starts: dict[int, tuple[Path, float | None]] = {}
+    starts: dict[int, Path] = {}
+    start_scores: dict[int, dict[str, float]] = {}
     if args.sft_steps:  # every arm of a seed starts from the same checkpoint
-        for seed, ((acc, char, rec), _, _) in zip(
+        for seed, (sc, _, _) in zip(
             seeds, run_all([start_job(s) for s in seeds], args.threads, args.jobs), strict=True
         ):
-            starts[seed] = args.work / f"{args.start}_start_s{seed}" / "student", acc
-            print(
-                f"{args.start} start seed {seed} ({args.sft_steps} steps): held-out acc {acc:.3f}"
-                f" char {char:.3f} recovery {rec:.3f}",
-                flush=True,
-            )
-            exact_s, char_s, _ = accuracy(starts[seed][0], held, sample=True)
-            print(f"  its temperature-1 samples: exact {exact_s:.3f} char {char_s:.3f}", flush=True)
+            starts[seed], start_scores[seed] = args.work / f"{args.start}_start_s{seed}" / "student", sc
+            print(f"{args.start} start seed {seed} ({args.sft_steps} steps): held-out {_scores(sc)}", flush=True)
+            print(f"  its temperature-1 samples: {_scores(accuracy(starts[seed], held, sample=True))}", flush=True)
     else:
         for seed in seeds:
             init = args.work / f"student_init_{seed}"
-            starts[seed] = build_model(tok, init, seed=seed, hidden=hidden, layers=layers, heads=2), None
+            starts[seed] = build_model(tok, init, seed=seed, hidden=hidden, layers=layers, heads=2)
 
     best = {arm: args.lr[0] for arm in args.arms}
     if sweeping:  # the same lr sweep for every arm, on one seed, scored on the validation prompts
         grid = [(arm, lr) for arm in args.arms for lr in args.lr]
         jobs = [job(arm, args.sweep_seed, lr, val_pairs) for arm, lr in grid]
-        sweep: dict[str, dict[float, float]] = {arm: {} for arm in args.arms}
-        for (arm, lr), ((acc, _, _), secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
-            sweep[arm][lr] = acc
-            print(f"sweep {arm} lr {lr:g}: val acc {acc:.3f} in {secs:.1f} s; {_health(log)}", flush=True)
-        best = {arm: max(args.lr, key=lambda lr, arm=arm: sweep[arm][lr]) for arm in args.arms}
-        print(f"\nlr sweep (seed {args.sweep_seed}, {len(val_pairs)} validation prompts, greedy exact match)\n")
+        sweep: dict[str, dict[float, dict]] = {arm: {} for arm in args.arms}
+        for (arm, lr), (sc, secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
+            sweep[arm][lr] = sc
+            print(f"sweep {arm} lr {lr:g}: val {_scores(sc)} in {secs:.1f} s; {_health(log)}", flush=True)
+        # exact match decides; char accuracy breaks its ties (a student far below the teacher is often at 0 exact)
+        best = {
+            arm: max(args.lr, key=lambda lr, arm=arm: (sweep[arm][lr]["exact"], sweep[arm][lr]["char"]))
+            for arm in args.arms
+        }
+        print(
+            f"\nlr sweep (seed {args.sweep_seed}, {len(val_pairs)} validation prompts, exact match / char accuracy)\n"
+        )
         print("| arm | " + " | ".join(f"lr {lr:g}" for lr in args.lr) + " | chosen |")
         print("|---|" + "---:|" * (len(args.lr) + 1))
         for arm in args.arms:
-            print(f"| {arm} | " + " | ".join(f"{sweep[arm][lr]:.3f}" for lr in args.lr) + f" | {best[arm]:g} |")
+            cells = " | ".join(f"{sweep[arm][lr]['exact']:.3f} / {sweep[arm][lr]['char']:.3f}" for lr in args.lr)
+            print(f"| {arm} | {cells} | {best[arm]:g} |")
 
     grid = [(arm, seed) for seed in seeds for arm in args.arms]
     jobs = [job(arm, seed, best[arm], held) for arm, seed in grid]
-    results: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
-    secondary: dict[str, list[tuple[float, float]]] = {arm: [] for arm in args.arms}
-    for (arm, seed), ((acc, char, rec), secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
-        results[arm].append((acc, secs))
-        secondary[arm].append((char, rec))
-        print(
-            f"{arm} seed {seed} lr {best[arm]:g}: acc {acc:.3f} char {char:.3f} recovery {rec:.3f} in {secs:.1f} s;"
-            f" {_health(log)}",
-            flush=True,
-        )
+    results: dict[str, list[dict[str, float]]] = {arm: [] for arm in args.arms}
+    seconds: dict[str, list[float]] = {arm: [] for arm in args.arms}
+    for (arm, seed), (sc, secs, log) in zip(grid, run_all(jobs, args.threads, args.jobs), strict=True):
+        results[arm].append(sc)
+        seconds[arm].append(secs)
+        print(f"{arm} seed {seed} lr {best[arm]:g}: {_scores(sc)} in {secs:.1f} s; {_health(log)}", flush=True)
 
     order = "answers reversed (lsd first)" if args.lsd_first else "answers as written"
     print(
-        f"\nteacher {args.teacher}: {teacher_acc:.3f} held-out exact match ({len(held)} prompts, {args.task},"
+        f"\nteacher {args.teacher}: {_scores(teacher_scores)} held-out ({len(held)} prompts, {args.task},"
         f" {args.digits} digits, {order})"
     )
-    sft_acc = [acc for _, acc in starts.values() if acc is not None]
-    begin = f"from the {args.start} student of its seed ({args.sft_steps} steps)" if sft_acc else "from init"
-    print(f"student {args.student}, {args.steps} steps x batch {args.batch_size}, {begin}\n")
+    begin = f"from the {args.start} student of its seed ({args.sft_steps} steps)" if start_scores else "from init"
+    print(f"student {args.student}, {args.steps} steps x batch {args.batch_size}, {begin}")
     header = " | ".join(f"seed {s}" for s in seeds)
-    reference = "kd_fkl" if "kd_fkl" in results else args.arms[0]
-    print(f"| arm | {header} | mean | spread (max - min) | lr | - {reference} per seed: mean [min, max] | seconds |")
-    print("|---|" + "---:|" * (len(seeds) + 5))
-    if sft_acc:
-        print(_row("(start)", sft_acc, " | | |"))
-    for arm, rows in results.items():
-        accs = [a for a, _ in rows]
-        diffs = [a - b for a, (b, _) in zip(accs, results[reference], strict=True)]
-        paired = f"{statistics.mean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}]"
-        print(_row(arm, accs, f"{best[arm]:g} | {paired} | {statistics.mean(s for _, s in rows):.1f} |"))
-    print("\nsecondary: char accuracy and recovery (right positions after the first wrong one), per seed\n")
-    print(f"| arm | char: {header} | - {reference}: mean [min, max] | recovery: {header} |")
-    print("|---|" + "---:|" * (2 * len(seeds) + 1))
-    for arm, rows in secondary.items():
-        diffs = [c - r for (c, _), (r, _) in zip(rows, secondary[reference], strict=True)]
-        chars, recs = (" | ".join(f"{v:.3f}" for v in vals) for vals in zip(*rows, strict=True))
-        paired = f"{statistics.mean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}]"
-        print(f"| {arm} | {chars} | {paired} | {recs} |")
+    refs = [r for r in ("kd_fkl", "seq_kd") if r in results] or args.arms[:1]
+    ref_head = " | ".join(f"- {r} per seed: mean [min, max] ±95% t" for r in refs)
+    for metric, lower in LOWER_BETTER.items():
+        print(f"\n{metric}{' (lower is better)' if lower else ''}, greedy answers, held-out\n")
+        print(f"| arm | {header} | mean | spread (max - min) | lr | {ref_head} | seconds |")
+        print("|---|" + "---:|" * (len(seeds) + 4 + len(refs)))
+        if start_scores:
+            vals = [start_scores[s][metric] for s in seeds]
+            cells = " | ".join(f"{v:.3f}" for v in vals)
+            print(
+                f"| (start) | {cells} | {statistics.mean(vals):.3f} | {max(vals) - min(vals):.3f} |"
+                + " |" * (2 + len(refs))
+            )
+        for arm, rows in results.items():
+            vals = [sc[metric] for sc in rows]
+            ref_cells = " | ".join(_paired_cell(paired(vals, [sc[metric] for sc in results[r]], lower)) for r in refs)
+            cells = " | ".join(f"{v:.3f}" for v in vals)
+            print(
+                f"| {arm} | {cells} | {statistics.mean(vals):.3f} | {max(vals) - min(vals):.3f} | {best[arm]:g} |"
+                f" {ref_cells} | {statistics.mean(seconds[arm]):.1f} |"
+            )
+    recovery = {arm: " / ".join(f"{sc['recovery']:.3f}" for sc in rows) for arm, rows in results.items()}
+    print(
+        "\nrecovery (right positions after the first wrong one), per seed: "
+        + "; ".join(f"{a} {r}" for a, r in recovery.items())
+    )
+    print("\nbeats (every paired difference favours the arm, by more than the reference's seed spread):")
+    for arm in args.arms:
+        if arm in refs:
+            continue
+        verdict = []
+        for metric, lower in LOWER_BETTER.items():
+            wins = [
+                paired([sc[metric] for sc in results[arm]], [sc[metric] for sc in results[r]], lower)["beats"]
+                for r in refs
+            ]
+            verdict.append(f"{metric} {'+'.join(refs)}: {'yes' if all(wins) else 'no'}")
+        print(f"  {arm}: " + "; ".join(verdict))
     return 0
 
 

@@ -45,17 +45,34 @@ def test_make_task_splits_and_teacher_rows(tmp_path):
     assert [r for r, t in zip(rows, t_rows, strict=True) if len(t["prompt"]) == 5] == clean
 
 
-def test_score_rows_exact_char_and_recovery():
+def test_score_rows_exact_char_edit_and_recovery():
     eos = 2
-    answers = [[5, 6, 7, 8]] * 4
+    answers = [[5, 6, 7, 8]] * 5
     rows = [
         [5, 6, 7, 8, eos],  # right
-        [5, 9, 7, 8, eos],  # one wrong, recovers: 2 of the 2 later positions right
-        [9, 9, 9, 9, eos],  # wrong throughout: 0 of 3
-        [5, 6, eos, 0, 0],  # stops early: positions 2, 3 missing, 0 of 1 after the first miss
+        [5, 9, 7, 8, eos],  # one wrong, recovers: 2 of the 2 later positions right; 1 substitution
+        [9, 9, 9, 9, eos],  # wrong throughout: 0 of 3; 4 substitutions
+        [5, 6, eos, 0, 0],  # stops early: positions 2, 3 missing, 0 of 1 after the first miss; 2 deletions
+        [6, 7, 8, eos, 0],  # drops the first character: no position right, but 1 edit away (shift)
     ]
-    exact, char, recovery = arena.score_rows(rows, answers, eos)
-    assert exact == 0.25
-    assert char == (4 + 3 + 0 + 2) / 16
-    assert recovery == (2 + 0 + 0) / (2 + 3 + 1)
-    assert arena.score_rows([[5, 6, 7, 8]], answers[:1], eos) == (1.0, 1.0, 0.0)  # no <eos> within the budget
+    sc = arena.score_rows(rows, answers, eos)
+    assert sc["exact"] == 0.2
+    assert sc["char"] == (4 + 3 + 0 + 2 + 0) / 20
+    assert sc["recovery"] == (2 + 0 + 0 + 0) / (2 + 3 + 1 + 3)
+    assert sc["edit"] == pytest.approx((0 + 1 / 4 + 4 / 4 + 2 / 4 + 1 / 4) / 5)
+    # no <eos> within the budget: the row is the answer; an extra token is one insertion
+    assert arena.score_rows([[5, 6, 7, 8]], answers[:1], eos) == {"exact": 1, "char": 1, "edit": 0, "recovery": 0}
+    assert arena.score_rows([[5, 6, 7, 8, 8]], answers[:1], eos)["edit"] == pytest.approx(1 / 5)
+
+
+def test_paired_differences_and_beats():
+    d = arena.paired([0.6, 0.6, 0.7], [0.3, 0.45, 0.4])
+    assert d["diffs"] == pytest.approx([0.3, 0.15, 0.3]) and d["mean"] == pytest.approx(0.25)
+    assert (d["min"], d["max"]) == pytest.approx((0.15, 0.3))
+    assert d["half"] == pytest.approx(4.302653 * 0.0075**0.5 / 3**0.5, rel=1e-5)  # t(0.975, 2) * sd / sqrt(n)
+    assert d["beats"]  # one-signed, and the mean 0.25 > the reference's spread 0.15
+    assert not arena.paired([0.6, 0.6, 0.7], [0.2, 0.45, 0.5])["beats"]  # one-signed, but mean 0.25 < spread 0.3
+    assert not arena.paired([0.5, 0.4], [0.3, 0.5])["beats"]  # not one-signed
+    # lower is better (edit distance): the arm beats when every difference is negative enough
+    assert arena.paired([0.1, 0.1], [0.3, 0.35], lower_better=True)["beats"]
+    assert not arena.paired([0.1, 0.1], [0.3, 0.35])["beats"]
