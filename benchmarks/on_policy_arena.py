@@ -41,7 +41,8 @@ next character is well defined after any wrong prefix.
 With several `--lr`, every arm is trained at each of them on `--sweep-seed` and scored on the validation prompts
 (exact match, ties broken by char accuracy); its best lr is then run on the other seeds, and the sweep seed's run at
 that lr is the table's first seed. `--jobs N` runs N trainings at a time (worker processes); the work dir is a
-cache: a run whose `arena.json` records the same overrides is scored, not retrained. `--lsd-first` writes the answer
+cache: a run whose `arena.json` records the same overrides is scored, not retrained; the dir holds one task, teacher
+and student start (`arena_settings.json`: a second `--student` or `--sft-steps` there is refused). `--lsd-first` writes the answer
 least-significant digit first; `--start` picks the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start).
 
 Metrics (`score_rows`), all on the same greedy answers to the held-out prompts: exact match (answer tokens up to
@@ -374,6 +375,29 @@ def run_all(jobs: list[tuple[Path, list[str], list]], threads: int, workers: int
         return [f.result() for f in futures]
 
 
+# what lies behind the work dir's fixed paths (data, teacher, inits, starts): the runs' records key on overrides only
+WORK_SETTINGS = ("task", "digits", "lsd_first", "teacher", "teacher_steps", "teacher_corrupt", "eval", "val", "student")
+WORK_SETTINGS += ("start", "sft_steps", "sft_lr", "batch_size")
+
+
+def claim_work(work: Path, settings: dict) -> None:
+    """Refuse a `--work` dir made with other `settings` (the `WORK_SETTINGS` of the args), else record them.
+
+    Its data files, teacher, student inits and starts sit at paths that do not name these settings, and a finished
+    run is reused when its overrides match, so a second student size in the same dir would silently score the
+    first size's runs. Raises SystemExit with one line naming the options that differ."""
+    stamp = work / "arena_settings.json"
+    if stamp.exists():
+        old = json.loads(stamp.read_text())
+        diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {v})" for k, v in settings.items() if old.get(k) != v]
+        if diff:
+            raise SystemExit(
+                f"on_policy_arena: --work {work} holds runs made with {', '.join(diff)}; use another --work"
+            )
+    else:
+        stamp.write_text(json.dumps(settings))
+
+
 LOWER_BETTER = {"exact": False, "char": False, "edit": True}  # the table's metrics, and their direction
 
 
@@ -433,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         args.work = args.work.with_name(args.work.name + "_quick")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    claim_work(args.work, {k: getattr(args, k) for k in WORK_SETTINGS})
     tok = build_tokenizer()
     data, val, teacher_data, held, val_pairs = make_task(
         args.work, args.digits, args.eval, args.val, args.lsd_first, args.task, args.teacher_corrupt

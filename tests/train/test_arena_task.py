@@ -76,3 +76,13 @@ def test_paired_differences_and_beats():
     # lower is better (edit distance): the arm beats when every difference is negative enough
     assert arena.paired([0.1, 0.1], [0.3, 0.35], lower_better=True)["beats"]
     assert not arena.paired([0.1, 0.1], [0.3, 0.35])["beats"]
+
+
+def test_a_work_dir_refuses_other_settings(tmp_path):
+    settings = {k: 1 for k in arena.WORK_SETTINGS} | {"student": "24x2"}
+    arena.claim_work(tmp_path, settings)
+    arena.claim_work(tmp_path, dict(settings))  # the same settings: its runs are reused
+    with pytest.raises(
+        SystemExit, match=r"^on_policy_arena: --work .* holds runs made with --student 24x2 \(now 16x2\);"
+    ):
+        arena.claim_work(tmp_path, settings | {"student": "16x2"})
