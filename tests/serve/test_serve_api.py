@@ -39,7 +39,7 @@ def test_completions_equal_local_generation_streamed_or_not(client, chat_model_d
     prompts = ["The quick brown", "def add(a, b):"]
     resp = client.completions.create(model="chat", prompt=prompts, max_tokens=7, temperature=0, n=2)
     model, tok = load_model(chat_model_dir)
-    local, n_in, _ = hf_generate(model, tok, prompts, {"temperature": 0.0, "max_tokens": 7, "n": 2})
+    local, n_in, _, _ = hf_generate(model, tok, prompts, {"temperature": 0.0, "max_tokens": 7, "n": 2})
     assert [c.text for c in resp.choices] == [t for per in local for t in per]
     assert [c.index for c in resp.choices] == [0, 1, 2, 3] and resp.usage.prompt_tokens == n_in
     texts, finish, _ = streamed(client, "completion", model="chat", prompt=prompts, max_tokens=7, temperature=0, n=2)
@@ -71,7 +71,7 @@ def test_no_repeat_ngram_size_as_local_generation(client, chat_model_dir):
     """`no_repeat_ngram_size` (an extra field, as vLLM's) gives the answer local generation gives with it."""
     params = {"temperature": 0.0, "max_tokens": 24, "no_repeat_ngram_size": 2}
     model, tok = load_model(chat_model_dir)
-    local, _, _ = hf_generate(model, tok, ["The quick"], params)
+    local, _, _, _ = hf_generate(model, tok, ["The quick"], params)
     resp = client.completions.create(model="chat", prompt="The quick", max_tokens=24, temperature=0,
                                      extra_body={"no_repeat_ngram_size": 2})  # fmt: skip
     assert resp.choices[0].text == local[0][0]
@@ -92,7 +92,7 @@ def test_chat_applies_the_template_streamed_or_not(client, chat_model_dir):
     resp = client.chat.completions.create(model="chat", messages=messages, max_tokens=8, temperature=0)
     model, tok = load_model(chat_model_dir)
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    local, n_in, _ = hf_generate(model, tok, [prompt], {"temperature": 0.0, "max_tokens": 8})
+    local, n_in, _, _ = hf_generate(model, tok, [prompt], {"temperature": 0.0, "max_tokens": 8})
     answer = resp.choices[0]
     assert answer.message.role == "assistant" and answer.message.content == local[0][0]
     assert resp.usage.prompt_tokens == n_in and resp.object == "chat.completion"

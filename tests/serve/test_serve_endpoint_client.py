@@ -31,8 +31,9 @@ def test_models_and_completions_match_local_generation(served, tiny_model_dir):
     assert [m.id for m in c.client.models.list().data] == ["tiny"]
     answer = c.generate(make_request("The quick", PARAMS))
     model, tok = load_model(tiny_model_dir)
-    local, _, _ = hf_generate(model, tok, ["The quick"], PARAMS)
+    local, _, _, cut = hf_generate(model, tok, ["The quick"], PARAMS)
     assert answer.texts == local[0] and len(answer.texts) == 2
+    assert answer.cut == cut[0] == [True, True]  # finish_reason "length", as the local generation says
     assert answer.prompt_tokens > 0 and app.state.requests == 1
 
 
@@ -55,6 +56,7 @@ def test_generate_through_the_server_uses_the_cache_on_rerun(served, write_jsonl
     out = run_generate(validate_config(raw, GenerateConfig))
     assert app.state.requests == 3
     first = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+    assert all(json.loads(line)["cut"] for line in out.read_text().splitlines())  # 4 tokens: every answer cut
     run_generate(validate_config(raw | {"overwrite": True}, GenerateConfig))
     assert app.state.requests == 3  # counted at the server: nothing was asked twice
     assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == first

@@ -188,11 +188,41 @@ def test_stop_strings_end_generation_early_with_the_same_text(tiny_model, tiny_t
     from potstill.teacher.generate import hf_generate
 
     params = {"temperature": 0.0, "max_tokens": 24}
-    full, _, n_full = hf_generate(tiny_model, tiny_tokenizer, [prompt], params)
+    full, _, n_full, full_cut = hf_generate(tiny_model, tiny_tokenizer, [prompt], params)
     stop = re.search("[a-z]{2}", full[0][0]).group(0)  # ASCII: whole tokens, unlike the random model's odd bytes
-    cut, _, n_cut = hf_generate(tiny_model, tiny_tokenizer, [prompt], params | {"stop": [stop]})
+    cut, _, n_cut, cut_cut = hf_generate(tiny_model, tiny_tokenizer, [prompt], params | {"stop": [stop]})
     assert cut[0][0] == full[0][0][: full[0][0].index(stop)]
     assert n_cut < n_full
+    assert full_cut == [[n_full == 24]]  # cut where max_tokens ended it (not an <eos>)
+    assert cut_cut == [[False]]  # the stop string ended it
+
+
+def test_an_end_token_ends_a_text_uncut_and_generate_marks_the_cut_ones(tiny_model_dir, write_jsonl, tmp_path):
+    """`hf_generate` flags the texts `max_tokens` ended; `potstill generate` writes `"cut": true` on those records
+    only (they score no end token in training), and counts them in the summary."""
+    from potstill.models.load import load_model
+    from potstill.teacher.generate import hf_generate
+
+    model, tok = load_model(tiny_model_dir)
+    params = {"temperature": 0.0, "max_tokens": 6, "n": 2}
+    prompts = ["def add(a, b):", "The quick"]
+    texts, _, _, cuts = hf_generate(model, tok, prompts, params)
+    assert cuts == [[True, True], [True, True]]  # (the random model's greedy answers never pick <eos> here)
+    first = tok(texts[1][0], add_special_tokens=False)["input_ids"][2]  # make "The quick"'s 3rd new token an end
+    model.generation_config.eos_token_id = [tok.eos_token_id, first]
+    texts2, _, _, cuts2 = hf_generate(model, tok, prompts, params)
+    assert cuts2 == [[True, True], [False, False]] and texts2[0] == texts[0]
+    assert texts[1][0].startswith(texts2[1][0]) and len(texts2[1][0]) < len(texts[1][0])
+
+    model.save_pretrained(tmp_path / "ends")
+    tok.save_pretrained(tmp_path / "ends")
+    rows = write_jsonl("p.jsonl", [{"prompt": p} for p in prompts])
+    raw = {"inputs": [str(rows)], "output": str(tmp_path / "o.jsonl"), "mode": "complete"}
+    raw |= {"teacher": {"model": str(tmp_path / "ends")}, "sampling": {"max_tokens": 6, "n": 2}}
+    out = run_generate(validate_config(raw, GenerateConfig))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("cut", False) for r in records] == [True, True, False, False]
+    assert json.loads(out.with_name("o.jsonl.summary.json").read_text())["cut"] == 2
 
 
 def test_chat_on_a_model_without_chat_template(tiny_model_dir, rows_file, tmp_path):

@@ -61,9 +61,11 @@ class Request:
 
 @dataclass
 class Answer:
-    """The texts of one request (n samples) and its token usage; `cached` when read from disk."""
+    """The texts of one request (n samples), whether `max_tokens` cut each (finish_reason "length"; False when the
+    server or an older cache entry did not say), its token usage; `cached` when read from disk."""
 
     texts: list[str]
+    cut: list[bool] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False
@@ -138,12 +140,12 @@ class RequestCache:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        return Answer(texts=data["texts"], cached=True)
+        return Answer(texts=data["texts"], cut=data.get("cut", [False] * len(data["texts"])), cached=True)
 
     def put(self, key: str, answer: Answer) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps({"texts": answer.texts}, ensure_ascii=False))
+        write_text_atomic(path, json.dumps({"texts": answer.texts, "cut": answer.cut}, ensure_ascii=False))
 
 
 class EndpointClient:
@@ -276,6 +278,7 @@ class EndpointClient:
         usage = getattr(resp, "usage", None)
         answer = Answer(
             texts=texts,
+            cut=[getattr(choice, "finish_reason", None) == "length" for choice in resp.choices],
             prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
         )

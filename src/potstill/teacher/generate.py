@@ -192,7 +192,9 @@ def sampling_params(s: SamplingConfig) -> dict[str, Any]:
     return params
 
 
-def hf_generate(model, tokenizer, prompts: list[str], params: dict[str, Any]) -> tuple[list[list[str]], int, int]:
+def hf_generate(
+    model, tokenizer, prompts: list[str], params: dict[str, Any]
+) -> tuple[list[list[str]], int, int, list[list[bool]]]:
     """Batched generation with a local HF model (left padding), `params` as in `sampling_params`.
 
     Args:
@@ -202,7 +204,8 @@ def hf_generate(model, tokenizer, prompts: list[str], params: dict[str, Any]) ->
         params: temperature (0 = greedy), top_p, max_tokens, n, seed, optional stop (list of strings).
 
     Returns:
-        (B lists of n texts, prompt tokens, completion tokens).
+        (B lists of n texts, prompt tokens, completion tokens, B lists of n `cut` flags: True where `max_tokens`
+        ended the text, not an end token or a stop string).
     """
     import torch
 
@@ -217,14 +220,27 @@ def hf_generate(model, tokenizer, prompts: list[str], params: dict[str, Any]) ->
     with torch.no_grad():
         out = model.generate(**enc.to(model.device), **generation_kwargs(params, tokenizer))
     new = out[:, enc["input_ids"].shape[1] :]
-    texts = [cut_at_stop(t, params.get("stop")) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    per_prompt = (
-        [[texts[i]] * n for i in range(len(prompts))]
+    raw = tokenizer.batch_decode(new, skip_special_tokens=True)
+    texts = [cut_at_stop(t, params.get("stop")) for t in raw]
+    ends = torch.tensor(_end_ids(model, tokenizer), device=new.device)
+    ended = torch.isin(new, ends).any(dim=1).tolist()
+    cut = [not e and t == r for e, t, r in zip(ended, texts, raw, strict=True)]
+    rows = range(len(prompts))
+    per_prompt, cuts = (
+        ([[texts[i]] * n for i in rows], [[cut[i]] * n for i in rows])
         if greedy
-        else [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+        else ([texts[i * n : (i + 1) * n] for i in rows], [cut[i * n : (i + 1) * n] for i in rows])
     )
     n_new = int((new != pad).sum()) if pad is not None else new.numel()
-    return per_prompt, int(enc["attention_mask"].sum()), n_new
+    return per_prompt, int(enc["attention_mask"].sum()), n_new, cuts
+
+
+def _end_ids(model, tokenizer) -> list[int]:
+    """The token ids that end a generation: the generation config's `eos_token_id` (one or a list), else the
+    tokenizer's `<eos>`."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = tokenizer.eos_token_id if ids is None else ids
+    return [ids] if isinstance(ids, int) else [i for i in ids or () if i is not None]
 
 
 def generation_kwargs(params: dict[str, Any], tokenizer) -> dict[str, Any]:
@@ -303,17 +319,18 @@ class LocalBackend:
         self.name = str(cfg.model)
         self.stats: dict[str, int] = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
-    def answers(self, prompts: list[str]) -> Iterator[list[str]]:
+    def answers(self, prompts: list[str]) -> Iterator[tuple[list[str], list[bool]]]:
+        """Per prompt: its n texts and their `cut` flags (see `hf_generate`)."""
         size = self.cfg.batch_size
         for start in range(0, len(prompts), size):
             batch = prompts[start : start + size]
             if self.cfg.chat:
                 batch = [chat_prompt(self.tokenizer, p, self.cfg.system, self.cfg.model) for p in batch]
-            texts, n_in, n_out = hf_generate(self.model, self.tokenizer, batch, self.params)
+            texts, n_in, n_out, cuts = hf_generate(self.model, self.tokenizer, batch, self.params)
             self.stats["requests"] += len(batch)
             self.stats["prompt_tokens"] += n_in
             self.stats["completion_tokens"] += n_out
-            yield from texts
+            yield from zip(texts, cuts, strict=True)
 
 
 class EndpointBackend:
@@ -338,12 +355,13 @@ class EndpointBackend:
     def stats(self) -> dict[str, int]:
         return self.client.stats.as_dict()
 
-    def answers(self, prompts: list[str]) -> Iterator[list[str]]:
+    def answers(self, prompts: list[str]) -> Iterator[tuple[list[str], list[bool]]]:
+        """Per prompt: its n texts and their `cut` flags (finish_reason "length")."""
         from potstill.teacher.endpoint import make_request
 
         requests = (make_request(p, self.params, self.cfg.chat, self.cfg.system) for p in prompts)
         for answer in self.client.map(requests):
-            yield answer.texts
+            yield answer.texts, answer.cut
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -390,13 +408,14 @@ def run_generate(cfg: GenerateConfig) -> Path:
     with StopSignals() as stop, _Appender(out) as kept, _Appender(dropped_path) as dropped:
         prompts = [template.render(row.data, row.where) for row in pending]
         answers = zip(pending, prompts, backend.answers(prompts), strict=False)
-        for index, (row, prompt, texts) in enumerate(answers, start=1):
+        for index, (row, prompt, (texts, cuts)) in enumerate(answers, start=1):
             stamp = provenance | {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
             keep, drop = [], []
-            for i, text in enumerate(texts):
+            for i, (text, cut) in enumerate(zip(texts, cuts, strict=True)):
                 if (row.where, i) in done:
                     continue
-                record, reason = _record(cfg, row, prompt, text)
+                record, reason = _record(cfg, row, prompt, text, cut)
+                counts["cut"] += cut
                 record |= {"source": row.where, "sample": i, "provenance": stamp}
                 (drop if reason else keep).append(record | ({"reason": reason} if reason else {}))
                 counts[reason or "written"] += 1
@@ -410,6 +429,7 @@ def run_generate(cfg: GenerateConfig) -> Path:
         "rows": len(rows),
         "resumed_rows": len(rows) - len(pending),
         "written": counts.pop("written", 0),
+        "cut": counts.pop("cut", 0),
         "dropped": dict(counts),
         "teacher": backend.stats,
     }
@@ -417,10 +437,11 @@ def run_generate(cfg: GenerateConfig) -> Path:
     return out
 
 
-def _record(cfg: GenerateConfig, row: Row, prompt: str, text: str) -> tuple[dict[str, Any], str | None]:
-    """The output record of one sample, and the reason to drop it (None: keep)."""
+def _record(cfg: GenerateConfig, row: Row, prompt: str, text: str, cut: bool) -> tuple[dict[str, Any], str | None]:
+    """The output record of one sample, and the reason to drop it (None: keep). A completion that `max_tokens` cut
+    is marked `"cut": true`, so that training scores no end token after it (`potstill.data.sources`)."""
     if cfg.mode != "rationale":
-        record = {"prompt": prompt, "completion": text}
+        record = {"prompt": prompt, "completion": text} | ({"cut": True} if cut else {})
         if isinstance(row.data.get("domain"), str):
             record["domain"] = row.data["domain"]
         return record, None

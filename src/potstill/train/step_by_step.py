@@ -205,6 +205,6 @@ def predict_labels(
     params = {"temperature": 0.0, "max_tokens": max_tokens, "n": 1, "seed": 0}
     answers = []
     for start in range(0, len(prompts), batch_size):
-        texts, _, _ = hf_generate(model, tokenizer, prompts[start : start + batch_size], params)
+        texts, _, _, _ = hf_generate(model, tokenizer, prompts[start : start + batch_size], params)
         answers += [t[0].strip().split("\n")[0].strip() for t in texts]
     return answers
