@@ -18,7 +18,9 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
      use the on_policy recipe's seq_kd, which samples with the teacher's vocabulary);
    - `rkl_topk`: on-policy reverse KL over the teacher's top-K (+ rest bucket) on the student's samples (lmbda 1);
    - `rkl_sampled`: on-policy sampled reverse KL with the batch-mean baseline (lmbda 1);
-   - `gkd`: GKD, lmbda 0.5, jsd beta 0.5 (on the data's answers or the student's samples).
+   - `gkd`: GKD, lmbda 0.5, jsd beta 0.5 (on the data's answers or the student's samples);
+   - `gkd_fkl`: the same with the forward KL (mass-covering: its gradient on a token the student has nearly lost, such
+     as `<eos>`, is q - p, where jsd's vanishes with q).
    `--min-eos-rate` / `--min-distinct2` set the collapse stops of the on-policy arms (a stop is in the results).
 4. Metrics on the held-out prompts: the per-token reverse KL KL(q_student || p_teacher), exact over the student's
    vocabulary at every position of the student's own samples (`--samples` per prompt, temperature 1, seeded; p is the
@@ -26,7 +28,11 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
    against the teacher's greedy answers (rouge_score, whitespace tokens), chrF of the greedy answers against the
    catalog (sacrebleu). Health (`potstill.train.rollouts.health_figures`: mean length, <eos> rate, distinct bigrams,
    loop rate = share of answers with a trigram repeated >= 3 times) of the greedy answers and of the samples; the
-   teacher's own health on the same held-out prompts, at the same `--max-new-tokens`, is the reference.
+   teacher's own health on the same held-out prompts, at the same `--max-new-tokens`, is the reference. Stop mass:
+   along each of the student's samples, the probability that the teacher (the student) would have ended it somewhere,
+   1 - prod_t (1 - P(<eos> | y<t)), averaged over the samples: a student that under-fits the teacher's `<eos>` has a
+   student figure below the teacher's on its own paths.
+   `--prompt` picks the request's wording (PROMPTS); `--eos-probe` measures the teacher's ends for one wording.
 
     python benchmarks/on_policy_real.py --work /tmp/potstill_real             # the table of benchmarks/README.md
     python benchmarks/on_policy_real.py --quick                               # a smoke run (a few steps)
@@ -57,6 +63,7 @@ ARMS = {
     "rkl_topk": [*ONP, "on_policy.objective=rkl_topk"],
     "rkl_sampled": [*ONP, "on_policy.objective=rkl_sampled", "on_policy.baseline=batch"],
     "gkd": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=jsd", "loss.beta=0.5"],
+    "gkd_fkl": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=fkl"],
 }
 
 
@@ -84,9 +91,26 @@ def catalog_pairs() -> list[tuple[str, str]]:
     return sorted(pairs.items())
 
 
-def chat(en: str, de: str | None = None) -> list[dict[str, str]]:
-    """The chat turns of one pair (the user's request, and the answer when given)."""
-    turns = [{"role": "user", "content": f"Translate to German: {en}"}]
+# `--prompt`: (system turn or None for the template's default, user turn); "task" is the prompt of the first runs
+PROMPTS = {
+    "task": (None, "Translate to German: {en}"),
+    "only": (None, "Translate to German. Reply with the German translation only.\n{en}"),
+    "system": (
+        "You translate English user-interface strings into German. Reply with the German translation only.",
+        "{en}",
+    ),
+    "system_task": (
+        "You translate English user-interface strings into German. Reply with the German translation only.",
+        "Translate to German: {en}",
+    ),
+}
+
+
+def chat(en: str, de: str | None = None, prompt: str = "task") -> list[dict[str, str]]:
+    """The chat turns of one pair in the `prompt` of PROMPTS (the request, and the answer when given)."""
+    system, user = PROMPTS[prompt]
+    turns = [{"role": "system", "content": system}] if system else []
+    turns += [{"role": "user", "content": user.format(en=en)}]
     return turns + ([{"role": "assistant", "content": de}] if de is not None else [])
 
 
@@ -98,13 +122,18 @@ def load(model_dir, dtype=torch.float32):
 
 
 @torch.no_grad()
-def complete(model, tok, prompts: list[str], max_new_tokens: int, samples: int = 0, batch: int = 32):
-    """Answers of `model` to the English strings: greedy (samples 0) or `samples` draws each at temperature 1.
+def complete(
+    model, tok, prompts: list[str], max_new_tokens: int, samples: int = 0, batch: int = 32, prompt: str = "task"
+):
+    """Answers of `model` to the English strings in the `prompt` of PROMPTS: greedy (samples 0) or `samples` draws
+    each at temperature 1.
 
     Returns (prompt ids, completion ids) per answer: completion ids run up to and including the first `<eos>`.
     """
     eos = tok.convert_tokens_to_ids(tok.eos_token)
-    texts = [tok.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [
+        tok.apply_chat_template(chat(en, prompt=prompt), tokenize=False, add_generation_prompt=True) for en in prompts
+    ]
     texts = [t for t in texts for _ in range(max(samples, 1))]
     out = []
     torch.manual_seed(1234)
@@ -149,19 +178,25 @@ def health(completions: list[list[int]], eos: int) -> dict[str, float]:
     return health_figures(health_counts(batch))
 
 
-def teacher_health(teacher, tok, held, max_new: int, samples: int) -> dict[str, dict[str, float]]:
+def teacher_health(teacher, tok, held, max_new: int, samples: int, prompt: str) -> dict[str, dict[str, float]]:
     """The teacher's own health on the held-out prompts: greedy, and `samples` draws each (temperature 1)."""
     eos = tok.convert_tokens_to_ids(tok.eos_token)
     prompts = [en for en, _ in held]
     return {
-        "greedy": health([c for _, c in complete(teacher, tok, prompts, max_new)], eos),
-        "sampled": health([c for _, c in complete(teacher, tok, prompts, max_new, samples=samples)], eos),
+        "greedy": health([c for _, c in complete(teacher, tok, prompts, max_new, prompt=prompt)], eos),
+        "sampled": health([c for _, c in complete(teacher, tok, prompts, max_new, samples, prompt=prompt)], eos),
     }
 
 
 @torch.no_grad()
 def evaluate(
-    student_dir: Path, teacher, held: list[tuple[str, str]], teacher_answers: list[str], max_new: int, samples: int
+    student_dir: Path,
+    teacher,
+    held: list[tuple[str, str]],
+    teacher_answers: list[str],
+    max_new: int,
+    samples: int,
+    prompt: str,
 ):
     """{rkl, rouge_l, chrf} of one student on the held-out pairs (see the module docstring)."""
     import sacrebleu
@@ -172,27 +207,31 @@ def evaluate(
     model, tok = load(student_dir)
     id_map = load_id_map(student_dir)
     eos = tok.convert_tokens_to_ids(tok.eos_token)
-    greedy_ids = [c for _, c in complete(model, tok, [en for en, _ in held], max_new)]
+    greedy_ids = [c for _, c in complete(model, tok, [en for en, _ in held], max_new, prompt=prompt)]
     greedy = [answer_text(tok, c) for c in greedy_ids]
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Whitespace())
     rouge = statistics.mean(
         scorer.score(t, g)["rougeL"].fmeasure for t, g in zip(teacher_answers, greedy, strict=False)
     )
     chrf = sacrebleu.corpus_chrf(greedy, [[de for _, de in held]]).score
-    kl_sum, n = 0.0, 0
-    drawn = complete(model, tok, [en for en, _ in held], max_new, samples=samples)
-    for prompt, completion in drawn:
+    kl_sum, n, stops = 0.0, 0, []
+    drawn = complete(model, tok, [en for en, _ in held], max_new, samples=samples, prompt=prompt)
+    for prompt_ids, completion in drawn:
         if not completion:
             continue
-        ids = torch.tensor([prompt + completion])
-        logq = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        ids = torch.tensor([prompt_ids + completion])
+        logq = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float().log_softmax(-1)
         t_ids = ids if id_map is None else id_map[ids]
-        logp = teacher(input_ids=t_ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        logp = teacher(input_ids=t_ids).logits[0, len(prompt_ids) - 1 : -1].float().log_softmax(-1)
         logp = logp if id_map is None else logp[:, id_map]
         kl_sum += (logq.exp() * (logq - logp)).sum().item()
         n += len(completion)
+        # P(ends somewhere on this path) = 1 - prod_t (1 - P(<eos> | y<t)), for the teacher and for the student
+        stops.append([1 - torch.log1p(-x[:, eos].exp()).sum().exp().item() for x in (logp, logq)])
     return {
         "rkl": kl_sum / n,
+        "stop_teacher": statistics.mean(s[0] for s in stops),
+        "stop_student": statistics.mean(s[1] for s in stops),
         "rouge_l": rouge,
         "chrf": chrf,
         "greedy": greedy[:5],
@@ -219,10 +258,10 @@ def train(out: Path, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def write_chats(path: Path, pairs) -> Path:
+def write_chats(path: Path, pairs, prompt: str) -> Path:
     with path.open("w") as f:
         for en, de in pairs:
-            f.write(json.dumps({"messages": chat(en, de)}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"messages": chat(en, de, prompt)}, ensure_ascii=False) + "\n")
     return path
 
 
@@ -250,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=["ce", "kd", "seq_kd", "rkl_topk"], choices=list(ARMS))
     p.add_argument("--work", type=Path, default=Path("/tmp/potstill_real"))
     p.add_argument("--quick", action="store_true", help="smoke run: 16 prompts, 3 steps, 1 seed")
+    p.add_argument("--prompt", default="task", choices=list(PROMPTS), help="the request's wording (PROMPTS)")
     p.add_argument(
-        "--eos-probe", type=int, nargs="+", help="only print the teacher's <eos> rate and mean length (greedy, and"
-        " sampled at temperature 1) at these max_new_tokens on the held-out + training prompts, then exit",
+        "--eos-probe", type=int, nargs="+", help="only print the teacher's <eos> rate, mean length, loop rate and"
+        " distinct-2 (greedy, and sampled at temperature 1) at these max_new_tokens on the held-out + training"
+        " prompts, then exit",
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
@@ -269,48 +310,56 @@ def main(argv: list[str] | None = None) -> int:
     if args.eos_probe:  # one decode at the largest cap: a shorter cap sees the same prefixes (same seed and batches)
         eos = ttok.convert_tokens_to_ids(ttok.eos_token)
         for samples in (0, 1):
-            out = [
-                c
-                for _, c in complete(
-                    teacher, ttok, [en for en, _ in held + train_pairs], max(args.eos_probe), samples=samples
-                )
-            ]
+            ends = complete(
+                teacher, ttok, [en for en, _ in held + train_pairs], max(args.eos_probe), samples, prompt=args.prompt
+            )
             cells = [
-                f"{cap}: eos {statistics.mean(eos in c[:cap] for c in out):.2f},"
-                f" len {statistics.mean(len(c[:cap]) for c in out):.1f}"
+                "{cap}: eos {eos_rate:.2f}, len {len:.1f}, loop {loop_rate:.2f}, distinct-2 {distinct2:.3f}".format(
+                    cap=cap, **health([c[:cap] for _, c in ends], eos)
+                )
                 for cap in args.eos_probe
             ]
-            print(f"teacher {'sampled' if samples else 'greedy'}, {len(out)} prompts: {'; '.join(cells)}", flush=True)
+            print(
+                f"teacher {'sampled' if samples else 'greedy'}, prompt {args.prompt!r}, {len(ends)} prompts: "
+                + "; ".join(cells),
+                flush=True,
+            )
         return 0
     cache = args.work / "teacher_answers.json"
     if not cache.exists():
         start = time.perf_counter()
         answers = [
             answer_text(ttok, c)
-            for _, c in complete(teacher, ttok, [en for en, _ in held + train_pairs], args.teacher_tokens)
+            for _, c in complete(
+                teacher, ttok, [en for en, _ in held + train_pairs], args.teacher_tokens, prompt=args.prompt
+            )
         ]
         cache.write_text(json.dumps(answers, ensure_ascii=False))
         print(f"teacher answered {len(answers)} prompts in {time.perf_counter() - start:.0f} s", flush=True)
     answers = json.loads(cache.read_text())
     held_answers, train_answers = answers[: len(held)], answers[len(held) :]
-    catalog = write_chats(args.work / "catalog.jsonl", train_pairs)
+    catalog = write_chats(args.work / "catalog.jsonl", train_pairs, args.prompt)
     teacher_data = write_chats(
-        args.work / "teacher.jsonl", [(en, a) for (en, _), a in zip(train_pairs, train_answers, strict=False)]
+        args.work / "teacher.jsonl",
+        [(en, a) for (en, _), a in zip(train_pairs, train_answers, strict=False)],
+        args.prompt,
     )
     chrf_teacher = __import__("sacrebleu").corpus_chrf(held_answers, [[de for _, de in held]]).score
     print(f"teacher greedy chrF vs catalog {chrf_teacher:.1f}; e.g. {held[0][0]!r} -> {held_answers[0]!r}", flush=True)
     reference = args.work / f"teacher_health_{args.max_new_tokens}.json"
     if not reference.exists():
-        reference.write_text(json.dumps(teacher_health(teacher, ttok, held, args.max_new_tokens, args.samples)))
+        reference.write_text(
+            json.dumps(teacher_health(teacher, ttok, held, args.max_new_tokens, args.samples, args.prompt))
+        )
     print(f"teacher health at {args.max_new_tokens} new tokens: {reference.read_text()}", flush=True)
 
     pruned = args.work / f"pruned_{args.layers}"
     if not (pruned / "config.json").exists():
         from potstill.student.init import init_student
 
-        corpus = [ttok.apply_chat_template(chat(en, de), tokenize=False) for en, de in train_pairs]
+        corpus = [ttok.apply_chat_template(chat(en, de, args.prompt), tokenize=False) for en, de in train_pairs]
         corpus += [
-            ttok.apply_chat_template(chat(en, a), tokenize=False)
+            ttok.apply_chat_template(chat(en, a, args.prompt), tokenize=False)
             for (en, _), a in zip(train_pairs, train_answers, strict=False)
         ]
         init_student(TEACHER, args.layers, pruned, corpus, calib_tokens=1024, calib_dtype="bfloat16")
@@ -349,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"on_policy.min_eos_ratio={args.min_eos_ratio}",
                     ]
                 secs = train(out, run)
-            row = evaluate(out / "student", teacher, held, held_answers, args.max_new_tokens, args.samples)
+            row = evaluate(out / "student", teacher, held, held_answers, args.max_new_tokens, args.samples, args.prompt)
             summary = json.loads((out / "summary.json").read_text()) if arm != "sft" else {}
             row |= {"stop_reason": summary["stop_reason"]} if "stop_reason" in summary else {}
             result.write_text(json.dumps({**row, "seconds": secs}, ensure_ascii=False))
@@ -374,8 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         chrf = " / ".join(f"{r['chrf']:.1f}" for r in rows)
         secs = statistics.mean(r["seconds"] for r in rows)
         print(f"| {arm} | {cells} | {statistics.mean(rkl):.3f} | {rouge} | {chrf} | {secs:.0f} |")
-    print("\n| arm | greedy: eos rate / loop rate / distinct-2 per seed | samples: eos rate / len / distinct-2 |")
-    print("|---|---|---|")
+    print(
+        "\n| arm | greedy: eos rate / loop rate / distinct-2 per seed | samples: eos rate / len / distinct-2 |"
+        " stop mass on the samples: teacher / student |"
+    )
+    print("|---|---|---|---|")
     teacher_ref = json.loads(reference.read_text())
     rows = [("teacher", [{"greedy_health": teacher_ref["greedy"], "sampled_health": teacher_ref["sampled"]}])]
     for arm, runs in [*rows, *table.items()]:
@@ -383,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         g = "; ".join("{eos_rate:.2f} / {loop_rate:.2f} / {distinct2:.3f}".format(**r["greedy_health"]) for r in runs)
         h = "; ".join("{eos_rate:.2f} / {len:.1f} / {distinct2:.3f}".format(**r["sampled_health"]) for r in runs)
-        print(f"| {arm} | {g} | {h} |")
+        stop = "; ".join(f"{r['stop_teacher']:.2f} / {r['stop_student']:.2f}" for r in runs if "stop_teacher" in r)
+        print(f"| {arm} | {g} | {h} | {stop} |")
     for arm, rows in table.items():
         for row in rows:
             if "stop_reason" in row:
