@@ -33,9 +33,7 @@ def test_eos_is_scored_padding_is_not_and_the_teachers_eos_is_in_every_target(
     assert (out["labels"][0, n0 + 3 :] == IGNORE_INDEX).all() and (out["attention_mask"][0, n0 + 3 :] == 0).all()
     assert (out["input_ids"][0, n0 + 3 :] == eos).all()  # the padding carries the <eos> id, unscored
 
-    terms, _ = kd_micro_step(
-        student, student, out, OnlineTeacher(teacher), LossConfig(name="fkl", fused=fused), 1.0, 9
-    )
+    terms, _ = kd_micro_step(student, student, out, OnlineTeacher(teacher), LossConfig(name="fkl", fused=fused), 1.0, 9)
     assert terms.n_tokens == 9
     with torch.no_grad():
         mask = scored_mask(out["labels"])
