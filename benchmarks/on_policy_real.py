@@ -19,7 +19,8 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
    - `rkl_topk`: on-policy reverse KL over the teacher's top-K (+ rest bucket) on the student's samples (lmbda 1);
    - `rkl_sampled`: on-policy sampled reverse KL with the batch-mean baseline (lmbda 1);
    - `gkd`: GKD, lmbda 0.5, jsd beta 0.5 (on the data's answers or the student's samples);
-   - `gkd_fkl`: the same with the forward KL (mass-covering: its gradient on a token the student has nearly lost, such
+   - `gkd_l1`: GKD at lmbda 1 (every batch on the student's samples), jsd beta 0.5;
+   - `gkd_fkl`: GKD (lmbda 0.5) with the forward KL (mass-covering: its gradient on a token the student has nearly lost, such
      as `<eos>`, is q - p, where jsd's vanishes with q).
    `--min-eos-rate` / `--min-distinct2` set the collapse stops of the on-policy arms (a stop is in the results).
 4. Metrics on the held-out prompts: the per-token reverse KL KL(q_student || p_teacher), exact over the student's
@@ -64,6 +65,7 @@ ARMS = {
     "rkl_sampled": [*ONP, "on_policy.objective=rkl_sampled", "on_policy.baseline=batch"],
     "gkd": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=jsd", "loss.beta=0.5"],
     "gkd_fkl": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=fkl"],
+    "gkd_l1": [*ONP, "on_policy.objective=gkd", "loss.name=jsd", "loss.beta=0.5"],
 }
 
 
@@ -155,6 +157,18 @@ def complete(
             gen = gen.tolist()
             gen = gen[: gen.index(eos) + 1] if eos in gen else gen
             out.append((row[mask.bool()].tolist(), gen))
+    return out
+
+
+@torch.no_grad()
+def eos_after(model, tok, pairs: list[tuple[str, str]], prompt: str) -> list[float]:
+    """P(<eos> | prompt + the catalog's answer) under `model`, per pair: does it agree to stop where the data does?"""
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    out = []
+    for en, de in pairs:
+        text = tok.apply_chat_template(chat(en, prompt=prompt), tokenize=False, add_generation_prompt=True) + de
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out.append(model(input_ids=ids).logits[0, -1].float().softmax(-1)[eos].item())
     return out
 
 
@@ -295,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         " distinct-2 (greedy, and sampled at temperature 1) at these max_new_tokens on the held-out + training"
         " prompts, then exit",
     )  # fmt: skip
+    p.add_argument(
+        "--eos-after-catalog", action="store_true", help="only print the teacher's P(<eos>) right after the catalog's"
+        " answer (where the data stops) on the held-out + training pairs, then exit",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.train, args.held, args.sft_steps, args.steps, args.seeds, args.max_new_tokens = 16, 8, 3, 3, [0], 8
@@ -307,6 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(pairs)} catalog pairs; {len(train_pairs)} training, {len(held)} held-out", flush=True)
 
     teacher, ttok = load(TEACHER, torch.bfloat16)
+    if args.eos_after_catalog:
+        ends = eos_after(teacher, ttok, held + train_pairs, args.prompt)
+        print(
+            f"teacher P(<eos>) right after the catalog's answer, prompt {args.prompt!r}, {len(ends)} pairs: mean"
+            f" {statistics.mean(ends):.3f}, median {statistics.median(ends):.3f}, > 0.5 on"
+            f" {statistics.mean(e > 0.5 for e in ends):.2f}",
+            flush=True,
+        )
+        return 0
     if args.eos_probe:  # one decode at the largest cap: a shorter cap sees the same prefixes (same seed and batches)
         eos = ttok.convert_tokens_to_ids(ttok.eos_token)
         for samples in (0, 1):
