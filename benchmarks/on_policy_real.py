@@ -20,8 +20,10 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
    - `rkl_sampled`: on-policy sampled reverse KL with the batch-mean baseline (lmbda 1);
    - `gkd`: GKD, lmbda 0.5, jsd beta 0.5 (on the data's answers or the student's samples);
    - `gkd_l1`: GKD at lmbda 1 (every batch on the student's samples), jsd beta 0.5;
-   - `gkd_fkl`: GKD (lmbda 0.5) with the forward KL (mass-covering: its gradient on a token the student has nearly lost, such
-     as `<eos>`, is q - p, where jsd's vanishes with q).
+   - `gkd_fkl`: GKD (lmbda 0.5) with the forward KL (mass-covering: its gradient on a token the student has nearly
+     lost, such as `<eos>`, is q - p, where jsd's vanishes with q);
+   - `gkd_tdata`: GKD (lmbda 0.5, jsd) whose off-policy batches are the teacher's greedy answers (seq-KD's data)
+     instead of the catalog's: token-level KD where the teacher's own answers end.
    `--min-eos-rate` / `--min-distinct2` set the collapse stops of the on-policy arms (a stop is in the results).
 4. Metrics on the held-out prompts: the per-token reverse KL KL(q_student || p_teacher), exact over the student's
    vocabulary at every position of the student's own samples (`--samples` per prompt, temperature 1, seeded; p is the
@@ -66,7 +68,9 @@ ARMS = {
     "gkd": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=jsd", "loss.beta=0.5"],
     "gkd_fkl": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=fkl"],
     "gkd_l1": [*ONP, "on_policy.objective=gkd", "loss.name=jsd", "loss.beta=0.5"],
+    "gkd_tdata": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=jsd", "loss.beta=0.5"],
 }
+TEACHER_DATA = ("seq_kd", "gkd_tdata")  # arms whose data are the teacher's greedy answers, not the catalog's
 
 
 def catalog_pairs() -> list[tuple[str, str]]:
@@ -415,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             out, secs = sft, 0.0
             if arm != "sft":  # every arm starts from the SFT student of its seed
                 out = args.work / f"{arm}_s{seed}"
-                data = teacher_data if arm == "seq_kd" else catalog
+                data = teacher_data if arm in TEACHER_DATA else catalog
                 run = [f"model.student={sft / 'student'}", f"data.train=[{data}]", *common, *ARMS[arm]]
                 run += [f"train.seed={seed}", f"train.max_steps={args.steps}", f"train.lr={args.lr}"]
                 if "train.recipe=on_policy" in ARMS[arm]:  # the collapse stops (docs/on_policy.md, Health)
