@@ -435,11 +435,12 @@ def main(argv: list[str] | None = None) -> int:
             result.write_text(json.dumps({**row, "seconds": secs}, ensure_ascii=False))
             print(f"{arm} seed {seed}: {row} in {secs:.0f} s", flush=True)
 
-    table = {}
+    table, seeds_of = {}, {}
     for arm in ["sft", *ARMS]:
-        rows = [json.loads(f.read_text()) for f in sorted(args.work.glob(f"result_{arm}_s*.json"))]
-        if rows:
-            table[arm] = rows
+        files = sorted(args.work.glob(f"result_{arm}_s*.json"))
+        if files:
+            table[arm] = [json.loads(f.read_text()) for f in files]
+            seeds_of[arm] = [int(f.stem.rsplit("_s", 1)[1]) for f in files]
     print(f"\nteacher SmolLM2-135M-Instruct: greedy chrF vs catalog {chrf_teacher:.1f} ({len(held)} held-out prompts)")
     print(
         f"student: {args.layers} layers, SFT {args.sft_steps} steps; arms {args.steps} steps x batch {args.batch_size}"
@@ -454,6 +455,16 @@ def main(argv: list[str] | None = None) -> int:
         chrf = " / ".join(f"{r['chrf']:.1f}" for r in rows)
         secs = statistics.mean(r["seconds"] for r in rows)
         print(f"| {arm} | {cells} | {statistics.mean(rkl):.3f} | {rouge} | {chrf} | {secs:.0f} |")
+    print("\n| arm | reverse KL spread (max - min) | paired difference to kd: mean [min, max] | to seq_kd |")
+    print("|---|---:|---|---|")
+    for arm, rows in table.items():
+        rkl = dict(zip(seeds_of[arm], (r["rkl"] for r in rows), strict=True))
+        cells = []
+        for base in ("kd", "seq_kd"):
+            ref = dict(zip(seeds_of.get(base, []), (r["rkl"] for r in table.get(base, [])), strict=True))
+            diff = [rkl[s] - ref[s] for s in rkl if s in ref]
+            cells.append(f"{statistics.mean(diff):+.3f} [{min(diff):+.3f}, {max(diff):+.3f}]" if diff else "")
+        print(f"| {arm} | {max(rkl.values()) - min(rkl.values()):.3f} | {cells[0]} | {cells[1]} |")
     print(
         "\n| arm | greedy: eos rate / loop rate / distinct-2 per seed | samples: eos rate / len / distinct-2 |"
         " stop mass on the samples: teacher / student |"
