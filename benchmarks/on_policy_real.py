@@ -35,7 +35,9 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
    along each of the student's samples, the probability that the teacher (the student) would have ended it somewhere,
    1 - prod_t (1 - P(<eos> | y<t)), averaged over the samples: a student that under-fits the teacher's `<eos>` has a
    student figure below the teacher's on its own paths.
-   `--prompt` picks the request's wording (PROMPTS); `--eos-probe` measures the teacher's ends for one wording.
+   `--prompt` picks the request's wording (PROMPTS); `--eos-probe` measures the teacher's ends for one wording,
+   `--eos-after-catalog` its P(<eos>) where the catalog's answers end, `--eos-pull` each divergence's pull on a lost
+   `<eos>` (a toy, no model).
 
     python benchmarks/on_policy_real.py --work /tmp/potstill_real             # the table of benchmarks/README.md
     python benchmarks/on_policy_real.py --quick                               # a smoke run (a few steps)
@@ -162,6 +164,21 @@ def complete(
             gen = gen[: gen.index(eos) + 1] if eos in gen else gen
             out.append((row[mask.bool()].tolist(), gen))
     return out
+
+
+def eos_pull(vocab: int = 1000) -> None:
+    """Print how hard each divergence pulls a student's nearly lost `<eos>` logit back towards the teacher's
+    probability: d D / d z_eos for a teacher with P(<eos>) = p and a student with q, the rest uniform."""
+    from potstill.losses.divergences import fkl, jsd, rkl
+
+    for p_eos, q_eos in ((0.05, 1e-2), (0.05, 1e-3), (0.05, 1e-4), (0.2, 1e-3)):
+        p, q = (torch.full((vocab,), (1 - x) / (vocab - 1)).index_fill(0, torch.tensor([0]), x) for x in (p_eos, q_eos))
+        cells = []
+        for name, div in (("fkl", fkl), ("jsd", jsd), ("rkl", rkl)):
+            z = q.log().requires_grad_(True)
+            div(z[None], p.log()[None]).sum().backward()
+            cells.append(f"{name} {z.grad[0].item():+.4f}")
+        print(f"p_eos {p_eos}, q_eos {q_eos}: d/dz_eos " + ", ".join(cells), flush=True)
 
 
 @torch.no_grad()
@@ -314,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         " prompts, then exit",
     )  # fmt: skip
     p.add_argument(
+        "--eos-pull", action="store_true", help="only print d divergence / d z_eos for fkl, jsd and rkl on a toy"
+        " 1,000-way distribution (no model), then exit",
+    )  # fmt: skip
+    p.add_argument(
         "--eos-after-catalog", action="store_true", help="only print the teacher's P(<eos>) right after the catalog's"
         " answer (where the data stops) on the held-out + training pairs, then exit",
     )  # fmt: skip
@@ -322,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         args.train, args.held, args.sft_steps, args.steps, args.seeds, args.max_new_tokens = 16, 8, 3, 3, [0], 8
         args.work = args.work.with_name(args.work.name + "_quick")
     torch.set_num_threads(1)
+    if args.eos_pull:
+        eos_pull()
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     pairs = catalog_pairs()
     random.Random(0).shuffle(pairs)
