@@ -335,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         " 1,000-way distribution (no model), then exit",
     )  # fmt: skip
     p.add_argument(
-        "--eos-after-catalog", action="store_true", help="only print the teacher's P(<eos>) right after the catalog's"
-        " answer (where the data stops) on the held-out + training pairs, then exit",
+        "--eos-after-catalog", nargs="?", const="", metavar="SUFFIX", help="only print the teacher's P(<eos>) right"
+        " after the catalog's answer (where the data stops; + SUFFIX, e.g. '.') on the held-out + training pairs, then"
+        " exit",
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
@@ -353,10 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(pairs)} catalog pairs; {len(train_pairs)} training, {len(held)} held-out", flush=True)
 
     teacher, ttok = load(TEACHER, torch.bfloat16)
-    if args.eos_after_catalog:
-        ends = eos_after(teacher, ttok, held + train_pairs, args.prompt)
+    if args.eos_after_catalog is not None:
+        ends = eos_after(
+            teacher, ttok, [(en, de + args.eos_after_catalog) for en, de in held + train_pairs], args.prompt
+        )
         print(
-            f"teacher P(<eos>) right after the catalog's answer, prompt {args.prompt!r}, {len(ends)} pairs: mean"
+            f"teacher P(<eos>) right after the catalog's answer + {args.eos_after_catalog!r}, prompt {args.prompt!r},"
+            f" {len(ends)} pairs: mean"
             f" {statistics.mean(ends):.3f}, median {statistics.median(ends):.3f}, > 0.5 on"
             f" {statistics.mean(e > 0.5 for e in ends):.2f}",
             flush=True,
