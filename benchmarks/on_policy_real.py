@@ -18,7 +18,12 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
      use the on_policy recipe's seq_kd, which samples with the teacher's vocabulary);
    - `rkl_topk`: on-policy reverse KL over the teacher's top-K (+ rest bucket) on the student's samples (lmbda 1);
    - `rkl_sampled`: on-policy sampled reverse KL with the batch-mean baseline (lmbda 1);
-   - `gkd`: GKD, lmbda 0.5, jsd beta 0.5 (on the data's answers or the student's samples).
+   - `gkd`: GKD, lmbda 0.5, jsd beta 0.5 (on the data's answers or the student's samples);
+   - `gkd_l1`: GKD at lmbda 1 (every batch on the student's samples), jsd beta 0.5;
+   - `gkd_fkl`: GKD (lmbda 0.5) with the forward KL (mass-covering: its gradient on a token the student has nearly
+     lost, such as `<eos>`, is q - p, where jsd's vanishes with q);
+   - `gkd_tdata`: GKD (lmbda 0.5, jsd) whose off-policy batches are the teacher's greedy answers (seq-KD's data)
+     instead of the catalog's: token-level KD where the teacher's own answers end.
    `--min-eos-rate` / `--min-distinct2` set the collapse stops of the on-policy arms (a stop is in the results).
 4. Metrics on the held-out prompts: the per-token reverse KL KL(q_student || p_teacher), exact over the student's
    vocabulary at every position of the student's own samples (`--samples` per prompt, temperature 1, seeded; p is the
@@ -26,7 +31,13 @@ strings or accelerators; shuffled with seed 0 into held-out prompts and training
    against the teacher's greedy answers (rouge_score, whitespace tokens), chrF of the greedy answers against the
    catalog (sacrebleu). Health (`potstill.train.rollouts.health_figures`: mean length, <eos> rate, distinct bigrams,
    loop rate = share of answers with a trigram repeated >= 3 times) of the greedy answers and of the samples; the
-   teacher's own health on the same held-out prompts, at the same `--max-new-tokens`, is the reference.
+   teacher's own health on the same held-out prompts, at the same `--max-new-tokens`, is the reference. Stop mass:
+   along each of the student's samples, the probability that the teacher (the student) would have ended it somewhere,
+   1 - prod_t (1 - P(<eos> | y<t)), averaged over the samples: a student that under-fits the teacher's `<eos>` has a
+   student figure below the teacher's on its own paths.
+   `--prompt` picks the request's wording (PROMPTS); `--eos-probe` measures the teacher's ends for one wording,
+   `--eos-after-catalog` its P(<eos>) where the catalog's answers end, `--eos-pull` each divergence's pull on a lost
+   `<eos>` (a toy, no model).
 
     python benchmarks/on_policy_real.py --work /tmp/potstill_real             # the table of benchmarks/README.md
     python benchmarks/on_policy_real.py --quick                               # a smoke run (a few steps)
@@ -57,7 +68,11 @@ ARMS = {
     "rkl_topk": [*ONP, "on_policy.objective=rkl_topk"],
     "rkl_sampled": [*ONP, "on_policy.objective=rkl_sampled", "on_policy.baseline=batch"],
     "gkd": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=jsd", "loss.beta=0.5"],
+    "gkd_fkl": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=fkl"],
+    "gkd_l1": [*ONP, "on_policy.objective=gkd", "loss.name=jsd", "loss.beta=0.5"],
+    "gkd_tdata": [*ONP[:2], "on_policy.lmbda=0.5", "on_policy.objective=gkd", "loss.name=jsd", "loss.beta=0.5"],
 }
+TEACHER_DATA = ("seq_kd", "gkd_tdata")  # arms whose data are the teacher's greedy answers, not the catalog's
 
 
 def catalog_pairs() -> list[tuple[str, str]]:
@@ -84,9 +99,26 @@ def catalog_pairs() -> list[tuple[str, str]]:
     return sorted(pairs.items())
 
 
-def chat(en: str, de: str | None = None) -> list[dict[str, str]]:
-    """The chat turns of one pair (the user's request, and the answer when given)."""
-    turns = [{"role": "user", "content": f"Translate to German: {en}"}]
+# `--prompt`: (system turn or None for the template's default, user turn); "task" is the prompt of the first runs
+PROMPTS = {
+    "task": (None, "Translate to German: {en}"),
+    "only": (None, "Translate to German. Reply with the German translation only.\n{en}"),
+    "system": (
+        "You translate English user-interface strings into German. Reply with the German translation only.",
+        "{en}",
+    ),
+    "system_task": (
+        "You translate English user-interface strings into German. Reply with the German translation only.",
+        "Translate to German: {en}",
+    ),
+}
+
+
+def chat(en: str, de: str | None = None, prompt: str = "task") -> list[dict[str, str]]:
+    """The chat turns of one pair in the `prompt` of PROMPTS (the request, and the answer when given)."""
+    system, user = PROMPTS[prompt]
+    turns = [{"role": "system", "content": system}] if system else []
+    turns += [{"role": "user", "content": user.format(en=en)}]
     return turns + ([{"role": "assistant", "content": de}] if de is not None else [])
 
 
@@ -98,13 +130,18 @@ def load(model_dir, dtype=torch.float32):
 
 
 @torch.no_grad()
-def complete(model, tok, prompts: list[str], max_new_tokens: int, samples: int = 0, batch: int = 32):
-    """Answers of `model` to the English strings: greedy (samples 0) or `samples` draws each at temperature 1.
+def complete(
+    model, tok, prompts: list[str], max_new_tokens: int, samples: int = 0, batch: int = 32, prompt: str = "task"
+):
+    """Answers of `model` to the English strings in the `prompt` of PROMPTS: greedy (samples 0) or `samples` draws
+    each at temperature 1.
 
     Returns (prompt ids, completion ids) per answer: completion ids run up to and including the first `<eos>`.
     """
     eos = tok.convert_tokens_to_ids(tok.eos_token)
-    texts = [tok.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [
+        tok.apply_chat_template(chat(en, prompt=prompt), tokenize=False, add_generation_prompt=True) for en in prompts
+    ]
     texts = [t for t in texts for _ in range(max(samples, 1))]
     out = []
     torch.manual_seed(1234)
@@ -129,6 +166,33 @@ def complete(model, tok, prompts: list[str], max_new_tokens: int, samples: int =
     return out
 
 
+def eos_pull(vocab: int = 1000) -> None:
+    """Print how hard each divergence pulls a student's nearly lost `<eos>` logit back towards the teacher's
+    probability: d D / d z_eos for a teacher with P(<eos>) = p and a student with q, the rest uniform."""
+    from potstill.losses.divergences import fkl, jsd, rkl
+
+    for p_eos, q_eos in ((0.05, 1e-2), (0.05, 1e-3), (0.05, 1e-4), (0.2, 1e-3)):
+        p, q = (torch.full((vocab,), (1 - x) / (vocab - 1)).index_fill(0, torch.tensor([0]), x) for x in (p_eos, q_eos))
+        cells = []
+        for name, div in (("fkl", fkl), ("jsd", jsd), ("rkl", rkl)):
+            z = q.log().requires_grad_(True)
+            div(z[None], p.log()[None]).sum().backward()
+            cells.append(f"{name} {z.grad[0].item():+.4f}")
+        print(f"p_eos {p_eos}, q_eos {q_eos}: d/dz_eos " + ", ".join(cells), flush=True)
+
+
+@torch.no_grad()
+def eos_after(model, tok, pairs: list[tuple[str, str]], prompt: str) -> list[float]:
+    """P(<eos> | prompt + the catalog's answer) under `model`, per pair: does it agree to stop where the data does?"""
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    out = []
+    for en, de in pairs:
+        text = tok.apply_chat_template(chat(en, prompt=prompt), tokenize=False, add_generation_prompt=True) + de
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out.append(model(input_ids=ids).logits[0, -1].float().softmax(-1)[eos].item())
+    return out
+
+
 def answer_text(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True).strip()
 
@@ -149,19 +213,25 @@ def health(completions: list[list[int]], eos: int) -> dict[str, float]:
     return health_figures(health_counts(batch))
 
 
-def teacher_health(teacher, tok, held, max_new: int, samples: int) -> dict[str, dict[str, float]]:
+def teacher_health(teacher, tok, held, max_new: int, samples: int, prompt: str) -> dict[str, dict[str, float]]:
     """The teacher's own health on the held-out prompts: greedy, and `samples` draws each (temperature 1)."""
     eos = tok.convert_tokens_to_ids(tok.eos_token)
     prompts = [en for en, _ in held]
     return {
-        "greedy": health([c for _, c in complete(teacher, tok, prompts, max_new)], eos),
-        "sampled": health([c for _, c in complete(teacher, tok, prompts, max_new, samples=samples)], eos),
+        "greedy": health([c for _, c in complete(teacher, tok, prompts, max_new, prompt=prompt)], eos),
+        "sampled": health([c for _, c in complete(teacher, tok, prompts, max_new, samples, prompt=prompt)], eos),
     }
 
 
 @torch.no_grad()
 def evaluate(
-    student_dir: Path, teacher, held: list[tuple[str, str]], teacher_answers: list[str], max_new: int, samples: int
+    student_dir: Path,
+    teacher,
+    held: list[tuple[str, str]],
+    teacher_answers: list[str],
+    max_new: int,
+    samples: int,
+    prompt: str,
 ):
     """{rkl, rouge_l, chrf} of one student on the held-out pairs (see the module docstring)."""
     import sacrebleu
@@ -172,27 +242,31 @@ def evaluate(
     model, tok = load(student_dir)
     id_map = load_id_map(student_dir)
     eos = tok.convert_tokens_to_ids(tok.eos_token)
-    greedy_ids = [c for _, c in complete(model, tok, [en for en, _ in held], max_new)]
+    greedy_ids = [c for _, c in complete(model, tok, [en for en, _ in held], max_new, prompt=prompt)]
     greedy = [answer_text(tok, c) for c in greedy_ids]
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Whitespace())
     rouge = statistics.mean(
         scorer.score(t, g)["rougeL"].fmeasure for t, g in zip(teacher_answers, greedy, strict=False)
     )
     chrf = sacrebleu.corpus_chrf(greedy, [[de for _, de in held]]).score
-    kl_sum, n = 0.0, 0
-    drawn = complete(model, tok, [en for en, _ in held], max_new, samples=samples)
-    for prompt, completion in drawn:
+    kl_sum, n, stops = 0.0, 0, []
+    drawn = complete(model, tok, [en for en, _ in held], max_new, samples=samples, prompt=prompt)
+    for prompt_ids, completion in drawn:
         if not completion:
             continue
-        ids = torch.tensor([prompt + completion])
-        logq = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        ids = torch.tensor([prompt_ids + completion])
+        logq = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float().log_softmax(-1)
         t_ids = ids if id_map is None else id_map[ids]
-        logp = teacher(input_ids=t_ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        logp = teacher(input_ids=t_ids).logits[0, len(prompt_ids) - 1 : -1].float().log_softmax(-1)
         logp = logp if id_map is None else logp[:, id_map]
         kl_sum += (logq.exp() * (logq - logp)).sum().item()
         n += len(completion)
+        # P(ends somewhere on this path) = 1 - prod_t (1 - P(<eos> | y<t)), for the teacher and for the student
+        stops.append([1 - torch.log1p(-x[:, eos].exp()).sum().exp().item() for x in (logp, logq)])
     return {
         "rkl": kl_sum / n,
+        "stop_teacher": statistics.mean(s[0] for s in stops),
+        "stop_student": statistics.mean(s[1] for s in stops),
         "rouge_l": rouge,
         "chrf": chrf,
         "greedy": greedy[:5],
@@ -219,10 +293,10 @@ def train(out: Path, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def write_chats(path: Path, pairs) -> Path:
+def write_chats(path: Path, pairs, prompt: str) -> Path:
     with path.open("w") as f:
         for en, de in pairs:
-            f.write(json.dumps({"messages": chat(en, de)}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"messages": chat(en, de, prompt)}, ensure_ascii=False) + "\n")
     return path
 
 
@@ -250,15 +324,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=["ce", "kd", "seq_kd", "rkl_topk"], choices=list(ARMS))
     p.add_argument("--work", type=Path, default=Path("/tmp/potstill_real"))
     p.add_argument("--quick", action="store_true", help="smoke run: 16 prompts, 3 steps, 1 seed")
+    p.add_argument("--prompt", default="task", choices=list(PROMPTS), help="the request's wording (PROMPTS)")
     p.add_argument(
-        "--eos-probe", type=int, nargs="+", help="only print the teacher's <eos> rate and mean length (greedy, and"
-        " sampled at temperature 1) at these max_new_tokens on the held-out + training prompts, then exit",
+        "--eos-probe", type=int, nargs="+", help="only print the teacher's <eos> rate, mean length, loop rate and"
+        " distinct-2 (greedy, and sampled at temperature 1) at these max_new_tokens on the held-out + training"
+        " prompts, then exit",
+    )  # fmt: skip
+    p.add_argument(
+        "--eos-pull", action="store_true", help="only print d divergence / d z_eos for fkl, jsd and rkl on a toy"
+        " 1,000-way distribution (no model), then exit",
+    )  # fmt: skip
+    p.add_argument(
+        "--eos-after-catalog", nargs="?", const="", metavar="SUFFIX", help="only print the teacher's P(<eos>) right"
+        " after the catalog's answer (where the data stops; + SUFFIX, e.g. '.') on the held-out + training pairs, then"
+        " exit",
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.train, args.held, args.sft_steps, args.steps, args.seeds, args.max_new_tokens = 16, 8, 3, 3, [0], 8
         args.work = args.work.with_name(args.work.name + "_quick")
     torch.set_num_threads(1)
+    if args.eos_pull:
+        eos_pull()
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     pairs = catalog_pairs()
     random.Random(0).shuffle(pairs)
@@ -266,51 +354,71 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(pairs)} catalog pairs; {len(train_pairs)} training, {len(held)} held-out", flush=True)
 
     teacher, ttok = load(TEACHER, torch.bfloat16)
+    if args.eos_after_catalog is not None:
+        ends = eos_after(
+            teacher, ttok, [(en, de + args.eos_after_catalog) for en, de in held + train_pairs], args.prompt
+        )
+        print(
+            f"teacher P(<eos>) right after the catalog's answer + {args.eos_after_catalog!r}, prompt {args.prompt!r},"
+            f" {len(ends)} pairs: mean"
+            f" {statistics.mean(ends):.3f}, median {statistics.median(ends):.3f}, > 0.5 on"
+            f" {statistics.mean(e > 0.5 for e in ends):.2f}",
+            flush=True,
+        )
+        return 0
     if args.eos_probe:  # one decode at the largest cap: a shorter cap sees the same prefixes (same seed and batches)
         eos = ttok.convert_tokens_to_ids(ttok.eos_token)
         for samples in (0, 1):
-            out = [
-                c
-                for _, c in complete(
-                    teacher, ttok, [en for en, _ in held + train_pairs], max(args.eos_probe), samples=samples
-                )
-            ]
+            ends = complete(
+                teacher, ttok, [en for en, _ in held + train_pairs], max(args.eos_probe), samples, prompt=args.prompt
+            )
             cells = [
-                f"{cap}: eos {statistics.mean(eos in c[:cap] for c in out):.2f},"
-                f" len {statistics.mean(len(c[:cap]) for c in out):.1f}"
+                "{cap}: eos {eos_rate:.2f}, len {len:.1f}, loop {loop_rate:.2f}, distinct-2 {distinct2:.3f}".format(
+                    cap=cap, **health([c[:cap] for _, c in ends], eos)
+                )
                 for cap in args.eos_probe
             ]
-            print(f"teacher {'sampled' if samples else 'greedy'}, {len(out)} prompts: {'; '.join(cells)}", flush=True)
+            print(
+                f"teacher {'sampled' if samples else 'greedy'}, prompt {args.prompt!r}, {len(ends)} prompts: "
+                + "; ".join(cells),
+                flush=True,
+            )
         return 0
     cache = args.work / "teacher_answers.json"
     if not cache.exists():
         start = time.perf_counter()
         answers = [
             answer_text(ttok, c)
-            for _, c in complete(teacher, ttok, [en for en, _ in held + train_pairs], args.teacher_tokens)
+            for _, c in complete(
+                teacher, ttok, [en for en, _ in held + train_pairs], args.teacher_tokens, prompt=args.prompt
+            )
         ]
         cache.write_text(json.dumps(answers, ensure_ascii=False))
         print(f"teacher answered {len(answers)} prompts in {time.perf_counter() - start:.0f} s", flush=True)
     answers = json.loads(cache.read_text())
     held_answers, train_answers = answers[: len(held)], answers[len(held) :]
-    catalog = write_chats(args.work / "catalog.jsonl", train_pairs)
+    catalog = write_chats(args.work / "catalog.jsonl", train_pairs, args.prompt)
     teacher_data = write_chats(
-        args.work / "teacher.jsonl", [(en, a) for (en, _), a in zip(train_pairs, train_answers, strict=False)]
+        args.work / "teacher.jsonl",
+        [(en, a) for (en, _), a in zip(train_pairs, train_answers, strict=False)],
+        args.prompt,
     )
     chrf_teacher = __import__("sacrebleu").corpus_chrf(held_answers, [[de for _, de in held]]).score
     print(f"teacher greedy chrF vs catalog {chrf_teacher:.1f}; e.g. {held[0][0]!r} -> {held_answers[0]!r}", flush=True)
     reference = args.work / f"teacher_health_{args.max_new_tokens}.json"
     if not reference.exists():
-        reference.write_text(json.dumps(teacher_health(teacher, ttok, held, args.max_new_tokens, args.samples)))
+        reference.write_text(
+            json.dumps(teacher_health(teacher, ttok, held, args.max_new_tokens, args.samples, args.prompt))
+        )
     print(f"teacher health at {args.max_new_tokens} new tokens: {reference.read_text()}", flush=True)
 
     pruned = args.work / f"pruned_{args.layers}"
     if not (pruned / "config.json").exists():
         from potstill.student.init import init_student
 
-        corpus = [ttok.apply_chat_template(chat(en, de), tokenize=False) for en, de in train_pairs]
+        corpus = [ttok.apply_chat_template(chat(en, de, args.prompt), tokenize=False) for en, de in train_pairs]
         corpus += [
-            ttok.apply_chat_template(chat(en, a), tokenize=False)
+            ttok.apply_chat_template(chat(en, a, args.prompt), tokenize=False)
             for (en, _), a in zip(train_pairs, train_answers, strict=False)
         ]
         init_student(TEACHER, args.layers, pruned, corpus, calib_tokens=1024, calib_dtype="bfloat16")
@@ -339,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             out, secs = sft, 0.0
             if arm != "sft":  # every arm starts from the SFT student of its seed
                 out = args.work / f"{arm}_s{seed}"
-                data = teacher_data if arm == "seq_kd" else catalog
+                data = teacher_data if arm in TEACHER_DATA else catalog
                 run = [f"model.student={sft / 'student'}", f"data.train=[{data}]", *common, *ARMS[arm]]
                 run += [f"train.seed={seed}", f"train.max_steps={args.steps}", f"train.lr={args.lr}"]
                 if "train.recipe=on_policy" in ARMS[arm]:  # the collapse stops (docs/on_policy.md, Health)
@@ -349,17 +457,18 @@ def main(argv: list[str] | None = None) -> int:
                         f"on_policy.min_eos_ratio={args.min_eos_ratio}",
                     ]
                 secs = train(out, run)
-            row = evaluate(out / "student", teacher, held, held_answers, args.max_new_tokens, args.samples)
+            row = evaluate(out / "student", teacher, held, held_answers, args.max_new_tokens, args.samples, args.prompt)
             summary = json.loads((out / "summary.json").read_text()) if arm != "sft" else {}
             row |= {"stop_reason": summary["stop_reason"]} if "stop_reason" in summary else {}
             result.write_text(json.dumps({**row, "seconds": secs}, ensure_ascii=False))
             print(f"{arm} seed {seed}: {row} in {secs:.0f} s", flush=True)
 
-    table = {}
+    table, seeds_of = {}, {}
     for arm in ["sft", *ARMS]:
-        rows = [json.loads(f.read_text()) for f in sorted(args.work.glob(f"result_{arm}_s*.json"))]
-        if rows:
-            table[arm] = rows
+        files = sorted(args.work.glob(f"result_{arm}_s*.json"))
+        if files:
+            table[arm] = [json.loads(f.read_text()) for f in files]
+            seeds_of[arm] = [int(f.stem.rsplit("_s", 1)[1]) for f in files]
     print(f"\nteacher SmolLM2-135M-Instruct: greedy chrF vs catalog {chrf_teacher:.1f} ({len(held)} held-out prompts)")
     print(
         f"student: {args.layers} layers, SFT {args.sft_steps} steps; arms {args.steps} steps x batch {args.batch_size}"
@@ -374,8 +483,21 @@ def main(argv: list[str] | None = None) -> int:
         chrf = " / ".join(f"{r['chrf']:.1f}" for r in rows)
         secs = statistics.mean(r["seconds"] for r in rows)
         print(f"| {arm} | {cells} | {statistics.mean(rkl):.3f} | {rouge} | {chrf} | {secs:.0f} |")
-    print("\n| arm | greedy: eos rate / loop rate / distinct-2 per seed | samples: eos rate / len / distinct-2 |")
-    print("|---|---|---|")
+    print("\n| arm | reverse KL spread (max - min) | paired difference to kd: mean [min, max] | to seq_kd |")
+    print("|---|---:|---|---|")
+    for arm, rows in table.items():
+        rkl = dict(zip(seeds_of[arm], (r["rkl"] for r in rows), strict=True))
+        cells = []
+        for base in ("kd", "seq_kd"):
+            ref = dict(zip(seeds_of.get(base, []), (r["rkl"] for r in table.get(base, [])), strict=True))
+            diff = [rkl[s] - ref[s] for s in rkl if s in ref]
+            cells.append(f"{statistics.mean(diff):+.3f} [{min(diff):+.3f}, {max(diff):+.3f}]" if diff else "")
+        print(f"| {arm} | {max(rkl.values()) - min(rkl.values()):.3f} | {cells[0]} | {cells[1]} |")
+    print(
+        "\n| arm | greedy: eos rate / loop rate / distinct-2 per seed | samples: eos rate / len / distinct-2 |"
+        " stop mass on the samples: teacher / student |"
+    )
+    print("|---|---|---|---|")
     teacher_ref = json.loads(reference.read_text())
     rows = [("teacher", [{"greedy_health": teacher_ref["greedy"], "sampled_health": teacher_ref["sampled"]}])]
     for arm, runs in [*rows, *table.items()]:
@@ -383,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         g = "; ".join("{eos_rate:.2f} / {loop_rate:.2f} / {distinct2:.3f}".format(**r["greedy_health"]) for r in runs)
         h = "; ".join("{eos_rate:.2f} / {len:.1f} / {distinct2:.3f}".format(**r["sampled_health"]) for r in runs)
-        print(f"| {arm} | {g} | {h} |")
+        stop = "; ".join(f"{r['stop_teacher']:.2f} / {r['stop_student']:.2f}" for r in runs if "stop_teacher" in r)
+        print(f"| {arm} | {g} | {h} | {stop} |")
     for arm, rows in table.items():
         for row in rows:
             if "stop_reason" in row:
