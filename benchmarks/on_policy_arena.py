@@ -41,9 +41,10 @@ next character is well defined after any wrong prefix.
 With several `--lr`, every arm is trained at each of them on `--sweep-seed` and scored on the validation prompts
 (exact match, ties broken by char accuracy); its best lr is then run on the other seeds, and the sweep seed's run at
 that lr is the table's first seed. `--jobs N` runs N trainings at a time (worker processes); the work dir is a
-cache: a run whose `arena.json` records the same overrides is scored, not retrained; the dir holds one task, teacher
-and student start (`arena_settings.json`: a second `--student` or `--sft-steps` there is refused). `--lsd-first` writes the answer
-least-significant digit first; `--start` picks the recipe of the `--sft-steps` stage (e.g. `kd_fkl` for a KD start).
+cache: a run whose `arena.json` records the same overrides is scored, not retrained; the dir holds one task,
+teacher and student start (`arena_settings.json`: a second `--student` or `--sft-steps` there is refused).
+`--lsd-first` writes the answer least-significant digit first; `--start` picks the recipe of the `--sft-steps` stage
+(e.g. `kd_fkl` for a KD start).
 
 Metrics (`score_rows`), all on the same greedy answers to the held-out prompts: exact match (answer tokens up to
 `<eos>` equal to the true answer: the issue's "accuracy of greedy answers"), char accuracy (right answer positions,
