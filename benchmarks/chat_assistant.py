@@ -5,7 +5,8 @@ is skipped, so a rerun resumes:
 
 1. prompts: questions about the Debian packages installed here (`/var/lib/dpkg/status`: name and description), a
    help desk of a real product; held-out packages are never trained on (split by a hash of the name).
-2. teacher: `potstill generate` (mode complete, local backend, chat template, greedy) writes the answers.
+2. teacher: `potstill generate` (mode complete, local backend, chat template, greedy) writes the answers; the
+   training answers the token limit cut are left out (`--cut-answers drop`: only answers the teacher ended).
 3. student: `potstill student init` prunes the teacher to `--layers` layers, vocabulary trimmed to the conversations.
 4. train: `potstill distill` on the chat records (every `--val-every`-th left out as a validation split): a shared
    SFT first stage (`--start-steps`), then from its student the arms: KD (fkl, alpha 0.5, from a teacher cache built
@@ -23,7 +24,7 @@ Writes OUT/results.json and prints the tables, with the paired differences per s
 the same stage-1 student, `--pair`). Needs `potstill[generate,export,chat]`.
 Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--start-steps 30] [--steps 30]
 [--seeds 0 1 2] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]
-[--pair ARM:TWIN]`.
+[--pair ARM:TWIN] [--cut-answers drop|sentence]`.
 """
 
 from __future__ import annotations
@@ -156,16 +157,30 @@ def repetitive(text: str, min_distinct2: float = 0.6) -> bool:
     return len(pairs) >= 8 and len(set(pairs)) / len(pairs) < min_distinct2
 
 
-def chat_records(answers: Path, data: Path, val_every: int) -> tuple[Path, Path, Path, int]:
-    """Teacher answers -> chat records {"messages": [system, user, assistant]} (what `potstill distill` trains on),
-    each answer cut to whole sentences, the answers that loop left out: DATA/all_chat.jsonl, and its split into
-    DATA/train_chat.jsonl and DATA/val_chat.jsonl (every `val_every`-th conversation: where each arm's settings are
-    chosen, never the held-out packages). (all, train, val, dropped)."""
-    rows, dropped = [], 0
+def chat_records(
+    answers: Path, data: Path, val_every: int, count_tokens, max_tokens: int, cut: str = "drop"
+) -> tuple[Path, Path, Path, dict[str, int]]:
+    """Teacher answers -> chat records {"messages": [system, user, assistant]} (what `potstill distill` trains on):
+    DATA/all_chat.jsonl, and its split into DATA/train_chat.jsonl and DATA/val_chat.jsonl (every `val_every`-th
+    conversation: where each arm's settings are chosen, never the held-out packages). The answers that loop are left
+    out. An answer the token limit cut (`count_tokens(completion)` reached `max_tokens`: the teacher did not end it)
+    would teach `<|im_end|>` where the teacher itself puts little mass on it (docs/chat.md, "Uncut answers"):
+    `cut="drop"` leaves it out and keeps every ended answer exactly as the teacher wrote it; `cut="sentence"` (the
+    recipe before 2026-12-03 evening) keeps it cut back to its last whole sentence. (all, train, val, counts).
+
+    Args:
+        count_tokens: text -> its number of teacher tokens (the teacher's tokenizer, no special tokens).
+    """
+    rows, counts = [], {"loops": 0, "cut": 0, "cut_dropped": 0}
     for r in read_jsonl(answers):
-        answer = whole_sentences(r["completion"])
+        ended = count_tokens(r["completion"]) < max_tokens
+        counts["cut"] += not ended
+        if not ended and cut == "drop":
+            counts["cut_dropped"] += 1
+            continue
+        answer = r["completion"] if ended and cut == "drop" else whole_sentences(r["completion"])
         if repetitive(answer):
-            dropped += 1
+            counts["loops"] += 1
             continue
         turns = [("system", SYSTEM), ("user", r["prompt"]), ("assistant", answer)]
         rows.append({"messages": [{"role": a, "content": b} for a, b in turns], "domain": "debian"})
@@ -173,7 +188,7 @@ def chat_records(answers: Path, data: Path, val_every: int) -> tuple[Path, Path,
     train = [r for i, r in enumerate(rows) if i % val_every != val_every - 1]
     paths = [write_jsonl(data / f"{name}_chat.jsonl", part) for name, part in (("all", rows), ("train", train),
                                                                                ("val", val))]  # fmt: skip
-    return *paths, dropped
+    return *paths, counts
 
 
 def vocab_corpus(chats: Path, teacher: Path, out_path: Path) -> Path:
@@ -590,6 +605,13 @@ def main() -> None:
         help="evaluation decoding (the teacher's held-out answers and every student): no repeated n-gram"
         " of the answer's own tokens (0: plain greedy); the training answers stay plain greedy",
     )
+    ap.add_argument(
+        "--cut-answers",
+        choices=["drop", "sentence"],
+        default="drop",
+        help="training answers the token limit cut: drop (train on the answers the teacher ended) or sentence"
+        " (cut back to the last whole sentence and trained on: the recipe before 2026-12-03 evening)",
+    )
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the student (the teacher has 30)")
     ap.add_argument(
         "--start-steps",
@@ -633,7 +655,13 @@ def main() -> None:
     greedy, params = decoding(args.max_tokens, 0), decoding(args.max_tokens, args.no_repeat_ngram)
     held_answers, results["teacher_heldout_s"] = teacher_answers(out, args.teacher, held_prompts, params)
     train_answers, results["teacher_train_s"] = teacher_answers(out, args.teacher, train_prompts, greedy)
-    chats, train_chats, val_chats, results["dropped_loops"] = chat_records(train_answers, out / "data", args.val_every)
+    from transformers import AutoTokenizer
+
+    teacher_tok = AutoTokenizer.from_pretrained(args.teacher)
+    chats, train_chats, val_chats, results["training_answers"] = chat_records(
+        train_answers, out / "data", args.val_every,
+        lambda text: len(teacher_tok(text, add_special_tokens=False)["input_ids"]), args.max_tokens, args.cut_answers,
+    )  # fmt: skip
     corpus = vocab_corpus(chats, args.teacher, out / "data" / "corpus.jsonl")
     student, results["student_init_s"] = make_student(out, args.teacher, corpus, args.layers)
     results["student"] = json.loads((student / "potstill_student.json").read_text())
