@@ -397,6 +397,17 @@ def evaluate_student(path: Path, teacher: PromptCachedTeacher, rows: list[dict],
     }
 
 
+def reference_lengths(completions: list[str], count_tokens, max_tokens: int) -> dict[str, float]:
+    """The teacher's answers counted as a student's are: mean tokens (an ended answer's `<|im_end|>` included) and
+    the share it ended itself (fewer than `max_tokens` tokens; `count_tokens` as in `chat_records`)."""
+    counts = [count_tokens(c) for c in completions]
+    ended = [n < max_tokens for n in counts]
+    return {
+        "answer_tokens_mean": sum(n + e for n, e in zip(counts, ended, strict=True)) / len(counts),
+        "ended_share": sum(ended) / len(counts),
+    }
+
+
 def eval_rows(split: str, held_answers: Path, val_chats: Path, limit: int) -> tuple[list[dict], list[str]]:
     """The first `limit` questions of a split and the teacher's answers to them: "heldout" (other packages; the
     recipe's measure) or "val" (training-side conversations left out of training; where the arms are tuned)."""
@@ -658,10 +669,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     teacher_tok = AutoTokenizer.from_pretrained(args.teacher)
+
+    def count_tokens(text: str) -> int:  # the teacher's tokens of an answer (it wrote them; they round-trip)
+        return len(teacher_tok(text, add_special_tokens=False)["input_ids"])
+
     chats, train_chats, val_chats, results["training_answers"] = chat_records(
-        train_answers, out / "data", args.val_every,
-        lambda text: len(teacher_tok(text, add_special_tokens=False)["input_ids"]), args.max_tokens, args.cut_answers,
-    )  # fmt: skip
+        train_answers, out / "data", args.val_every, count_tokens, args.max_tokens, args.cut_answers
+    )
     corpus = vocab_corpus(chats, args.teacher, out / "data" / "corpus.jsonl")
     student, results["student_init_s"] = make_student(out, args.teacher, corpus, args.layers)
     results["student"] = json.loads((student / "potstill_student.json").read_text())
@@ -688,6 +702,9 @@ def main() -> None:
     evals = evaluate_all(out, args.teacher, students, args.eval_split + tag(params), rows, refs, params)
     results["eval"] = evals
     print(quality_table(evals, runs), flush=True)
+    if args.eval_split == "heldout":  # the teacher's own length and stop on the same questions, for comparison
+        results["teacher_reference"] = reference_lengths([r["completion"] for r in rows], count_tokens, args.max_tokens)
+        print(f"teacher (the references): {json.dumps(results['teacher_reference'])}", flush=True)
     for arm in arms:
         for key in ("rougeL_f1", "reverse_kl_per_token"):
             values = [evals[f"{arm}_s{s}"][key] for s in args.seeds]

@@ -105,3 +105,9 @@ def test_chat_records_drop_the_answers_the_token_limit_cut(tmp_path):
     all_, *_, counts = chat_assistant.chat_records(answers, tmp_path, 8, words, 12, cut="sentence")
     assert assistant(all_) == ["It signs files.", "It provides the headers", "It is a library."]
     assert counts == {"loops": 1, "cut": 1, "cut_dropped": 0}
+
+
+def test_reference_lengths_count_the_end_token_of_ended_answers_only():
+    words = lambda text: len(text.split())  # noqa: E731 - the tokenizer of this test
+    got = chat_assistant.reference_lengths(["a b c", "a b c d e f g h"], words, 8)  # ended (3 + 1), cut (8)
+    assert got == {"answer_tokens_mean": 6.0, "ended_share": 0.5}
