@@ -6,7 +6,8 @@ is skipped, so a rerun resumes:
 1. prompts: questions about the Debian packages installed here (`/var/lib/dpkg/status`: name and description), a
    help desk of a real product; held-out packages are never trained on (split by a hash of the name).
 2. teacher: `potstill generate` (mode complete, local backend, chat template, greedy) writes the answers; the
-   training answers the token limit cut are left out (`--cut-answers drop`: only answers the teacher ended).
+   training answers the token limit cut are left out (`--cut-answers drop`) or kept without an end-of-turn target
+   (`mark`): no arm learns to stop where the teacher did not.
 3. student: `potstill student init` prunes the teacher to `--layers` layers, vocabulary trimmed to the conversations.
 4. train: `potstill distill` on the chat records (every `--val-every`-th left out as a validation split): a shared
    SFT first stage (`--start-steps`), then from its student the arms: KD (fkl, alpha 0.5, from a teacher cache built
@@ -24,7 +25,7 @@ Writes OUT/results.json and prints the tables, with the paired differences per s
 the same stage-1 student, `--pair`). Needs `potstill[generate,export,chat]`.
 Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--start-steps 30] [--steps 30]
 [--seeds 0 1 2] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]
-[--pair ARM:TWIN] [--cut-answers drop|sentence]`.
+[--pair ARM:TWIN] [--cut-answers drop|mark|sentence]`.
 """
 
 from __future__ import annotations
@@ -164,9 +165,11 @@ def chat_records(
     DATA/all_chat.jsonl, and its split into DATA/train_chat.jsonl and DATA/val_chat.jsonl (every `val_every`-th
     conversation: where each arm's settings are chosen, never the held-out packages). The answers that loop are left
     out. An answer the token limit cut (`count_tokens(completion)` reached `max_tokens`: the teacher did not end it)
-    would teach `<|im_end|>` where the teacher itself puts little mass on it (docs/chat.md, "Uncut answers"):
-    `cut="drop"` leaves it out and keeps every ended answer exactly as the teacher wrote it; `cut="sentence"` (the
-    recipe before 2026-12-03 evening) keeps it cut back to its last whole sentence. (all, train, val, counts).
+    must not teach `<|im_end|>` where it stops, as the teacher itself puts little mass on it there (docs/chat.md,
+    "Cut answers"): `cut="drop"` leaves it out, `cut="mark"` keeps it as written with `"cut": true` (no end-of-turn
+    target after it, for every arm: `potstill.data.sources`); both keep each ended answer exactly as the teacher
+    wrote it. `cut="sentence"` (the recipe before 2026-12-03 evening) cuts every answer back to its last whole
+    sentence and trains `<|im_end|>` there. (all, train, val, counts).
 
     Args:
         count_tokens: text -> its number of teacher tokens (the teacher's tokenizer, no special tokens).
@@ -178,12 +181,14 @@ def chat_records(
         if not ended and cut == "drop":
             counts["cut_dropped"] += 1
             continue
-        answer = r["completion"] if ended and cut == "drop" else whole_sentences(r["completion"])
+        answer = whole_sentences(r["completion"]) if cut == "sentence" else r["completion"]
         if repetitive(answer):
             counts["loops"] += 1
             continue
         turns = [("system", SYSTEM), ("user", r["prompt"]), ("assistant", answer)]
         rows.append({"messages": [{"role": a, "content": b} for a, b in turns], "domain": "debian"})
+        if not ended and cut == "mark":
+            rows[-1]["cut"] = True
     val = [r for i, r in enumerate(rows) if i % val_every == val_every - 1]
     train = [r for i, r in enumerate(rows) if i % val_every != val_every - 1]
     paths = [write_jsonl(data / f"{name}_chat.jsonl", part) for name, part in (("all", rows), ("train", train),
@@ -618,10 +623,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--cut-answers",
-        choices=["drop", "sentence"],
+        choices=["drop", "mark", "sentence"],
         default="drop",
-        help="training answers the token limit cut: drop (train on the answers the teacher ended) or sentence"
-        " (cut back to the last whole sentence and trained on: the recipe before 2026-12-03 evening)",
+        help="training answers the token limit cut: drop (train on the answers the teacher ended), mark (trained"
+        " on as written, no end-of-turn target after them) or sentence (cut back to the last whole sentence,"
+        " <|im_end|> trained there: the recipe before 2026-12-03 evening)",
     )
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the student (the teacher has 30)")
     ap.add_argument(

@@ -101,6 +101,11 @@ def test_chat_records_drop_the_answers_the_token_limit_cut(tmp_path):
     all_, train, val, counts = chat_assistant.chat_records(answers, tmp_path, 8, words, 12)
     assert assistant(all_) == completions[:2] == assistant(train) and not val.read_text()
     assert counts == {"loops": 1, "cut": 1, "cut_dropped": 1}
+    # mark: the cut answer kept as written, flagged so that no end-of-turn is trained after it
+    all_, *_, counts = chat_assistant.chat_records(answers, tmp_path, 8, words, 12, cut="mark")
+    assert assistant(all_) == completions[:3]
+    assert [json.loads(line).get("cut", False) for line in all_.read_text().splitlines()] == [False, False, True]
+    assert counts == {"loops": 1, "cut": 1, "cut_dropped": 0}
     # the recipe before: the cut answer kept, cut back to its last whole sentence (and every answer stripped)
     all_, *_, counts = chat_assistant.chat_records(answers, tmp_path, 8, words, 12, cut="sentence")
     assert assistant(all_) == ["It signs files.", "It provides the headers", "It is a library."]
