@@ -5,7 +5,9 @@ is skipped, so a rerun resumes:
 
 1. prompts: questions about the Debian packages installed here (`/var/lib/dpkg/status`: name and description), a
    help desk of a real product; held-out packages are never trained on (split by a hash of the name).
-2. teacher: `potstill generate` (mode complete, local backend, chat template, greedy) writes the answers.
+2. teacher: `potstill generate` (mode complete, local backend, chat template, greedy) writes the answers; the
+   training answers the token limit cut are left out (`--cut-answers drop`) or kept without an end-of-turn target
+   (`mark`): no arm learns to stop where the teacher did not.
 3. student: `potstill student init` prunes the teacher to `--layers` layers, vocabulary trimmed to the conversations.
 4. train: `potstill distill` on the chat records (every `--val-every`-th left out as a validation split): a shared
    SFT first stage (`--start-steps`), then from its student the arms: KD (fkl, alpha 0.5, from a teacher cache built
@@ -23,7 +25,7 @@ Writes OUT/results.json and prints the tables, with the paired differences per s
 the same stage-1 student, `--pair`). Needs `potstill[generate,export,chat]`.
 Run: `python benchmarks/chat_assistant.py --teacher DIR [--out runs/chat] [--start-steps 30] [--steps 30]
 [--seeds 0 1 2] [--no-repeat-ngram 3] [--eval-split val --quality-only] [--arm NAME="OVERRIDES"]
-[--pair ARM:TWIN]`.
+[--pair ARM:TWIN] [--cut-answers drop|mark|sentence]`.
 """
 
 from __future__ import annotations
@@ -156,24 +158,42 @@ def repetitive(text: str, min_distinct2: float = 0.6) -> bool:
     return len(pairs) >= 8 and len(set(pairs)) / len(pairs) < min_distinct2
 
 
-def chat_records(answers: Path, data: Path, val_every: int) -> tuple[Path, Path, Path, int]:
-    """Teacher answers -> chat records {"messages": [system, user, assistant]} (what `potstill distill` trains on),
-    each answer cut to whole sentences, the answers that loop left out: DATA/all_chat.jsonl, and its split into
-    DATA/train_chat.jsonl and DATA/val_chat.jsonl (every `val_every`-th conversation: where each arm's settings are
-    chosen, never the held-out packages). (all, train, val, dropped)."""
-    rows, dropped = [], 0
+def chat_records(
+    answers: Path, data: Path, val_every: int, count_tokens, max_tokens: int, cut: str = "drop"
+) -> tuple[Path, Path, Path, dict[str, int]]:
+    """Teacher answers -> chat records {"messages": [system, user, assistant]} (what `potstill distill` trains on):
+    DATA/all_chat.jsonl, and its split into DATA/train_chat.jsonl and DATA/val_chat.jsonl (every `val_every`-th
+    conversation: where each arm's settings are chosen, never the held-out packages). The answers that loop are left
+    out. An answer the token limit cut (`count_tokens(completion)` reached `max_tokens`: the teacher did not end it)
+    must not teach `<|im_end|>` where it stops, as the teacher itself puts little mass on it there (docs/chat.md,
+    "Cut answers"): `cut="drop"` leaves it out, `cut="mark"` keeps it as written with `"cut": true` (no end-of-turn
+    target after it, for every arm: `potstill.data.sources`); both keep each ended answer exactly as the teacher
+    wrote it. `cut="sentence"` (the recipe before 2026-12-03 evening) cuts every answer back to its last whole
+    sentence and trains `<|im_end|>` there. (all, train, val, counts).
+
+    Args:
+        count_tokens: text -> its number of teacher tokens (the teacher's tokenizer, no special tokens).
+    """
+    rows, counts = [], {"loops": 0, "cut": 0, "cut_dropped": 0}
     for r in read_jsonl(answers):
-        answer = whole_sentences(r["completion"])
+        ended = count_tokens(r["completion"]) < max_tokens
+        counts["cut"] += not ended
+        if not ended and cut == "drop":
+            counts["cut_dropped"] += 1
+            continue
+        answer = whole_sentences(r["completion"]) if cut == "sentence" else r["completion"]
         if repetitive(answer):
-            dropped += 1
+            counts["loops"] += 1
             continue
         turns = [("system", SYSTEM), ("user", r["prompt"]), ("assistant", answer)]
         rows.append({"messages": [{"role": a, "content": b} for a, b in turns], "domain": "debian"})
+        if not ended and cut == "mark":
+            rows[-1]["cut"] = True
     val = [r for i, r in enumerate(rows) if i % val_every == val_every - 1]
     train = [r for i, r in enumerate(rows) if i % val_every != val_every - 1]
     paths = [write_jsonl(data / f"{name}_chat.jsonl", part) for name, part in (("all", rows), ("train", train),
                                                                                ("val", val))]  # fmt: skip
-    return *paths, dropped
+    return *paths, counts
 
 
 def vocab_corpus(chats: Path, teacher: Path, out_path: Path) -> Path:
@@ -379,6 +399,17 @@ def evaluate_student(path: Path, teacher: PromptCachedTeacher, rows: list[dict],
         "eval_s": round(time.time() - start, 1),
         "answers": texts,
         "per_question": {"rougeL_f1": rouge, "reverse_kl_sum": kl, "answer_tokens": tokens},  # for `paired`
+    }
+
+
+def reference_lengths(completions: list[str], count_tokens, max_tokens: int) -> dict[str, float]:
+    """The teacher's answers counted as a student's are: mean tokens (an ended answer's `<|im_end|>` included) and
+    the share it ended itself (fewer than `max_tokens` tokens; `count_tokens` as in `chat_records`)."""
+    counts = [count_tokens(c) for c in completions]
+    ended = [n < max_tokens for n in counts]
+    return {
+        "answer_tokens_mean": sum(n + e for n, e in zip(counts, ended, strict=True)) / len(counts),
+        "ended_share": sum(ended) / len(counts),
     }
 
 
@@ -590,6 +621,14 @@ def main() -> None:
         help="evaluation decoding (the teacher's held-out answers and every student): no repeated n-gram"
         " of the answer's own tokens (0: plain greedy); the training answers stay plain greedy",
     )
+    ap.add_argument(
+        "--cut-answers",
+        choices=["drop", "mark", "sentence"],
+        default="drop",
+        help="training answers the token limit cut: drop (train on the answers the teacher ended), mark (trained"
+        " on as written, no end-of-turn target after them) or sentence (cut back to the last whole sentence,"
+        " <|im_end|> trained there: the recipe before 2026-12-03 evening)",
+    )
     ap.add_argument("--layers", type=int, default=6, help="decoder layers of the student (the teacher has 30)")
     ap.add_argument(
         "--start-steps",
@@ -633,7 +672,16 @@ def main() -> None:
     greedy, params = decoding(args.max_tokens, 0), decoding(args.max_tokens, args.no_repeat_ngram)
     held_answers, results["teacher_heldout_s"] = teacher_answers(out, args.teacher, held_prompts, params)
     train_answers, results["teacher_train_s"] = teacher_answers(out, args.teacher, train_prompts, greedy)
-    chats, train_chats, val_chats, results["dropped_loops"] = chat_records(train_answers, out / "data", args.val_every)
+    from transformers import AutoTokenizer
+
+    teacher_tok = AutoTokenizer.from_pretrained(args.teacher)
+
+    def count_tokens(text: str) -> int:  # the teacher's tokens of an answer (it wrote them; they round-trip)
+        return len(teacher_tok(text, add_special_tokens=False)["input_ids"])
+
+    chats, train_chats, val_chats, results["training_answers"] = chat_records(
+        train_answers, out / "data", args.val_every, count_tokens, args.max_tokens, args.cut_answers
+    )
     corpus = vocab_corpus(chats, args.teacher, out / "data" / "corpus.jsonl")
     student, results["student_init_s"] = make_student(out, args.teacher, corpus, args.layers)
     results["student"] = json.loads((student / "potstill_student.json").read_text())
@@ -660,6 +708,9 @@ def main() -> None:
     evals = evaluate_all(out, args.teacher, students, args.eval_split + tag(params), rows, refs, params)
     results["eval"] = evals
     print(quality_table(evals, runs), flush=True)
+    if args.eval_split == "heldout":  # the teacher's own length and stop on the same questions, for comparison
+        results["teacher_reference"] = reference_lengths([r["completion"] for r in rows], count_tokens, args.max_tokens)
+        print(f"teacher (the references): {json.dumps(results['teacher_reference'])}", flush=True)
     for arm in arms:
         for key in ("rougeL_f1", "reverse_kl_per_token"):
             values = [evals[f"{arm}_s{s}"][key] for s in args.seeds]

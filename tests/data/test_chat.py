@@ -100,3 +100,24 @@ def test_a_template_that_cannot_render_a_record_names_it(write_jsonl, tiny_token
     path = write_jsonl("c.jsonl", [{"messages": [{"role": "system", "content": "s"}, *CHAT["messages"]]}])
     with pytest.raises(UserError, match=r"c.jsonl:1: the chat template cannot render this record \(no system\)"):
         pack(read_jsonl(path), tok, seq_len=64)
+
+
+def test_a_cut_answer_scores_no_end_token_and_an_ended_one_does(write_jsonl, chat_tok):
+    cut = {**CHAT, "cut": True}
+    rows = [cut, {"prompt": "the cat", "completion": " sat on a", "cut": True}, {"prompt": "a", "completion": " b"}]
+    answer = chat_tok("sat on a mat", add_special_tokens=False)["input_ids"]
+    scored = []
+    for i, row in enumerate(rows):  # one row per pack: packing would put the three in one sequence
+        labels = pack(read_jsonl(write_jsonl(f"c{i}.jsonl", [row])), chat_tok, seq_len=64).labels[0]
+        scored.append(labels[labels != IGNORE_INDEX].tolist())
+    assert scored[0] == answer  # neither <|im_end|> nor <eos> after the cut answer
+    assert scored[1] == chat_tok(" sat on a", add_special_tokens=False)["input_ids"]
+    assert scored[2][-1] == chat_tok.eos_token_id  # a row without "cut" still ends with its <eos>
+    (rendered,) = render_chat(read_jsonl(write_jsonl("d.jsonl", [cut])), chat_tok)
+    assert rendered.completion == "sat on a mat" and rendered.cut
+
+
+def test_cut_must_be_a_boolean(write_jsonl):
+    path = write_jsonl("bad.jsonl", [{**CHAT, "cut": "yes"}])
+    with pytest.raises(UserError, match=rf'^{path}:1: field "cut" must be true or false, got a string$'):
+        read_jsonl(path)

@@ -1,5 +1,6 @@
-"""benchmarks/chat_assistant.py: which teacher each stage-2 arm trains with (the overrides it passes to distill)."""
+"""benchmarks/chat_assistant.py: the training data (cut answers), the teacher of each stage-2 arm, the paired table."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -80,3 +81,38 @@ def test_prompt_cached_teacher_scores_like_one_forward_over_prompt_and_answer():
         assert got.shape == (len(answer), 100)
         torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
     assert len(cached.caches) == 1  # the prompt was run once for the three answers
+
+
+def test_chat_records_drop_the_answers_the_token_limit_cut(tmp_path):
+    answers = tmp_path / "teacher.jsonl"
+    completions = [
+        "It signs files.",  # 3 words: ended by the teacher
+        "It provides the headers\n",  # ended without a full stop: kept exactly as written (the teacher's end)
+        "It is a library. It has many parts and more of them",  # 12 words = the limit: cut mid-sentence
+        "x y " * 5,  # ended, but loops
+    ]
+    answers.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": c}) + "\n"
+                               for i, c in enumerate(completions)))  # fmt: skip
+    words = lambda text: len(text.split())  # noqa: E731 - the tokenizer of this test
+
+    def assistant(path):
+        return [json.loads(line)["messages"][2]["content"] for line in path.read_text().splitlines()]
+
+    all_, train, val, counts = chat_assistant.chat_records(answers, tmp_path, 8, words, 12)
+    assert assistant(all_) == completions[:2] == assistant(train) and not val.read_text()
+    assert counts == {"loops": 1, "cut": 1, "cut_dropped": 1}
+    # mark: the cut answer kept as written, flagged so that no end-of-turn is trained after it
+    all_, *_, counts = chat_assistant.chat_records(answers, tmp_path, 8, words, 12, cut="mark")
+    assert assistant(all_) == completions[:3]
+    assert [json.loads(line).get("cut", False) for line in all_.read_text().splitlines()] == [False, False, True]
+    assert counts == {"loops": 1, "cut": 1, "cut_dropped": 0}
+    # the recipe before: the cut answer kept, cut back to its last whole sentence (and every answer stripped)
+    all_, *_, counts = chat_assistant.chat_records(answers, tmp_path, 8, words, 12, cut="sentence")
+    assert assistant(all_) == ["It signs files.", "It provides the headers", "It is a library."]
+    assert counts == {"loops": 1, "cut": 1, "cut_dropped": 0}
+
+
+def test_reference_lengths_count_the_end_token_of_ended_answers_only():
+    words = lambda text: len(text.split())  # noqa: E731 - the tokenizer of this test
+    got = chat_assistant.reference_lengths(["a b c", "a b c d e f g h"], words, 8)  # ended (3 + 1), cut (8)
+    assert got == {"answer_tokens_mean": 6.0, "ended_share": 0.5}

@@ -9,6 +9,7 @@ through the tokenizer's chat template (the student's, or the teacher's copied in
   template's end-of-turn token (e.g. `ANSWER<|im_end|>`); whatever the template writes after that token (a
   newline) is dropped, so the completion ends where the student should stop. With an end-of-turn token the record
   is `templated` and no `<eos>` is appended; a template without one gets the `<eos>`, like any prompt/completion row.
+  A record marked `"cut": true` (a length limit cut its answer) keeps neither: its completion is the answer alone.
 
 A `<bos>` the template writes at the start of the prompt is dropped: `data.add_bos` puts it there, as for every row.
 """
@@ -85,8 +86,13 @@ def _render(record: Record, tokenizer, eot: str | None) -> Record:
             " (not a prefix), so the answer cannot be cut out; give this row as prompt/completion"
         )
     completion, answer = full[len(prompt) :], turns[-1]["content"]
-    end = completion.find(eot, completion.find(answer) + len(answer)) if eot and answer in completion else -1
-    if end >= 0:
+    at = completion.find(answer) + len(answer) if answer in completion else -1  # where the answer ends
+    end = completion.find(eot, at) if eot and at >= 0 else -1
+    if record.cut:  # a length limit cut the answer: it does not end here, so nothing after it is a target
+        if at < 0:
+            raise UserError(f'{where}: "cut": the chat template changes the answer, so its cut end cannot be found')
+        completion, end = completion[:at], -1
+    elif end >= 0:
         completion = completion[: end + len(eot)]
     bos = tokenizer.bos_token
     if bos and prompt.startswith(bos):

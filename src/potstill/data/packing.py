@@ -154,7 +154,8 @@ def collate(batch: list[dict]) -> dict:
 
 def tokenize(records: list[Record], tokenizer) -> list[_Doc]:
     """Tokenize records in batches into documents: prompt + text/completion + `<eos>` (chat records rendered first,
-    by `potstill.data.chat.render_chat`; a templated completion ends with its end-of-turn token instead)."""
+    by `potstill.data.chat.render_chat`; a templated completion ends with its end-of-turn token instead, a `cut` one
+    with neither)."""
     eos = tokenizer.eos_token_id
     records = render_chat(records, tokenizer)
     docs = []
@@ -202,7 +203,7 @@ def _char_byte_prefix(text: str) -> np.ndarray:
 
 
 def _doc(record: Record, ctx: list[int], ids: list[int], nbytes: np.ndarray, eos: int | None) -> _Doc:
-    tail = [] if eos is None or record.templated else [eos]
+    tail = [] if eos is None or record.templated or record.cut else [eos]
     tail_bytes = np.zeros(len(tail), dtype=np.int64)
     if not ids and tail:  # a non-empty text the tokenizer turned into nothing: keep the total exact
         tail_bytes[0] = len(record.scored.encode("utf-8"))

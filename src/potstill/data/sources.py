@@ -8,7 +8,9 @@ One object per line (blank lines are skipped):
   last message, an assistant turn, is the completion; the turns before it are the prompt. Both are rendered with the
   student's chat template when the records are tokenized (`potstill.data.chat`).
 
-`domain` is optional (default `"default"`); other keys are ignored. Every mistake (unreadable file, bad
+`domain` is optional (default `"default"`); so is `"cut": true`, for a completion (or last assistant turn) that a
+length limit cut (a generation's max_tokens): no end token is scored after it, since it does not end there. Other
+keys are ignored. Every mistake (unreadable file, bad
 JSON, a line that is not an object, a missing or non-string field) is a `UserError` naming `file:line`.
 """
 
@@ -24,7 +26,7 @@ from potstill.fileio import jsonl_objects
 DEFAULT_DOMAIN = "default"
 _EXPECTED = (
     'expected {"text": str}, {"prompt": str, "completion": str} or {"messages": [{"role": str, "content": str}, ...]},'
-    ' with an optional "domain": str'
+    ' with an optional "domain": str and "cut": bool'
 )
 
 
@@ -42,6 +44,7 @@ class Record:
         messages: a chat record's turns ((role, content), ...), the last one the assistant's completion, else None.
         templated: prompt and completion were rendered by a chat template: the completion ends with the
             template's end-of-turn text, so no `<eos>` is appended.
+        cut: a length limit cut the scored part: no end token (`<eos>`, end-of-turn) is appended or kept after it.
         domain: the domain name ("default" when the line has none).
         path: the file it came from.
         line: its 1-based line number in that file.
@@ -52,6 +55,7 @@ class Record:
     completion: str | None = None
     messages: tuple[tuple[str, str], ...] | None = None
     templated: bool = False
+    cut: bool = False
     domain: str = DEFAULT_DOMAIN
     path: str = ""
     line: int = 0
@@ -102,18 +106,21 @@ def _parse_line(obj: Any, where: str, path: str, number: int) -> Record:
     domain = _string_field(obj, "domain", where, DEFAULT_DOMAIN)
     if not domain:
         raise UserError(f'{where}: field "domain" is empty; give a name or leave the field out')
+    cut = obj.get("cut", False)
+    if not isinstance(cut, bool):
+        raise UserError(f'{where}: field "cut" must be true or false, got {_json_type(cut)}')
     if "text" in obj:
         if "prompt" in obj or "completion" in obj:
             raise UserError(f'{where}: has both "text" and "prompt"/"completion"; {_EXPECTED}')
-        return Record(text=_string_field(obj, "text", where), domain=domain, path=path, line=number)
+        return Record(text=_string_field(obj, "text", where), cut=cut, domain=domain, path=path, line=number)
     if "messages" in obj:
         if "prompt" in obj or "completion" in obj:
             raise UserError(f'{where}: has both "messages" and "prompt"/"completion"; {_EXPECTED}')
-        return Record(messages=_messages(obj["messages"], where), domain=domain, path=path, line=number)
+        return Record(messages=_messages(obj["messages"], where), cut=cut, domain=domain, path=path, line=number)
     if "prompt" in obj or "completion" in obj:
         prompt = _string_field(obj, "prompt", where)
         completion = _string_field(obj, "completion", where)
-        return Record(prompt=prompt, completion=completion, domain=domain, path=path, line=number)
+        return Record(prompt=prompt, completion=completion, cut=cut, domain=domain, path=path, line=number)
     raise UserError(f'{where}: missing field "text"; {_EXPECTED}')
 
 
