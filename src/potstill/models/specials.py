@@ -135,6 +135,14 @@ def eos_ids(model) -> tuple[int, ...]:
     return () if ids is None else tuple(ids) if isinstance(ids, (list, tuple)) else (int(ids),)
 
 
+def end_ids(model, tokenizer) -> tuple[int, ...]:
+    """The token ids that end a generation: the generation config's `eos_token_id`s (`eos_ids`), or the tokenizer's
+    `<eos>` when the config names none (empty when neither has one)."""
+    if getattr(getattr(model, "generation_config", None), "eos_token_id", None) is not None:
+        return eos_ids(model)
+    return () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+
+
 def _student_eos(tok, stop_token: str | None, generation_ids: tuple[int, ...]) -> str:
     if stop_token is not None:
         vocab = tok.get_vocab()

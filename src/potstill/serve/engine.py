@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from potstill.models.specials import end_ids
 from potstill.teacher.generate import adds_bos, cut_at_stop, generation_kwargs
 
 # emit(sequence index, text delta, finish reason or None), called from the generating thread
@@ -61,9 +62,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-        eos = model.generation_config.eos_token_id
-        eos = tokenizer.eos_token_id if eos is None else eos
-        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos = set(end_ids(model, tokenizer))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
 
     def encode(self, text: str) -> list[int]:

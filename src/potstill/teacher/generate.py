@@ -37,6 +37,7 @@ from typing import Any
 from potstill.config import GenerateConfig, SamplingConfig, TeacherSourceConfig
 from potstill.errors import UserError
 from potstill.fileio import jsonl_objects, read_bytes, read_text, write_json_atomic
+from potstill.models.specials import end_ids
 from potstill.signals import StopSignals
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
@@ -222,7 +223,7 @@ def hf_generate(
     new = out[:, enc["input_ids"].shape[1] :]
     raw = tokenizer.batch_decode(new, skip_special_tokens=True)
     texts = [cut_at_stop(t, params.get("stop")) for t in raw]
-    ends = torch.tensor(_end_ids(model, tokenizer), device=new.device)
+    ends = torch.tensor(end_ids(model, tokenizer), dtype=new.dtype, device=new.device)
     ended = torch.isin(new, ends).any(dim=1).tolist()
     cut = [not e and t == r for e, t, r in zip(ended, texts, raw, strict=True)]
     rows = range(len(prompts))
@@ -233,14 +234,6 @@ def hf_generate(
     )
     n_new = int((new != pad).sum()) if pad is not None else new.numel()
     return per_prompt, int(enc["attention_mask"].sum()), n_new, cuts
-
-
-def _end_ids(model, tokenizer) -> list[int]:
-    """The token ids that end a generation: the generation config's `eos_token_id` (one or a list), else the
-    tokenizer's `<eos>`."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = tokenizer.eos_token_id if ids is None else ids
-    return [ids] if isinstance(ids, int) else [i for i in ids or () if i is not None]
 
 
 def generation_kwargs(params: dict[str, Any], tokenizer) -> dict[str, Any]:
